@@ -1,0 +1,54 @@
+/* common.h: errors, asserts, allocation and number conversion shared by every tspeft module.
+ *
+ *   tk_err err = {0};
+ *   if (tk_something(..., &err) != 0) { fprintf(stderr, "tspeft: %s\n", err.msg); return 1; }
+ *
+ * Failure rule: library functions return 0 on success and -1 on failure (or NULL), after writing one
+ * line into err->msg naming the file, offset or tensor, what was found and what was expected. Only the
+ * CLI prints. Internal invariants use TK_ASSERT, which stays on with NDEBUG.
+ */
+#ifndef TK_COMMON_H
+#define TK_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    char msg[1024];
+} tk_err;
+
+/* Writes a printf-style message into err (when err is not NULL); returns -1 so callers can
+ * `return tk_fail(err, ...)`. */
+int tk_fail(tk_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Always-on assertion for internal invariants: prints file:line and aborts. */
+#define TK_ASSERT(cond)                                                                            \
+    do {                                                                                           \
+        if (!(cond)) tk_assert_fail(#cond, __FILE__, __LINE__);                                    \
+    } while (0)
+void tk_assert_fail(const char *cond, const char *file, int line) __attribute__((noreturn));
+
+/* 64-byte aligned allocation, zero-filled; NULL on failure (or on n == 0). Free with tk_free. */
+void *tk_calloc(size_t n, size_t size);
+void tk_free(void *p);
+
+/* Overflow-checked a*b: returns 0 and sets *out, or -1 when the product does not fit in size_t. */
+int tk_mul_size(size_t a, size_t b, size_t *out);
+
+/* IEEE half and bfloat16 to float (exact), float to bfloat16 (round to nearest even). */
+float tk_f16_to_f32(uint16_t h);
+float tk_bf16_to_f32(uint16_t b);
+uint16_t tk_f32_to_bf16(float f);
+uint16_t tk_f32_to_f16(float f);
+
+/* Sets the thread count for both OpenMP and OpenBLAS (never more than one pool at a time: BLAS is not
+ * called from inside parallel regions). t <= 0 means the number of online CPUs. Returns the count. */
+int tk_set_threads(int t);
+
+/* Reads a whole file into a NUL-terminated buffer; NULL with err set on failure. Caller frees. */
+char *tk_read_file(const char *path, size_t *len, tk_err *err);
+
+/* Wall clock in seconds (monotonic). */
+double tk_time(void);
+
+#endif

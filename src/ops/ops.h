@@ -1,0 +1,95 @@
+/* ops.h: the fp32 kernels of the LLaMA decoder, each a forward/backward pair.
+ *
+ * Shape legend (outermost first):
+ *   N  tokens in a batch (B*T, rows of every activation matrix)
+ *   B  sequences, T positions per sequence (queries), S key positions (S >= T with a KV cache)
+ *   C  model width, F MLP width, V vocabulary
+ *   H  query heads, G key/value heads (H % G == 0), D head width (C = H*D for LLaMA)
+ *   I, O  input and output width of a linear layer
+ *
+ * Gradient convention: every backward ADDS into its gradient buffers (dx, dw, ...). The trainer zeroes
+ * the flat gradient block once per optimizer step and activation gradients once per use. The one
+ * exception is tk_cross_entropy_backward, which seeds the backward pass and so writes.
+ * Any gradient pointer may be NULL when that gradient is not needed.
+ *
+ * Threads: kernels use OpenMP on outer loops with disjoint writes; matmuls call cblas_sgemm from
+ * outside any parallel region. Thread counts are set by tk_set_threads (common.h).
+ */
+#ifndef TK_OPS_H
+#define TK_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- linear: y = x w^T (+ beta*y) through cblas_sgemm ---------------------------------------- */
+/* y [N,O], x [N,I], w [O,I]. beta 0 overwrites y, 1 accumulates. */
+void tk_linear_forward(float *y, const float *x, const float *w, size_t N, size_t I, size_t O,
+                       float beta);
+/* forward: y = x w^T.  dx [N,I] += dy w;  dw [O,I] += dy^T x. */
+void tk_linear_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                        size_t N, size_t I, size_t O);
+/* Plain-loop references of the two above, for tests. */
+void tk_linear_forward_ref(float *y, const float *x, const float *w, size_t N, size_t I, size_t O,
+                           float beta);
+void tk_linear_backward_ref(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                            size_t N, size_t I, size_t O);
+
+/* ---- embedding ------------------------------------------------------------------------------- */
+/* out [N,C] = table[ids[n]]; table [V,C]. ids must be validated (0 <= id < V) by the caller. */
+void tk_embedding_forward(float *out, const int32_t *ids, const float *table, size_t N, size_t C);
+/* forward: out[n] = table[ids[n]].  dtable [V,C] += scatter of dout [N,C]. */
+void tk_embedding_backward(float *dtable, const float *dout, const int32_t *ids, size_t N, size_t C);
+
+/* ---- RMSNorm (HF LlamaRMSNorm: y = w * x / sqrt(mean(x^2) + eps)) ------------------------------ */
+/* y [N,C], rstd [N] (cached 1/sqrt(mean(x^2)+eps)), x [N,C], w [C]. */
+void tk_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, size_t N, size_t C,
+                        float eps);
+/* forward: y = w * x * rstd.  dx [N,C] +=, dw [C] +=. */
+void tk_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                         const float *rstd, size_t N, size_t C);
+
+/* ---- RoPE (HF rotate_half: pairs (j, j+D/2) within each head) --------------------------------- */
+/* inv_freq [D/2] (from the config, including llama3 scaling). cos/sin [P, D/2] for positions 0..P-1. */
+void tk_rope_table(float *cos_t, float *sin_t, const float *inv_freq, size_t P, size_t D);
+/* In place on x [B,T,H,D]; token (b,t) has position pos0 + t. cos/sin tables cover pos0+T. */
+void tk_rope_forward(float *x, const float *cos_t, const float *sin_t, size_t B, size_t T, size_t H,
+                     size_t D, size_t pos0);
+/* forward: y = x*cos + rotate_half(x)*sin.  In place: dx (on entry dy) becomes dL/dx. This is the
+ * one kernel whose backward transforms in place rather than adds (the rotation is orthogonal). */
+void tk_rope_backward(float *dx, const float *cos_t, const float *sin_t, size_t B, size_t T, size_t H,
+                      size_t D, size_t pos0);
+
+/* ---- causal self-attention with grouped-query heads and a key padding mask --------------------- */
+/* out [B,T,H*D], probs [B,H,T,S] (softmax weights cached for backward), q [B,T,H*D],
+ * k,v [B,S,G*D], key_mask [B,S] (1 = real token, NULL = all real). Query t sits at absolute position
+ * (S - T) + t and sees keys 0..(S-T)+t that are real. A query that sees no real key outputs zeros.
+ * Scores are scaled by 1/sqrt(D). scratch: at least T*S floats. */
+void tk_attention_forward(float *out, float *probs, const float *q, const float *k, const float *v,
+                          const uint8_t *key_mask, size_t B, size_t T, size_t S, size_t H, size_t G,
+                          size_t D);
+/* forward: out = softmax(q k^T / sqrt(D) + mask) v.  dq [B,T,H*D] +=, dk, dv [B,S,G*D] +=.
+ * scratch: at least T*S floats. */
+void tk_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
+                           const float *probs, const float *q, const float *k, const float *v,
+                           size_t B, size_t T, size_t S, size_t H, size_t G, size_t D);
+
+/* ---- SwiGLU: out = silu(gate) * up -------------------------------------------------------------- */
+/* out, gate, up [N*F] (flat). */
+void tk_swiglu_forward(float *out, const float *gate, const float *up, size_t n);
+/* forward: out = silu(gate) * up.  dgate +=, dup +=. */
+void tk_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                        const float *up, size_t n);
+
+/* ---- shifted cross-entropy -------------------------------------------------------------------- */
+/* targets [N]: the label each row predicts, -100 = ignored (the model shifts labels beforehand).
+ * losses [N] = -log softmax(logits[n])[targets[n]] (0 where ignored). logits [N,V].
+ * Returns the sum of losses over non-ignored rows, in double. */
+double tk_cross_entropy_forward(float *losses, const float *logits, const int32_t *targets,
+                                size_t N, size_t V);
+/* forward: loss = scale * sum_n -log softmax(logits[n])[targets[n]].
+ * WRITES dlogits [N,V] = scale * (softmax(logits) - onehot(target)), zero rows where ignored.
+ * dlogits may alias logits. */
+void tk_cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets,
+                               size_t N, size_t V, float scale);
+
+#endif

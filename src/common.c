@@ -153,3 +153,25 @@ double tk_time(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+
+int tk_write_file_atomic(const char *path, const void *data, size_t len, tk_err *err) {
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) >= (int)sizeof tmp)
+        return tk_fail(err, "%s: path too long", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) return tk_fail(err, "%s: cannot create: %s", tmp, strerror(errno));
+    int ok = fwrite(data, 1, len, f) == len;
+    ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    int saved = errno;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok) {
+        remove(tmp);
+        return tk_fail(err, "%s: write failed: %s", path, strerror(saved ? saved : errno));
+    }
+    if (rename(tmp, path) != 0) {
+        saved = errno;
+        remove(tmp);
+        return tk_fail(err, "%s: cannot rename into place: %s", path, strerror(saved));
+    }
+    return 0;
+}

@@ -48,6 +48,10 @@ int tk_set_threads(int t);
 /* Reads a whole file into a NUL-terminated buffer; NULL with err set on failure. Caller frees. */
 char *tk_read_file(const char *path, size_t *len, tk_err *err);
 
+/* Writes len bytes to path atomically: path.tmp.<pid>, fsync, rename. An existing file at path is
+ * left untouched on failure. */
+int tk_write_file_atomic(const char *path, const void *data, size_t len, tk_err *err);
+
 /* Wall clock in seconds (monotonic). */
 double tk_time(void);
 

@@ -63,7 +63,7 @@ void tk_rope_backward(float *dx, const float *cos_t, const float *sin_t, size_t 
 /* out [B,T,H*D], probs [B,H,T,S] (softmax weights cached for backward), q [B,T,H*D],
  * k,v [B,S,G*D], key_mask [B,S] (1 = real token, NULL = all real). Query t sits at absolute position
  * (S - T) + t and sees keys 0..(S-T)+t that are real. A query that sees no real key outputs zeros.
- * Scores are scaled by 1/sqrt(D). scratch: at least T*S floats. */
+ * Scores are scaled by 1/sqrt(D). probs holds the raw scores in between (no scratch needed). */
 void tk_attention_forward(float *out, float *probs, const float *q, const float *k, const float *v,
                           const uint8_t *key_mask, size_t B, size_t T, size_t S, size_t H, size_t G,
                           size_t D);

@@ -1,0 +1,162 @@
+/* cmd_train.c: `tspeft train`: options -> tk_train_opts (trainer.h). */
+#include "../train/trainer.h"
+#include "args.h"
+#include "cli.h"
+
+#include <cJSON.h>
+#include <stdio.h>
+#include <string.h>
+
+static const char *USAGE =
+    "usage: tspeft train --model DIR [--adapter DIR] --data FILE.jsonl --steps N --batch-size B --lr X\n"
+    "                    [--grad-accum K] [--out DIR] [--dump DIR] [--threads T] [--seed S] [--config FILE]\n"
+    "Trains a PEFT adapter (LoRA, DoRA or bottleneck Adapter, TS-PEFT-gated unless --gate off) on a\n"
+    "Hugging Face LLaMA. With --adapter, the adapter's adapter_config.json fixes its type, rank and\n"
+    "targets, and its ts_peft object the gate; --gate and --ts-* options still override the gate.";
+
+int tk_cmd_train(int argc, char **argv) {
+    tk_train_opts o;
+    tk_train_opts_default(&o);
+    const char *config = NULL, *sched = "constant", *type = "lora", *targets = "q_proj,v_proj";
+    const char *layers = NULL, *save = NULL, *act = "tanh", *rule = "prox";
+    int r = 8, rslora = 0, gate = 1;
+    float alpha = 16.0f, dropout = 0.0f, bn_scaling = 1.0f;
+    tk_gate_config g = tk_gate_config_default();
+    tk_opt opts[] = {
+        {"config", TK_OPT_STR, &config, "FILE", "JSON file of option defaults (keys = option names)", 0},
+        {"model", TK_OPT_STR, &o.model_dir, "DIR", "Hugging Face LLaMA directory (config.json + safetensors)", 0},
+        {"adapter", TK_OPT_STR, &o.adapter_dir, "DIR", "PEFT adapter directory to start from", 0},
+        {"data", TK_OPT_STR, &o.data_path, "FILE", "pre-tokenized JSONL (input_ids, labels, attention_mask)", 0},
+        {"out", TK_OPT_STR, &o.out_dir, "DIR", "write the trained adapter here (PEFT layout)", 0},
+        {"dump", TK_OPT_STR, &o.dump_dir, "DIR", "write DIR/step1.safetensors: first step's loss, logits, gradients, gate", 0},
+        {"steps", TK_OPT_INT, &o.steps, "N", "optimizer steps (default 100)", 0},
+        {"batch-size", TK_OPT_INT, &o.batch_size, "B", "rows per micro-batch (default 1)", 0},
+        {"grad-accum", TK_OPT_INT, &o.grad_accum, "K", "micro-batches per optimizer step (default 1)", 0},
+        {"lr", TK_OPT_FLOAT, &o.lr, "X", "peak learning rate (default 2e-4)", 0},
+        {"lr-scheduler", TK_OPT_STR, &sched, "NAME", "constant | linear | cosine (default constant)", 0},
+        {"warmup-steps", TK_OPT_INT, &o.warmup_steps, "N", "linear learning-rate warm-up steps (default 0)", 0},
+        {"weight-decay", TK_OPT_FLOAT, &o.weight_decay, "X", "AdamW weight decay, never on norms or tau (default 0)", 0},
+        {"max-grad-norm", TK_OPT_FLOAT, &o.max_grad_norm, "X", "global-norm clipping, 0 = off (default 1.0)", 0},
+        {"max-seq-len", TK_OPT_INT, &o.max_seq_len, "N", "truncate rows to N tokens (default: the model's)", 0},
+        {"shuffle", TK_OPT_FLAG, &o.shuffle, NULL, "seeded shuffle of the rows every epoch (default: file order)", 0},
+        {"threads", TK_OPT_INT, &o.threads, "T", "OpenMP and BLAS threads (default: all cores)", 0},
+        {"seed", TK_OPT_U64, &o.seed, "S", "seed for adapter init, dropout and shuffling (default 42)", 0},
+        {"log-every", TK_OPT_INT, &o.log_every, "N", "progress line every N steps (default 1)", 0},
+        {"quiet", TK_OPT_FLAG, &o.quiet, NULL, "no progress lines", 0},
+        {"adapter-type", TK_OPT_STR, &type, "T", "new adapter: lora | dora | bottleneck (default lora)", 0},
+        {"r", TK_OPT_INT, &r, "N", "new adapter: LoRA rank or bottleneck size (default 8)", 0},
+        {"alpha", TK_OPT_FLOAT, &alpha, "X", "new adapter: lora_alpha (default 16)", 0},
+        {"dropout", TK_OPT_FLOAT, &dropout, "P", "adapter dropout (default 0)", 0},
+        {"rslora", TK_OPT_FLAG, &rslora, NULL, "new adapter: scale alpha/sqrt(r) (rsLoRA)", 0},
+        {"target-modules", TK_OPT_STR, &targets, "LIST", "new adapter: q_proj,k_proj,...,down_proj or all (default q_proj,v_proj)", 0},
+        {"layers", TK_OPT_STR, &layers, "LIST", "new adapter: layers to adapt, e.g. 0,2,4-7 (default all)", 0},
+        {"train-tensors", TK_OPT_STR, &save, "LIST", "new adapter: base tensors trained in full (modules_to_save)", 0},
+        {"bottleneck-act", TK_OPT_STR, &act, "F", "new bottleneck adapter: tanh | relu (default tanh)", 0},
+        {"bottleneck-scaling", TK_OPT_FLOAT, &bn_scaling, "X", "new bottleneck adapter: output scaling (default 1)", 0},
+        {"gate", TK_OPT_FLAG, &gate, "on|off", "TS-PEFT token gate (default on for a new adapter)", 0},
+        {"ts-rule", TK_OPT_STR, &rule, "R", "threshold rule: prox | surrogate (default prox)", 0},
+        {"ts-lambda", TK_OPT_FLOAT, &g.lambda, "X", "sparsity weight lambda (default 0.05)", 0},
+        {"ts-eta-tau", TK_OPT_FLOAT, &g.eta_tau, "X", "threshold step size eta_tau (default 0.05)", 0},
+        {"ts-tau0", TK_OPT_FLOAT, &g.tau0, "X", "initial threshold (default 0)", 0},
+        {"ts-target-keep", TK_OPT_FLOAT, &g.target_keep, "RHO", "target keep ratio in (0,1]; lambda becomes a dual (default off)", 0},
+        {"ts-eta-lambda", TK_OPT_FLOAT, &g.eta_lambda, "X", "dual step size with a target keep ratio (default 0.05)", 0},
+        {"ts-beta", TK_OPT_FLOAT, &g.beta, "X", "surrogate rule temperature (default 0.01)", 0},
+        {"ts-warmup-steps", TK_OPT_INT, &g.warmup_steps, "N", "steps with tau frozen at tau0 (default 0)", 0},
+    };
+    int n = (int)(sizeof opts / sizeof opts[0]);
+    tk_err err = {0};
+    void *json = NULL;
+    int status = 1;
+    /* --config first, so that the command line overrides it */
+    for (int i = 0; i + 1 < argc; i++)
+        if (strcmp(argv[i], "--config") == 0 && tk_args_apply_config(opts, n, argv[i + 1], &json, &err)) goto fail;
+    int pr = tk_args_parse(opts, n, argc, argv, USAGE, &err);
+    if (pr == 1) return 0;
+    if (pr < 0) {
+        status = 2;
+        goto fail;
+    }
+    if (!o.model_dir || !o.data_path) {
+        tk_fail(&err, "train needs --model DIR and --data FILE (see --help)");
+        status = 2;
+        goto fail;
+    }
+    if (tk_sched_parse(sched, &o.sched)) {
+        tk_fail(&err, "--lr-scheduler: \"%s\" is not constant, linear or cosine", sched);
+        goto fail;
+    }
+    tk_peft_config *pc = &o.peft;
+    if (o.adapter_dir) {
+        const char *fixed[] = {"adapter-type", "r", "alpha", "rslora", "target-modules", "layers", "train-tensors",
+                               "bottleneck-act", "bottleneck-scaling"};
+        for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+            if (tk_opt_seen(opts, n, fixed[i])) {
+                tk_fail(&err, "--%s cannot change an existing adapter (%s/adapter_config.json decides it)", fixed[i], o.adapter_dir);
+                goto fail;
+            }
+        char path[4096];
+        snprintf(path, sizeof path, "%s/adapter_config.json", o.adapter_dir);
+        if (tk_peft_config_load(pc, path, &err)) goto fail;
+        if (tk_opt_seen(opts, n, "dropout")) pc->dropout = dropout;
+    } else {
+        tk_peft_config_default(pc);
+        if (strcmp(type, "lora") == 0) pc->kind = TK_ADAPTER_LORA;
+        else if (strcmp(type, "dora") == 0) pc->kind = TK_ADAPTER_DORA;
+        else if (strcmp(type, "bottleneck") == 0) pc->kind = TK_ADAPTER_BOTTLENECK;
+        else if (strcmp(type, "none") == 0) pc->kind = TK_ADAPTER_NONE;
+        else {
+            tk_fail(&err, "--adapter-type: \"%s\" is not lora, dora, bottleneck or none", type);
+            goto fail;
+        }
+        if (strcmp(act, "tanh") == 0) pc->act = TK_ACT_TANH;
+        else if (strcmp(act, "relu") == 0) pc->act = TK_ACT_RELU;
+        else {
+            tk_fail(&err, "--bottleneck-act: \"%s\" is not tanh or relu", act);
+            goto fail;
+        }
+        pc->r = r;
+        pc->alpha = alpha;
+        pc->dropout = dropout;
+        pc->use_rslora = rslora;
+        pc->bottleneck_scaling = bn_scaling;
+        if (r < 1) {
+            tk_fail(&err, "--r must be >= 1");
+            goto fail;
+        }
+        if (tk_peft_parse_targets(targets, &pc->target_mask, &err) || (layers && tk_peft_parse_layers(pc, layers, &err)) ||
+            (save && tk_peft_parse_save(pc, save, &err)))
+            goto fail;
+        pc->gate = g;
+        pc->gate.enabled = gate && pc->kind != TK_ADAPTER_NONE;
+    }
+    if (!(pc->dropout >= 0.0f && pc->dropout < 1.0f)) {
+        tk_fail(&err, "--dropout must be in [0, 1)");
+        goto fail;
+    }
+    /* gate overrides apply to loaded adapters too */
+    if (o.adapter_dir) {
+        const char *names[] = {"ts-lambda", "ts-eta-tau", "ts-tau0", "ts-target-keep", "ts-eta-lambda", "ts-beta", "ts-warmup-steps"};
+        float *fdst[] = {&pc->gate.lambda, &pc->gate.eta_tau, &pc->gate.tau0, &pc->gate.target_keep, &pc->gate.eta_lambda, &pc->gate.beta};
+        float *fsrc[] = {&g.lambda, &g.eta_tau, &g.tau0, &g.target_keep, &g.eta_lambda, &g.beta};
+        for (int i = 0; i < 6; i++)
+            if (tk_opt_seen(opts, n, names[i])) *fdst[i] = *fsrc[i];
+        if (tk_opt_seen(opts, n, names[6])) pc->gate.warmup_steps = g.warmup_steps;
+        if (tk_opt_seen(opts, n, "gate")) pc->gate.enabled = gate;
+    }
+    if (tk_opt_seen(opts, n, "ts-rule") && tk_gate_rule_parse(rule, &pc->gate.rule)) {
+        tk_fail(&err, "--ts-rule: \"%s\" is not prox or surrogate", rule);
+        goto fail;
+    }
+    if (!(pc->gate.eta_tau > 0.0f) || pc->gate.lambda < 0.0f || pc->gate.tau0 < 0.0f || !(pc->gate.beta > 0.0f) ||
+        pc->gate.target_keep < 0.0f || pc->gate.target_keep > 1.0f || pc->gate.warmup_steps < 0 || pc->gate.eta_lambda < 0.0f) {
+        tk_fail(&err, "gate options out of range: need eta_tau > 0, lambda >= 0, tau0 >= 0, beta > 0, target keep in (0,1]");
+        goto fail;
+    }
+    if (tk_train_run(&o, &err)) goto fail;
+    status = 0;
+fail:
+    if (status) fprintf(stderr, "tspeft train: %s\n", err.msg);
+    tk_peft_config_free(&o.peft);
+    cJSON_Delete(json);
+    return status;
+}

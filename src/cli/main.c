@@ -1,0 +1,32 @@
+/* main.c: `tspeft <verb> [options]`. */
+#include "cli.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static const struct {
+    const char *name;
+    int (*run)(int, char **);
+    const char *what;
+} verbs[] = {
+    {"train", tk_cmd_train, "fine-tune a LLaMA with (TS-gated) LoRA, DoRA, Adapter or full tensors"},
+    {"generate", tk_cmd_generate, "greedy decoding with a KV cache from token ids"},
+    {"info", tk_cmd_info, "describe a model directory and an adapter"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: tspeft <verb> [options]   (tspeft <verb> --help for a verb's options)\n\nverbs:\n");
+    for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++) fprintf(f, "  %-10s %s\n", verbs[i].name, verbs[i].what);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++)
+        if (strcmp(argv[1], verbs[i].name) == 0) return verbs[i].run(argc - 2, argv + 2);
+    fprintf(stderr, "tspeft: unknown verb \"%s\"\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,714 @@
+/* llama.c: LLaMA decoder: loading, forward, backward, generation. See llama.h.
+ *
+ * Shapes: B sequences, T positions, N = B*T tokens, C width, F MLP width, H query heads, G kv heads,
+ * D head width, V vocabulary, L layers.
+ *
+ * One layer (HF LlamaDecoderLayer), every projection an adapted linear (peft/adapter.h):
+ *   xn1 = rmsnorm(x);  q,k,v = proj(xn1);  q,k = rope(q,k);  att = attention(q,k,v)
+ *   x2 = x + o_proj(att);  xn2 = rmsnorm(x2);  h = silu(gate_proj(xn2)) * up_proj(xn2)
+ *   x' = x2 + down_proj(h)
+ * then logits = rmsnorm(x_L) lm_head^T.
+ */
+#include "llama.h"
+
+#include "../ops/ops.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Saved tensors of one layer for backward. */
+struct tk_llama_saved {
+    float *x;     /* [N,C] layer input (residual) */
+    float *xn1;   /* [N,C] */
+    float *rstd1; /* [N] */
+    float *q;     /* [N,H*D] after rope */
+    float *k, *v; /* [N,G*D] (k after rope) */
+    float *att;   /* [N,H*D] */
+    float *probs; /* [B,H,T,T] */
+    float *x2;    /* [N,C] */
+    float *xn2;   /* [N,C] */
+    float *rstd2; /* [N] */
+    float *g, *u; /* [N,F] gate and up outputs */
+    float *h;     /* [N,F] silu(g)*u */
+};
+
+/* ---- loading ---------------------------------------------------------------------------------- */
+
+static size_t proj_in(const tk_llama_config *c, int p) {
+    size_t HD = (size_t)c->n_heads * c->head_dim;
+    if (p == TK_PROJ_O) return HD;
+    if (p == TK_PROJ_DOWN) return (size_t)c->hidden_dim;
+    return (size_t)c->dim;
+}
+
+static size_t proj_out(const tk_llama_config *c, int p) {
+    size_t HD = (size_t)c->n_heads * c->head_dim, GD = (size_t)c->n_kv_heads * c->head_dim;
+    switch (p) {
+    case TK_PROJ_Q: return HD;
+    case TK_PROJ_K:
+    case TK_PROJ_V: return GD;
+    case TK_PROJ_GATE:
+    case TK_PROJ_UP: return (size_t)c->hidden_dim;
+    default: return (size_t)c->dim;
+    }
+}
+
+size_t tk_llama_slots(tk_llama *m, tk_llama_slot *s) {
+    const tk_llama_config *c = &m->cfg;
+    size_t n = 0, V = (size_t)c->vocab_size, C = (size_t)c->dim;
+#define SLOT(nm, d, g, r, cl)                                                                       \
+    do {                                                                                           \
+        snprintf(s[n].name, TK_NAME_MAX, "%s", nm);                                                \
+        s[n].data = (d);                                                                           \
+        s[n].grad = (g);                                                                           \
+        s[n].rows = (r);                                                                           \
+        s[n].cols = (cl);                                                                          \
+        n++;                                                                                       \
+    } while (0)
+    SLOT("model.embed_tokens.weight", &m->embed, &m->d_embed, V, C);
+    for (int l = 0; l < c->n_layers; l++) {
+        tk_llama_layer *ly = &m->layers[l];
+        char nm[TK_NAME_MAX];
+        snprintf(nm, sizeof nm, "model.layers.%d.input_layernorm.weight", l);
+        SLOT(nm, &ly->attn_norm, &ly->d_attn_norm, C, 0);
+        for (int p = 0; p < TK_NPROJ; p++) {
+            snprintf(nm, sizeof nm, "model.layers.%d.%s.%s.weight", l, tk_proj_block[p], tk_proj_short[p]);
+            SLOT(nm, &ly->proj[p].w0, &ly->proj[p].dw0, proj_out(c, p), proj_in(c, p));
+        }
+        snprintf(nm, sizeof nm, "model.layers.%d.post_attention_layernorm.weight", l);
+        SLOT(nm, &ly->ffn_norm, &ly->d_ffn_norm, C, 0);
+    }
+    SLOT("model.norm.weight", &m->final_norm, &m->d_final_norm, C, 0);
+    if (!c->tie_embeddings) SLOT("lm_head.weight", &m->lm_head, &m->d_lm_head, V, C);
+#undef SLOT
+    return n;
+}
+
+static size_t slot_capacity(const tk_llama_config *c) { return 3 + 9 * (size_t)c->n_layers; }
+
+tk_llama *tk_llama_open(const char *dir, tk_err *err) {
+    tk_llama *m = calloc(1, sizeof *m);
+    tk_llama_slot *slots = NULL;
+    const tk_st_tensor **ts = NULL;
+    const tk_st_file **fs = NULL;
+    char path[4096];
+    if (!m) {
+        tk_fail(err, "out of memory");
+        return NULL;
+    }
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (tk_llama_config_load(&m->cfg, path, err)) goto fail;
+    const tk_llama_config *c = &m->cfg;
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    slots = calloc(slot_capacity(c), sizeof *slots);
+    m->inv_freq = calloc((size_t)c->head_dim / 2, sizeof(float));
+    ts = calloc(slot_capacity(c), sizeof *ts);
+    fs = calloc(slot_capacity(c), sizeof *fs);
+    if (!m->layers || !slots || !m->inv_freq || !ts || !fs) {
+        tk_fail(err, "out of memory");
+        goto fail;
+    }
+    tk_llama_inv_freq(c, m->inv_freq);
+    for (int l = 0; l < c->n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            tk_adapted_linear *L = &m->layers[l].proj[p];
+            L->in = proj_in(c, p);
+            L->out = proj_out(c, p);
+        }
+    tk_peft_config_default(&m->peft);
+    m->peft.kind = TK_ADAPTER_NONE;
+    if (!(m->files = tk_st_set_open(dir, err))) goto fail;
+
+    /* Pass 1: validate every tensor and count what must be converted; pass 2: convert or map. */
+    size_t ns = tk_llama_slots(m, slots), owned = 0;
+    for (size_t i = 0; i < ns; i++) {
+        ts[i] = tk_st_set_find(m->files, slots[i].name, &fs[i]);
+        if (!ts[i]) {
+            tk_fail(err, "%s: tensor '%s' is missing from the checkpoint", dir, slots[i].name);
+            goto fail;
+        }
+        int64_t shape[2] = {(int64_t)slots[i].rows, (int64_t)slots[i].cols};
+        if (tk_st_check_shape(fs[i], ts[i], slots[i].cols ? 2 : 1, shape, err)) goto fail;
+        if (ts[i]->dtype != TK_DT_F32 && ts[i]->dtype != TK_DT_F16 && ts[i]->dtype != TK_DT_BF16) {
+            tk_fail(err, "%s: tensor '%s' has dtype %s; expected F32, F16 or BF16", tk_st_path(fs[i]),
+                    slots[i].name, tk_dtype_name(ts[i]->dtype));
+            goto fail;
+        }
+        const void *p = tk_st_data(fs[i], ts[i]);
+        if (ts[i]->dtype != TK_DT_F32 || ((uintptr_t)p & 3u)) owned += ts[i]->numel;
+    }
+    if (owned && !(m->owned = tk_calloc(owned, sizeof(float)))) {
+        tk_fail(err, "%s: out of memory converting %zu weights to fp32", dir, owned);
+        goto fail;
+    }
+    size_t off = 0;
+    for (size_t i = 0; i < ns; i++) {
+        const void *p = tk_st_data(fs[i], ts[i]);
+        if (ts[i]->dtype == TK_DT_F32 && !((uintptr_t)p & 3u)) {
+            *slots[i].data = (float *)p; /* read-only mapping; trainable copies are made on attach */
+        } else {
+            *slots[i].data = m->owned + off;
+            if (tk_st_read_f32(fs[i], ts[i], m->owned + off, ts[i]->numel, err)) goto fail;
+            off += ts[i]->numel;
+        }
+    }
+    if (c->tie_embeddings) m->lm_head = m->embed;
+    free(slots);
+    free(ts);
+    free(fs);
+    return m;
+fail:
+    free(slots);
+    free(ts);
+    free(fs);
+    tk_llama_close(m);
+    return NULL;
+}
+
+void tk_llama_close(tk_llama *m) {
+    if (!m) return;
+    if (m->layers)
+        for (int l = 0; l < m->cfg.n_layers; l++)
+            for (int p = 0; p < TK_NPROJ; p++) tk_adapted_free(&m->layers[l].proj[p]);
+    free(m->layers);
+    tk_adapter_ws_free(&m->ws);
+    tk_params_free(&m->params);
+    tk_peft_config_free(&m->peft);
+    tk_st_set_close(m->files);
+    tk_free(m->owned);
+    free(m->inv_freq);
+    free(m->rope_cos);
+    free(m->rope_sin);
+    free(m);
+}
+
+static int ensure_rope(tk_llama *m, size_t P, tk_err *err) {
+    if (P <= m->rope_len) return 0;
+    if (P > (size_t)m->cfg.max_seq_len)
+        return tk_fail(err, "sequence of %zu positions exceeds max_position_embeddings %d", P,
+                       m->cfg.max_seq_len);
+    size_t half = (size_t)m->cfg.head_dim / 2;
+    float *cs = realloc(m->rope_cos, P * half * sizeof(float));
+    if (cs) m->rope_cos = cs;
+    float *sn = realloc(m->rope_sin, P * half * sizeof(float));
+    if (sn) m->rope_sin = sn;
+    if (!cs || !sn) return tk_fail(err, "out of memory for rope tables");
+    tk_rope_table(m->rope_cos, m->rope_sin, m->inv_freq, P, (size_t)m->cfg.head_dim);
+    m->rope_len = P;
+    return 0;
+}
+
+/* ---- adapters --------------------------------------------------------------------------------- */
+
+void tk_module_key(char *buf, size_t n, int layer, int proj) {
+    snprintf(buf, n, "base_model.model.model.layers.%d.%s.%s", layer, tk_proj_block[proj],
+             tk_proj_short[proj]);
+}
+
+/* HF LayerNorm-style weights get no weight decay, like transformers' Trainer. */
+static int slot_decays(const char *name) { return strstr(name, "norm") == NULL; }
+
+static int copy_peft_config(tk_peft_config *dst, const tk_peft_config *src, tk_err *err) {
+    *dst = *src;
+    dst->save = NULL;
+    dst->n_save = 0;
+    for (int i = 0; i < src->n_save; i++)
+        if (tk_peft_parse_save(dst, src->save[i], err)) return -1;
+    return 0;
+}
+
+static int register_adapters(tk_llama *m, tk_err *err) {
+    const tk_peft_config *pc = &m->peft;
+    float scale = tk_peft_scale(pc);
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        for (int p = 0; p < TK_NPROJ; p++) {
+            tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (pc->kind == TK_ADAPTER_NONE || !tk_peft_targets(pc, l, p)) continue;
+            L->kind = pc->kind;
+            L->r = (size_t)pc->r;
+            L->scale = scale;
+            L->dropout = pc->dropout;
+            L->act = pc->act;
+            L->gated = pc->gate.enabled;
+            L->tau = pc->gate.tau0;
+            L->lambda = pc->gate.lambda;
+            if (L->r > m->max_rank) m->max_rank = L->r;
+            char key[TK_NAME_MAX], nm[TK_NAME_MAX + 64];
+            tk_module_key(key, sizeof key, l, p);
+            int bn = pc->kind == TK_ADAPTER_BOTTLENECK;
+            int64_t sa[2] = {(int64_t)L->r, (int64_t)L->in}, sb[2] = {(int64_t)L->out, (int64_t)L->r};
+            snprintf(nm, sizeof nm, "%s.%s", key, bn ? "adapter_down.weight" : "lora_A.weight");
+            if (tk_params_add(&m->params, nm, 2, sa, 1, &L->A, &L->dA, NULL, err)) return -1;
+            snprintf(nm, sizeof nm, "%s.%s", key, bn ? "adapter_up.weight" : "lora_B.weight");
+            if (tk_params_add(&m->params, nm, 2, sb, 1, &L->B, &L->dB, NULL, err)) return -1;
+            if (pc->kind == TK_ADAPTER_DORA) {
+                int64_t sm[1] = {(int64_t)L->out};
+                snprintf(nm, sizeof nm, "%s.lora_magnitude_vector", key);
+                if (tk_params_add(&m->params, nm, 1, sm, 1, &L->mag, &L->dmag, NULL, err)) return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static int register_saved_tensors(tk_llama *m, tk_llama_slot *slots, size_t ns, tk_err *err) {
+    for (int i = 0; i < m->peft.n_save; i++) {
+        const char *want = m->peft.save[i];
+        size_t j = 0;
+        while (j < ns && strcmp(slots[j].name, want) != 0) j++;
+        if (j == ns) {
+            if (strcmp(want, "lm_head.weight") == 0 && m->cfg.tie_embeddings)
+                return tk_fail(err, "modules_to_save: lm_head.weight is tied to model.embed_tokens.weight; "
+                                    "train that instead");
+            return tk_fail(err, "modules_to_save: \"%s\" is not a tensor of this model "
+                                "(e.g. model.norm.weight, lm_head.weight, model.layers.0.mlp.up_proj.weight)",
+                           want);
+        }
+        for (int l = 0; l < m->cfg.n_layers; l++)
+            for (int p = 0; p < TK_NPROJ; p++)
+                if (slots[j].data == &m->layers[l].proj[p].w0 && m->layers[l].proj[p].kind != TK_ADAPTER_NONE)
+                    return tk_fail(err, "modules_to_save: \"%s\" also carries an adapter; train one or the other",
+                                   want);
+        char nm[TK_NAME_MAX + 32];
+        snprintf(nm, sizeof nm, "base_model.model.%s", want);
+        int64_t shape[2] = {(int64_t)slots[j].rows, (int64_t)slots[j].cols};
+        if (tk_params_add(&m->params, nm, slots[j].cols ? 2 : 1, shape, slot_decays(want),
+                          slots[j].data, slots[j].grad, *slots[j].data, err))
+            return -1;
+    }
+    return 0;
+}
+
+/* HF PEFT's init: A (and adapter_down) Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in),
+ * 1/sqrt(in)); B (adapter_up) zero; DoRA magnitude ||W0 + s B A||_row = ||W0||_row. */
+static void init_adapters(tk_llama *m, uint64_t seed) {
+    tk_rng rng;
+    tk_rng_seed(&rng, seed);
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (L->kind == TK_ADAPTER_NONE) continue;
+            float bound = 1.0f / sqrtf((float)L->in);
+            for (size_t i = 0; i < L->r * L->in; i++) L->A[i] = (2.0f * tk_rng_uniform(&rng) - 1.0f) * bound;
+            memset(L->B, 0, L->out * L->r * sizeof(float));
+            if (L->kind == TK_ADAPTER_DORA)
+                for (size_t o = 0; o < L->out; o++) {
+                    double ss = 0.0;
+                    for (size_t i = 0; i < L->in; i++) ss += (double)L->w0[o * L->in + i] * L->w0[o * L->in + i];
+                    L->mag[o] = (float)sqrt(ss);
+                }
+        }
+}
+
+/* Reads a one-element F32 tensor if present. */
+static int read_scalar(const tk_st_file *f, const char *name, float *out, tk_err *err) {
+    const tk_st_tensor *t = tk_st_find(f, name);
+    if (!t) return 0;
+    if (t->numel != 1) return tk_fail(err, "%s: tensor '%s' must hold one value, found %zu", tk_st_path(f), name, t->numel);
+    if (tk_st_read_f32(f, t, out, 1, err)) return -1;
+    if (!(*out >= 0.0f) || isinf(*out))
+        return tk_fail(err, "%s: tensor '%s' must be a finite value >= 0", tk_st_path(f), name);
+    return 0;
+}
+
+static int load_adapter_tensors(tk_llama *m, const char *dir, tk_err *err) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    tk_st_file *f = tk_st_open(path, err);
+    if (!f) return -1;
+    int rc = -1;
+    for (size_t i = 0; i < m->params.n; i++) {
+        const tk_param *p = &m->params.items[i];
+        const tk_st_tensor *t = tk_st_find(f, p->name);
+        if (!t && strstr(p->name, "lora_magnitude_vector")) {
+            char alt[TK_NAME_MAX + 8];
+            snprintf(alt, sizeof alt, "%s.weight", p->name);
+            t = tk_st_find(f, alt);
+        }
+        if (!t) {
+            tk_fail(err, "%s: tensor '%s' is missing (the adapter config targets this module)", path, p->name);
+            goto done;
+        }
+        if (tk_st_check_shape(f, t, p->ndim, p->shape, err) ||
+            tk_st_read_f32(f, t, m->params.data + p->offset, p->numel, err))
+            goto done;
+        for (size_t j = 0; j < p->numel; j++)
+            if (!isfinite(m->params.data[p->offset + j])) {
+                tk_fail(err, "%s: tensor '%s' holds a non-finite value at element %zu", path, p->name, j);
+                goto done;
+            }
+    }
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int pj = 0; pj < TK_NPROJ; pj++) {
+            tk_adapted_linear *L = &m->layers[l].proj[pj];
+            if (L->kind == TK_ADAPTER_NONE) continue;
+            char key[TK_NAME_MAX], nm[TK_NAME_MAX + 16];
+            tk_module_key(key, sizeof key, l, pj);
+            snprintf(nm, sizeof nm, "%s.ts_tau", key);
+            if (read_scalar(f, nm, &L->tau, err)) goto done;
+            snprintf(nm, sizeof nm, "%s.ts_lambda", key);
+            if (read_scalar(f, nm, &L->lambda, err)) goto done;
+        }
+    rc = 0;
+done:
+    tk_st_close(f);
+    return rc;
+}
+
+int tk_llama_attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir, uint64_t seed,
+                    tk_err *err) {
+    TK_ASSERT(m->params.n == 0);
+    if (copy_peft_config(&m->peft, pc, err)) return -1;
+    for (int i = 0; i < pc->n_layer_sel; i++)
+        if (pc->layer_sel[i] >= m->cfg.n_layers)
+            return tk_fail(err, "layers_to_transform: layer %d does not exist (the model has %d)",
+                           pc->layer_sel[i], m->cfg.n_layers);
+    if (pc->kind != TK_ADAPTER_NONE && (pc->r < 1))
+        return tk_fail(err, "adapter rank must be >= 1");
+    tk_llama_slot *slots = calloc(slot_capacity(&m->cfg), sizeof *slots);
+    if (!slots) return tk_fail(err, "out of memory");
+    size_t ns = tk_llama_slots(m, slots);
+    int rc = register_adapters(m, err) || register_saved_tensors(m, slots, ns, err) ||
+             tk_params_alloc(&m->params, err);
+    free(slots);
+    if (rc) return -1;
+    if (m->cfg.tie_embeddings) {
+        m->lm_head = m->embed;
+        m->d_lm_head = m->d_embed;
+    }
+    if (adapter_dir) return load_adapter_tensors(m, adapter_dir, err);
+    init_adapters(m, seed);
+    return 0;
+}
+
+int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err) {
+    size_t n_mod = 0;
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) n_mod += m->layers[l].proj[p].kind != TK_ADAPTER_NONE;
+    size_t cap = m->params.n + 2 * n_mod;
+    tk_st_entry *e = calloc(cap ? cap : 1, sizeof *e);
+    char(*names)[TK_NAME_MAX + 16] = calloc(2 * n_mod + 1, sizeof *names);
+    if (!e || !names) {
+        free(e);
+        free(names);
+        return tk_fail(err, "out of memory");
+    }
+    size_t n = 0, k = 0;
+    for (size_t i = 0; i < m->params.n; i++) {
+        const tk_param *p = &m->params.items[i];
+        e[n] = (tk_st_entry){.name = p->name, .dtype = TK_DT_F32, .ndim = p->ndim, .data = m->params.data + p->offset};
+        for (int d = 0; d < p->ndim; d++) e[n].shape[d] = p->shape[d];
+        n++;
+    }
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            const tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (L->kind == TK_ADAPTER_NONE || !m->peft.gate.enabled) continue;
+            char key[TK_NAME_MAX];
+            tk_module_key(key, sizeof key, l, p);
+            snprintf(names[k], sizeof names[k], "%s.ts_tau", key);
+            e[n++] = (tk_st_entry){.name = names[k++], .dtype = TK_DT_F32, .ndim = 1, .shape = {1}, .data = &L->tau};
+            if (m->peft.gate.target_keep > 0.0f) {
+                snprintf(names[k], sizeof names[k], "%s.ts_lambda", key);
+                e[n++] = (tk_st_entry){.name = names[k++], .dtype = TK_DT_F32, .ndim = 1, .shape = {1}, .data = &L->lambda};
+            }
+        }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", out_dir);
+    const char *meta[] = {"format", "pt", NULL};
+    int rc = tk_st_write(path, e, n, meta, err);
+    free(e);
+    free(names);
+    if (rc) return -1;
+    snprintf(path, sizeof path, "%s/adapter_config.json", out_dir);
+    return tk_peft_config_save(&m->peft, path, err);
+}
+
+/* ---- activations ------------------------------------------------------------------------------ */
+
+/* Carves n floats from a block: counting pass when base is NULL. */
+static float *carve(float *base, size_t *off, size_t n) {
+    float *p = base ? base + *off : NULL;
+    *off += (n + 15) & ~(size_t)15; /* keep every array 64-byte aligned */
+    return p;
+}
+
+static size_t layout_acts(tk_llama *m, tk_llama_acts *a, float *base) {
+    const tk_llama_config *c = &m->cfg;
+    size_t N = a->Bmax * a->Tmax, C = (size_t)c->dim, F = (size_t)c->hidden_dim;
+    size_t HD = (size_t)c->n_heads * c->head_dim, GD = (size_t)c->n_kv_heads * c->head_dim;
+    size_t V = (size_t)c->vocab_size, off = 0;
+    size_t P = a->Bmax * (size_t)c->n_heads * a->Tmax * a->Tmax;
+    for (int l = 0; l < c->n_layers; l++) {
+        struct tk_llama_saved *s = &a->saved[l];
+        s->x = carve(base, &off, N * C);
+        s->xn1 = carve(base, &off, N * C);
+        s->rstd1 = carve(base, &off, N);
+        s->q = carve(base, &off, N * HD);
+        s->k = carve(base, &off, N * GD);
+        s->v = carve(base, &off, N * GD);
+        s->att = carve(base, &off, N * HD);
+        s->probs = carve(base, &off, P);
+        s->x2 = carve(base, &off, N * C);
+        s->xn2 = carve(base, &off, N * C);
+        s->rstd2 = carve(base, &off, N);
+        s->g = carve(base, &off, N * F);
+        s->u = carve(base, &off, N * F);
+        s->h = carve(base, &off, N * F);
+    }
+    a->x_final = carve(base, &off, N * C);
+    a->xn_final = carve(base, &off, N * C);
+    a->rstd_final = carve(base, &off, N);
+    a->logits = carve(base, &off, N * V);
+    a->dres = carve(base, &off, N * C);
+    a->dxn = carve(base, &off, N * C);
+    a->datt = carve(base, &off, N * HD);
+    a->dq = carve(base, &off, N * HD);
+    a->dk = carve(base, &off, N * GD);
+    a->dv = carve(base, &off, N * GD);
+    a->dg = carve(base, &off, N * F);
+    a->du = carve(base, &off, N * F);
+    a->dh = carve(base, &off, N * F);
+    a->tmp = carve(base, &off, N * (C > V ? C : V));
+    a->attn_scratch = carve(base, &off, a->Tmax * a->Tmax);
+    return off;
+}
+
+/* Adapter activations for n tokens and the shared workspace. */
+static int alloc_adapter_acts(tk_llama *m, size_t n, tk_err *err) {
+    const tk_llama_config *c = &m->cfg;
+    size_t width = (size_t)c->dim, ba = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (L->out > width) width = L->out;
+            if (L->in > width) width = L->in;
+            if (L->kind == TK_ADAPTER_DORA && L->out * L->in > ba) ba = L->out * L->in;
+            if (L->kind == TK_ADAPTER_NONE || L->cap >= n) continue;
+            tk_gate_stats keep = L->stats; /* statistics survive a re-allocation */
+            L->stats = (tk_gate_stats){0};
+            tk_adapted_free(L);
+            L->stats = keep;
+            if (tk_adapted_alloc(L, n, err)) return -1;
+        }
+    if (m->ws.n_tok >= n) return 0;
+    tk_adapter_ws_free(&m->ws);
+    return tk_adapter_ws_alloc(&m->ws, n, width, m->max_rank, ba, err);
+}
+
+tk_llama_acts *tk_llama_acts_alloc(tk_llama *m, size_t B, size_t T, tk_err *err) {
+    tk_llama_acts *a = calloc(1, sizeof *a);
+    if (!a) {
+        tk_fail(err, "out of memory");
+        return NULL;
+    }
+    a->Bmax = B;
+    a->Tmax = T;
+    a->saved = calloc((size_t)m->cfg.n_layers, sizeof *a->saved);
+    a->targets = calloc(B * T, sizeof(int32_t));
+    a->valid = calloc(B * T, 1);
+    size_t total = layout_acts(m, a, NULL);
+    a->buf = tk_calloc(total, sizeof(float));
+    if (!a->saved || !a->targets || !a->valid || !a->buf) {
+        tk_fail(err, "out of memory for activations of %zu x %zu tokens (%.1f GiB)", B, T,
+                (double)total * 4.0 / (1u << 30));
+        tk_llama_acts_free(m, a);
+        return NULL;
+    }
+    layout_acts(m, a, a->buf);
+    if (ensure_rope(m, T, err) || alloc_adapter_acts(m, B * T, err)) {
+        tk_llama_acts_free(m, a);
+        return NULL;
+    }
+    return a;
+}
+
+void tk_llama_acts_free(tk_llama *m, tk_llama_acts *a) {
+    (void)m;
+    if (!a) return;
+    free(a->saved);
+    free(a->targets);
+    free(a->valid);
+    tk_free(a->buf);
+    free(a);
+}
+
+/* ---- forward and backward --------------------------------------------------------------------- */
+
+int tk_llama_forward(tk_llama *m, tk_llama_acts *a, const int32_t *ids, const uint8_t *mask, size_t B,
+                     size_t T, int train, tk_rng *rng, tk_err *err) {
+    const tk_llama_config *c = &m->cfg;
+    TK_ASSERT(B <= a->Bmax && T <= a->Tmax);
+    size_t N = B * T, C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
+    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, V = (size_t)c->vocab_size;
+    for (size_t i = 0; i < N; i++) {
+        TK_ASSERT(ids[i] >= 0 && (size_t)ids[i] < V);
+        a->valid[i] = mask ? mask[i] != 0 : 1;
+    }
+    a->ids = ids;
+    tk_adapter_ws *ws = &m->ws;
+    tk_embedding_forward(a->saved[0].x, ids, m->embed, N, C);
+    for (int l = 0; l < c->n_layers; l++) {
+        struct tk_llama_saved *s = &a->saved[l];
+        tk_adapted_linear *P = m->layers[l].proj;
+        float *out = l + 1 < c->n_layers ? a->saved[l + 1].x : a->x_final;
+        tk_rmsnorm_forward(s->xn1, s->rstd1, s->x, m->layers[l].attn_norm, N, C, c->norm_eps);
+        if (tk_adapted_forward(&P[TK_PROJ_Q], ws, s->q, s->xn1, a->valid, N, train, rng, err) ||
+            tk_adapted_forward(&P[TK_PROJ_K], ws, s->k, s->xn1, a->valid, N, train, rng, err) ||
+            tk_adapted_forward(&P[TK_PROJ_V], ws, s->v, s->xn1, a->valid, N, train, rng, err))
+            return -1;
+        tk_rope_forward(s->q, m->rope_cos, m->rope_sin, B, T, H, D, 0);
+        tk_rope_forward(s->k, m->rope_cos, m->rope_sin, B, T, G, D, 0);
+        tk_attention_forward(s->att, s->probs, s->q, s->k, s->v, a->valid, B, T, T, H, G, D);
+        if (tk_adapted_forward(&P[TK_PROJ_O], ws, a->tmp, s->att, a->valid, N, train, rng, err)) return -1;
+        for (size_t i = 0; i < N * C; i++) s->x2[i] = s->x[i] + a->tmp[i];
+        tk_rmsnorm_forward(s->xn2, s->rstd2, s->x2, m->layers[l].ffn_norm, N, C, c->norm_eps);
+        if (tk_adapted_forward(&P[TK_PROJ_GATE], ws, s->g, s->xn2, a->valid, N, train, rng, err) ||
+            tk_adapted_forward(&P[TK_PROJ_UP], ws, s->u, s->xn2, a->valid, N, train, rng, err))
+            return -1;
+        tk_swiglu_forward(s->h, s->g, s->u, N * F);
+        if (tk_adapted_forward(&P[TK_PROJ_DOWN], ws, a->tmp, s->h, a->valid, N, train, rng, err)) return -1;
+        for (size_t i = 0; i < N * C; i++) out[i] = s->x2[i] + a->tmp[i];
+    }
+    tk_rmsnorm_forward(a->xn_final, a->rstd_final, a->x_final, m->final_norm, N, C, c->norm_eps);
+    tk_linear_forward(a->logits, a->xn_final, m->lm_head, N, C, V, 0.0f);
+    return 0;
+}
+
+double tk_llama_loss(tk_llama *m, tk_llama_acts *a, const int32_t *labels, size_t B, size_t T,
+                     float scale, size_t *count) {
+    size_t N = B * T, V = (size_t)m->cfg.vocab_size, n = 0;
+    for (size_t b = 0; b < B; b++)
+        for (size_t t = 0; t < T; t++) {
+            int32_t y = t + 1 < T ? labels[b * T + t + 1] : -100;
+            TK_ASSERT(y == -100 || (y >= 0 && (size_t)y < V));
+            a->targets[b * T + t] = y;
+            n += y != -100;
+        }
+    if (count) *count = n;
+    double sum = tk_cross_entropy_forward(a->tmp, a->logits, a->targets, N, V);
+    if (scale != 0.0f) tk_cross_entropy_backward(a->logits, a->logits, a->targets, N, V, scale);
+    return sum;
+}
+
+int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err *err) {
+    const tk_llama_config *c = &m->cfg;
+    size_t N = B * T, C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
+    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, V = (size_t)c->vocab_size;
+    size_t HD = H * D, GD = G * D;
+    tk_adapter_ws *ws = &m->ws;
+    /* logits = xn_f lm_head^T;  xn_f = rmsnorm(x_L) */
+    memset(a->dxn, 0, N * C * sizeof(float));
+    tk_linear_backward(a->dxn, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
+    memset(a->dres, 0, N * C * sizeof(float));
+    tk_rmsnorm_backward(a->dres, m->d_final_norm, a->dxn, a->x_final, m->final_norm, a->rstd_final, N, C);
+    for (int l = c->n_layers - 1; l >= 0; l--) {
+        struct tk_llama_saved *s = &a->saved[l];
+        tk_llama_layer *ly = &m->layers[l];
+        tk_adapted_linear *P = ly->proj;
+        /* x' = x2 + down(h): dres is dx' and, through the residual, part of dx2 */
+        memset(a->dh, 0, N * F * sizeof(float));
+        if (tk_adapted_backward(&P[TK_PROJ_DOWN], ws, a->dh, a->dres, s->h, a->valid, N, err)) return -1;
+        memset(a->dg, 0, N * F * sizeof(float));
+        memset(a->du, 0, N * F * sizeof(float));
+        tk_swiglu_backward(a->dg, a->du, a->dh, s->g, s->u, N * F);
+        memset(a->dxn, 0, N * C * sizeof(float));
+        if (tk_adapted_backward(&P[TK_PROJ_GATE], ws, a->dxn, a->dg, s->xn2, a->valid, N, err) ||
+            tk_adapted_backward(&P[TK_PROJ_UP], ws, a->dxn, a->du, s->xn2, a->valid, N, err))
+            return -1;
+        tk_rmsnorm_backward(a->dres, ly->d_ffn_norm, a->dxn, s->x2, ly->ffn_norm, s->rstd2, N, C);
+        /* x2 = x + o(att): dres is now dx2 */
+        memset(a->datt, 0, N * HD * sizeof(float));
+        if (tk_adapted_backward(&P[TK_PROJ_O], ws, a->datt, a->dres, s->att, a->valid, N, err)) return -1;
+        memset(a->dq, 0, N * HD * sizeof(float));
+        memset(a->dk, 0, N * GD * sizeof(float));
+        memset(a->dv, 0, N * GD * sizeof(float));
+        tk_attention_backward(a->dq, a->dk, a->dv, a->attn_scratch, a->datt, s->probs, s->q, s->k, s->v,
+                              B, T, T, H, G, D);
+        tk_rope_backward(a->dq, m->rope_cos, m->rope_sin, B, T, H, D, 0);
+        tk_rope_backward(a->dk, m->rope_cos, m->rope_sin, B, T, G, D, 0);
+        memset(a->dxn, 0, N * C * sizeof(float));
+        if (tk_adapted_backward(&P[TK_PROJ_Q], ws, a->dxn, a->dq, s->xn1, a->valid, N, err) ||
+            tk_adapted_backward(&P[TK_PROJ_K], ws, a->dxn, a->dk, s->xn1, a->valid, N, err) ||
+            tk_adapted_backward(&P[TK_PROJ_V], ws, a->dxn, a->dv, s->xn1, a->valid, N, err))
+            return -1;
+        tk_rmsnorm_backward(a->dres, ly->d_attn_norm, a->dxn, s->x, ly->attn_norm, s->rstd1, N, C);
+    }
+    if (m->d_embed) tk_embedding_backward(m->d_embed, a->dres, a->ids, N, C);
+    return 0;
+}
+
+/* ---- generation ------------------------------------------------------------------------------- */
+
+long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size_t max_new,
+                       int32_t eos, int32_t *out, tk_err *err) {
+    const tk_llama_config *c = &m->cfg;
+    size_t C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
+    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, V = (size_t)c->vocab_size;
+    size_t HD = H * D, GD = G * D, S = n_prompt + max_new, L = (size_t)c->n_layers;
+    if (n_prompt == 0) return tk_fail(err, "generate: the prompt is empty");
+    for (size_t i = 0; i < n_prompt; i++)
+        if (prompt[i] < 0 || (size_t)prompt[i] >= V)
+            return tk_fail(err, "generate: prompt id %d at position %zu is outside the vocabulary [0, %zu)",
+                           prompt[i], i, V);
+    if (ensure_rope(m, S, err) || alloc_adapter_acts(m, n_prompt, err)) return -1;
+    size_t n = n_prompt; /* rows of the widest chunk */
+    size_t total = 2 * L * S * GD + n * (3 * C + 1 + 2 * HD + 3 * F) + H * n * S + V + n * S;
+    float *buf = tk_calloc(total, sizeof(float));
+    if (!buf) return tk_fail(err, "generate: out of memory for a %zu-token KV cache", S);
+    float *kc = buf, *vc = kc + L * S * GD, *x = vc + L * S * GD, *xn = x + n * C, *tmp = xn + n * C;
+    float *rstd = tmp + n * C, *q = rstd + n, *att = q + n * HD, *g = att + n * HD, *u = g + n * F;
+    float *h = u + n * F, *probs = h + n * F, *logits = probs + H * n * S, *scratch = logits + V;
+    tk_adapter_ws *ws = &m->ws;
+    long produced = 0;
+    size_t pos = 0;
+    const int32_t *chunk = prompt;
+    int32_t next;
+    size_t T = n_prompt;
+    while (1) {
+        /* run T new tokens at positions pos..pos+T-1 through the stack, filling the cache */
+        tk_embedding_forward(x, chunk, m->embed, T, C);
+        for (size_t l = 0; l < L; l++) {
+            tk_adapted_linear *P = m->layers[l].proj;
+            float *kl = kc + l * S * GD, *vl = vc + l * S * GD;
+            tk_rmsnorm_forward(xn, rstd, x, m->layers[l].attn_norm, T, C, c->norm_eps);
+            if (tk_adapted_forward(&P[TK_PROJ_Q], ws, q, xn, NULL, T, 0, NULL, err) ||
+                tk_adapted_forward(&P[TK_PROJ_K], ws, kl + pos * GD, xn, NULL, T, 0, NULL, err) ||
+                tk_adapted_forward(&P[TK_PROJ_V], ws, vl + pos * GD, xn, NULL, T, 0, NULL, err))
+                goto fail;
+            tk_rope_forward(q, m->rope_cos, m->rope_sin, 1, T, H, D, pos);
+            tk_rope_forward(kl + pos * GD, m->rope_cos, m->rope_sin, 1, T, G, D, pos);
+            tk_attention_forward(att, probs, q, kl, vl, NULL, 1, T, pos + T, H, G, D);
+            if (tk_adapted_forward(&P[TK_PROJ_O], ws, tmp, att, NULL, T, 0, NULL, err)) goto fail;
+            for (size_t i = 0; i < T * C; i++) x[i] += tmp[i];
+            tk_rmsnorm_forward(xn, rstd, x, m->layers[l].ffn_norm, T, C, c->norm_eps);
+            if (tk_adapted_forward(&P[TK_PROJ_GATE], ws, g, xn, NULL, T, 0, NULL, err) ||
+                tk_adapted_forward(&P[TK_PROJ_UP], ws, u, xn, NULL, T, 0, NULL, err))
+                goto fail;
+            tk_swiglu_forward(h, g, u, T * F);
+            if (tk_adapted_forward(&P[TK_PROJ_DOWN], ws, tmp, h, NULL, T, 0, NULL, err)) goto fail;
+            for (size_t i = 0; i < T * C; i++) x[i] += tmp[i];
+        }
+        /* only the last position's logits are needed */
+        float *xl = x + (T - 1) * C;
+        tk_rmsnorm_forward(xn, rstd, xl, m->final_norm, 1, C, c->norm_eps);
+        tk_linear_forward(logits, xn, m->lm_head, 1, C, V, 0.0f);
+        size_t best = 0;
+        for (size_t v = 1; v < V; v++)
+            if (logits[v] > logits[best]) best = v;
+        pos += T;
+        next = (int32_t)best;
+        out[produced++] = next;
+        if ((size_t)produced >= max_new || next == eos) break;
+        chunk = &out[produced - 1];
+        T = 1;
+    }
+    (void)scratch;
+    tk_free(buf);
+    return produced;
+fail:
+    tk_free(buf);
+    return -1;
+}

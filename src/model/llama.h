@@ -1,0 +1,111 @@
+/* llama.h: a Hugging Face LLaMA decoder in fp32 with TS-PEFT-gated adapters on its projections:
+ * loading, training forward and backward, and KV-cached inference.
+ *
+ *   tk_err err = {0};
+ *   tk_llama *m = tk_llama_open("hf_model_dir", &err);          // config.json + safetensors
+ *   tk_llama_attach(m, &peft_cfg, "adapter_dir" or NULL, seed, &err);  // adapters, trainables
+ *   tk_llama_acts *a = tk_llama_acts_alloc(m, B, T, &err);
+ *   tk_llama_forward(m, a, ids, mask, B, T, 1, &rng, &err);     // logits in a->logits [B*T, V]
+ *   double sum = tk_llama_loss(m, a, labels, B, T, 1.0f / n_targets, &count);  // seeds dlogits
+ *   tk_llama_backward(m, a, B, T, &err);                        // grads ADD into m->params.grad
+ *   ...
+ *   tk_llama_acts_free(a); tk_llama_close(m);
+ *
+ * Ownership: tk_llama owns its weights (memory-mapped when stored as aligned F32), its adapters and
+ * the trainable block (m->params). Failure: NULL / -1 with err naming the file and tensor.
+ */
+#ifndef TK_MODEL_LLAMA_H
+#define TK_MODEL_LLAMA_H
+
+#include "../common.h"
+#include "../io/safetensors.h"
+#include "../peft/adapter.h"
+#include "../peft/peft_config.h"
+#include "config.h"
+#include "params.h"
+
+typedef struct {
+    float *attn_norm, *d_attn_norm; /* [C] */
+    float *ffn_norm, *d_ffn_norm;   /* [C] */
+    tk_adapted_linear proj[TK_NPROJ];
+} tk_llama_layer;
+
+typedef struct {
+    tk_llama_config cfg;
+    tk_st_set *files;  /* kept open: F32 weights point into the mapping */
+    float *owned;      /* fp32 copies of tensors stored as F16/BF16 or unaligned */
+    float *embed, *d_embed;          /* [V,C] */
+    float *final_norm, *d_final_norm;/* [C] */
+    float *lm_head, *d_lm_head;      /* [V,C] (the embedding when tied) */
+    tk_llama_layer *layers;          /* [n_layers] */
+    float *inv_freq;                 /* [D/2] */
+    float *rope_cos, *rope_sin;      /* [rope_len, D/2], grown on demand */
+    size_t rope_len;
+    tk_peft_config peft;             /* the adapter attached (kind NONE before tk_llama_attach) */
+    tk_params params;                /* the trainable block */
+    tk_adapter_ws ws;                /* adapter scratch, sized by acts_alloc */
+    size_t max_rank;
+} tk_llama;
+
+tk_llama *tk_llama_open(const char *dir, tk_err *err);
+void tk_llama_close(tk_llama *m);
+
+/* One base tensor of the model: its HF name, data and gradient pointers and shape. */
+typedef struct {
+    char name[TK_NAME_MAX];
+    float **data, **grad;
+    size_t rows, cols; /* cols 0 for vectors */
+} tk_llama_slot;
+/* Fills slots (capacity: 3 + 9 * n_layers) with every base tensor; returns the count. */
+size_t tk_llama_slots(tk_llama *m, tk_llama_slot *slots);
+
+/* Attaches the adapters pc describes (kind NONE: no adapter), makes pc->save tensors trainable,
+ * allocates the trainable block and fills it: from adapter_dir/adapter_model.safetensors when
+ * adapter_dir is given (every expected tensor must be there with the right shape; ts_tau optional),
+ * else with HF PEFT's initialisation (A Kaiming-uniform, B zero, DoRA magnitude = ||W0||_row)
+ * drawn from seed. A trainable base tensor that is also adapted is an error. */
+int tk_llama_attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir, uint64_t seed,
+                    tk_err *err);
+/* Writes out_dir/adapter_config.json and out_dir/adapter_model.safetensors (PEFT keys plus ts_tau,
+ * and ts_lambda with a target keep ratio). out_dir must exist. */
+int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err);
+/* PEFT key prefix of a module: "base_model.model.model.layers.L.self_attn.q_proj". */
+void tk_module_key(char *buf, size_t n, int layer, int proj);
+
+/* Activations of one micro-batch, for training (B sequences of up to T positions). */
+typedef struct tk_llama_acts tk_llama_acts;
+struct tk_llama_acts {
+    size_t Bmax, Tmax;
+    float *logits;   /* [B*T, V]; overwritten by the loss gradient in tk_llama_loss */
+    int32_t *targets;/* [B*T] shifted labels */
+    uint8_t *valid;  /* [B*T] attention mask */
+    const int32_t *ids;
+    /* private: per-layer saved tensors and scratch */
+    struct tk_llama_saved *saved;
+    float *buf;      /* one block holding everything below */
+    float *x_final, *xn_final, *rstd_final, *dres, *dxn, *datt, *dq, *dk, *dv, *dg, *du, *dh, *tmp;
+    float *attn_scratch;
+};
+
+tk_llama_acts *tk_llama_acts_alloc(tk_llama *m, size_t B, size_t T, tk_err *err);
+void tk_llama_acts_free(tk_llama *m, tk_llama_acts *a);
+
+/* ids, mask [B,T] (mask NULL = all real). With train != 0 dropout is sampled from rng and gate
+ * statistics (r_i) are recorded. ids must be in [0, V). */
+int tk_llama_forward(tk_llama *m, tk_llama_acts *a, const int32_t *ids, const uint8_t *mask, size_t B,
+                     size_t T, int train, tk_rng *rng, tk_err *err);
+/* Shifted cross-entropy of the last forward against labels [B,T] (-100 ignored). Returns the sum of
+ * token losses; *count receives the number of counted positions. With scale != 0, overwrites
+ * a->logits with the gradient scale * dLoss_sum/dlogits (the backward pass's seed). */
+double tk_llama_loss(tk_llama *m, tk_llama_acts *a, const int32_t *labels, size_t B, size_t T,
+                     float scale, size_t *count);
+/* Backward of the last forward from the seed tk_llama_loss left; gradients ADD into m->params.grad
+ * and c_i are recorded for the gate. */
+int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err *err);
+
+/* Greedy decoding with a KV cache for one sequence. out receives up to max_new ids (stopping after
+ * eos when eos >= 0); returns the number generated, or -1. */
+long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size_t max_new,
+                       int32_t eos, int32_t *out, tk_err *err);
+
+#endif

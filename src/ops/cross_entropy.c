@@ -1,0 +1,83 @@
+/* cross_entropy.c: per-row softmax cross-entropy on logits, with ignored rows, and its backward.
+ *
+ * Shape legend (outermost first):
+ *   N  rows (tokens), V  vocabulary
+ *
+ * loss[n] = logsumexp(logits[n]) - logits[n][target], log-sum-exp taken with the row max subtracted:
+ * the exponentials are float, their sum double (the same in forward and backward). A target of
+ * TK_CE_IGNORE contributes no loss and a zero gradient row; any other target must be in [0, V).
+ */
+#include "ops/ops.h"
+
+#include <math.h>
+
+#include "common.h"
+
+#define TK_CE_IGNORE (-100)
+
+/* Serial check before any parallel loop, so a bad label stops the run on the calling thread. */
+static void check_targets(const int32_t *targets, size_t N, size_t V) {
+    for (size_t n = 0; n < N; n++) {
+        int32_t t = targets[n];
+        TK_ASSERT(t == TK_CE_IGNORE || (t >= 0 && (size_t)t < V));
+    }
+}
+
+/* Row max and sum of exp(logit - max) of one row [V]. */
+static float row_max_sum(const float *row, size_t V, double *sum) {
+    float m = -INFINITY;
+    for (size_t v = 0; v < V; v++) m = row[v] > m ? row[v] : m;
+    double s = 0.0;
+    for (size_t v = 0; v < V; v++) s += (double)expf(row[v] - m);
+    *sum = s;
+    return m;
+}
+
+/* losses [N] (0 where ignored), logits [N,V], targets [N]. Returns the sum of losses in double,
+ * added in row order (deterministic for any thread count). */
+double tk_cross_entropy_forward(float *losses, const float *logits, const int32_t *targets,
+                                size_t N, size_t V) {
+    TK_ASSERT(V > 0);
+    check_targets(targets, N, V);
+#pragma omp parallel for
+    for (size_t n = 0; n < N; n++) {
+        int32_t t = targets[n];
+        if (t == TK_CE_IGNORE) {
+            losses[n] = 0.0f;
+            continue;
+        }
+        const float *row = &logits[n * V];
+        double sum;
+        float m = row_max_sum(row, V, &sum);
+        losses[n] = (float)((double)m + log(sum) - (double)row[t]);
+    }
+    double total = 0.0;
+    for (size_t n = 0; n < N; n++) total += (double)losses[n];
+    return total;
+}
+
+/* forward: loss = scale * sum_n -log softmax(logits[n])[targets[n]].
+ * WRITES dlogits [N,V] = scale * (softmax(logits[n]) - onehot(targets[n])), zero rows where ignored.
+ * dlogits may alias logits: each element is read before it is written. */
+void tk_cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets,
+                               size_t N, size_t V, float scale) {
+    TK_ASSERT(V > 0);
+    check_targets(targets, N, V);
+#pragma omp parallel for
+    for (size_t n = 0; n < N; n++) {
+        int32_t t = targets[n];
+        const float *row = &logits[n * V];
+        float *drow = &dlogits[n * V];
+        if (t == TK_CE_IGNORE) {
+            for (size_t v = 0; v < V; v++) drow[v] = 0.0f;
+            continue;
+        }
+        double sum;
+        float m = row_max_sum(row, V, &sum);
+        float inv = (float)(1.0 / sum);
+        for (size_t v = 0; v < V; v++) {
+            float p = expf(row[v] - m) * inv;
+            drow[v] = scale * (p - (v == (size_t)t ? 1.0f : 0.0f));
+        }
+    }
+}

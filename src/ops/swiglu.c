@@ -1,0 +1,33 @@
+/* swiglu.c: the LLaMA MLP gate, out = silu(gate) * up, and its backward.
+ *
+ * Shape legend (outermost first):
+ *   N  tokens, F  MLP width; the kernels see the flat n = N*F elements
+ *
+ * silu(g) = g / (1 + exp(-g)) = g * sigmoid(g)
+ * silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+ */
+#include "ops/ops.h"
+
+#include <math.h>
+
+/* out, gate, up [n] (flat N*F). */
+void tk_swiglu_forward(float *out, const float *gate, const float *up, size_t n) {
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+/* forward: out = silu(gate) * up.
+ *   dgate [n] += dout * up * silu'(gate);  dup [n] += dout * silu(gate). */
+void tk_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                        const float *up, size_t n) {
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        float sig = 1.0f / (1.0f + expf(-g));
+        if (dgate) dgate[i] += dout[i] * up[i] * sig * (1.0f + g * (1.0f - sig));
+        if (dup) dup[i] += dout[i] * g * sig;
+    }
+}

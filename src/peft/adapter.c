@@ -1,0 +1,345 @@
+/* adapter.c: gated LoRA / DoRA / bottleneck Adapter on one linear layer. Formulas in adapter.h.
+ *
+ * Shapes: N tokens, I input width, O output width, R rank (or bottleneck size), nk kept tokens.
+ */
+#include "adapter.h"
+
+#include "../ops/ops.h"
+
+#include "../ops/blas.h"
+#include <math.h>
+#include <string.h>
+
+int tk_adapter_ws_alloc(tk_adapter_ws *ws, size_t n_tok, size_t width, size_t rank, size_t ba_numel,
+                        tk_err *err) {
+    memset(ws, 0, sizeof *ws);
+    ws->n_tok = n_tok;
+    ws->width = width;
+    ws->rank = rank ? rank : 1;
+    size_t nw, nr;
+    if (tk_mul_size(n_tok, width, &nw) || tk_mul_size(n_tok, ws->rank, &nr))
+        return tk_fail(err, "adapter workspace size overflows");
+    ws->m = tk_calloc(nw, sizeof(float));
+    ws->t1 = tk_calloc(nw, sizeof(float));
+    ws->t2 = tk_calloc(nw, sizeof(float));
+    ws->t3 = tk_calloc(nw, sizeof(float));
+    ws->r1 = tk_calloc(nr, sizeof(float));
+    ws->r2 = tk_calloc(nr, sizeof(float));
+    ws->idx = tk_calloc(n_tok, sizeof(int32_t));
+    if (ba_numel) ws->ba = tk_calloc(ba_numel, sizeof(float));
+    ws->ba_cap = ba_numel;
+    if (!ws->m || !ws->t1 || !ws->t2 || !ws->t3 || !ws->r1 || !ws->r2 || !ws->idx ||
+        (ba_numel && !ws->ba)) {
+        tk_adapter_ws_free(ws);
+        return tk_fail(err, "out of memory for the adapter workspace (%zu tokens x %zu)", n_tok,
+                       width);
+    }
+    return 0;
+}
+
+void tk_adapter_ws_free(tk_adapter_ws *ws) {
+    if (!ws) return;
+    tk_free(ws->m);
+    tk_free(ws->t1);
+    tk_free(ws->t2);
+    tk_free(ws->t3);
+    tk_free(ws->r1);
+    tk_free(ws->r2);
+    tk_free(ws->idx);
+    tk_free(ws->ba);
+    memset(ws, 0, sizeof *ws);
+}
+
+int tk_adapted_alloc(tk_adapted_linear *L, size_t n_tok, tk_err *err) {
+    if (L->kind == TK_ADAPTER_NONE) return 0;
+    size_t nI, nO, nR;
+    if (tk_mul_size(n_tok, L->in, &nI) || tk_mul_size(n_tok, L->out, &nO) ||
+        tk_mul_size(n_tok, L->r, &nR))
+        return tk_fail(err, "adapter activation size overflows");
+    L->cap = n_tok;
+    L->u = tk_calloc(nR, sizeof(float));
+    L->rr = tk_calloc(n_tok, sizeof(float));
+    L->S = tk_calloc(n_tok, 1);
+    int ok = L->u && L->rr && L->S;
+    if (L->dropout > 0.0f) {
+        L->xd = tk_calloc(nI, sizeof(float));
+        L->keepx = tk_calloc(nI, 1);
+        ok = ok && L->xd && L->keepx;
+    }
+    if (L->kind == TK_ADAPTER_DORA) {
+        L->base = tk_calloc(nO, sizeof(float));
+        L->dora_c = tk_calloc(L->out, sizeof(float));
+        L->dora_wn = tk_calloc(L->out, sizeof(float));
+        ok = ok && L->base && L->dora_c && L->dora_wn;
+    }
+    if (!ok) {
+        tk_adapted_free(L);
+        return tk_fail(err, "out of memory for adapter activations (%zu tokens)", n_tok);
+    }
+    return 0;
+}
+
+void tk_adapted_free(tk_adapted_linear *L) {
+    if (!L) return;
+    tk_free(L->xd);
+    tk_free(L->keepx);
+    tk_free(L->u);
+    tk_free(L->base);
+    tk_free(L->rr);
+    tk_free(L->S);
+    tk_free(L->dora_c);
+    tk_free(L->dora_wn);
+    L->xd = L->u = L->base = L->rr = L->dora_c = L->dora_wn = NULL;
+    L->keepx = L->S = NULL;
+    L->cap = 0;
+    tk_gate_stats_free(&L->stats);
+}
+
+size_t tk_adapted_numel(const tk_adapted_linear *L) {
+    if (L->kind == TK_ADAPTER_NONE) return 0;
+    size_t n = L->r * L->in + L->out * L->r;
+    if (L->kind == TK_ADAPTER_DORA) n += L->out;
+    return n;
+}
+
+/* C [M,N] = alpha * op(A) op(B) + beta * C, row-major. */
+static void gemm(int ta, int tb, size_t M, size_t N, size_t K, float alpha, const float *A,
+                 size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc) {
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                tk_blas_dim(M), tk_blas_dim(N), tk_blas_dim(K), alpha, A, tk_blas_dim(lda), B,
+                tk_blas_dim(ldb), beta, C, tk_blas_dim(ldc));
+}
+
+static float act_f(tk_act a, float u) { return a == TK_ACT_TANH ? tanhf(u) : (u > 0.0f ? u : 0.0f); }
+static float act_df(tk_act a, float u) {
+    if (a == TK_ACT_TANH) {
+        float t = tanhf(u);
+        return 1.0f - t * t;
+    }
+    return u > 0.0f ? 1.0f : 0.0f;
+}
+
+/* dst [nk,W] = src rows idx[0..nk) of a [*,W] matrix. */
+static void gather_rows(float *dst, const float *src, const int32_t *idx, size_t nk, size_t W) {
+#pragma omp parallel for schedule(static)
+    for (size_t k = 0; k < nk; k++)
+        memcpy(dst + k * W, src + (size_t)idx[k] * W, W * sizeof(float));
+}
+
+/* Writes the dropout input x~ = x * keep / (1 - p) and its mask. */
+static void dropout_sample(tk_adapted_linear *L, const float *x, size_t N, tk_rng *rng) {
+    size_t n = N * L->in;
+    float p = L->dropout, inv = 1.0f / (1.0f - p);
+    for (size_t j = 0; j < n; j++) { /* serial: the RNG stream must not depend on threads */
+        uint8_t k = tk_rng_uniform(rng) >= p;
+        L->keepx[j] = k;
+        L->xd[j] = k ? x[j] * inv : 0.0f;
+    }
+}
+
+/* DoRA's column of constants: wn_o = ||W0_o + s (B A)_o||, c_o = mag_o / wn_o. */
+static void dora_scale(tk_adapted_linear *L, tk_adapter_ws *ws) {
+    size_t I = L->in, O = L->out;
+    TK_ASSERT(ws->ba && ws->ba_cap >= O * I);
+    gemm(0, 0, O, I, L->r, 1.0f, L->B, L->r, L->A, I, 0.0f, ws->ba, I);
+#pragma omp parallel for schedule(static)
+    for (size_t o = 0; o < O; o++) {
+        const float *w = L->w0 + o * I, *ba = ws->ba + o * I;
+        double ss = 0.0;
+        for (size_t i = 0; i < I; i++) {
+            float v = w[i] + L->scale * ba[i];
+            ss += (double)v * v;
+        }
+        L->dora_wn[o] = (float)sqrt(ss);
+        L->dora_c[o] = L->mag[o] / L->dora_wn[o];
+    }
+}
+
+int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x,
+                       const uint8_t *valid, size_t N, int train, tk_rng *rng, tk_err *err) {
+    size_t I = L->in, O = L->out, R = L->r;
+    tk_linear_forward(y, x, L->w0, N, I, O, 0.0f);
+    if (L->kind == TK_ADAPTER_NONE) return 0;
+    TK_ASSERT(N <= L->cap && N <= ws->n_tok && O <= ws->width && I <= ws->width && R <= ws->rank);
+
+    const float *xt = x;
+    if (train && L->dropout > 0.0f) {
+        dropout_sample(L, x, N, rng);
+        xt = L->xd;
+    }
+    float *m = ws->m; /* [N,O] */
+    gemm(0, 1, N, R, I, 1.0f, xt, I, L->A, I, 0.0f, L->u, R); /* u = x~ A^T */
+    if (L->kind == TK_ADAPTER_LORA) {
+        gemm(0, 1, N, O, R, L->scale, L->u, R, L->B, R, 0.0f, m, O); /* m = s u B^T */
+    } else if (L->kind == TK_ADAPTER_BOTTLENECK) {
+        float *a = ws->r1;
+        for (size_t j = 0; j < N * R; j++) a[j] = act_f(L->act, L->u[j]);
+        gemm(0, 1, N, O, R, L->scale, a, R, L->B, R, 0.0f, m, O); /* m = s act(u) Up^T */
+    } else { /* DoRA */
+        if (xt == x) memcpy(L->base, y, N * O * sizeof(float));
+        else gemm(0, 1, N, O, I, 1.0f, xt, I, L->w0, I, 0.0f, L->base, O);
+        dora_scale(L, ws);
+        gemm(0, 1, N, O, R, L->scale, L->u, R, L->B, R, 0.0f, m, O); /* s B A x~ */
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < N; i++) {
+            float *mi = m + i * O;
+            const float *bi = L->base + i * O;
+            for (size_t o = 0; o < O; o++)
+                mi[o] = (L->dora_c[o] - 1.0f) * bi[o] + L->dora_c[o] * mi[o];
+        }
+    }
+
+    /* The gate: r_i = ||m_i|| / max(||b_i||, 1e-6), S_i = [r_i >= tau]; h_i = b_i + S_i m_i. */
+    float tau = L->tau;
+    int gated = L->gated;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < N; i++) {
+        float *yi = y + i * O;
+        const float *mi = m + i * O;
+        double nm = 0.0, nb = 0.0;
+        for (size_t o = 0; o < O; o++) {
+            nm += (double)mi[o] * mi[o];
+            nb += (double)yi[o] * yi[o];
+        }
+        double den = sqrt(nb);
+        float r = (float)(sqrt(nm) / (den > 1e-6 ? den : 1e-6));
+        uint8_t s = gated ? (uint8_t)(r >= tau) : 1;
+        L->rr[i] = r;
+        L->S[i] = s;
+        if (s)
+            for (size_t o = 0; o < O; o++) yi[o] += mi[o];
+    }
+    if (train)
+        for (size_t i = 0; i < N; i++)
+            if (!valid || valid[i])
+                if (tk_gate_stats_push_r(&L->stats, L->rr[i], L->S[i], err)) return -1;
+    return 0;
+}
+
+/* dx rows idx[k] += d [nk,I] (times the dropout mask / (1-p) when dropout was used). */
+static void scatter_dx(const tk_adapted_linear *L, float *dx, const float *d, const int32_t *idx,
+                       size_t nk) {
+    size_t I = L->in;
+    float inv = L->dropout > 0.0f ? 1.0f / (1.0f - L->dropout) : 1.0f;
+#pragma omp parallel for schedule(static)
+    for (size_t k = 0; k < nk; k++) {
+        size_t i = (size_t)idx[k];
+        float *dxi = dx + i * I;
+        const float *dk = d + k * I;
+        if (L->dropout > 0.0f) {
+            const uint8_t *kp = L->keepx + i * I;
+            for (size_t j = 0; j < I; j++) dxi[j] += kp[j] ? dk[j] * inv : 0.0f;
+        } else {
+            for (size_t j = 0; j < I; j++) dxi[j] += dk[j];
+        }
+    }
+}
+
+int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
+                        const float *x, const uint8_t *valid, size_t N, tk_err *err) {
+    size_t I = L->in, O = L->out, R = L->r;
+    /* forward: b = x W0^T.  dx += dy W0;  dW0 += dy^T x */
+    tk_linear_backward(dx, L->dw0, dy, x, L->w0, N, I, O);
+    if (L->kind == TK_ADAPTER_NONE) return 0;
+    TK_ASSERT(N <= L->cap && N <= ws->n_tok);
+
+    const float *xt = L->dropout > 0.0f ? L->xd : x;
+    const float s = L->scale;
+    size_t nk = 0;
+    for (size_t i = 0; i < N; i++)
+        if (L->S[i]) ws->idx[nk++] = (int32_t)i;
+    int all = nk == N;
+
+    /* gr [N,R]: the gradient arriving at the rank-R code: dy B (LoRA, bottleneck) or (dy*c) B (DoRA).
+     * c_i = <g_i, m_i> for every token, from the same products. */
+    float *gr = ws->r1;
+    float *gc = ws->m; /* DoRA: g * c [N,O] */
+    const float *gin = dy;
+    if (L->kind == TK_ADAPTER_DORA) {
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < N; i++)
+            for (size_t o = 0; o < O; o++) gc[i * O + o] = dy[i * O + o] * L->dora_c[o];
+        gin = gc;
+    }
+    gemm(0, 0, N, R, O, 1.0f, gin, O, L->B, R, 0.0f, gr, R);
+    float *a = ws->r2; /* bottleneck: act(u) [N,R] */
+    if (L->kind == TK_ADAPTER_BOTTLENECK)
+        for (size_t j = 0; j < N * R; j++) a[j] = act_f(L->act, L->u[j]);
+    const float *code = L->kind == TK_ADAPTER_BOTTLENECK ? a : L->u; /* what B multiplies */
+    for (size_t i = 0; i < N; i++) {
+        double c = 0.0;
+        const float *gi = gr + i * R, *ci = code + i * R;
+        for (size_t j = 0; j < R; j++) c += (double)gi[j] * ci[j];
+        c *= s;
+        if (L->kind == TK_ADAPTER_DORA) { /* + <g_i, (c - 1) * base_i> */
+            const float *bi = L->base + i * O, *g = dy + i * O;
+            for (size_t o = 0; o < O; o++) c += (double)g[o] * (L->dora_c[o] - 1.0f) * bi[o];
+        }
+        if (!valid || valid[i])
+            if (tk_gate_stats_push_c(&L->stats, (float)c, err)) return -1;
+    }
+    if (nk == 0) return 0;
+
+    /* Kept rows only from here on: gather them (unless every row is kept). */
+    const int32_t *idx = ws->idx;
+    const float *gk = gin, *codek = code, *xk = xt;
+    float *grk = gr;
+    if (!all) {
+        gather_rows(ws->t1, gin, idx, nk, O);
+        gk = ws->t1;
+        if (L->kind == TK_ADAPTER_BOTTLENECK) {
+            for (size_t k = 0; k < nk; k++) /* compact in place: idx[k] >= k */
+                memmove(a + k * R, a + (size_t)idx[k] * R, R * sizeof(float));
+            codek = a;
+        } else {
+            gather_rows(ws->r2, L->u, idx, nk, R);
+            codek = ws->r2;
+        }
+        for (size_t k = 0; k < nk; k++) memmove(gr + k * R, gr + (size_t)idx[k] * R, R * sizeof(float));
+        gather_rows(ws->t2, xt, idx, nk, I);
+        xk = ws->t2;
+    }
+
+    /* B (lora_B / adapter_up):  m = s B code  =>  dB += s gk^T code_k */
+    gemm(1, 0, O, R, nk, s, gk, O, codek, R, 1.0f, L->dB, R);
+    float a_scale = s;
+    if (L->kind == TK_ADAPTER_BOTTLENECK) {
+        /* code = act(u): d u = s * gr * act'(u) */
+        for (size_t k = 0; k < nk; k++) {
+            size_t i = all ? k : (size_t)idx[k];
+            for (size_t j = 0; j < R; j++) grk[k * R + j] *= s * act_df(L->act, L->u[i * R + j]);
+        }
+        a_scale = 1.0f;
+    }
+    if (L->kind == TK_ADAPTER_DORA) {
+        /* m = (c-1) base + c s B A x~, c = mag/wn  =>  dmag_o += sum_k g_ko (base_ko + s (BAx~)_ko) / wn_o */
+        float *lk = ws->t3;
+        gemm(0, 1, nk, O, R, s, codek, R, L->B, R, 0.0f, lk, O);
+        for (size_t k = 0; k < nk; k++) {
+            size_t i = all ? k : (size_t)idx[k];
+            const float *g = dy + i * O, *bi = L->base + i * O;
+            for (size_t o = 0; o < O; o++) L->dmag[o] += g[o] * (bi[o] + lk[k * O + o]) / L->dora_wn[o];
+        }
+    }
+    /* A (lora_A / adapter_down): u = A x~  =>  dA += a_scale grk^T x~_k */
+    gemm(1, 0, R, I, nk, a_scale, grk, R, xk, I, 1.0f, L->dA, I);
+
+    /* dx~_k = a_scale grk A (+ ((c-1) g)_k W0 for DoRA) */
+    int direct = all && L->dropout == 0.0f && L->kind != TK_ADAPTER_DORA;
+    if (direct) {
+        gemm(0, 0, N, I, R, a_scale, grk, R, L->A, I, 1.0f, dx, I);
+        return 0;
+    }
+    float *dxk = ws->t2; /* x~_k is no longer needed */
+    gemm(0, 0, nk, I, R, a_scale, grk, R, L->A, I, 0.0f, dxk, I);
+    if (L->kind == TK_ADAPTER_DORA) {
+        float *gm = ws->t3; /* ((c - 1) g)_k [nk,O] */
+        for (size_t k = 0; k < nk; k++) {
+            size_t i = all ? k : (size_t)idx[k];
+            for (size_t o = 0; o < O; o++) gm[k * O + o] = (L->dora_c[o] - 1.0f) * dy[i * O + o];
+        }
+        gemm(0, 0, nk, I, O, 1.0f, gm, O, L->w0, I, 1.0f, dxk, I);
+    }
+    scatter_dx(L, dx, dxk, idx, nk);
+    return 0;
+}

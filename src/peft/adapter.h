@@ -1,0 +1,99 @@
+/* adapter.h: one adapted linear layer, h = W0 x + S * M(x), with M a LoRA, DoRA or parallel
+ * bottleneck Adapter branch gated per token by TS-PEFT (docs/TSPEFT.md sections 1-3).
+ *
+ *   b_i = W0 x_i                       base output (LLaMA has no bias)
+ *   LoRA:       m_i = s B A x~_i                       s = alpha/r (rsLoRA: alpha/sqrt(r))
+ *   DoRA:       m_i = (c - 1) * (W0 x~_i) + c * (s B A x~_i),  c = mag / ||W0 + s B A||_row (detached)
+ *   Bottleneck: m_i = s Up act(Down x~_i)                 s = the adapter's scaling
+ *   r_i = ||m_i|| / max(||b_i||, 1e-6);  S_i = [r_i >= tau] when gated, else 1
+ *   h_i = b_i + S_i m_i,  x~ = dropout(x)
+ * Backward: the branch's parameters and dx see only tokens with S_i = 1 (the others are skipped:
+ * rows are gathered so the adapter's matmuls shrink with the keep ratio); c_i = <g_i, m_i> is
+ * computed for every token, kept or not, because the threshold step needs it.
+ *
+ *   tk_adapted_linear L = {...};                // shapes, kind, parameter views set by the model
+ *   tk_adapted_alloc(&L, N, &err);              // activations for N tokens
+ *   tk_adapted_forward(&L, ws, y, x, valid, N, train, rng);
+ *   tk_adapted_backward(&L, ws, dx, dy, x, valid, N);
+ *
+ * Gradients ADD into dx, dA, dB, dmag, dw0 (ops.h convention).
+ */
+#ifndef TK_PEFT_ADAPTER_H
+#define TK_PEFT_ADAPTER_H
+
+#include "../common.h"
+#include "../train/optim.h"
+#include "gate.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { TK_ADAPTER_NONE, TK_ADAPTER_LORA, TK_ADAPTER_DORA, TK_ADAPTER_BOTTLENECK } tk_adapter_kind;
+typedef enum { TK_ACT_RELU, TK_ACT_TANH } tk_act;
+
+/* Scratch shared by all modules of a model: sized for N tokens by tk_adapter_workspace_alloc. */
+typedef struct {
+    size_t n_tok, width, rank;
+    float *m;      /* [N, W]   the update m, or gathered dy rows */
+    float *t1;     /* [N, W]   gathered / intermediate rows */
+    float *t2;     /* [N, W]   */
+    float *t3;     /* [N, W]   */
+    float *r1;     /* [N, R]   */
+    float *r2;     /* [N, R]   */
+    int32_t *idx;  /* [N]      kept rows */
+    float *ba;     /* [W, W]   DoRA's B A product, O x I (allocated only when DoRA is used) */
+    size_t ba_cap;
+} tk_adapter_ws;
+
+int tk_adapter_ws_alloc(tk_adapter_ws *ws, size_t n_tok, size_t width, size_t rank, size_t ba_numel,
+                        tk_err *err);
+void tk_adapter_ws_free(tk_adapter_ws *ws);
+
+typedef struct {
+    tk_adapter_kind kind;
+    int gated;
+    size_t in, out, r; /* I, O, R */
+    float scale;
+    float dropout;
+    tk_act act;
+    /* base weight */
+    float *w0;       /* [O,I] (read-only unless the base weight is trainable) */
+    float *dw0;      /* [O,I], NULL when frozen */
+    /* branch parameters: views into the trainable block (NULL for kind NONE) */
+    float *A, *dA;     /* [R,I]  lora_A, or adapter_down */
+    float *B, *dB;     /* [O,R]  lora_B, or adapter_up */
+    float *mag, *dmag; /* [O]    DoRA magnitude */
+    /* threshold state */
+    float tau;
+    float lambda;
+    tk_gate_stats stats;
+    /* activations of one micro-batch (tk_adapted_alloc) */
+    size_t cap;
+    float *xd;      /* [N,I] dropout(x), only when dropout > 0 */
+    uint8_t *keepx; /* [N,I] dropout keep mask, only when dropout > 0 */
+    float *u;       /* [N,R] A x~, or the bottleneck pre-activation */
+    float *base;    /* [N,O] W0 x~ (DoRA) */
+    float *rr;      /* [N]   r_i */
+    uint8_t *S;     /* [N]   gate */
+    float *dora_c;  /* [O]   mag / ||W0 + s B A||_row */
+    float *dora_wn; /* [O]   ||W0 + s B A||_row */
+} tk_adapted_linear;
+
+int tk_adapted_alloc(tk_adapted_linear *L, size_t n_tok, tk_err *err);
+void tk_adapted_free(tk_adapted_linear *L);
+
+/* y [N,O] = W0 x + S * m. x [N,I]. valid [N] (1 = real token; NULL = all). With train != 0 the
+ * dropout is sampled from rng and r_i of valid tokens are pushed to L->stats; with train == 0 dropout
+ * is off and statistics are not recorded (the gate still applies). Returns -1 only on allocation
+ * failure of the statistics. */
+int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x,
+                       const uint8_t *valid, size_t N, int train, tk_rng *rng, tk_err *err);
+/* forward: h = W0 x + S * M(x).  dx [N,I] += dh W0 + S (dM/dx)^T dh; parameter gradients +=;
+ * c_i of valid tokens pushed to L->stats. dy is not modified. */
+int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
+                        const float *x, const uint8_t *valid, size_t N, tk_err *err);
+
+/* The number of parameters of the branch (A, B and magnitude). */
+size_t tk_adapted_numel(const tk_adapted_linear *L);
+
+#endif

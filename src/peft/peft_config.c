@@ -1,0 +1,394 @@
+/* peft_config.c: adapter_config.json in Hugging Face PEFT's layout (docs/formats.md). */
+#include "peft_config.h"
+
+#include <cJSON.h>
+#include <ctype.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+const char *const tk_proj_short[TK_NPROJ] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                             "gate_proj", "up_proj", "down_proj"};
+const char *const tk_proj_block[TK_NPROJ] = {"self_attn", "self_attn", "self_attn", "self_attn",
+                                             "mlp", "mlp", "mlp"};
+
+int tk_proj_parse(const char *name) {
+    for (int p = 0; p < TK_NPROJ; p++)
+        if (strcmp(name, tk_proj_short[p]) == 0) return p;
+    return -1;
+}
+
+const char *tk_adapter_kind_name(tk_adapter_kind k) {
+    switch (k) {
+    case TK_ADAPTER_LORA: return "lora";
+    case TK_ADAPTER_DORA: return "dora";
+    case TK_ADAPTER_BOTTLENECK: return "bottleneck";
+    default: return "none";
+    }
+}
+
+void tk_peft_config_default(tk_peft_config *pc) {
+    memset(pc, 0, sizeof *pc);
+    pc->kind = TK_ADAPTER_LORA;
+    pc->r = 8;
+    pc->alpha = 16.0f;
+    pc->bottleneck_scaling = 1.0f;
+    pc->act = TK_ACT_TANH;
+    pc->target_mask = (1u << TK_PROJ_Q) | (1u << TK_PROJ_V);
+    pc->gate = tk_gate_config_default();
+}
+
+void tk_peft_config_free(tk_peft_config *pc) {
+    if (!pc) return;
+    for (int i = 0; i < pc->n_save; i++) free(pc->save[i]);
+    free(pc->save);
+    pc->save = NULL;
+    pc->n_save = 0;
+}
+
+/* A target entry is a projection short name or any dotted name ending in one ("self_attn.q_proj"). */
+static int target_from_name(const char *name) {
+    const char *dot = strrchr(name, '.');
+    return tk_proj_parse(dot ? dot + 1 : name);
+}
+
+int tk_peft_parse_targets(const char *list, unsigned *mask, tk_err *err) {
+    *mask = 0;
+    if (strcmp(list, "all") == 0 || strcmp(list, "all-linear") == 0) {
+        *mask = (1u << TK_NPROJ) - 1;
+        return 0;
+    }
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", list);
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        int p = target_from_name(tok);
+        if (p < 0)
+            return tk_fail(err, "target module \"%s\" is not one of q_proj k_proj v_proj o_proj "
+                                "gate_proj up_proj down_proj",
+                           tok);
+        *mask |= 1u << p;
+    }
+    if (!*mask) return tk_fail(err, "empty target module list");
+    return 0;
+}
+
+static int add_layer(tk_peft_config *pc, long v, tk_err *err) {
+    if (v < 0 || v >= TK_MAX_LAYERS) return tk_fail(err, "layer index %ld out of range", v);
+    if (pc->n_layer_sel >= TK_MAX_LAYERS) return tk_fail(err, "too many layer indices");
+    pc->layer_sel[pc->n_layer_sel++] = (int)v;
+    return 0;
+}
+
+int tk_peft_parse_layers(tk_peft_config *pc, const char *list, tk_err *err) {
+    pc->n_layer_sel = 0;
+    const char *s = list;
+    while (*s) {
+        char *end;
+        long a = strtol(s, &end, 10);
+        if (end == s) return tk_fail(err, "layer list \"%s\": expected numbers like 0,2,5-7", list);
+        long b = a;
+        if (*end == '-') {
+            s = end + 1;
+            b = strtol(s, &end, 10);
+            if (end == s || b < a) return tk_fail(err, "layer list \"%s\": bad range", list);
+        }
+        for (long v = a; v <= b; v++)
+            if (add_layer(pc, v, err)) return -1;
+        if (*end == ',') end++;
+        else if (*end) return tk_fail(err, "layer list \"%s\": unexpected '%c'", list, *end);
+        s = end;
+    }
+    return 0;
+}
+
+static int add_save(tk_peft_config *pc, const char *name, tk_err *err) {
+    char **s = realloc(pc->save, (size_t)(pc->n_save + 1) * sizeof *s);
+    if (!s) return tk_fail(err, "out of memory");
+    pc->save = s;
+    if (!(pc->save[pc->n_save] = strdup(name))) return tk_fail(err, "out of memory");
+    pc->n_save++;
+    return 0;
+}
+
+int tk_peft_parse_save(tk_peft_config *pc, const char *list, tk_err *err) {
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", list);
+    for (char *sv = NULL, *tok = strtok_r(buf, ",", &sv); tok; tok = strtok_r(NULL, ",", &sv))
+        if (add_save(pc, tok, err)) return -1;
+    return 0;
+}
+
+int tk_peft_targets(const tk_peft_config *pc, int layer, int proj) {
+    if (!(pc->target_mask & (1u << proj))) return 0;
+    if (pc->n_layer_sel == 0) return 1;
+    for (int i = 0; i < pc->n_layer_sel; i++)
+        if (pc->layer_sel[i] == layer) return 1;
+    return 0;
+}
+
+float tk_peft_scale(const tk_peft_config *pc) {
+    if (pc->kind == TK_ADAPTER_BOTTLENECK) return pc->bottleneck_scaling;
+    return pc->use_rslora ? pc->alpha / sqrtf((float)pc->r) : pc->alpha / (float)pc->r;
+}
+
+/* ---- reading ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    const char *path;
+    tk_err *err;
+} ctx;
+
+static const cJSON *item(const cJSON *o, const char *key) {
+    const cJSON *it = cJSON_GetObjectItemCaseSensitive(o, key);
+    return it && !cJSON_IsNull(it) ? it : NULL;
+}
+
+static int num(ctx *c, const cJSON *o, const char *key, double lo, double hi, float *out) {
+    const cJSON *it = item(o, key);
+    if (!it) return 0;
+    if (!cJSON_IsNumber(it) || !(it->valuedouble >= lo && it->valuedouble <= hi))
+        return tk_fail(c->err, "%s: \"%s\" must be a number in [%g, %g]", c->path, key, lo, hi);
+    *out = (float)it->valuedouble;
+    return 0;
+}
+
+static int integer(ctx *c, const cJSON *o, const char *key, int lo, int hi, int *out) {
+    const cJSON *it = item(o, key);
+    if (!it) return 0;
+    if (!cJSON_IsNumber(it) || it->valuedouble != floor(it->valuedouble) || it->valuedouble < lo ||
+        it->valuedouble > hi)
+        return tk_fail(c->err, "%s: \"%s\" must be an integer in [%d, %d]", c->path, key, lo, hi);
+    *out = (int)it->valuedouble;
+    return 0;
+}
+
+static int boolean(ctx *c, const cJSON *o, const char *key, int *out) {
+    const cJSON *it = item(o, key);
+    if (!it) return 0;
+    if (!cJSON_IsBool(it)) return tk_fail(c->err, "%s: \"%s\" must be true or false", c->path, key);
+    *out = cJSON_IsTrue(it);
+    return 0;
+}
+
+static int parse_targets_json(ctx *c, tk_peft_config *pc, const cJSON *t) {
+    if (!t) return tk_fail(c->err, "%s: missing \"target_modules\"", c->path);
+    if (cJSON_IsString(t)) {
+        if (strcmp(t->valuestring, "all-linear") == 0) {
+            pc->target_mask = (1u << TK_NPROJ) - 1;
+            return 0;
+        }
+        return tk_fail(c->err, "%s: target_modules \"%s\": a regular expression is not supported; "
+                               "give a list of module names",
+                       c->path, t->valuestring);
+    }
+    if (!cJSON_IsArray(t)) return tk_fail(c->err, "%s: \"target_modules\" must be a list", c->path);
+    pc->target_mask = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, t) {
+        if (!cJSON_IsString(e)) return tk_fail(c->err, "%s: target_modules entries must be strings", c->path);
+        int p = target_from_name(e->valuestring);
+        if (p < 0)
+            return tk_fail(c->err, "%s: target module \"%s\" is not a LLaMA projection (q_proj k_proj "
+                                   "v_proj o_proj gate_proj up_proj down_proj)",
+                           c->path, e->valuestring);
+        pc->target_mask |= 1u << p;
+    }
+    if (!pc->target_mask) return tk_fail(c->err, "%s: \"target_modules\" is empty", c->path);
+    return 0;
+}
+
+static int parse_layers_json(ctx *c, tk_peft_config *pc, const cJSON *l) {
+    pc->n_layer_sel = 0;
+    if (!l) return 0;
+    if (cJSON_IsNumber(l)) return add_layer(pc, (long)l->valuedouble, c->err);
+    if (!cJSON_IsArray(l))
+        return tk_fail(c->err, "%s: \"layers_to_transform\" must be null, an integer or a list", c->path);
+    const cJSON *e;
+    cJSON_ArrayForEach(e, l) {
+        if (!cJSON_IsNumber(e) || e->valuedouble != floor(e->valuedouble))
+            return tk_fail(c->err, "%s: layers_to_transform entries must be integers", c->path);
+        if (add_layer(pc, (long)e->valuedouble, c->err)) return -1;
+    }
+    return 0;
+}
+
+static int parse_gate_json(ctx *c, tk_gate_config *g, const cJSON *o) {
+    if (!o) return 0;
+    if (!cJSON_IsObject(o)) return tk_fail(c->err, "%s: \"ts_peft\" must be an object", c->path);
+    g->enabled = 1;
+    const cJSON *rule = item(o, "rule");
+    if (rule && (!cJSON_IsString(rule) || tk_gate_rule_parse(rule->valuestring, &g->rule)))
+        return tk_fail(c->err, "%s: ts_peft.rule must be \"prox\" or \"surrogate\"", c->path);
+    if (num(c, o, "lambda", 0, 1e9, &g->lambda) || num(c, o, "eta_tau", 1e-12, 1e9, &g->eta_tau) ||
+        num(c, o, "tau0", 0, 1e9, &g->tau0) || num(c, o, "eta_lambda", 0, 1e9, &g->eta_lambda) ||
+        num(c, o, "beta", 1e-12, 1e9, &g->beta) ||
+        integer(c, o, "warmup_steps", 0, 1 << 30, &g->warmup_steps))
+        return -1;
+    const cJSON *tk = item(o, "target_keep");
+    if (tk) {
+        if (!cJSON_IsNumber(tk) || !(tk->valuedouble > 0.0 && tk->valuedouble <= 1.0))
+            return tk_fail(c->err, "%s: ts_peft.target_keep must be null or in (0, 1]", c->path);
+        g->target_keep = (float)tk->valuedouble;
+    }
+    return 0;
+}
+
+static int parse_save_json(ctx *c, tk_peft_config *pc, const cJSON *s) {
+    if (!s) return 0;
+    if (!cJSON_IsArray(s)) return tk_fail(c->err, "%s: \"modules_to_save\" must be null or a list", c->path);
+    const cJSON *e;
+    cJSON_ArrayForEach(e, s) {
+        if (!cJSON_IsString(e)) return tk_fail(c->err, "%s: modules_to_save entries must be strings", c->path);
+        if (add_save(pc, e->valuestring, c->err)) return -1;
+    }
+    return 0;
+}
+
+static int check_empty_object(ctx *c, const cJSON *o, const char *key) {
+    const cJSON *it = item(o, key);
+    if (it && !(cJSON_IsObject(it) && it->child == NULL))
+        return tk_fail(c->err, "%s: \"%s\" is not supported (must be empty)", c->path, key);
+    return 0;
+}
+
+int tk_peft_config_load(tk_peft_config *pc, const char *path, tk_err *err) {
+    tk_peft_config_default(pc);
+    size_t len;
+    char *text = tk_read_file(path, &len, err);
+    if (!text) return -1;
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    free(text);
+    ctx c = {path, err};
+    int rc = -1;
+    if (!root || !cJSON_IsObject(root)) {
+        tk_fail(err, "%s: not a JSON object", path);
+        goto done;
+    }
+    const cJSON *type = item(root, "peft_type");
+    if (!type || !cJSON_IsString(type)) {
+        tk_fail(err, "%s: missing \"peft_type\" (expected \"LORA\" or \"BOTTLENECK\")", path);
+        goto done;
+    }
+    const cJSON *bm = item(root, "base_model_name_or_path");
+    if (bm && cJSON_IsString(bm)) snprintf(pc->base_model, sizeof pc->base_model, "%s", bm->valuestring);
+    if (strcasecmp(type->valuestring, "LORA") == 0) {
+        int dora = 0;
+        pc->kind = TK_ADAPTER_LORA;
+        if (integer(&c, root, "r", 1, 1 << 20, &pc->r) || num(&c, root, "lora_alpha", 0, 1e9, &pc->alpha) ||
+            num(&c, root, "lora_dropout", 0, 0.999, &pc->dropout) ||
+            boolean(&c, root, "use_rslora", &pc->use_rslora) || boolean(&c, root, "use_dora", &dora) ||
+            check_empty_object(&c, root, "rank_pattern") || check_empty_object(&c, root, "alpha_pattern"))
+            goto done;
+        if (dora) pc->kind = TK_ADAPTER_DORA;
+        const cJSON *bias = item(root, "bias");
+        if (bias && !(cJSON_IsString(bias) && strcmp(bias->valuestring, "none") == 0)) {
+            tk_fail(err, "%s: \"bias\" must be \"none\" (LLaMA projections have no bias)", path);
+            goto done;
+        }
+        const cJSON *fifo = item(root, "fan_in_fan_out");
+        if (fifo && cJSON_IsTrue(fifo)) {
+            tk_fail(err, "%s: fan_in_fan_out true is not supported for LLaMA", path);
+            goto done;
+        }
+    } else if (strcasecmp(type->valuestring, "BOTTLENECK") == 0) {
+        int parallel = 1, adapterp = 0;
+        pc->kind = TK_ADAPTER_BOTTLENECK;
+        if (integer(&c, root, "bottleneck_size", 1, 1 << 20, &pc->r) ||
+            num(&c, root, "adapter_dropout", 0, 0.999, &pc->dropout) ||
+            num(&c, root, "scaling", -1e9, 1e9, &pc->bottleneck_scaling) ||
+            boolean(&c, root, "use_parallel_adapter", &parallel) ||
+            boolean(&c, root, "use_adapterp", &adapterp))
+            goto done;
+        if (!parallel || adapterp) {
+            tk_fail(err, "%s: only the parallel bottleneck adapter is supported "
+                         "(use_parallel_adapter true, use_adapterp false)", path);
+            goto done;
+        }
+        const cJSON *act = item(root, "non_linearity");
+        if (act) {
+            if (cJSON_IsString(act) && strcmp(act->valuestring, "tanh") == 0) pc->act = TK_ACT_TANH;
+            else if (cJSON_IsString(act) && strcmp(act->valuestring, "relu") == 0) pc->act = TK_ACT_RELU;
+            else {
+                tk_fail(err, "%s: \"non_linearity\" must be \"tanh\" or \"relu\"", path);
+                goto done;
+            }
+        }
+    } else {
+        tk_fail(err, "%s: peft_type \"%s\" is not supported (expected LORA or BOTTLENECK)", path,
+                type->valuestring);
+        goto done;
+    }
+    if (parse_targets_json(&c, pc, item(root, "target_modules")) ||
+        parse_layers_json(&c, pc, item(root, "layers_to_transform")) ||
+        parse_save_json(&c, pc, item(root, "modules_to_save")) ||
+        parse_gate_json(&c, &pc->gate, item(root, "ts_peft")))
+        goto done;
+    rc = 0;
+done:
+    cJSON_Delete(root);
+    return rc;
+}
+
+/* ---- writing ---------------------------------------------------------------------------------- */
+
+int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err) {
+    cJSON *root = cJSON_CreateObject();
+    if (!root) return tk_fail(err, "%s: out of memory", path);
+    cJSON_AddStringToObject(root, "base_model_name_or_path", pc->base_model);
+    cJSON_AddStringToObject(root, "task_type", "CAUSAL_LM");
+    cJSON *targets = cJSON_AddArrayToObject(root, "target_modules");
+    for (int p = 0; p < TK_NPROJ; p++)
+        if (pc->target_mask & (1u << p)) cJSON_AddItemToArray(targets, cJSON_CreateString(tk_proj_short[p]));
+    if (pc->n_layer_sel) {
+        cJSON *l = cJSON_AddArrayToObject(root, "layers_to_transform");
+        for (int i = 0; i < pc->n_layer_sel; i++) cJSON_AddItemToArray(l, cJSON_CreateNumber(pc->layer_sel[i]));
+    } else {
+        cJSON_AddNullToObject(root, "layers_to_transform");
+    }
+    if (pc->n_save) {
+        cJSON *s = cJSON_AddArrayToObject(root, "modules_to_save");
+        for (int i = 0; i < pc->n_save; i++) cJSON_AddItemToArray(s, cJSON_CreateString(pc->save[i]));
+    } else {
+        cJSON_AddNullToObject(root, "modules_to_save");
+    }
+    if (pc->kind == TK_ADAPTER_BOTTLENECK) {
+        cJSON_AddStringToObject(root, "peft_type", "BOTTLENECK");
+        cJSON_AddNumberToObject(root, "bottleneck_size", pc->r);
+        cJSON_AddStringToObject(root, "non_linearity", pc->act == TK_ACT_TANH ? "tanh" : "relu");
+        cJSON_AddNumberToObject(root, "adapter_dropout", pc->dropout);
+        cJSON_AddNumberToObject(root, "scaling", pc->bottleneck_scaling);
+        cJSON_AddBoolToObject(root, "use_parallel_adapter", 1);
+        cJSON_AddBoolToObject(root, "use_adapterp", 0);
+    } else {
+        cJSON_AddStringToObject(root, "peft_type", "LORA");
+        cJSON_AddNumberToObject(root, "r", pc->r);
+        cJSON_AddNumberToObject(root, "lora_alpha", pc->alpha);
+        cJSON_AddNumberToObject(root, "lora_dropout", pc->dropout);
+        cJSON_AddBoolToObject(root, "use_rslora", pc->use_rslora);
+        cJSON_AddBoolToObject(root, "use_dora", pc->kind == TK_ADAPTER_DORA);
+        cJSON_AddStringToObject(root, "bias", "none");
+        cJSON_AddBoolToObject(root, "fan_in_fan_out", 0);
+        cJSON_AddBoolToObject(root, "inference_mode", 1);
+    }
+    if (pc->gate.enabled) {
+        const tk_gate_config *g = &pc->gate;
+        cJSON *ts = cJSON_AddObjectToObject(root, "ts_peft");
+        cJSON_AddStringToObject(ts, "rule", tk_gate_rule_name(g->rule));
+        cJSON_AddNumberToObject(ts, "lambda", g->lambda);
+        cJSON_AddNumberToObject(ts, "eta_tau", g->eta_tau);
+        cJSON_AddNumberToObject(ts, "tau0", g->tau0);
+        if (g->target_keep > 0.0f) cJSON_AddNumberToObject(ts, "target_keep", g->target_keep);
+        else cJSON_AddNullToObject(ts, "target_keep");
+        cJSON_AddNumberToObject(ts, "eta_lambda", g->eta_lambda);
+        cJSON_AddNumberToObject(ts, "beta", g->beta);
+        cJSON_AddNumberToObject(ts, "warmup_steps", g->warmup_steps);
+    }
+    char *text = cJSON_Print(root);
+    cJSON_Delete(root);
+    if (!text) return tk_fail(err, "%s: out of memory", path);
+    int rc = tk_write_file_atomic(path, text, strlen(text), err);
+    free(text);
+    return rc;
+}

@@ -1,0 +1,62 @@
+/* peft_config.h: which modules carry which adapter, as Hugging Face PEFT's adapter_config.json
+ * describes it (LoRA / DoRA, or LLM-Adapters' bottleneck), plus the TS-PEFT "ts_peft" object.
+ * The file layout is documented in docs/formats.md.
+ *
+ *   tk_peft_config pc;
+ *   tk_peft_config_default(&pc);                     // LoRA r=8 alpha=16 on q_proj,v_proj, no gate
+ *   tk_peft_config_load(&pc, "adapter/adapter_config.json", &err);
+ *   if (tk_peft_targets(&pc, layer, TK_PROJ_Q)) ...
+ *   tk_peft_config_save(&pc, n_layers, "out/adapter_config.json", &err);
+ *   tk_peft_config_free(&pc);
+ */
+#ifndef TK_PEFT_CONFIG_H
+#define TK_PEFT_CONFIG_H
+
+#include "../common.h"
+#include "adapter.h"
+#include "gate.h"
+
+enum { TK_PROJ_Q, TK_PROJ_K, TK_PROJ_V, TK_PROJ_O, TK_PROJ_GATE, TK_PROJ_UP, TK_PROJ_DOWN, TK_NPROJ };
+/* "q_proj", ..., and their parent blocks "self_attn" / "mlp". */
+extern const char *const tk_proj_short[TK_NPROJ];
+extern const char *const tk_proj_block[TK_NPROJ];
+int tk_proj_parse(const char *short_name); /* -1 when not a projection name */
+
+#define TK_MAX_LAYERS 4096
+
+typedef struct {
+    tk_adapter_kind kind; /* LORA, DORA or BOTTLENECK */
+    int r;                /* rank or bottleneck_size */
+    float alpha;          /* lora_alpha */
+    float dropout;
+    int use_rslora;
+    float bottleneck_scaling;
+    tk_act act;
+    unsigned target_mask;  /* bit p set: projection p is adapted */
+    int n_layer_sel;       /* 0: every layer; else the listed layers */
+    int layer_sel[TK_MAX_LAYERS];
+    int n_save;            /* modules_to_save: base tensors trained in full */
+    char **save;
+    tk_gate_config gate;
+    char base_model[512];  /* base_model_name_or_path */
+} tk_peft_config;
+
+void tk_peft_config_default(tk_peft_config *pc);
+int tk_peft_config_load(tk_peft_config *pc, const char *path, tk_err *err);
+int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err);
+void tk_peft_config_free(tk_peft_config *pc);
+
+/* Parses a comma-separated list of projection short names ("q_proj,v_proj", or "all"). */
+int tk_peft_parse_targets(const char *list, unsigned *mask, tk_err *err);
+/* Parses "0,1,5" or "0-3" into the layer selection. */
+int tk_peft_parse_layers(tk_peft_config *pc, const char *list, tk_err *err);
+/* Parses a comma-separated list of base tensor names into modules_to_save (appends). */
+int tk_peft_parse_save(tk_peft_config *pc, const char *list, tk_err *err);
+
+/* Is projection p of layer l adapted? */
+int tk_peft_targets(const tk_peft_config *pc, int layer, int proj);
+/* LoRA scale s = alpha / r (rsLoRA: alpha / sqrt(r)); bottleneck: its scaling. */
+float tk_peft_scale(const tk_peft_config *pc);
+const char *tk_adapter_kind_name(tk_adapter_kind k);
+
+#endif

@@ -1,0 +1,35 @@
+/* trainer.h: the `tspeft train` loop: micro-batches, gradient accumulation, the TS-PEFT threshold
+ * step, clipping, AdamW with a schedule, progress lines, the first-step dump and the adapter output.
+ *
+ *   tk_train_opts o;  tk_train_opts_default(&o);  o.model_dir = ...;  o.peft = ...;
+ *   if (tk_train_run(&o, &err) != 0) { fprintf(stderr, "tspeft: %s\n", err.msg); exit(1); }
+ *
+ * One optimizer step = grad_accum micro-batches of batch_size rows. Its loss is the sum of token
+ * losses over all micro-batches divided by the step's count of target positions, so the gradient of
+ * each micro-batch is scaled by that count before its backward (docs/formats.md "The loss").
+ */
+#ifndef TK_TRAIN_TRAINER_H
+#define TK_TRAIN_TRAINER_H
+
+#include "../common.h"
+#include "../peft/peft_config.h"
+#include "optim.h"
+
+typedef struct {
+    const char *model_dir;   /* HF LLaMA directory */
+    const char *adapter_dir; /* PEFT adapter to start from, or NULL for a new one from peft */
+    const char *data_path;   /* pre-tokenized JSONL */
+    const char *out_dir;     /* where the trained adapter goes, or NULL */
+    const char *dump_dir;    /* first-step gradient dump, or NULL */
+    int steps, batch_size, grad_accum, threads, max_seq_len, log_every, shuffle, quiet;
+    uint64_t seed;
+    float lr, weight_decay, max_grad_norm;
+    tk_sched_kind sched;
+    int warmup_steps;
+    tk_peft_config peft;     /* adapter description (ignored for tensors when adapter_dir is set) */
+} tk_train_opts;
+
+void tk_train_opts_default(tk_train_opts *o);
+int tk_train_run(const tk_train_opts *o, tk_err *err);
+
+#endif

@@ -3,7 +3,7 @@
 #   make demo   the main job (for now: the smallest real end-to-end training, examples/tiny_train.sh)
 BUILD   ?= build
 JOBS    ?= $(shell nproc)
-PACKAGES = build-essential cmake pkg-config libopenblas-dev libcjson-dev libzstd-dev libstb-dev \
+PACKAGES = build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev libzstd-dev libstb-dev \
            libsentencepiece-dev sentencepiece python3 python3-numpy python3-torch
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

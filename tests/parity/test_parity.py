@@ -220,10 +220,12 @@ def run_case(spec, tspeft, keep=False, timeout=120):
     try:
         fx = FX.build_case(spec, root)
         out = os.path.join(root, "dump")
-        cmd = (list(tspeft) if isinstance(tspeft, (list, tuple)) else [tspeft]) + ["train", "--model", fx["model"], "--adapter", fx["adapter"], "--data", fx["data"],
-               "--steps", "1", "--batch-size", str(fx["batch_size"]), "--lr", "0",
-               "--grad-accum", str(fx["grad_accum"]), "--dump", out, "--threads", "2", "--seed", "0"]
-        env = dict(os.environ, OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="1")
+        prog = list(tspeft) if isinstance(tspeft, (list, tuple)) else [tspeft]
+        cmd = prog + ["train", "--model", fx["model"], "--adapter", fx["adapter"], "--data", fx["data"],
+                      "--steps", "1", "--batch-size", str(fx["batch_size"]), "--lr", "0",
+                      "--grad-accum", str(fx["grad_accum"]), "--dump", out, "--threads", "2",
+                      "--seed", "0"]
+        env = dict(os.environ, OMP_NUM_THREADS="2")
         try:
             p = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                timeout=timeout)
@@ -384,24 +386,24 @@ def main():
         for n, _ in selfchecks.CHECKS:
             print("self-check", n)
         return 0
+    if not args.self_checks_only and not args.tspeft:
+        print("error: --tspeft PATH is required (or --self-checks-only)")
+        return 2
+    cases = CASES
+    if args.case:
+        cases = [c for c in CASES if any(c["name"].startswith(x) for x in args.case)]
+        if not cases:
+            print("error: no case matches %s" % args.case)
+            return 2
     t0 = time.time()
     failed = 0
     if not args.no_self_checks and not args.case:
         failed += selfchecks.run_all()
     if not args.self_checks_only:
-        if not args.tspeft:
-            print("error: --tspeft PATH is required (or --self-checks-only)")
-            return 2
         tspeft = os.path.abspath(args.tspeft)
         if not (os.path.isfile(tspeft) and os.access(tspeft, os.X_OK)):
             print("FAIL: tspeft binary not found or not executable: %s" % tspeft)
             return 1
-        cases = CASES
-        if args.case:
-            cases = [c for c in CASES if any(c["name"].startswith(x) for x in args.case)]
-            if not cases:
-                print("error: no case matches %s" % args.case)
-                return 2
         for c in cases:
             if not run_case(c, tspeft, keep=args.keep):
                 failed += 1

@@ -11,6 +11,7 @@
  */
 #include "llama.h"
 
+#include "../ops/blas.h"
 #include "../ops/ops.h"
 
 #include <math.h>
@@ -253,7 +254,20 @@ static int register_adapters(tk_llama *m, tk_err *err) {
     return 0;
 }
 
+static int is_adapted_weight(const tk_llama *m, const tk_llama_slot *s) {
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++)
+            if (s->data == &m->layers[l].proj[p].w0 && m->layers[l].proj[p].kind != TK_ADAPTER_NONE) return 1;
+    return 0;
+}
+
 static int register_saved_tensors(tk_llama *m, tk_llama_slot *slots, size_t ns, tk_err *err) {
+    /* "all": every base tensor that carries no adapter (full fine-tuning, or pretraining) */
+    if (m->peft.n_save == 1 && strcmp(m->peft.save[0], "all") == 0) {
+        tk_peft_config_free_save(&m->peft);
+        for (size_t j = 0; j < ns; j++)
+            if (!is_adapted_weight(m, &slots[j]) && tk_peft_parse_save(&m->peft, slots[j].name, err)) return -1;
+    }
     for (int i = 0; i < m->peft.n_save; i++) {
         const char *want = m->peft.save[i];
         size_t j = 0;
@@ -266,11 +280,8 @@ static int register_saved_tensors(tk_llama *m, tk_llama_slot *slots, size_t ns, 
                                 "(e.g. model.norm.weight, lm_head.weight, model.layers.0.mlp.up_proj.weight)",
                            want);
         }
-        for (int l = 0; l < m->cfg.n_layers; l++)
-            for (int p = 0; p < TK_NPROJ; p++)
-                if (slots[j].data == &m->layers[l].proj[p].w0 && m->layers[l].proj[p].kind != TK_ADAPTER_NONE)
-                    return tk_fail(err, "modules_to_save: \"%s\" also carries an adapter; train one or the other",
-                                   want);
+        if (is_adapted_weight(m, &slots[j]))
+            return tk_fail(err, "modules_to_save: \"%s\" also carries an adapter; train one or the other", want);
         char nm[TK_NAME_MAX + 32];
         snprintf(nm, sizeof nm, "base_model.model.%s", want);
         int64_t shape[2] = {(int64_t)slots[j].rows, (int64_t)slots[j].cols};
@@ -711,4 +722,79 @@ long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size
 fail:
     tk_free(buf);
     return -1;
+}
+
+/* ---- merging ---------------------------------------------------------------------------------- */
+
+void tk_llama_set_gated(tk_llama *m, int gated) {
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (L->kind != TK_ADAPTER_NONE) L->gated = gated && m->peft.gate.enabled;
+        }
+}
+
+/* W = W0 + s B A, and for DoRA W = mag * W / ||W||_row (PEFT's merge). out [O,I]. */
+static void merged_weight(const tk_adapted_linear *L, float *out) {
+    size_t I = L->in, O = L->out;
+    memcpy(out, L->w0, O * I * sizeof(float));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(O), tk_blas_dim(I), tk_blas_dim(L->r),
+                L->scale, L->B, tk_blas_dim(L->r), L->A, tk_blas_dim(I), 1.0f, out, tk_blas_dim(I));
+    if (L->kind != TK_ADAPTER_DORA) return;
+    for (size_t o = 0; o < O; o++) {
+        double ss = 0.0;
+        for (size_t i = 0; i < I; i++) ss += (double)out[o * I + i] * out[o * I + i];
+        float c = L->mag[o] / (float)sqrt(ss);
+        for (size_t i = 0; i < I; i++) out[o * I + i] *= c;
+    }
+}
+
+int tk_llama_merge(const tk_llama *mc, const char *model_dir, const char *out_dir, tk_err *err) {
+    tk_llama *m = (tk_llama *)mc; /* slots need non-const pointers; nothing is modified */
+    if (m->peft.kind == TK_ADAPTER_BOTTLENECK)
+        return tk_fail(err, "a bottleneck adapter adds a non-linear branch and cannot be merged into the weights");
+    size_t cap = slot_capacity(&m->cfg);
+    tk_llama_slot *slots = calloc(cap, sizeof *slots);
+    tk_st_entry *e = calloc(cap, sizeof *e);
+    float **merged = calloc(cap, sizeof *merged);
+    int rc = -1;
+    if (!slots || !e || !merged) {
+        tk_fail(err, "out of memory");
+        goto done;
+    }
+    size_t ns = tk_llama_slots(m, slots);
+    for (size_t i = 0; i < ns; i++) {
+        const float *data = *slots[i].data;
+        for (int l = 0; l < m->cfg.n_layers; l++)
+            for (int p = 0; p < TK_NPROJ; p++) {
+                const tk_adapted_linear *L = &m->layers[l].proj[p];
+                if (slots[i].data != &m->layers[l].proj[p].w0 || L->kind == TK_ADAPTER_NONE) continue;
+                if (!(merged[i] = tk_calloc(L->out * L->in, sizeof(float)))) {
+                    tk_fail(err, "out of memory merging %s", slots[i].name);
+                    goto done;
+                }
+                merged_weight(L, merged[i]);
+                data = merged[i];
+            }
+        e[i] = (tk_st_entry){.name = slots[i].name, .dtype = TK_DT_F32, .ndim = slots[i].cols ? 2 : 1,
+                             .shape = {(int64_t)slots[i].rows, (int64_t)slots[i].cols}, .data = data};
+    }
+    char src[4096], dst[4096];
+    snprintf(dst, sizeof dst, "%s/model.safetensors", out_dir);
+    const char *meta[] = {"format", "pt", NULL};
+    if (tk_st_write(dst, e, ns, meta, err)) goto done;
+    snprintf(src, sizeof src, "%s/config.json", model_dir);
+    snprintf(dst, sizeof dst, "%s/config.json", out_dir);
+    size_t len;
+    char *cfg = tk_read_file(src, &len, err);
+    if (!cfg) goto done;
+    rc = tk_write_file_atomic(dst, cfg, len, err);
+    free(cfg);
+done:
+    if (merged)
+        for (size_t i = 0; i < cap; i++) tk_free(merged[i]);
+    free(merged);
+    free(e);
+    free(slots);
+    return rc;
 }

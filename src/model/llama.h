@@ -69,6 +69,13 @@ int tk_llama_attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_d
 /* Writes out_dir/adapter_config.json and out_dir/adapter_model.safetensors (PEFT keys plus ts_tau,
  * and ts_lambda with a target keep ratio). out_dir must exist. */
 int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err);
+/* Writes out_dir/config.json and out_dir/model.safetensors (F32): the base model with the adapter
+ * folded in (LoRA: W0 + s B A; DoRA: mag * V / ||V||_row; trainable tensors as trained). Bottleneck
+ * adapters cannot be merged (they add a non-linear branch) and give an error. The token gate cannot
+ * be merged either: the merged model equals the UNGATED adapter; see tk_llama_gate_gap. */
+int tk_llama_merge(const tk_llama *m, const char *model_dir, const char *out_dir, tk_err *err);
+/* Turns every module's gate on or off (an ungated pass equals the merged model). */
+void tk_llama_set_gated(tk_llama *m, int gated);
 /* PEFT key prefix of a module: "base_model.model.model.layers.L.self_attn.q_proj". */
 void tk_module_key(char *buf, size_t n, int layer, int proj);
 

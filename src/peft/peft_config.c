@@ -40,7 +40,9 @@ void tk_peft_config_default(tk_peft_config *pc) {
     pc->gate = tk_gate_config_default();
 }
 
-void tk_peft_config_free(tk_peft_config *pc) {
+void tk_peft_config_free(tk_peft_config *pc) { tk_peft_config_free_save(pc); }
+
+void tk_peft_config_free_save(tk_peft_config *pc) {
     if (!pc) return;
     for (int i = 0; i < pc->n_save; i++) free(pc->save[i]);
     free(pc->save);
@@ -195,7 +197,7 @@ static int parse_targets_json(ctx *c, tk_peft_config *pc, const cJSON *t) {
                            c->path, e->valuestring);
         pc->target_mask |= 1u << p;
     }
-    if (!pc->target_mask) return tk_fail(c->err, "%s: \"target_modules\" is empty", c->path);
+    if (!pc->target_mask) pc->kind = TK_ADAPTER_NONE; /* only modules_to_save are trained */
     return 0;
 }
 
@@ -325,6 +327,13 @@ int tk_peft_config_load(tk_peft_config *pc, const char *path, tk_err *err) {
         parse_save_json(&c, pc, item(root, "modules_to_save")) ||
         parse_gate_json(&c, &pc->gate, item(root, "ts_peft")))
         goto done;
+    if (pc->kind == TK_ADAPTER_NONE) {
+        pc->gate.enabled = 0;
+        if (pc->n_save == 0) {
+            tk_fail(err, "%s: \"target_modules\" is empty and nothing is in modules_to_save", path);
+            goto done;
+        }
+    }
     rc = 0;
 done:
     cJSON_Delete(root);
@@ -338,9 +347,9 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
     if (!root) return tk_fail(err, "%s: out of memory", path);
     cJSON_AddStringToObject(root, "base_model_name_or_path", pc->base_model);
     cJSON_AddStringToObject(root, "task_type", "CAUSAL_LM");
-    cJSON *targets = cJSON_AddArrayToObject(root, "target_modules");
+    cJSON *targets = cJSON_AddArrayToObject(root, "target_modules"); /* empty: modules_to_save only */
     for (int p = 0; p < TK_NPROJ; p++)
-        if (pc->target_mask & (1u << p)) cJSON_AddItemToArray(targets, cJSON_CreateString(tk_proj_short[p]));
+        if (pc->kind != TK_ADAPTER_NONE && (pc->target_mask & (1u << p))) cJSON_AddItemToArray(targets, cJSON_CreateString(tk_proj_short[p]));
     if (pc->n_layer_sel) {
         cJSON *l = cJSON_AddArrayToObject(root, "layers_to_transform");
         for (int i = 0; i < pc->n_layer_sel; i++) cJSON_AddItemToArray(l, cJSON_CreateNumber(pc->layer_sel[i]));

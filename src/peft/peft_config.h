@@ -45,12 +45,15 @@ void tk_peft_config_default(tk_peft_config *pc);
 int tk_peft_config_load(tk_peft_config *pc, const char *path, tk_err *err);
 int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err);
 void tk_peft_config_free(tk_peft_config *pc);
+/* Empties modules_to_save. */
+void tk_peft_config_free_save(tk_peft_config *pc);
 
 /* Parses a comma-separated list of projection short names ("q_proj,v_proj", or "all"). */
 int tk_peft_parse_targets(const char *list, unsigned *mask, tk_err *err);
 /* Parses "0,1,5" or "0-3" into the layer selection. */
 int tk_peft_parse_layers(tk_peft_config *pc, const char *list, tk_err *err);
-/* Parses a comma-separated list of base tensor names into modules_to_save (appends). */
+/* Parses a comma-separated list of base tensor names into modules_to_save (appends); "all" alone
+ * means every base tensor without an adapter. */
 int tk_peft_parse_save(tk_peft_config *pc, const char *list, tk_err *err);
 
 /* Is projection p of layer l adapted? */

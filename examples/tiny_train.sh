@@ -27,7 +27,7 @@ for gate in off on; do
     name=$([ $gate = on ] && echo ts-lora || echo lora)
     echo "== 4/5 fine-tuning $name (gate $gate)"
     "$TSPEFT" train --model "$RUN/base" --data "$RUN/data/finetune.jsonl" --target-modules all --r 8 --alpha 16 \
-        --gate $gate --ts-lambda 0.05 --steps 150 --batch-size 16 --lr 1e-3 --shuffle --seed 1 \
+        --gate $gate --ts-lambda 0.3 --ts-warmup-steps 50 --steps 300 --batch-size 16 --lr 2e-3 --shuffle --seed 1 \
         --out "$RUN/$name" --log-every 50 --threads "$THREADS" 2> >(tee "$RUN/$name.log" >&2)
 done
 echo "== 5/5 evaluation (exact match of 6 generated numbers on 40 held-out prompts)"

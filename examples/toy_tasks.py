@@ -3,9 +3,9 @@
 
 Vocabulary (64 ids): 0 pad, 1 BOS, 2 EOS, 3 SEP, 4..63 the numbers 0..59.
   pretrain   BOS a, a+d, a+2d, ... (mod 60), strides d in 1..4, every token a target
-  finetune   BOS a, a+d, a+2d, a+3d SEP a+4d ... a+9d EOS: a new format (SEP and EOS never occur in
-             pretraining) for the strides d in 1..4; the prompt (up to SEP) is masked with -100
-  eval       held-out finetune prompts; exact match of the 6 generated numbers
+  finetune   BOS a, a+d, ..., a+(k-1)d SEP a+kd ... a+(k+5)d EOS with k in 2..5: a new format (SEP and
+             EOS never occur in pretraining); the prompt (up to SEP) is masked with -100
+  eval       40 held-out (a, d, k) prompts; exact match of the 6 generated numbers
 
     python3 examples/toy_tasks.py make DIR [--seed 0]
     python3 examples/toy_tasks.py eval --tspeft build/tspeft --model M [--adapter A] --data DIR/eval.jsonl
@@ -31,19 +31,19 @@ def make(out, seed):
         for _ in range(2000):
             ids = [BOS] + prog(rng.randrange(MOD), rng.randint(1, 4), 16)
             f.write(json.dumps({"input_ids": ids}) + "\n")
-    pairs = [(a, d) for a in range(MOD) for d in (1, 2, 3, 4)]
-    rng.shuffle(pairs)
-    held, train = pairs[:40], pairs[40:]
-    with open(os.path.join(out, "finetune.jsonl"), "w") as f:
-        for a, d in train:
-            p = [BOS] + prog(a, d, 4) + [SEP]
-            y = prog(a + 4 * d, d, 6) + [EOS]
-            f.write(json.dumps({"input_ids": p + y, "labels": [-100] * len(p) + y}) + "\n")
-    with open(os.path.join(out, "eval.jsonl"), "w") as f:
-        for a, d in held:
-            p = [BOS] + prog(a, d, 4) + [SEP]
-            y = prog(a + 4 * d, d, 6) + [EOS]
-            f.write(json.dumps({"input_ids": p + y, "labels": [-100] * len(p) + y}) + "\n")
+    triples = [(a, d, k) for a in range(MOD) for d in (1, 2, 3, 4) for k in (2, 3, 4, 5)]
+    rng.shuffle(triples)
+    held, train = triples[:40], triples[40:]
+
+    def row(a, d, k):
+        p = [BOS] + prog(a, d, k) + [SEP]
+        y = prog(a + k * d, d, 6) + [EOS]
+        return {"input_ids": p + y, "labels": [-100] * len(p) + y}
+
+    for name, rows in (("finetune", train), ("eval", held)):
+        with open(os.path.join(out, name + ".jsonl"), "w") as f:
+            for t in rows:
+                f.write(json.dumps(row(*t)) + "\n")
     print("wrote %s: pretrain 2000 rows, finetune %d rows, eval %d rows" % (out, len(train), len(held)))
 
 

@@ -36,9 +36,11 @@ import torch  # noqa: E402
 import reference as R  # noqa: E402
 import st  # noqa: E402
 
-torch.set_num_threads(2)
+# One thread for the runs and the reference: libgomp spin-waits, so --threads 2 on a 2-core machine
+# that is busy with anything else (ctest -j2) runs ~70x slower. (f) also checks --threads 2.
+torch.set_num_threads(1)
 
-THREADS = 2
+THREADS = 1
 BATCH = 4
 SEED = 42
 
@@ -87,11 +89,8 @@ def expected_tensors(mcfg, kind, r, gated, targets=U.ALL7, save=()):
         if gated:
             exp[p + ".ts_tau"] = (1,)
     for t in save:
-        exp[U.PEFT + t] = tuple(st.load(os.path.join(U_MODEL[0], "model.safetensors"))[t].shape)
+        exp[U.PEFT + t] = tuple(mcfg["_base_shapes"][t])
     return exp
-
-
-U_MODEL = [None]   # model dir, for expected_tensors' modules_to_save shapes
 
 
 def load_summary(chk, out, what):
@@ -298,8 +297,12 @@ def test_generation(cx, out_a, rows):
 
     # a prompt taken from a training row: the trained adapter continues the counting pattern
     right = total = 0
-    for row in rows[:4]:
+    starts = set()
+    for row in rows:
         ids = row["input_ids"]
+        if ids[0] in starts or len(starts) == 4:
+            continue
+        starts.add(ids[0])
         p, toks = generate(cx, ids[:4], out_a)
         if toks is None:
             chk.ok(False, "(d) generate from a training prefix", p.stderr)
@@ -328,7 +331,6 @@ def test_generation(cx, out_a, rows):
     if base:
         eos = base[2]
         first = base.index(eos)
-        p, toks = generate(cx, [1, 2, 3], None)
         p2 = U.run(cx.tspeft, ["generate", "--model", cx.model, "--ids", "1,2,3", "--max-new-tokens", 8,
                                "--eos", eos, "--threads", THREADS])
         chk.ok(p2.returncode == 0 and p2.stdout.split() == [str(t) for t in base[:first + 1]],
@@ -376,7 +378,7 @@ def main():
 def run_all(cx):
     chk = cx.chk
     mcfg = U.tiny_model(cx.model, seed=7)
-    U_MODEL[0] = cx.model
+    mcfg["_base_shapes"] = {k: v.shape for k, v in st.load(os.path.join(cx.model, "model.safetensors")).items()}
     rows = U.pattern_data(cx.data, n_rows=16, seed=3)
     new_lora = ["--adapter-type", "lora", "--r", 8, "--alpha", 16, "--target-modules", "all"]
     common = ["--batch-size", BATCH, "--seed", SEED]
@@ -397,16 +399,16 @@ def run_all(cx):
     chk.section("(c) DoRA, bottleneck, --gate off")
     out_d = cx.path("out_dora")
     p = cx.train(["--adapter-type", "dora", "--r", 4, "--alpha", 8, "--target-modules",
-                  "q_proj,v_proj,up_proj,down_proj"] + common + ["--steps", 30, "--lr", 3e-3, "--out", out_d])
+                  "q_proj,v_proj,up_proj,down_proj"] + common + ["--steps", 30, "--lr", 1e-2, "--out", out_d])
     s = check_run_output(cx, p, out_d, "(c) dora", 30, "dora", 4, True,
-                         targets=["q_proj", "v_proj", "up_proj", "down_proj"], fall=0.5, mcfg=mcfg)
+                         targets=["q_proj", "v_proj", "up_proj", "down_proj"], fall=0.4, mcfg=mcfg)
     if s:
         reload_identity(cx, out_d, s, "(c) dora", common, True)
     out_b = cx.path("out_bottleneck")
     p = cx.train(["--adapter-type", "bottleneck", "--r", 8, "--target-modules", "all",
                   "--bottleneck-act", "relu", "--bottleneck-scaling", 0.5] + common +
-                 ["--steps", 30, "--lr", 3e-3, "--out", out_b])
-    s = check_run_output(cx, p, out_b, "(c) bottleneck", 30, "bottleneck", 8, True, fall=0.5, mcfg=mcfg)
+                 ["--steps", 30, "--lr", 1e-2, "--out", out_b])
+    s = check_run_output(cx, p, out_b, "(c) bottleneck", 30, "bottleneck", 8, True, fall=0.4, mcfg=mcfg)
     if s:
         with open(os.path.join(out_b, "adapter_config.json")) as f:
             bc = json.load(f)
@@ -519,9 +521,9 @@ def run_all(cx):
     out = cx.path("out_norm")
     p = cx.train(["--adapter-type", "lora", "--target-modules", "q_proj,v_proj",
                   "--train-tensors", "model.norm.weight"] + common +
-                 ["--steps", 30, "--lr", 3e-3, "--out", out])
+                 ["--steps", 30, "--lr", 1e-2, "--out", out])
     s = check_run_output(cx, p, out, "(e) train-tensors norm", 30, "lora", 8, True,
-                         targets=["q_proj", "v_proj"], save=("model.norm.weight",), fall=0.6, mcfg=mcfg)
+                         targets=["q_proj", "v_proj"], save=("model.norm.weight",), fall=0.5, mcfg=mcfg)
     if s:
         base = st.load(os.path.join(cx.model, "model.safetensors"))["model.norm.weight"]
         got = st.load(os.path.join(out, "adapter_model.safetensors"))[U.PEFT + "model.norm.weight"]
@@ -548,6 +550,16 @@ def run_all(cx):
         for fn in ("adapter_model.safetensors", "adapter_config.json"):
             chk.ok(U.read_bytes(os.path.join(out_a, fn)) == U.read_bytes(os.path.join(out_f, fn)),
                    "(f) same --seed %d --threads %d: %s byte-identical" % (SEED, THREADS, fn))
+    two = ["--threads", 2, "--steps", 8]      # (cx.train passes --threads 1 first; the last wins)
+    o1, o2 = cx.path("out_t2_a"), cx.path("out_t2_b")
+    p1 = cx.train(new_lora + common + two + ["--lr", 3e-3, "--out", o1])
+    p2 = cx.train(new_lora + common + two + ["--lr", 3e-3, "--out", o2])
+    s1 = load_summary(chk, o1, "(f) threads 2") if p1.returncode == 0 else None
+    chk.ok(p1.returncode == 0 and p2.returncode == 0 and s1 and s1.get("threads") == 2 and
+           U.read_bytes(os.path.join(o1, "adapter_model.safetensors")) ==
+           U.read_bytes(os.path.join(o2, "adapter_model.safetensors")),
+           "(f) same --seed --threads 2 (8 steps): adapter_model.safetensors byte-identical",
+           p1.stderr + p2.stderr)
     out_s = cx.path("out_lora_seed")
     p = cx.train(new_lora + ["--batch-size", BATCH, "--seed", SEED + 1, "--steps", 60, "--lr", 3e-3,
                              "--out", out_s])

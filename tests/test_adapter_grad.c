@@ -674,8 +674,40 @@ static void run_case(case_cfg cfg) {
         check_fd(&c, "dB", dB, L->B, O * R);
     } else {
         check_fd(&c, "dmag", dmag, L->mag, O);
+        /* The detached-norm checks above are discriminative only if differencing the library's
+         * forward in A (whose row norm moves with A) gives something else than the defined dA. */
+        int redone = 0, unresolved = 0;
+        double *num = DALLOC(R * I);
+        lib_numeric_grad(num, L->A, R * I, &c, &redone, &unresolved);
+        double e = rel_err_d(dA, num, R * I);
+        snprintf(name, sizeof name, "%s: FD of A through the moving norm differs from dA (%.2e)",
+                 cfg.name, e);
+        report_bool(name, unresolved == 0 && e > 10.0 * FD_TOL);
+        tk_free(num);
     }
     c.S_hold = NULL;
+
+    /* --- the flip detector itself: with tau == r_i0 (a kept token exactly at the threshold) any
+     *     move of x_i0 that lowers r_i0 flips S_i0, even at the smallest retried step --- */
+    if (cfg.gate == 1 && cfg.dropout == 0.0f && cfg.kind == TK_ADAPTER_LORA) {
+        size_t i0 = 0;
+        while (i0 < N && !S[i0]) i0++;
+        float save = L->tau;
+        L->tau = rr[i0];
+        lib_forward(&c, N, c.x, c.valid, c.y, 0);
+        uint8_t *S_tie = BALLOC(N);
+        memcpy(S_tie, L->S, N);
+        c.S_hold = S_tie;
+        int redone = 0, unresolved = 0;
+        double *num = DALLOC(N * I);
+        lib_numeric_grad(num, c.x, N * I, &c, &redone, &unresolved);
+        c.S_hold = NULL;
+        L->tau = save;
+        snprintf(name, sizeof name, "%s: flip detector: tau == r_i0 flips (%d redone, %d unresolved)",
+                 cfg.name, redone, unresolved);
+        report_bool(name, S_tie[i0] == 1 && redone > 0 && unresolved > 0);
+        tk_free(num), tk_free(S_tie);
+    }
 
     /* --- (c) the gathered path equals the fast path run on the kept rows alone --- */
     if (cfg.gate == 1 && cfg.dropout == 0.0f && nk > 0 && nk < N) {

@@ -387,15 +387,19 @@ static void test_update(void) {
     report("update: dual lambda' = 0 + 0.2 (0.75 - 0.5) = 0.05", fabs((double)lambda - 0.05), 1e-7);
 
     /* The tau step uses lambda as it was before this step's dual update (the dual moves "after every
-     * step"): with lambda 1 the prox answer is tk_gate_prox(..., lambda 1, ...), and then
-     * lambda' = 1 + 0.2 (0.75 - 0.5) = 1.05. */
+     * step"). lambda 0, rho 0.5, eta_lambda 100: lambda' = 0 + 100 (0.75 - 0.5) = 25. With lambda 0
+     * the step is next(0.31) as above; with lambda 25 (6.25 per kept token) it would drop all four:
+     * t = next(0.95): 0 + 0.66^2/0.1 = 4.36 beats next(0.31): 12.5 + 0.004. */
     {
-        float t_ref = -1.0f;
-        tk_gate_prox(st.r, st.c, st.n, 0.29f, 1.0f, 0.05f, &t_ref);
-        tau = 0.29f, lambda = 1.0f;
-        ok = tk_gate_update(&cfg, &st, 10, &tau, &lambda) == 0 && tau == t_ref;
+        tk_gate_config big = cfg;
+        big.eta_lambda = 100.0f;
+        float t25 = -1.0f;
+        tk_gate_prox(st.r, st.c, st.n, 0.29f, 25.0f, 0.05f, &t25);
+        tau = 0.29f, lambda = 0.0f;
+        ok = tk_gate_update(&big, &st, 10, &tau, &lambda) == 0 && tau == want_tau &&
+             t25 == nextafterf(0.95f, INFINITY);
         report_bool("update: the prox step uses lambda before its dual update", ok);
-        report("update: dual lambda' = 1 + 0.2 (0.75 - 0.5) = 1.05", fabs((double)lambda - 1.05), 1e-6);
+        report("update: dual lambda' = 0 + 100 (0.75 - 0.5) = 25", fabs((double)lambda - 25.0), 1e-6);
     }
     /* clamping: rho 1.0, keep 0.75: lambda' = max(0, 0.03 + 0.2 (0.75 - 1)) = max(0, -0.02) = 0 */
     {

@@ -27,7 +27,7 @@ build: deps $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j $(JOBS)
 
 test: build
-	cd $(BUILD) && ctest --output-on-failure -j 2
+	cd $(BUILD) && ctest --output-on-failure
 
 demo: build
 	./examples/tiny_train.sh $(BUILD)/tspeft

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -116,6 +117,17 @@ char *tk_read_file(const char *path, size_t *len, tk_err *err) {
     FILE *f = fopen(path, "rb");
     if (!f) {
         tk_fail(err, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0) {
+        tk_fail(err, "%s: cannot stat: %s", path, strerror(errno));
+        fclose(f);
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        fclose(f);
+        tk_fail(err, "%s: not a regular file%s", path, S_ISDIR(st.st_mode) ? " (it is a directory)" : "");
         return NULL;
     }
     if (fseek(f, 0, SEEK_END) != 0) {

@@ -14,13 +14,20 @@
  * The hard gate is piecewise constant: every finite difference holds S fixed. Each perturbed
  * evaluation compares the gate decisions with the unperturbed ones; a flip makes that element redo
  * with a smaller step (counted and printed), and an element that still flips fails the check.
- * tau is chosen as the midpoint of the widest gap between adjacent sorted r values (with at least two
- * tokens on each side), read from a first forward with tau = 0.
+ * tau is chosen as the midpoint of the widest relative gap between adjacent sorted r values (with at
+ * least two tokens on each side), read from a first forward with tau = 0. A self-test puts tau exactly
+ * on one r to confirm that the flip detector fires.
  *
  * DoRA's row norm ||W0 + s B A||_row is DETACHED in the defined gradient, so dA and dB cannot be
  * checked by differencing the library's forward (whose norm moves with A and B). They are checked
  * against central differences (in double, step 1e-6) of the double reference with c held fixed.
  * dx and dmag are differenced through the library as is: the norm depends on neither x nor mag.
+ *
+ * Also checked per configuration: y, r_i (rel 1e-5 per token) and S_i against the reference; the
+ * statistics (r, kept, c_i of valid tokens only; padding still gated and applied); every backward
+ * adds; the gathered backward (some rows gated off) equals the all-kept fast path run on the kept rows
+ * alone, and gated-off rows get only dy W0; the tie r_i == tau keeps; dropout reads its mask from
+ * L.keepx, train = 0 disables it; and the dropout rate over 3000 draws.
  *
  * Error measure: max|got - want| / max(max|want|, 1e-3) after a NaN/inf check. Exits 1 on failure.
  */
@@ -619,7 +626,10 @@ static void run_case(case_cfg cfg) {
         ref_acts_alloc(&rw, N, I, O, R);
         double *cfix = DALLOC(O);
         memcpy(cfix, ra.cc, O * sizeof(double));
-        double *num = DALLOC(N * I > O * R ? (N * I > R * I ? N * I : R * I) : (O * R > R * I ? O * R : R * I));
+        size_t nmax = N * I;
+        if (R * I > nmax) nmax = R * I;
+        if (O * R > nmax) nmax = O * R;
+        double *num = DALLOC(nmax);
         double e = 0.0, ei;
         ref_numeric_grad(num, P.x, N * I, &sf, &P, &rw, c.Rnd);
         ei = rel_err_dd(dxr, num, N * I), e = ei > e ? ei : e;
@@ -794,6 +804,46 @@ static void run_case(case_cfg cfg) {
     tk_adapter_ws_free(&c.ws);
 }
 
+/* ---- dropout rate ----------------------------------------------------------------------------- */
+
+/* 500 tokens x 6 inputs = 3000 draws at p = 0.3: the kept fraction must be 0.7 within 0.03 (3.6
+ * standard deviations of a binomial; the seed is fixed, so this is deterministic), the mask must
+ * agree with xd, and two forwards from the same seed must draw the same mask. */
+static void test_dropout_rate(void) {
+    const size_t N = 500, I = 6, O = 5, R = 3;
+    actx c = {.N = N, .I = I, .O = O, .R = R, .seed = 0xd20bull};
+    tk_adapted_linear *L = &c.L;
+    L->kind = TK_ADAPTER_LORA, L->in = I, L->out = O, L->r = R, L->scale = 1.0f, L->dropout = 0.3f;
+    L->w0 = FALLOC(O * I), L->A = FALLOC(R * I), L->dA = FALLOC(R * I);
+    L->B = FALLOC(O * R), L->dB = FALLOC(O * R);
+    c.x = FALLOC(N * I), c.y = FALLOC(N * O);
+    fill(c.x, N * I, -1, 1), fill(L->w0, O * I, -1, 1), fill(L->A, R * I, -1, 1), fill(L->B, O * R, -1, 1);
+    tk_err err = {{0}};
+    if (tk_adapted_alloc(L, N, &err) || tk_adapter_ws_alloc(&c.ws, N, I, R, 0, &err)) {
+        fprintf(stderr, "test_adapter_grad: %s\n", err.msg);
+        exit(1);
+    }
+    lib_forward(&c, N, c.x, NULL, c.y, 1);
+    size_t kept = 0, bad = 0;
+    uint8_t *k1 = BALLOC(N * I);
+    memcpy(k1, L->keepx, N * I);
+    for (size_t j = 0; j < N * I; j++) {
+        kept += L->keepx[j];
+        if (L->xd[j] != (L->keepx[j] ? c.x[j] * (1.0f / (1.0f - L->dropout)) : 0.0f)) bad++;
+    }
+    lib_forward(&c, N, c.x, NULL, c.y, 1);
+    double frac = (double)kept / (double)(N * I);
+    char name[160];
+    snprintf(name, sizeof name, "dropout p=0.3: kept fraction %.4f of %zu draws vs 0.7", frac, N * I);
+    report(name, fabs(frac - 0.7), 0.03);
+    report_bool("dropout p=0.3: xd == x * keep / (1-p); same seed, same mask",
+                bad == 0 && memcmp(k1, L->keepx, N * I) == 0);
+    tk_free(k1), tk_free(c.x), tk_free(c.y);
+    tk_free(L->w0), tk_free(L->A), tk_free(L->dA), tk_free(L->B), tk_free(L->dB);
+    tk_adapted_free(L);
+    tk_adapter_ws_free(&c.ws);
+}
+
 /* ---- the checker itself must be able to fail --------------------------------------------------- */
 
 static void test_checker_detects_error(void) {
@@ -831,6 +881,7 @@ int main(void) {
         {"bottleneck relu gated dropout 0.3", TK_ADAPTER_BOTTLENECK, TK_ACT_RELU, 1, 0.3f, 1},
     };
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) run_case(cases[k]);
+    test_dropout_rate();
 
     printf("test_adapter_grad: %d failure(s), %.2f s\n", g_failures, tk_time() - t0);
     return g_failures ? 1 : 0;

@@ -659,16 +659,16 @@ long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size
     size_t C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
     size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, V = (size_t)c->vocab_size;
     size_t HD = H * D, GD = G * D, S = n_prompt + max_new, L = (size_t)c->n_layers;
-    if (n_prompt == 0) return tk_fail(err, "generate: the prompt is empty");
+    if (n_prompt == 0) return tk_fail(err, "the prompt is empty");
     for (size_t i = 0; i < n_prompt; i++)
         if (prompt[i] < 0 || (size_t)prompt[i] >= V)
-            return tk_fail(err, "generate: prompt id %d at position %zu is outside the vocabulary [0, %zu)",
+            return tk_fail(err, "prompt id %d at position %zu is outside the vocabulary [0, %zu)",
                            prompt[i], i, V);
     if (ensure_rope(m, S, err) || alloc_adapter_acts(m, n_prompt, err)) return -1;
     size_t n = n_prompt; /* rows of the widest chunk */
     size_t total = 2 * L * S * GD + n * (3 * C + 1 + 2 * HD + 3 * F) + H * n * S + V + n * S;
     float *buf = tk_calloc(total, sizeof(float));
-    if (!buf) return tk_fail(err, "generate: out of memory for a %zu-token KV cache", S);
+    if (!buf) return tk_fail(err, "out of memory for a %zu-token KV cache", S);
     float *kc = buf, *vc = kc + L * S * GD, *x = vc + L * S * GD, *xn = x + n * C, *tmp = xn + n * C;
     float *rstd = tmp + n * C, *q = rstd + n, *att = q + n * HD, *g = att + n * HD, *u = g + n * F;
     float *h = u + n * F, *probs = h + n * F, *logits = probs + H * n * S, *scratch = logits + V;

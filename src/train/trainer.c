@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 void tk_train_opts_default(tk_train_opts *o) {
     memset(o, 0, sizeof *o);
@@ -148,7 +149,7 @@ static int dump_step(dump_list *d, tk_llama *m, float loss, tk_err *err) {
 
 /* ---- outputs ---------------------------------------------------------------------------------- */
 
-static int write_summary(const tk_train_opts *o, const tk_llama *m, double final_loss, double first_loss,
+static int write_summary(const tk_train_opts *o, const char *dir, const tk_llama *m, double final_loss, double first_loss,
                          double last_loss, double secs, double tokens, tk_err *err) {
     cJSON *root = cJSON_CreateObject();
     if (!root) return tk_fail(err, "out of memory");
@@ -187,11 +188,43 @@ static int write_summary(const tk_train_opts *o, const tk_llama *m, double final
     char *text = cJSON_Print(root);
     cJSON_Delete(root);
     if (!text) return tk_fail(err, "out of memory");
-    char path[4096];
-    snprintf(path, sizeof path, "%s/train_summary.json", o->out_dir);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/train_summary.json", dir);
     int rc = tk_write_file_atomic(path, text, strlen(text), err);
     free(text);
     return rc;
+}
+
+/* Writes the adapter and the summary into out_dir as one unit: every file goes to a staging directory
+ * inside out_dir first and is renamed into place only when all were written, so a failure leaves an
+ * earlier adapter in out_dir untouched (never new weights beside an old config). */
+static int save_outputs(const tk_train_opts *o, const tk_llama *m, double final_loss, double first_loss,
+                        double last_loss, double secs, double tokens, tk_err *err) {
+    static const char *const names[] = {"adapter_model.safetensors", "adapter_config.json", "train_summary.json"};
+    const size_t n_names = sizeof names / sizeof names[0];
+    char stage[4096], from[4200], to[4200];
+    struct stat st;
+    if (make_dir(o->out_dir, err)) return -1;
+    for (size_t i = 0; i < n_names; i++) {
+        snprintf(to, sizeof to, "%s/%s", o->out_dir, names[i]);
+        if (stat(to, &st) == 0 && !S_ISREG(st.st_mode))
+            return tk_fail(err, "%s: exists and is not a regular file; nothing was written", to);
+    }
+    snprintf(stage, sizeof stage, "%s/.staging.%ld", o->out_dir, (long)getpid());
+    if (mkdir(stage, 0755) != 0) return tk_fail(err, "%s: cannot create: %s", stage, strerror(errno));
+    int rc = tk_llama_save_adapter(m, stage, err) ||
+             write_summary(o, stage, m, final_loss, first_loss, last_loss, secs, tokens, err);
+    for (size_t i = 0; i < n_names && rc == 0; i++) {
+        snprintf(from, sizeof from, "%s/%s", stage, names[i]);
+        snprintf(to, sizeof to, "%s/%s", o->out_dir, names[i]);
+        if (rename(from, to) != 0) rc = tk_fail(err, "%s: cannot rename into place: %s", to, strerror(errno));
+    }
+    for (size_t i = 0; i < n_names; i++) { /* leftovers after a failure */
+        snprintf(from, sizeof from, "%s/%s", stage, names[i]);
+        remove(from);
+    }
+    rmdir(stage);
+    return rc ? -1 : 0;
 }
 
 /* ---- the loop --------------------------------------------------------------------------------- */
@@ -223,9 +256,12 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     size_t *rows = NULL;
     row_order ro = {0};
     dump_list dump = {0};
-    if (o->steps < 1 || o->batch_size < 1 || o->grad_accum < 1)
-        return tk_fail(err, "--steps, --batch-size and --grad-accum must be >= 1");
-    if (!(o->lr >= 0.0f)) return tk_fail(err, "--lr must be >= 0");
+    if (o->steps < 1 || o->batch_size < 1 || o->grad_accum < 1 || o->log_every < 1)
+        return tk_fail(err, "--steps, --batch-size, --grad-accum and --log-every must be >= 1");
+    if (!(o->lr >= 0.0f) || !(o->weight_decay >= 0.0f) || !(o->max_grad_norm >= 0.0f))
+        return tk_fail(err, "--lr, --weight-decay and --max-grad-norm must be >= 0");
+    if (o->warmup_steps < 0 || o->max_seq_len < 0 || o->threads < 0 || o->threads > 1024)
+        return tk_fail(err, "--warmup-steps and --max-seq-len must be >= 0, --threads in [0, 1024]");
     int threads = tk_set_threads(o->threads);
 
     if (!(m = tk_llama_open(o->model_dir, err))) goto done;
@@ -338,9 +374,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             if (tk_llama_forward(m, acts, b->input_ids, b->attention_mask, b->B, b->T, 0, NULL, err)) goto done;
             s += tk_llama_loss(m, acts, b->labels, b->B, b->T, 0.0f, NULL);
         }
-        if (make_dir(o->out_dir, err) || tk_llama_save_adapter(m, o->out_dir, err) ||
-            write_summary(o, m, s / (double)sb.targets, first_loss, last_loss, secs, tokens_done, err))
-            goto done;
+        if (save_outputs(o, m, s / (double)sb.targets, first_loss, last_loss, secs, tokens_done, err)) goto done;
         if (!o->quiet) fprintf(stderr, "tspeft train: adapter written to %s\n", o->out_dir);
     }
     rc = 0;

@@ -24,7 +24,6 @@ if PARITY not in sys.path:
 import numpy as np  # noqa: E402
 
 import fixtures as FX  # noqa: E402
-import st  # noqa: E402
 
 PEFT = "base_model.model."
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -226,8 +226,10 @@ def reload_identity(cx, out, summary, what, extra_args, gated):
 
 def ref_greedy_check(cx, ref, prompt, c_tokens, what):
     """Teacher-forced along the C tokens: at every step the reference (full-sequence forward, no
-    cache) must put its argmax on the C token. Also returns the weakest argmax gap and gate margin
-    so that an ambiguous fixture is reported instead of passing or failing by rounding."""
+    cache) must put its argmax on the C token. The weakest top-2 logit gap and gate margin
+    |r - tau| / tau are checked too, so that an ambiguous fixture is reported instead of passing or
+    failing by rounding (fp32 C vs torch differ by ~1e-6 relative). Returns the number of gated-off
+    (module, position) pairs of the final sequence."""
     seq = list(prompt)
     worst_gap, worst_gate, offs, mism = np.inf, np.inf, 0, []
     for i, tok in enumerate(c_tokens):
@@ -550,7 +552,7 @@ def run_all(cx):
         for fn in ("adapter_model.safetensors", "adapter_config.json"):
             chk.ok(U.read_bytes(os.path.join(out_a, fn)) == U.read_bytes(os.path.join(out_f, fn)),
                    "(f) same --seed %d --threads %d: %s byte-identical" % (SEED, THREADS, fn))
-    two = ["--threads", 2, "--steps", 8]      # (cx.train passes --threads 1 first; the last wins)
+    two = ["--threads", 2, "--steps", 4]      # (cx.train passes --threads 1 first; the last wins)
     o1, o2 = cx.path("out_t2_a"), cx.path("out_t2_b")
     p1 = cx.train(new_lora + common + two + ["--lr", 3e-3, "--out", o1])
     p2 = cx.train(new_lora + common + two + ["--lr", 3e-3, "--out", o2])
@@ -558,7 +560,7 @@ def run_all(cx):
     chk.ok(p1.returncode == 0 and p2.returncode == 0 and s1 and s1.get("threads") == 2 and
            U.read_bytes(os.path.join(o1, "adapter_model.safetensors")) ==
            U.read_bytes(os.path.join(o2, "adapter_model.safetensors")),
-           "(f) same --seed --threads 2 (8 steps): adapter_model.safetensors byte-identical",
+           "(f) same --seed --threads 2 (4 steps): adapter_model.safetensors byte-identical",
            p1.stderr + p2.stderr)
     out_s = cx.path("out_lora_seed")
     p = cx.train(new_lora + ["--batch-size", BATCH, "--seed", SEED + 1, "--steps", 60, "--lr", 3e-3,

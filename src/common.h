@@ -41,6 +41,10 @@ float tk_bf16_to_f32(uint16_t b);
 uint16_t tk_f32_to_bf16(float f);
 uint16_t tk_f32_to_f16(float f);
 
+/* Loops over fewer elements than this run on one thread: waking the OpenMP pool costs more than
+ * the work (it dominated the step time of tiny models, and spinning threads hurt a loaded machine). */
+#define TK_OMP_MIN_WORK 32768
+
 /* Sets the thread count for both OpenMP and OpenBLAS (never more than one pool at a time: BLAS is not
  * called from inside parallel regions). t <= 0 means the number of online CPUs. Returns the count. */
 int tk_set_threads(int t);

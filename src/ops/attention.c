@@ -72,7 +72,7 @@ void tk_attention_forward(float *out, float *probs, const float *q, const float 
     }
 
     /* masked softmax over every row of every (b, h) */
-#pragma omp parallel for
+#pragma omp parallel for if (B * H * T * S >= TK_OMP_MIN_WORK)
     for (size_t r = 0; r < B * H * T; r++) {
         size_t b = r / (H * T), t = r % T;
         softmax_row(&probs[r * S], key_mask ? &key_mask[b * S] : NULL, S, S - T + t);
@@ -127,7 +127,7 @@ void tk_attention_backward(float *dq, float *dk, float *dv, float *scratch, cons
                         tk_blas_dim(S));
 
             /* dS = P * (dP - sum_j P dP) * scale, row by row */
-#pragma omp parallel for
+#pragma omp parallel for if (T * S >= TK_OMP_MIN_WORK)
             for (size_t t = 0; t < T; t++) {
                 const float *pr = &P[t * S];
                 float *sr = &scratch[t * S];

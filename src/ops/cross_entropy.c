@@ -39,7 +39,7 @@ double tk_cross_entropy_forward(float *losses, const float *logits, const int32_
                                 size_t N, size_t V) {
     TK_ASSERT(V > 0);
     check_targets(targets, N, V);
-#pragma omp parallel for
+#pragma omp parallel for if (N * V >= TK_OMP_MIN_WORK)
     for (size_t n = 0; n < N; n++) {
         int32_t t = targets[n];
         if (t == TK_CE_IGNORE) {
@@ -63,7 +63,7 @@ void tk_cross_entropy_backward(float *dlogits, const float *logits, const int32_
                                size_t N, size_t V, float scale) {
     TK_ASSERT(V > 0);
     check_targets(targets, N, V);
-#pragma omp parallel for
+#pragma omp parallel for if (N * V >= TK_OMP_MIN_WORK)
     for (size_t n = 0; n < N; n++) {
         int32_t t = targets[n];
         const float *row = &logits[n * V];

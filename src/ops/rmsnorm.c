@@ -5,6 +5,8 @@
  */
 #include "ops/ops.h"
 
+#include "common.h"
+
 #include <math.h>
 
 /* Columns per OpenMP task in the dw reduction: each task owns a disjoint column range of dw. */
@@ -14,7 +16,7 @@
  * and rounded once to float; the scaling is float, in HF's order: w * (x * rstd). */
 void tk_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, size_t N, size_t C,
                         float eps) {
-#pragma omp parallel for
+#pragma omp parallel for if (N * C >= TK_OMP_MIN_WORK)
     for (size_t n = 0; n < N; n++) {
         const float *xr = &x[n * C];
         float *yr = &y[n * C];
@@ -33,7 +35,7 @@ void tk_rmsnorm_forward(float *y, float *rstd, const float *x, const float *w, s
 void tk_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
                          const float *rstd, size_t N, size_t C) {
     if (dx) {
-#pragma omp parallel for
+#pragma omp parallel for if (N * C >= TK_OMP_MIN_WORK)
         for (size_t n = 0; n < N; n++) {
             const float *xr = &x[n * C];
             const float *gr = &dy[n * C];
@@ -47,7 +49,7 @@ void tk_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, 
     }
     if (dw) {
         size_t nblocks = (C + TK_RMSNORM_COL_BLOCK - 1) / TK_RMSNORM_COL_BLOCK;
-#pragma omp parallel for
+#pragma omp parallel for if (N * C >= TK_OMP_MIN_WORK)
         for (size_t blk = 0; blk < nblocks; blk++) {
             size_t c0 = blk * TK_RMSNORM_COL_BLOCK;
             size_t c1 = c0 + TK_RMSNORM_COL_BLOCK < C ? c0 + TK_RMSNORM_COL_BLOCK : C;

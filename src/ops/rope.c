@@ -18,7 +18,7 @@
 void tk_rope_table(float *cos_t, float *sin_t, const float *inv_freq, size_t P, size_t D) {
     TK_ASSERT(D % 2 == 0);
     size_t half = D / 2;
-#pragma omp parallel for
+#pragma omp parallel for if (P * D >= TK_OMP_MIN_WORK)
     for (size_t p = 0; p < P; p++) {
         for (size_t j = 0; j < half; j++) {
             float angle = (float)p * inv_freq[j];
@@ -33,7 +33,7 @@ void tk_rope_forward(float *x, const float *cos_t, const float *sin_t, size_t B,
                      size_t D, size_t pos0) {
     TK_ASSERT(D % 2 == 0);
     size_t half = D / 2;
-#pragma omp parallel for
+#pragma omp parallel for if (B * T * H * D >= TK_OMP_MIN_WORK)
     for (size_t bt = 0; bt < B * T; bt++) {
         size_t p = pos0 + bt % T;
         const float *cr = &cos_t[p * half];
@@ -56,7 +56,7 @@ void tk_rope_backward(float *dx, const float *cos_t, const float *sin_t, size_t 
                       size_t D, size_t pos0) {
     TK_ASSERT(D % 2 == 0);
     size_t half = D / 2;
-#pragma omp parallel for
+#pragma omp parallel for if (B * T * H * D >= TK_OMP_MIN_WORK)
     for (size_t bt = 0; bt < B * T; bt++) {
         size_t p = pos0 + bt % T;
         const float *cr = &cos_t[p * half];

@@ -8,11 +8,13 @@
  */
 #include "ops/ops.h"
 
+#include "common.h"
+
 #include <math.h>
 
 /* out, gate, up [n] (flat N*F). */
 void tk_swiglu_forward(float *out, const float *gate, const float *up, size_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (n >= TK_OMP_MIN_WORK)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
@@ -23,7 +25,7 @@ void tk_swiglu_forward(float *out, const float *gate, const float *up, size_t n)
  *   dgate [n] += dout * up * silu'(gate);  dup [n] += dout * silu(gate). */
 void tk_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                         const float *up, size_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (n >= TK_OMP_MIN_WORK)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
         float sig = 1.0f / (1.0f + expf(-g));

@@ -121,7 +121,7 @@ static float act_df(tk_act a, float u) {
 
 /* dst [nk,W] = src rows idx[0..nk) of a [*,W] matrix. */
 static void gather_rows(float *dst, const float *src, const int32_t *idx, size_t nk, size_t W) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (nk * W >= TK_OMP_MIN_WORK)
     for (size_t k = 0; k < nk; k++)
         memcpy(dst + k * W, src + (size_t)idx[k] * W, W * sizeof(float));
 }
@@ -142,7 +142,7 @@ static void dora_scale(tk_adapted_linear *L, tk_adapter_ws *ws) {
     size_t I = L->in, O = L->out;
     TK_ASSERT(ws->ba && ws->ba_cap >= O * I);
     gemm(0, 0, O, I, L->r, 1.0f, L->B, L->r, L->A, I, 0.0f, ws->ba, I);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (O * I >= TK_OMP_MIN_WORK)
     for (size_t o = 0; o < O; o++) {
         const float *w = L->w0 + o * I, *ba = ws->ba + o * I;
         double ss = 0.0;
@@ -180,7 +180,7 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
         else gemm(0, 1, N, O, I, 1.0f, xt, I, L->w0, I, 0.0f, L->base, O);
         dora_scale(L, ws);
         gemm(0, 1, N, O, R, L->scale, L->u, R, L->B, R, 0.0f, m, O); /* s B A x~ */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
         for (size_t i = 0; i < N; i++) {
             float *mi = m + i * O;
             const float *bi = L->base + i * O;
@@ -192,7 +192,7 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
     /* The gate: r_i = ||m_i|| / max(||b_i||, 1e-6), S_i = [r_i >= tau]; h_i = b_i + S_i m_i. */
     float tau = L->tau;
     int gated = L->gated;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
     for (size_t i = 0; i < N; i++) {
         float *yi = y + i * O;
         const float *mi = m + i * O;
@@ -221,7 +221,7 @@ static void scatter_dx(const tk_adapted_linear *L, float *dx, const float *d, co
                        size_t nk) {
     size_t I = L->in;
     float inv = L->dropout > 0.0f ? 1.0f / (1.0f - L->dropout) : 1.0f;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (nk * I >= TK_OMP_MIN_WORK)
     for (size_t k = 0; k < nk; k++) {
         size_t i = (size_t)idx[k];
         float *dxi = dx + i * I;
@@ -256,7 +256,7 @@ int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, cons
     float *gc = ws->m; /* DoRA: g * c [N,O] */
     const float *gin = dy;
     if (L->kind == TK_ADAPTER_DORA) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
         for (size_t i = 0; i < N; i++)
             for (size_t o = 0; o < O; o++) gc[i * O + o] = dy[i * O + o] * L->dora_c[o];
         gin = gc;

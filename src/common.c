@@ -187,3 +187,12 @@ int tk_write_file_atomic(const char *path, const void *data, size_t len, tk_err 
     }
     return 0;
 }
+
+int tk_pathf(char *out, size_t n, tk_err *err, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(out, n, fmt, ap);
+    va_end(ap);
+    if (k < 0 || (size_t)k >= n) return tk_fail(err, "path too long: %.200s...", out);
+    return 0;
+}

@@ -56,6 +56,9 @@ char *tk_read_file(const char *path, size_t *len, tk_err *err);
  * left untouched on failure. */
 int tk_write_file_atomic(const char *path, const void *data, size_t len, tk_err *err);
 
+/* snprintf for paths: -1 with err set when the result does not fit in n bytes. */
+int tk_pathf(char *out, size_t n, tk_err *err, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
 /* Wall clock in seconds (monotonic). */
 double tk_time(void);
 

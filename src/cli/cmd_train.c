@@ -1,4 +1,5 @@
 /* cmd_train.c: `tspeft train`: options -> tk_train_opts (trainer.h). */
+#include "../train/checkpoint.h"
 #include "../train/trainer.h"
 #include "args.h"
 #include "cli.h"
@@ -18,7 +19,8 @@ int tk_cmd_train(int argc, char **argv) {
     tk_train_opts o;
     tk_train_opts_default(&o);
     const char *config = NULL, *sched = "constant", *type = "lora", *targets = "q_proj,v_proj";
-    const char *layers = NULL, *save = NULL, *act = "tanh", *rule = "prox";
+    const char *layers = NULL, *save = NULL, *act = "tanh", *rule = "prox", *resume = NULL, *nonfinite = "stop";
+    char resume_dir[4096];
     int r = 8, rslora = 0, gate = 1;
     float alpha = 16.0f, dropout = 0.0f, bn_scaling = 1.0f;
     tk_gate_config g = tk_gate_config_default();
@@ -43,6 +45,10 @@ int tk_cmd_train(int argc, char **argv) {
         {"seed", TK_OPT_U64, &o.seed, "S", "seed for adapter init, dropout and shuffling (default 42)", 0},
         {"log-every", TK_OPT_INT, &o.log_every, "N", "progress line every N steps (default 1)", 0},
         {"quiet", TK_OPT_FLAG, &o.quiet, NULL, "no progress lines", 0},
+        {"save-every", TK_OPT_INT, &o.save_every, "N", "checkpoint every N steps into OUT/checkpoint-N (default 0: never)", 0},
+        {"keep-checkpoints", TK_OPT_INT, &o.keep_checkpoints, "K", "keep the newest K checkpoints, 0 = all (default 3)", 0},
+        {"resume", TK_OPT_STR, &resume, "DIR", "continue from a checkpoint, or from the newest one in a run directory", 0},
+        {"nonfinite", TK_OPT_STR, &nonfinite, "POLICY", "non-finite loss or gradient: stop | skip the step (default stop)", 0},
         {"adapter-type", TK_OPT_STR, &type, "T", "new adapter: lora | dora | bottleneck (default lora)", 0},
         {"r", TK_OPT_INT, &r, "N", "new adapter: LoRA rank or bottleneck size (default 8)", 0},
         {"alpha", TK_OPT_FLOAT, &alpha, "X", "new adapter: lora_alpha (default 16)", 0},
@@ -85,11 +91,25 @@ int tk_cmd_train(int argc, char **argv) {
         tk_fail(&err, "--lr-scheduler: \"%s\" is not constant, linear or cosine", sched);
         goto fail;
     }
+    if (strcmp(nonfinite, "stop") == 0) o.skip_nonfinite = 0;
+    else if (strcmp(nonfinite, "skip") == 0) o.skip_nonfinite = 1;
+    else {
+        tk_fail(&err, "--nonfinite: \"%s\" is not stop or skip", nonfinite);
+        goto fail;
+    }
+    if (resume) {
+        if (o.adapter_dir) {
+            tk_fail(&err, "--resume and --adapter exclude each other (a checkpoint holds its adapter)");
+            goto fail;
+        }
+        if (tk_checkpoint_resolve(resume, resume_dir, sizeof resume_dir, &err)) goto fail;
+        o.resume_dir = o.adapter_dir = resume_dir;
+    }
     tk_peft_config *pc = &o.peft;
     if (o.adapter_dir) {
         const char *fixed[] = {"adapter-type", "r", "alpha", "rslora", "target-modules", "layers", "train-tensors",
                                "bottleneck-act", "bottleneck-scaling"};
-        for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        for (size_t i = 0; i < sizeof fixed / sizeof fixed[0] && !resume; i++)
             if (tk_opt_seen(opts, n, fixed[i])) {
                 tk_fail(&err, "--%s cannot change an existing adapter (%s/adapter_config.json decides it)", fixed[i], o.adapter_dir);
                 goto fail;
@@ -97,7 +117,7 @@ int tk_cmd_train(int argc, char **argv) {
         char path[4096];
         snprintf(path, sizeof path, "%s/adapter_config.json", o.adapter_dir);
         if (tk_peft_config_load(pc, path, &err)) goto fail;
-        if (tk_opt_seen(opts, n, "dropout")) pc->dropout = dropout;
+        if (tk_opt_seen(opts, n, "dropout") && !resume) pc->dropout = dropout;
     } else {
         tk_peft_config_default(pc);
         if (strcmp(type, "lora") == 0) pc->kind = TK_ADAPTER_LORA;
@@ -133,8 +153,9 @@ int tk_cmd_train(int argc, char **argv) {
         tk_fail(&err, "--dropout must be in [0, 1)");
         goto fail;
     }
-    /* gate overrides apply to loaded adapters too */
-    if (o.adapter_dir) {
+    /* gate overrides apply to loaded adapters too; a resumed run takes everything from its checkpoint
+     * (the same command line can be repeated with --resume added) */
+    if (o.adapter_dir && !resume) {
         const char *names[] = {"ts-lambda", "ts-eta-tau", "ts-tau0", "ts-target-keep", "ts-eta-lambda", "ts-beta", "ts-warmup-steps"};
         float *fdst[] = {&pc->gate.lambda, &pc->gate.eta_tau, &pc->gate.tau0, &pc->gate.target_keep, &pc->gate.eta_lambda, &pc->gate.beta};
         float *fsrc[] = {&g.lambda, &g.eta_tau, &g.tau0, &g.target_keep, &g.eta_lambda, &g.beta};
@@ -143,7 +164,7 @@ int tk_cmd_train(int argc, char **argv) {
         if (tk_opt_seen(opts, n, names[6])) pc->gate.warmup_steps = g.warmup_steps;
         if (tk_opt_seen(opts, n, "gate")) pc->gate.enabled = gate;
     }
-    if (tk_opt_seen(opts, n, "ts-rule") && tk_gate_rule_parse(rule, &pc->gate.rule)) {
+    if (tk_opt_seen(opts, n, "ts-rule") && !resume && tk_gate_rule_parse(rule, &pc->gate.rule)) {
         tk_fail(&err, "--ts-rule: \"%s\" is not prox or surrogate", rule);
         goto fail;
     }
@@ -152,10 +173,17 @@ int tk_cmd_train(int argc, char **argv) {
         tk_fail(&err, "gate options out of range: need eta_tau > 0, lambda >= 0, tau0 >= 0, beta > 0, target keep in (0,1]");
         goto fail;
     }
-    if (tk_train_run(&o, &err)) goto fail;
+    int rc = tk_train_run(&o, &err);
+    if (rc > 128) { /* stopped by a signal after saving */
+        fprintf(stderr, "tspeft train: %s\n", err.msg);
+        status = rc;
+        goto out;
+    }
+    if (rc) goto fail;
     status = 0;
 fail:
     if (status) fprintf(stderr, "tspeft train: %s\n", err.msg);
+out:
     tk_peft_config_free(&o.peft);
     cJSON_Delete(json);
     return status;

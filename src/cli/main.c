@@ -1,6 +1,7 @@
 /* main.c: `tspeft <verb> [options]`. */
 #include "cli.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -21,6 +22,8 @@ static void usage(FILE *f) {
 }
 
 int main(int argc, char **argv) {
+    /* A file-size limit (ulimit -f) must surface as a write error (EFBIG), not kill the process. */
+    signal(SIGXFSZ, SIG_IGN);
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

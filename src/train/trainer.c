@@ -4,10 +4,12 @@
 #include "../../datasets/jsonl.h"
 #include "../io/safetensors.h"
 #include "../model/llama.h"
+#include "checkpoint.h"
 
 #include <cJSON.h>
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +23,7 @@ void tk_train_opts_default(tk_train_opts *o) {
     o->grad_accum = 1;
     o->threads = 0;
     o->log_every = 1;
+    o->keep_checkpoints = 3;
     o->seed = 42;
     o->lr = 2e-4f;
     o->weight_decay = 0.0f;
@@ -149,23 +152,59 @@ static int dump_step(dump_list *d, tk_llama *m, float loss, tk_err *err) {
 
 /* ---- outputs ---------------------------------------------------------------------------------- */
 
-static int write_summary(const tk_train_opts *o, const char *dir, const tk_llama *m, double final_loss, double first_loss,
-                         double last_loss, double secs, double tokens, tk_err *err) {
-    cJSON *root = cJSON_CreateObject();
+/* The effective configuration of a run: saved in every checkpoint and in the summary, and compared
+ * on --resume. */
+static cJSON *options_json(const tk_train_opts *o) {
+    cJSON *c = cJSON_CreateObject();
+    if (!c) return NULL;
+    cJSON_AddStringToObject(c, "model", o->model_dir);
+    cJSON_AddStringToObject(c, "data", o->data_path);
+    if (o->adapter_dir) cJSON_AddStringToObject(c, "adapter_init", o->adapter_dir);
+    cJSON_AddNumberToObject(c, "steps", o->steps);
+    cJSON_AddNumberToObject(c, "batch_size", o->batch_size);
+    cJSON_AddNumberToObject(c, "grad_accum", o->grad_accum);
+    cJSON_AddNumberToObject(c, "max_seq_len", o->max_seq_len);
+    cJSON_AddBoolToObject(c, "shuffle", o->shuffle);
+    cJSON_AddNumberToObject(c, "lr", o->lr);
+    cJSON_AddStringToObject(c, "lr_scheduler", tk_sched_name(o->sched));
+    cJSON_AddNumberToObject(c, "warmup_steps", o->warmup_steps);
+    cJSON_AddNumberToObject(c, "weight_decay", o->weight_decay);
+    cJSON_AddNumberToObject(c, "max_grad_norm", o->max_grad_norm);
+    if (o->seed <= (1ull << 53)) { /* exact as a JSON number; larger seeds are written as strings */
+        cJSON_AddNumberToObject(c, "seed", (double)o->seed);
+    } else {
+        char seed[32];
+        snprintf(seed, sizeof seed, "%llu", (unsigned long long)o->seed);
+        cJSON_AddStringToObject(c, "seed", seed);
+    }
+    cJSON_AddNumberToObject(c, "threads", o->threads);
+    cJSON_AddStringToObject(c, "nonfinite", o->skip_nonfinite ? "skip" : "stop");
+    return c;
+}
+
+/* A resumed run must read the same rows in the same order: these keys must match the checkpoint's. */
+static int check_resume_config(const cJSON *saved, const cJSON *now, const char *dir, tk_err *err) {
+    static const char *const must[] = {"data", "batch_size", "grad_accum", "max_seq_len", "shuffle", "seed"};
+    for (size_t i = 0; i < sizeof must / sizeof must[0]; i++) {
+        const cJSON *a = cJSON_GetObjectItemCaseSensitive(saved, must[i]);
+        const cJSON *b = cJSON_GetObjectItemCaseSensitive(now, must[i]);
+        if (!a || !b || !cJSON_Compare(a, b, 1)) {
+            char *sa = a ? cJSON_PrintUnformatted(a) : NULL, *sb = b ? cJSON_PrintUnformatted(b) : NULL;
+            tk_fail(err, "--resume %s: %s is %s in the checkpoint but %s now; resume with the same value", dir,
+                    must[i], sa ? sa : "missing", sb ? sb : "missing");
+            free(sa);
+            free(sb);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int write_summary(const tk_train_opts *o, const char *dir, const tk_llama *m, double final_loss,
+                         const tk_train_state *st, tk_err *err) {
+    cJSON *root = options_json(o);
     if (!root) return tk_fail(err, "out of memory");
-    cJSON_AddStringToObject(root, "model", o->model_dir);
-    cJSON_AddStringToObject(root, "data", o->data_path);
-    if (o->adapter_dir) cJSON_AddStringToObject(root, "adapter_init", o->adapter_dir);
-    cJSON_AddNumberToObject(root, "steps", o->steps);
-    cJSON_AddNumberToObject(root, "batch_size", o->batch_size);
-    cJSON_AddNumberToObject(root, "grad_accum", o->grad_accum);
-    cJSON_AddNumberToObject(root, "lr", o->lr);
-    cJSON_AddStringToObject(root, "lr_scheduler", tk_sched_name(o->sched));
-    cJSON_AddNumberToObject(root, "warmup_steps", o->warmup_steps);
-    cJSON_AddNumberToObject(root, "weight_decay", o->weight_decay);
-    cJSON_AddNumberToObject(root, "max_grad_norm", o->max_grad_norm);
-    cJSON_AddNumberToObject(root, "seed", (double)o->seed);
-    cJSON_AddNumberToObject(root, "threads", o->threads);
+    double first_loss = st->first_loss, last_loss = st->last_loss, secs = st->seconds, tokens = st->tokens;
     cJSON_AddNumberToObject(root, "trainable_parameters", (double)m->params.total);
     cJSON_AddNumberToObject(root, "first_step_loss", first_loss);
     cJSON_AddNumberToObject(root, "last_step_loss", last_loss);
@@ -174,6 +213,7 @@ static int write_summary(const tk_train_opts *o, const char *dir, const tk_llama
     cJSON_AddNumberToObject(root, "final_loss_step1_batches", final_loss);
     cJSON_AddNumberToObject(root, "seconds", secs);
     cJSON_AddNumberToObject(root, "tokens_per_second", secs > 0 ? tokens / secs : 0);
+    cJSON_AddNumberToObject(root, "skipped_steps", st->skipped);
     cJSON *mods = cJSON_AddArrayToObject(root, "gates");
     FOR_EACH_ADAPTED(m, L, l, p) {
         if (!L->gated) continue;
@@ -198,8 +238,8 @@ static int write_summary(const tk_train_opts *o, const char *dir, const tk_llama
 /* Writes the adapter and the summary into out_dir as one unit: every file goes to a staging directory
  * inside out_dir first and is renamed into place only when all were written, so a failure leaves an
  * earlier adapter in out_dir untouched (never new weights beside an old config). */
-static int save_outputs(const tk_train_opts *o, const tk_llama *m, double final_loss, double first_loss,
-                        double last_loss, double secs, double tokens, tk_err *err) {
+static int save_outputs(const tk_train_opts *o, const tk_llama *m, double final_loss, const tk_train_state *state,
+                        tk_err *err) {
     static const char *const names[] = {"adapter_model.safetensors", "adapter_config.json", "train_summary.json"};
     const size_t n_names = sizeof names / sizeof names[0];
     char stage[4096], from[4200], to[4200];
@@ -213,7 +253,7 @@ static int save_outputs(const tk_train_opts *o, const tk_llama *m, double final_
     snprintf(stage, sizeof stage, "%s/.staging.%ld", o->out_dir, (long)getpid());
     if (mkdir(stage, 0755) != 0) return tk_fail(err, "%s: cannot create: %s", stage, strerror(errno));
     int rc = tk_llama_save_adapter(m, stage, err) ||
-             write_summary(o, stage, m, final_loss, first_loss, last_loss, secs, tokens, err);
+             write_summary(o, stage, m, final_loss, state, err);
     for (size_t i = 0; i < n_names && rc == 0; i++) {
         snprintf(from, sizeof from, "%s/%s", stage, names[i]);
         snprintf(to, sizeof to, "%s/%s", o->out_dir, names[i]);
@@ -225,6 +265,23 @@ static int save_outputs(const tk_train_opts *o, const tk_llama *m, double final_
     }
     rmdir(stage);
     return rc ? -1 : 0;
+}
+
+/* ---- signals ---------------------------------------------------------------------------------- */
+
+/* The one piece of process-wide state: a signal handler can only reach a global. SIGINT/SIGTERM set
+ * it; the loop finishes the step in flight, saves a checkpoint and stops. */
+static volatile sig_atomic_t tk_stop_signal;
+
+static void on_stop_signal(int sig) { tk_stop_signal = sig; }
+
+static void install_signal_handlers(int on) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on ? on_stop_signal : SIG_DFL;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
 }
 
 /* ---- the loop --------------------------------------------------------------------------------- */
@@ -256,6 +313,11 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     size_t *rows = NULL;
     row_order ro = {0};
     dump_list dump = {0};
+    cJSON *config = NULL;
+    if (o->save_every < 0 || o->keep_checkpoints < 0)
+        return tk_fail(err, "--save-every and --keep-checkpoints must be >= 0");
+    if ((o->save_every > 0 || o->resume_dir) && !o->out_dir)
+        return tk_fail(err, "--save-every and --resume need --out DIR (checkpoints go to DIR/checkpoint-<step>)");
     if (o->steps < 1 || o->batch_size < 1 || o->grad_accum < 1 || o->log_every < 1)
         return tk_fail(err, "--steps, --batch-size, --grad-accum and --log-every must be >= 1");
     if (!(o->lr >= 0.0f) || !(o->weight_decay >= 0.0f) || !(o->max_grad_norm >= 0.0f))
@@ -263,6 +325,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     if (o->warmup_steps < 0 || o->max_seq_len < 0 || o->threads < 0 || o->threads > 1024)
         return tk_fail(err, "--warmup-steps and --max-seq-len must be >= 0, --threads in [0, 1024]");
     int threads = tk_set_threads(o->threads);
+    if (o->out_dir && make_dir(o->out_dir, err)) return -1; /* fail before training, not after */
 
     if (!(m = tk_llama_open(o->model_dir, err))) goto done;
     tk_peft_config pc = o->peft;
@@ -294,8 +357,31 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         goto done;
     }
 
-    double t0 = tk_time(), tokens_done = 0, first_loss = 0, last_loss = 0;
-    for (int step = 1; step <= o->steps; step++) {
+    tk_train_state st = {0};
+    if (!(config = options_json(o))) {
+        tk_fail(err, "out of memory");
+        goto done;
+    }
+    if (o->resume_dir) {
+        cJSON *saved = NULL;
+        if (tk_checkpoint_load(o->resume_dir, m, &st, &saved, err)) goto done;
+        int bad = check_resume_config(saved, config, o->resume_dir, err);
+        cJSON_Delete(saved);
+        if (bad) goto done;
+        if (st.step >= o->steps) {
+            tk_fail(err, "--resume %s: the checkpoint is at step %d and --steps is %d; nothing left to do", o->resume_dir,
+                    st.step, o->steps);
+            goto done;
+        }
+        rng.s[0] = st.rng[0];
+        rng.s[1] = st.rng[1];
+        if (!o->quiet) fprintf(stderr, "tspeft train: resuming %s at step %d\n", o->resume_dir, st.step + 1);
+    }
+    tk_stop_signal = 0;
+    install_signal_handlers(1);
+    double t0 = tk_time() - st.seconds;
+    const int first_step = st.step + 1;
+    for (int step = first_step; step <= o->steps; step++) {
         double ts = tk_time();
         if (build_step(&sb, data, &ro, step, o->batch_size, o->grad_accum, rows, err)) goto done;
         if (sb.targets == 0) {
@@ -322,49 +408,73 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             if (tk_llama_backward(m, acts, b->B, b->T, err)) goto done;
         }
         double loss = loss_sum / (double)sb.targets;
-        if (!isfinite(loss)) {
-            tk_fail(err, "step %d: the loss is not finite (%g); stopping", step, loss);
-            goto done;
-        }
-        size_t kept = 0, seen = 0;
-        FOR_EACH_ADAPTED(m, L, l, p) {
-            kept += L->stats.kept;
-            seen += L->stats.n;
-            if (L->gated && tk_gate_update(&m->peft.gate, &L->stats, step, &L->tau, &L->lambda)) {
-                tk_fail(err, "out of memory in the threshold step");
+        st.rows_used = (uint64_t)step * (uint64_t)o->grad_accum * (uint64_t)o->batch_size;
+        /* Non-finite loss or gradient: stop (default) or skip the step (no parameter, tau or moment
+         * changes), by policy; reported either way. */
+        double gnorm = tk_grad_norm(m->params.grad, m->params.total);
+        if (!isfinite(loss) || !isfinite(gnorm)) {
+            const char *what = !isfinite(loss) ? "loss" : "gradient norm";
+            if (!o->skip_nonfinite) {
+                tk_fail(err, "step %d: the %s is not finite (loss %g, gradient norm %g); stopping "
+                             "(--nonfinite skip would skip such steps)", step, what, loss, gnorm);
                 goto done;
             }
+            st.skipped++;
+            fprintf(stderr, "step %d/%d  the %s is not finite: step skipped (%d so far)\n", step, o->steps, what,
+                    st.skipped);
+        } else {
+            size_t kept = 0, seen = 0;
+            FOR_EACH_ADAPTED(m, L, l, p) {
+                kept += L->stats.kept;
+                seen += L->stats.n;
+                if (L->gated && tk_gate_update(&m->peft.gate, &L->stats, step, &L->tau, &L->lambda)) {
+                    tk_fail(err, "out of memory in the threshold step");
+                    goto done;
+                }
+            }
+            if (dumping) {
+                char path[4200];
+                const char *meta[] = {"format", "pt", NULL};
+                if (make_dir(o->dump_dir, err) || dump_step(&dump, m, (float)loss, err) ||
+                    tk_pathf(path, sizeof path, err, "%s/step1.safetensors", o->dump_dir) ||
+                    tk_st_write(path, dump.e, dump.n, meta, err))
+                    goto done;
+            }
+            tk_clip_grad_norm(m->params.grad, m->params.total, o->max_grad_norm);
+            float lr = tk_sched_lr(&sch, step - 1);
+            for (size_t i = 0; i < m->params.n; i++) {
+                const tk_param *p = &m->params.items[i];
+                size_t off = p->offset;
+                tk_adamw_update(m->params.data + off, m->params.grad + off, m->params.m + off, m->params.v + off,
+                                p->numel, lr, 0.9f, 0.999f, 1e-8f, p->decay ? o->weight_decay : 0.0f, step);
+            }
+            st.tokens += (double)sb.tokens;
+            if (step == 1) st.first_loss = loss;
+            st.last_loss = loss;
+            double now = tk_time(), el = now - t0;
+            if (!o->quiet && (step % o->log_every == 0 || step == o->steps || step == first_step))
+                fprintf(stderr, "step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  keep %.3f  %.0f tok/s  step %.2fs  eta %.0fs\n",
+                        step, o->steps, loss, lr, gnorm, seen ? (double)kept / (double)seen : 1.0,
+                        (double)sb.tokens / (now - ts), now - ts, el / step * (o->steps - step));
         }
-        if (dumping) {
-            char path[4096];
-            if (make_dir(o->dump_dir, err) || dump_step(&dump, m, (float)loss, err)) goto done;
-            snprintf(path, sizeof path, "%s/step1.safetensors", o->dump_dir);
-            const char *meta[] = {"format", "pt", NULL};
-            if (tk_st_write(path, dump.e, dump.n, meta, err)) goto done;
+        int last_done = step;
+        st.step = step;
+        st.rng[0] = rng.s[0];
+        st.rng[1] = rng.s[1];
+        st.seconds = tk_time() - t0;
+        int stopping = tk_stop_signal != 0;
+        if (o->out_dir && (stopping || (o->save_every > 0 && step % o->save_every == 0 && step < o->steps))) {
+            if (tk_checkpoint_save(o->out_dir, o->keep_checkpoints, m, &st, config, err)) goto done;
+            if (!o->quiet) fprintf(stderr, "tspeft train: checkpoint %s/checkpoint-%d saved\n", o->out_dir, step);
         }
-        double gnorm = tk_clip_grad_norm(m->params.grad, m->params.total, o->max_grad_norm);
-        if (!isfinite(gnorm)) {
-            tk_fail(err, "step %d: the gradient norm is not finite; stopping", step);
+        if (stopping) {
+            tk_fail(err, "stopped by signal %d after step %d%s%s", (int)tk_stop_signal, last_done,
+                    o->out_dir ? "; checkpoint saved, continue with --resume " : " (no --out: nothing saved)",
+                    o->out_dir ? o->out_dir : "");
+            rc = 128 + (int)tk_stop_signal;
             goto done;
         }
-        float lr = tk_sched_lr(&sch, step - 1);
-        for (size_t i = 0; i < m->params.n; i++) {
-            const tk_param *p = &m->params.items[i];
-            size_t off = p->offset;
-            tk_adamw_update(m->params.data + off, m->params.grad + off, m->params.m + off, m->params.v + off,
-                            p->numel, lr, 0.9f, 0.999f, 1e-8f, p->decay ? o->weight_decay : 0.0f, step);
-        }
-        tokens_done += (double)sb.tokens;
-        if (step == 1) first_loss = loss;
-        last_loss = loss;
-        double now = tk_time(), el = now - t0;
-        if (!o->quiet && (step % o->log_every == 0 || step == o->steps || step == 1))
-            fprintf(stderr, "step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  keep %.3f  %.0f tok/s  step %.2fs  eta %.0fs\n",
-                    step, o->steps, loss, lr, gnorm, seen ? (double)kept / (double)seen : 1.0,
-                    (double)sb.tokens / (now - ts), now - ts, el / step * (o->steps - step));
     }
-    double secs = tk_time() - t0;
-
     if (o->out_dir) {
         /* the loss of step 1's micro-batches under the final parameters (no dropout) */
         if (build_step(&sb, data, &ro, 1, o->batch_size, o->grad_accum, rows, err)) goto done;
@@ -374,11 +484,13 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             if (tk_llama_forward(m, acts, b->input_ids, b->attention_mask, b->B, b->T, 0, NULL, err)) goto done;
             s += tk_llama_loss(m, acts, b->labels, b->B, b->T, 0.0f, NULL);
         }
-        if (save_outputs(o, m, s / (double)sb.targets, first_loss, last_loss, secs, tokens_done, err)) goto done;
+        if (save_outputs(o, m, s / (double)sb.targets, &st, err)) goto done;
         if (!o->quiet) fprintf(stderr, "tspeft train: adapter written to %s\n", o->out_dir);
     }
     rc = 0;
 done:
+    install_signal_handlers(0);
+    cJSON_Delete(config);
     if (sb.mb)
         for (int k = 0; k < o->grad_accum; k++) tk_batch_free(&sb.mb[k]);
     free(sb.mb);

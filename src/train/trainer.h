@@ -21,7 +21,11 @@ typedef struct {
     const char *data_path;   /* pre-tokenized JSONL */
     const char *out_dir;     /* where the trained adapter goes, or NULL */
     const char *dump_dir;    /* first-step gradient dump, or NULL */
+    const char *resume_dir;  /* checkpoint directory to continue from (tk_checkpoint_resolve'd), or NULL */
     int steps, batch_size, grad_accum, threads, max_seq_len, log_every, shuffle, quiet;
+    int save_every;          /* checkpoint every N optimizer steps into out_dir/checkpoint-N (0: never) */
+    int keep_checkpoints;    /* keep the newest K checkpoints (0: all) */
+    int skip_nonfinite;      /* non-finite loss or gradient: 0 stop the run, 1 skip the step */
     uint64_t seed;
     float lr, weight_decay, max_grad_norm;
     tk_sched_kind sched;
@@ -30,6 +34,8 @@ typedef struct {
 } tk_train_opts;
 
 void tk_train_opts_default(tk_train_opts *o);
+/* Returns 0 on success, -1 on failure (err set), or 128 + signal number when SIGINT/SIGTERM stopped the
+ * run (a checkpoint was saved when out_dir is set; err says where). */
 int tk_train_run(const tk_train_opts *o, tk_err *err);
 
 #endif

@@ -35,7 +35,7 @@ demo: build
 sanitize: deps
 	cmake -S . -B build-san -DCMAKE_BUILD_TYPE=Debug -DTSPEFT_SANITIZE=ON
 	cmake --build build-san -j $(JOBS)
-	cd build-san && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure
+	cd build-san && ctest --output-on-failure
 
 clean:
 	rm -rf $(BUILD) build-san

@@ -7,5 +7,6 @@ int tk_cmd_train(int argc, char **argv);
 int tk_cmd_generate(int argc, char **argv);
 int tk_cmd_info(int argc, char **argv);
 int tk_cmd_merge(int argc, char **argv);
+int tk_cmd_bench(int argc, char **argv);
 
 #endif

@@ -168,6 +168,61 @@ fail:
     return NULL;
 }
 
+tk_llama *tk_llama_random(const tk_llama_config *cfg, uint64_t seed, tk_err *err) {
+    tk_llama *m = calloc(1, sizeof *m);
+    tk_llama_slot *slots = NULL;
+    if (!m) {
+        tk_fail(err, "out of memory");
+        return NULL;
+    }
+    m->cfg = *cfg;
+    const tk_llama_config *c = &m->cfg;
+    if (c->dim < 1 || c->hidden_dim < 1 || c->n_layers < 1 || c->n_heads < 1 || c->n_kv_heads < 1 ||
+        c->n_heads % c->n_kv_heads || c->head_dim < 2 || c->head_dim % 2 || c->vocab_size < 1) {
+        tk_fail(err, "invalid model shape");
+        goto fail;
+    }
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    slots = calloc(slot_capacity(c), sizeof *slots);
+    m->inv_freq = calloc((size_t)c->head_dim / 2, sizeof(float));
+    if (!m->layers || !slots || !m->inv_freq) {
+        tk_fail(err, "out of memory");
+        goto fail;
+    }
+    tk_llama_inv_freq(c, m->inv_freq);
+    for (int l = 0; l < c->n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            m->layers[l].proj[p].in = proj_in(c, p);
+            m->layers[l].proj[p].out = proj_out(c, p);
+        }
+    tk_peft_config_default(&m->peft);
+    m->peft.kind = TK_ADAPTER_NONE;
+    size_t ns = tk_llama_slots(m, slots), total = 0;
+    for (size_t i = 0; i < ns; i++) total += slots[i].rows * (slots[i].cols ? slots[i].cols : 1);
+    if (!(m->owned = tk_calloc(total, sizeof(float)))) {
+        tk_fail(err, "out of memory for %zu random weights (%.1f GiB)", total, total * 4.0 / (1u << 30));
+        goto fail;
+    }
+    tk_rng rng;
+    tk_rng_seed(&rng, seed);
+    const float a = 0.02f * 1.7320508f; /* U(-a, a) has std 0.02 */
+    size_t off = 0;
+    for (size_t i = 0; i < ns; i++) {
+        float *w = m->owned + off;
+        size_t n = slots[i].rows * (slots[i].cols ? slots[i].cols : 1);
+        for (size_t j = 0; j < n; j++) w[j] = slots[i].cols ? (2.0f * tk_rng_uniform(&rng) - 1.0f) * a : 1.0f;
+        *slots[i].data = w;
+        off += n;
+    }
+    if (c->tie_embeddings) m->lm_head = m->embed;
+    free(slots);
+    return m;
+fail:
+    free(slots);
+    tk_llama_close(m);
+    return NULL;
+}
+
 void tk_llama_close(tk_llama *m) {
     if (!m) return;
     if (m->layers)

@@ -48,6 +48,9 @@ typedef struct {
 } tk_llama;
 
 tk_llama *tk_llama_open(const char *dir, tk_err *err);
+/* A model of the given shape with random weights (uniform, std 0.02; norms 1), nothing read from
+ * disk: for benchmarks. */
+tk_llama *tk_llama_random(const tk_llama_config *cfg, uint64_t seed, tk_err *err);
 void tk_llama_close(tk_llama *m);
 
 /* One base tensor of the model: its HF name, data and gradient pointers and shape. */

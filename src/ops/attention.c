@@ -22,6 +22,7 @@
 #include <math.h>
 
 #include "common.h"
+#include "fastmath.h"
 
 /* One softmax row in place: scores [S] (already scaled) become probabilities over the visible keys
  * (j <= last and mask_b[j] != 0, mask_b [S] or NULL), zero elsewhere. */
@@ -36,13 +37,20 @@ static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last
         return;
     }
     double sum = 0.0;
-    for (size_t j = 0; j <= last; j++) {
-        if (mask_b && !mask_b[j]) {
-            row[j] = 0.0f;
-            continue;
+    if (mask_b) {
+#pragma omp simd reduction(+ : sum)
+        for (size_t j = 0; j <= last; j++) {
+            float e = mask_b[j] ? tk_expf(row[j] - m) : 0.0f;
+            row[j] = e;
+            sum += (double)e;
         }
-        row[j] = expf(row[j] - m);
-        sum += (double)row[j];
+    } else {
+#pragma omp simd reduction(+ : sum)
+        for (size_t j = 0; j <= last; j++) {
+            float e = tk_expf(row[j] - m);
+            row[j] = e;
+            sum += (double)e;
+        }
     }
     float inv = (float)(1.0 / sum);
     for (size_t j = 0; j <= last; j++) row[j] *= inv;

@@ -12,6 +12,7 @@
 #include <math.h>
 
 #include "common.h"
+#include "fastmath.h"
 
 #define TK_CE_IGNORE (-100)
 
@@ -28,7 +29,8 @@ static float row_max_sum(const float *row, size_t V, double *sum) {
     float m = -INFINITY;
     for (size_t v = 0; v < V; v++) m = row[v] > m ? row[v] : m;
     double s = 0.0;
-    for (size_t v = 0; v < V; v++) s += (double)expf(row[v] - m);
+#pragma omp simd reduction(+ : s)
+    for (size_t v = 0; v < V; v++) s += (double)tk_expf(row[v] - m);
     *sum = s;
     return m;
 }
@@ -75,9 +77,9 @@ void tk_cross_entropy_backward(float *dlogits, const float *logits, const int32_
         double sum;
         float m = row_max_sum(row, V, &sum);
         float inv = (float)(1.0 / sum);
-        for (size_t v = 0; v < V; v++) {
-            float p = expf(row[v] - m) * inv;
-            drow[v] = scale * (p - (v == (size_t)t ? 1.0f : 0.0f));
-        }
+        float p_t = tk_expf(row[t] - m) * inv; /* row may alias drow: read the target first */
+#pragma omp simd
+        for (size_t v = 0; v < V; v++) drow[v] = scale * (tk_expf(row[v] - m) * inv);
+        drow[t] = scale * (p_t - 1.0f);
     }
 }

@@ -9,6 +9,7 @@
 #include "ops/ops.h"
 
 #include "common.h"
+#include "fastmath.h"
 
 #include <math.h>
 
@@ -17,7 +18,7 @@ void tk_swiglu_forward(float *out, const float *gate, const float *up, size_t n)
 #pragma omp parallel for if (n >= TK_OMP_MIN_WORK)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = g / (1.0f + tk_expf(-g)) * up[i];
     }
 }
 
@@ -28,7 +29,7 @@ void tk_swiglu_backward(float *dgate, float *dup, const float *dout, const float
 #pragma omp parallel for if (n >= TK_OMP_MIN_WORK)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
-        float sig = 1.0f / (1.0f + expf(-g));
+        float sig = 1.0f / (1.0f + tk_expf(-g));
         if (dgate) dgate[i] += dout[i] * up[i] * sig * (1.0f + g * (1.0f - sig));
         if (dup) dup[i] += dout[i] * g * sig;
     }

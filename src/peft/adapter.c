@@ -161,6 +161,7 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
     tk_linear_forward(y, x, L->w0, N, I, O, 0.0f);
     if (L->kind == TK_ADAPTER_NONE) return 0;
     TK_ASSERT(N <= L->cap && N <= ws->n_tok && O <= ws->width && I <= ws->width && R <= ws->rank);
+    double t0 = tk_time();
 
     const float *xt = x;
     if (train && L->dropout > 0.0f) {
@@ -213,6 +214,7 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
         for (size_t i = 0; i < N; i++)
             if (!valid || valid[i])
                 if (tk_gate_stats_push_r(&L->stats, L->rr[i], L->S[i], err)) return -1;
+    ws->secs_branch_fwd += tk_time() - t0;
     return 0;
 }
 
@@ -235,13 +237,26 @@ static void scatter_dx(const tk_adapted_linear *L, float *dx, const float *d, co
     }
 }
 
+static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy, const float *x,
+                           const uint8_t *valid, size_t N, tk_err *err);
+
 int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
                         const float *x, const uint8_t *valid, size_t N, tk_err *err) {
-    size_t I = L->in, O = L->out, R = L->r;
+    size_t I = L->in, O = L->out;
     /* forward: b = x W0^T.  dx += dy W0;  dW0 += dy^T x */
     tk_linear_backward(dx, L->dw0, dy, x, L->w0, N, I, O);
     if (L->kind == TK_ADAPTER_NONE) return 0;
     TK_ASSERT(N <= L->cap && N <= ws->n_tok);
+    double t0 = tk_time();
+    int rc = branch_backward(L, ws, dx, dy, x, valid, N, err);
+    ws->secs_branch_bwd += tk_time() - t0;
+    return rc;
+}
+
+/* The adapter branch's share of the backward (everything but the base weight's dx). */
+static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy, const float *x,
+                           const uint8_t *valid, size_t N, tk_err *err) {
+    size_t I = L->in, O = L->out, R = L->r;
 
     const float *xt = L->dropout > 0.0f ? L->xd : x;
     const float s = L->scale;

@@ -43,6 +43,7 @@ typedef struct {
     int32_t *idx;  /* [N]      kept rows */
     float *ba;     /* [W, W]   DoRA's B A product, O x I (allocated only when DoRA is used) */
     size_t ba_cap;
+    double secs_branch_fwd, secs_branch_bwd; /* time spent in the adapter branch (benchmarks read it) */
 } tk_adapter_ws;
 
 int tk_adapter_ws_alloc(tk_adapter_ws *ws, size_t n_tok, size_t width, size_t rank, size_t ba_numel,

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""One configuration, timed in tspeft and in PyTorch side by side in one run; prints the ratios.
+
+    python3 examples/bench_vs_torch.py [--tspeft build/tspeft] [--threads 1,2] [--steps 5]
+        [--dim 768 --layers 12 --heads 12 --ffn 2048 --vocab 32000 --seq 512 --r 16]
+
+PyTorch runs the same model (LLaMA with LoRA r on all seven projections, the TS-PEFT gate applied as a
+per-token mask, frozen fp32 base weights so autograd skips their weight gradients, AdamW on the
+adapters) at each thread count in a fresh process (torch.set_num_threads); tspeft runs `tspeft bench`
+at its thread count. Reported: tokens/s of each, tspeft / best PyTorch, achieved GFLOP/s against the
+sgemm peak tspeft measured, and peak RSS of each process (ru_maxrss).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+TORCH_CHILD = r'''
+import json, math, resource, sys, time
+import torch
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
+torch.manual_seed(0)
+C, L, H, F, V, T, R = (cfg[k] for k in ("dim", "layers", "heads", "ffn", "vocab", "seq", "r"))
+D = C // H
+def w(o, i):
+    return torch.empty(o, i).uniform_(-0.0346, 0.0346)
+class Lin(torch.nn.Module):
+    def __init__(s, i, o):
+        super().__init__()
+        s.w = torch.nn.Parameter(w(o, i), requires_grad=False)
+        s.A = torch.nn.Parameter(torch.empty(R, i).uniform_(-1 / math.sqrt(i), 1 / math.sqrt(i)))
+        s.B = torch.nn.Parameter(torch.empty(o, R).uniform_(-0.01, 0.01))
+        s.tau = 0.0
+    def forward(s, x):
+        b = x @ s.w.t()
+        m = (x @ s.A.t()) @ s.B.t() * (cfg["alpha"] / R)
+        with torch.no_grad():
+            r = m.norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-6)
+            S = (r >= s.tau).to(x.dtype).unsqueeze(-1)
+        return b + S * m
+def rms(x, g):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+ang = torch.arange(T).float()[:, None] * inv[None]
+cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+def rope(x):
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+class Layer(torch.nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.q, s.k, s.v, s.o = Lin(C, C), Lin(C, C), Lin(C, C), Lin(C, C)
+        s.g, s.u, s.d = Lin(C, F), Lin(C, F), Lin(F, C)
+        s.n1 = torch.nn.Parameter(torch.ones(C), requires_grad=False)
+        s.n2 = torch.nn.Parameter(torch.ones(C), requires_grad=False)
+    def forward(s, x):
+        h = rms(x, s.n1)
+        q = rope(s.q(h).view(1, T, H, D).transpose(1, 2))
+        k = rope(s.k(h).view(1, T, H, D).transpose(1, 2))
+        v = s.v(h).view(1, T, H, D).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) \
+            if hasattr(torch.nn.functional, "scaled_dot_product_attention") else \
+            torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(
+                torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")), -1) @ v
+        x = x + s.o(a.transpose(1, 2).reshape(1, T, C))
+        h = rms(x, s.n2)
+        return x + s.d(torch.nn.functional.silu(s.g(h)) * s.u(h))
+class Model(torch.nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.emb = torch.nn.Parameter(w(V, C), requires_grad=False)
+        s.layers = torch.nn.ModuleList([Layer() for _ in range(L)])
+        s.norm = torch.nn.Parameter(torch.ones(C), requires_grad=False)
+        s.head = torch.nn.Parameter(w(V, C), requires_grad=False)
+    def forward(s, ids):
+        x = s.emb[ids]
+        for l in s.layers:
+            x = l(x)
+        return rms(x, s.norm) @ s.head.t()
+m = Model()
+opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+ids = torch.randint(0, V, (1, T))
+times = []
+for s in range(cfg["warmup"] + cfg["steps"]):
+    t = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    logits = m(ids)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    if s >= cfg["warmup"]:
+        times.append(time.perf_counter() - t)
+mean = sum(times) / len(times)
+print(json.dumps({"threads": cfg["threads"], "step_seconds": mean, "tokens_per_second": T / mean,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                  "torch": torch.__version__}))
+'''
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tspeft", default="build/tspeft")
+    ap.add_argument("--threads", default="1,2", help="PyTorch thread settings to try")
+    ap.add_argument("--tspeft-threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    for k, v in (("dim", 768), ("layers", 12), ("heads", 12), ("ffn", 2048), ("vocab", 32000), ("seq", 512), ("r", 16)):
+        ap.add_argument("--" + k, type=int, default=v)
+    ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--json", help="write all figures here")
+    a = ap.parse_args()
+    shape = {k: getattr(a, k) for k in ("dim", "layers", "heads", "ffn", "vocab", "seq", "r")}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        cmd = [a.tspeft, "bench", "--threads", str(a.tspeft_threads), "--steps", str(a.steps), "--warmup",
+               str(a.warmup), "--json", out, "--alpha", str(a.alpha)]
+        for k in ("dim", "layers", "heads", "ffn", "vocab", "seq", "r"):
+            cmd += ["--" + k, str(shape[k])]
+        subprocess.run(cmd, check=True)
+        ts = json.load(open(out))
+    torch_runs = []
+    for t in [int(x) for x in a.threads.split(",")]:
+        cfg = dict(shape, threads=t, steps=a.steps, warmup=a.warmup, alpha=a.alpha)
+        p = subprocess.run([sys.executable, "-c", TORCH_CHILD, json.dumps(cfg)], capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit("PyTorch run failed: " + p.stderr[-2000:])
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        torch_runs.append(r)
+        print("pytorch %s, %d threads: step %.3f s, %.0f tokens/s, peak RSS %.0f MiB" %
+              (r["torch"], t, r["step_seconds"], r["tokens_per_second"], r["peak_rss_mib"]))
+    best = max(torch_runs, key=lambda r: r["tokens_per_second"])
+    speed = ts["tokens_per_second"] / best["tokens_per_second"]
+    eff = ts["gflops"] / ts["sgemm_peak_gflops"]
+    mem = ts["peak_rss_mib"] / best["peak_rss_mib"]
+    print("tspeft, %d threads: step %.3f s, %.0f tokens/s, %.1f GFLOP/s, peak RSS %.0f MiB" %
+          (ts["threads"], ts["step_seconds"], ts["tokens_per_second"], ts["gflops"], ts["peak_rss_mib"]))
+    print("ratios: tokens/s tspeft / best PyTorch (%d threads) = %.2fx (target >= 1.6)" % (best["threads"], speed))
+    print("        achieved / sgemm peak = %.0f%% of %.1f GFLOP/s (target >= 75%%)" % (100 * eff, ts["sgemm_peak_gflops"]))
+    print("        peak RSS tspeft / PyTorch = %.2f (target <= 0.5)" % mem)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"tspeft": ts, "pytorch": torch_runs, "speed_ratio": speed, "peak_fraction": eff,
+                       "rss_ratio": mem}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

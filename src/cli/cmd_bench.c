@@ -1,0 +1,252 @@
+/* cmd_bench.c: `tspeft bench`: training-step speed and memory of a synthetic LLaMA of any shape
+ * (random weights, nothing read from disk), beside this machine's cblas_sgemm peak measured in the
+ * same run at the same thread count. */
+#include "../model/llama.h"
+#include "../ops/blas.h"
+#include "../train/optim.h"
+#include "args.h"
+#include "cli.h"
+
+#include <cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+static const char *USAGE =
+    "usage: tspeft bench [--dim 768 --layers 12 --heads 12 --ffn 2048 --vocab 32000 --seq 512 --batch 1]\n"
+    "                    [--r 16 --targets all --gate on --keep 1.0] [--steps 5 --warmup 1 --threads 2] [--json FILE]\n"
+    "Times full LoRA training steps (forward, loss, backward, AdamW) of a random LLaMA and prints tokens/s,\n"
+    "achieved GFLOP/s (counted from the shapes), peak RSS, the time spent in the adapter branches, and the\n"
+    "2048^3 cblas_sgemm peak of this machine at the same thread count. --keep forces the gate's keep ratio\n"
+    "(thresholds set from measured r and frozen).";
+
+/* Best GFLOP/s of an n^3 sgemm over reps runs. */
+static double sgemm_peak(size_t n, int reps) {
+    float *a = tk_calloc(n * n, sizeof(float)), *b = tk_calloc(n * n, sizeof(float)), *c = tk_calloc(n * n, sizeof(float));
+    double best = 0.0;
+    if (a && b && c) {
+        for (size_t i = 0; i < n * n; i++) a[i] = b[i] = 1e-3f * (float)(i % 97);
+        for (int r = 0; r < reps; r++) {
+            double t = tk_time();
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)n, (int)n, 1.0f, a, (int)n, b, (int)n, 0.0f,
+                        c, (int)n);
+            double g = 2.0 * n * n * n / (tk_time() - t) / 1e9;
+            if (g > best) best = g;
+        }
+    }
+    tk_free(a);
+    tk_free(b);
+    tk_free(c);
+    return best;
+}
+
+/* Matmul FLOPs of one dense training step (forward + backward, every token kept): frozen weights
+ * get only the dx product, adapters all four, attention is counted on the full T x T square that
+ * the kernels compute. */
+static double step_flops(const tk_llama *m, size_t B, size_t T) {
+    const tk_llama_config *c = &m->cfg;
+    double N = (double)(B * T), lin = 0.0, ad = 0.0;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            const tk_adapted_linear *L = &m->layers[l].proj[p];
+            lin += (double)L->in * L->out;
+            if (L->kind != TK_ADAPTER_NONE) ad += (double)L->r * (L->in + L->out);
+        }
+    lin += (double)c->vocab_size * c->dim; /* lm_head */
+    double attn = 4.0 * B * c->n_heads * (double)T * T * c->head_dim * c->n_layers;
+    return 2.0 * N * lin * 2.0 + attn * 3.0 + 2.0 * N * ad * 3.0;
+}
+
+/* Thresholds that keep a fraction `keep` of each gated module's tokens, then frozen. */
+static int force_keep(tk_llama *m, tk_llama_acts *a, const int32_t *ids, size_t B, size_t T, float keep, tk_err *err) {
+    if (tk_llama_forward(m, a, ids, NULL, B, T, 0, NULL, err)) return -1;
+    size_t N = B * T;
+    float *r = malloc(N * sizeof *r);
+    if (!r) return tk_fail(err, "out of memory");
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (L->kind == TK_ADAPTER_NONE || !L->gated) continue;
+            memcpy(r, L->rr, N * sizeof *r);
+            for (size_t i = 1; i < N; i++) /* insertion sort: N is a few thousand at most */
+                for (size_t j = i; j > 0 && r[j - 1] > r[j]; j--) {
+                    float t = r[j];
+                    r[j] = r[j - 1];
+                    r[j - 1] = t;
+                }
+            size_t drop = (size_t)((1.0f - keep) * (float)N);
+            L->tau = drop == 0 ? 0.0f : (drop >= N ? INFINITY : r[drop]);
+        }
+    free(r);
+    return 0;
+}
+
+int tk_cmd_bench(int argc, char **argv) {
+    tk_llama_config c = {0};
+    c.dim = 768;
+    c.hidden_dim = 2048;
+    c.n_layers = 12;
+    c.n_heads = 12;
+    c.n_kv_heads = 0;
+    c.vocab_size = 32000;
+    c.norm_eps = 1e-5f;
+    c.rope_theta = 10000.0f;
+    int seq = 512, batch = 1, r = 16, gate = 1, steps = 5, warmup = 1, threads = 2;
+    float keep = 1.0f, alpha = 32.0f;
+    const char *targets = "all", *json_path = NULL, *type = "lora";
+    uint64_t seed = 0;
+    tk_opt opts[] = {
+        {"dim", TK_OPT_INT, &c.dim, "C", "hidden size (default 768)", 0},
+        {"layers", TK_OPT_INT, &c.n_layers, "L", "layers (default 12)", 0},
+        {"heads", TK_OPT_INT, &c.n_heads, "H", "attention heads (default 12)", 0},
+        {"kv-heads", TK_OPT_INT, &c.n_kv_heads, "G", "key/value heads (default: heads)", 0},
+        {"ffn", TK_OPT_INT, &c.hidden_dim, "F", "MLP width (default 2048)", 0},
+        {"vocab", TK_OPT_INT, &c.vocab_size, "V", "vocabulary (default 32000)", 0},
+        {"seq", TK_OPT_INT, &seq, "T", "sequence length (default 512)", 0},
+        {"batch", TK_OPT_INT, &batch, "B", "sequences per step (default 1)", 0},
+        {"adapter-type", TK_OPT_STR, &type, "T", "lora | bottleneck | none (default lora)", 0},
+        {"r", TK_OPT_INT, &r, "N", "adapter rank (default 16)", 0},
+        {"alpha", TK_OPT_FLOAT, &alpha, "X", "lora_alpha (default 32)", 0},
+        {"targets", TK_OPT_STR, &targets, "LIST", "adapted projections (default all)", 0},
+        {"gate", TK_OPT_FLAG, &gate, "on|off", "TS-PEFT gate (default on)", 0},
+        {"keep", TK_OPT_FLOAT, &keep, "X", "forced keep ratio in [0,1] (default 1.0)", 0},
+        {"steps", TK_OPT_INT, &steps, "N", "timed steps (default 5)", 0},
+        {"warmup", TK_OPT_INT, &warmup, "N", "untimed steps first (default 1)", 0},
+        {"threads", TK_OPT_INT, &threads, "T", "threads (default 2)", 0},
+        {"seed", TK_OPT_U64, &seed, "S", "weights seed (default 0)", 0},
+        {"json", TK_OPT_STR, &json_path, "FILE", "also write the figures as JSON", 0},
+    };
+    int n = (int)(sizeof opts / sizeof opts[0]);
+    tk_err err = {0};
+    int pr = tk_args_parse(opts, n, argc, argv, USAGE, &err);
+    if (pr == 1) return 0;
+    if (pr < 0) {
+        fprintf(stderr, "tspeft bench: %s\n", err.msg);
+        return 2;
+    }
+    if (!c.n_kv_heads) c.n_kv_heads = c.n_heads;
+    c.head_dim = c.n_heads > 0 ? c.dim / c.n_heads : 0;
+    c.max_seq_len = seq;
+    int status = 1;
+    tk_llama *m = NULL;
+    tk_llama_acts *a = NULL;
+    int32_t *ids = NULL;
+    tk_peft_config pc;
+    tk_peft_config_default(&pc);
+    if (seq < 2 || batch < 1 || steps < 1 || warmup < 0 || !(keep >= 0.0f && keep <= 1.0f) || c.n_heads < 1 ||
+        c.dim % c.n_heads) {
+        tk_fail(&err, "need --seq >= 2, --batch >= 1, --steps >= 1, --keep in [0,1], dim divisible by heads");
+        goto done;
+    }
+    threads = tk_set_threads(threads);
+    if (strcmp(type, "lora") == 0) pc.kind = TK_ADAPTER_LORA;
+    else if (strcmp(type, "bottleneck") == 0) pc.kind = TK_ADAPTER_BOTTLENECK;
+    else if (strcmp(type, "none") == 0) pc.kind = TK_ADAPTER_NONE;
+    else {
+        tk_fail(&err, "--adapter-type: \"%s\" is not lora, bottleneck or none", type);
+        goto done;
+    }
+    pc.r = r;
+    pc.alpha = alpha;
+    if (tk_peft_parse_targets(targets, &pc.target_mask, &err)) goto done;
+    pc.gate.enabled = gate && pc.kind != TK_ADAPTER_NONE;
+    pc.gate.warmup_steps = 1 << 30; /* thresholds stay where --keep put them */
+    if (pc.kind == TK_ADAPTER_NONE) tk_peft_parse_save(&pc, "model.norm.weight", &err);
+    double sg_peak = sgemm_peak(2048, 3);
+    if (!(m = tk_llama_random(&c, seed, &err)) || tk_llama_attach(m, &pc, NULL, seed, &err)) goto done;
+    /* LoRA B starts at zero, which makes every r_i zero: give the branches a random state so the gate
+     * has something to decide on. */
+    tk_rng rng;
+    tk_rng_seed(&rng, seed + 1);
+    for (size_t i = 0; i < m->params.total; i++) m->params.data[i] += 0.01f * (2.0f * tk_rng_uniform(&rng) - 1.0f);
+    size_t B = (size_t)batch, T = (size_t)seq, N = B * T;
+    if (!(ids = malloc(N * sizeof *ids)) || !(a = tk_llama_acts_alloc(m, B, T, &err))) {
+        if (!err.msg[0]) tk_fail(&err, "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < N; i++) ids[i] = (int32_t)(tk_rng_u64(&rng) % (uint64_t)c.vocab_size);
+    if (pc.gate.enabled && force_keep(m, a, ids, B, T, keep, &err)) goto done;
+    double t_sum = 0.0, t_min = INFINITY, fwd = 0.0, bwd = 0.0, kept = 0.0, seen = 0.0;
+    for (int s = 0; s < warmup + steps; s++) {
+        m->ws.secs_branch_fwd = m->ws.secs_branch_bwd = 0.0;
+        double t0 = tk_time();
+        tk_params_zero_grad(&m->params);
+        for (int l = 0; l < c.n_layers; l++)
+            for (int p = 0; p < TK_NPROJ; p++) tk_gate_stats_reset(&m->layers[l].proj[p].stats);
+        size_t count = 0;
+        if (tk_llama_forward(m, a, ids, NULL, B, T, 1, &rng, &err)) goto done;
+        tk_llama_loss(m, a, ids, B, T, 1.0f / (float)(B * (T - 1)), &count);
+        if (tk_llama_backward(m, a, B, T, &err)) goto done;
+        tk_clip_grad_norm(m->params.grad, m->params.total, 1.0);
+        for (size_t i = 0; i < m->params.n; i++) {
+            const tk_param *p = &m->params.items[i];
+            tk_adamw_update(m->params.data + p->offset, m->params.grad + p->offset, m->params.m + p->offset,
+                            m->params.v + p->offset, p->numel, 1e-4f, 0.9f, 0.999f, 1e-8f, 0.0f, s + 1);
+        }
+        double dt = tk_time() - t0;
+        if (s < warmup) continue;
+        t_sum += dt;
+        t_min = dt < t_min ? dt : t_min;
+        fwd += m->ws.secs_branch_fwd;
+        bwd += m->ws.secs_branch_bwd;
+        for (int l = 0; l < c.n_layers; l++)
+            for (int p = 0; p < TK_NPROJ; p++) {
+                kept += (double)m->layers[l].proj[p].stats.kept;
+                seen += (double)m->layers[l].proj[p].stats.n;
+            }
+    }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double mean = t_sum / steps, flops = step_flops(m, B, T);
+    double rss_mib = (double)ru.ru_maxrss / 1024.0;
+    printf("bench: dim %d, %d layers, %d heads (kv %d), ffn %d, vocab %d, seq %d x batch %d, %s r=%d on %s, gate %s, "
+           "%d threads\n",
+           c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, seq, batch, type, r, targets,
+           pc.gate.enabled ? "on" : "off", threads);
+    printf("  step %.3f s (min %.3f)  %.0f tokens/s  %.1f GFLOP/s  sgemm peak %.1f GFLOP/s (%.0f%%)  peak RSS %.0f MiB\n",
+           mean, t_min, (double)N / mean, flops / mean / 1e9, sg_peak, 100.0 * flops / mean / 1e9 / sg_peak, rss_mib);
+    printf("  keep ratio %.3f  adapter branch: forward %.3f s, backward %.3f s per step\n", seen ? kept / seen : 1.0,
+           fwd / steps, bwd / steps);
+    if (json_path) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddNumberToObject(j, "dim", c.dim);
+        cJSON_AddNumberToObject(j, "layers", c.n_layers);
+        cJSON_AddNumberToObject(j, "heads", c.n_heads);
+        cJSON_AddNumberToObject(j, "kv_heads", c.n_kv_heads);
+        cJSON_AddNumberToObject(j, "ffn", c.hidden_dim);
+        cJSON_AddNumberToObject(j, "vocab", c.vocab_size);
+        cJSON_AddNumberToObject(j, "seq", seq);
+        cJSON_AddNumberToObject(j, "batch", batch);
+        cJSON_AddNumberToObject(j, "r", r);
+        cJSON_AddStringToObject(j, "adapter_type", type);
+        cJSON_AddBoolToObject(j, "gate", pc.gate.enabled);
+        cJSON_AddNumberToObject(j, "threads", threads);
+        cJSON_AddNumberToObject(j, "keep_ratio", seen ? kept / seen : 1.0);
+        cJSON_AddNumberToObject(j, "step_seconds", mean);
+        cJSON_AddNumberToObject(j, "step_seconds_min", t_min);
+        cJSON_AddNumberToObject(j, "tokens_per_second", (double)N / mean);
+        cJSON_AddNumberToObject(j, "gflops", flops / mean / 1e9);
+        cJSON_AddNumberToObject(j, "sgemm_peak_gflops", sg_peak);
+        cJSON_AddNumberToObject(j, "peak_rss_mib", rss_mib);
+        cJSON_AddNumberToObject(j, "adapter_forward_seconds", fwd / steps);
+        cJSON_AddNumberToObject(j, "adapter_backward_seconds", bwd / steps);
+        char *text = cJSON_Print(j);
+        cJSON_Delete(j);
+        if (!text || tk_write_file_atomic(json_path, text, strlen(text), &err)) {
+            free(text);
+            if (!err.msg[0]) tk_fail(&err, "out of memory");
+            goto done;
+        }
+        free(text);
+    }
+    status = 0;
+done:
+    if (status) fprintf(stderr, "tspeft bench: %s\n", err.msg);
+    free(ids);
+    tk_peft_config_free(&pc);
+    tk_llama_acts_free(m, a);
+    tk_llama_close(m);
+    return status;
+}

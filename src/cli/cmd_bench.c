@@ -93,7 +93,7 @@ int tk_cmd_bench(int argc, char **argv) {
     c.vocab_size = 32000;
     c.norm_eps = 1e-5f;
     c.rope_theta = 10000.0f;
-    int seq = 512, batch = 1, r = 16, gate = 1, steps = 5, warmup = 1, threads = 2;
+    int seq = 512, batch = 1, r = 16, gate = 1, steps = 5, warmup = 1, threads = 2, bf16 = 0;
     float keep = 1.0f, alpha = 32.0f;
     const char *targets = "all", *json_path = NULL, *type = "lora";
     uint64_t seed = 0;
@@ -116,6 +116,7 @@ int tk_cmd_bench(int argc, char **argv) {
         {"warmup", TK_OPT_INT, &warmup, "N", "untimed steps first (default 1)", 0},
         {"threads", TK_OPT_INT, &threads, "T", "threads (default 2)", 0},
         {"seed", TK_OPT_U64, &seed, "S", "weights seed (default 0)", 0},
+        {"bf16-weights", TK_OPT_FLAG, &bf16, NULL, "keep the frozen matrices BF16 in memory", 0},
         {"json", TK_OPT_STR, &json_path, "FILE", "also write the figures as JSON", 0},
     };
     int n = (int)(sizeof opts / sizeof opts[0]);
@@ -155,7 +156,7 @@ int tk_cmd_bench(int argc, char **argv) {
     pc.gate.warmup_steps = 1 << 30; /* thresholds stay where --keep put them */
     if (pc.kind == TK_ADAPTER_NONE) tk_peft_parse_save(&pc, "model.norm.weight", &err);
     double sg_peak = sgemm_peak(2048, 3);
-    if (!(m = tk_llama_random(&c, seed, &err)) || tk_llama_attach(m, &pc, NULL, seed, &err)) goto done;
+    if (!(m = tk_llama_random(&c, seed, bf16, &err)) || tk_llama_attach(m, &pc, NULL, seed, &err)) goto done;
     /* LoRA B starts at zero, which makes every r_i zero: give the branches a random state so the gate
      * has something to decide on. */
     tk_rng rng;
@@ -202,9 +203,9 @@ int tk_cmd_bench(int argc, char **argv) {
     double mean = t_sum / steps, flops = step_flops(m, B, T);
     double rss_mib = (double)ru.ru_maxrss / 1024.0;
     printf("bench: dim %d, %d layers, %d heads (kv %d), ffn %d, vocab %d, seq %d x batch %d, %s r=%d on %s, gate %s, "
-           "%d threads\n",
+           "%s weights, %d threads\n",
            c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, seq, batch, type, r, targets,
-           pc.gate.enabled ? "on" : "off", threads);
+           pc.gate.enabled ? "on" : "off", bf16 ? "BF16" : "fp32", threads);
     printf("  step %.3f s (min %.3f)  %.0f tokens/s  %.1f GFLOP/s  sgemm peak %.1f GFLOP/s (%.0f%%)  peak RSS %.0f MiB\n",
            mean, t_min, (double)N / mean, flops / mean / 1e9, sg_peak, 100.0 * flops / mean / 1e9 / sg_peak, rss_mib);
     printf("  keep ratio %.3f  adapter branch: forward %.3f s, backward %.3f s per step\n", seen ? kept / seen : 1.0,
@@ -223,6 +224,7 @@ int tk_cmd_bench(int argc, char **argv) {
         cJSON_AddStringToObject(j, "adapter_type", type);
         cJSON_AddBoolToObject(j, "gate", pc.gate.enabled);
         cJSON_AddNumberToObject(j, "threads", threads);
+        cJSON_AddBoolToObject(j, "bf16_weights", bf16);
         cJSON_AddNumberToObject(j, "keep_ratio", seen ? kept / seen : 1.0);
         cJSON_AddNumberToObject(j, "step_seconds", mean);
         cJSON_AddNumberToObject(j, "step_seconds_min", t_min);

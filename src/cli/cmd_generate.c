@@ -47,7 +47,7 @@ static long parse_ids(const char *s, int32_t **out, tk_err *err) {
 
 int tk_cmd_generate(int argc, char **argv) {
     const char *model_dir = NULL, *adapter_dir = NULL, *ids_arg = NULL;
-    int max_new = 32, eos = -1, threads = 0;
+    int max_new = 32, eos = -1, threads = 0, bf16 = 0;
     tk_opt opts[] = {
         {"model", TK_OPT_STR, &model_dir, "DIR", "Hugging Face LLaMA directory", 0},
         {"adapter", TK_OPT_STR, &adapter_dir, "DIR", "PEFT adapter directory (optional)", 0},
@@ -55,6 +55,7 @@ int tk_cmd_generate(int argc, char **argv) {
         {"max-new-tokens", TK_OPT_INT, &max_new, "N", "tokens to generate (default 32)", 0},
         {"eos", TK_OPT_INT, &eos, "ID", "stop after this id (default: none)", 0},
         {"threads", TK_OPT_INT, &threads, "T", "threads (default: all cores)", 0},
+        {"bf16-weights", TK_OPT_FLAG, &bf16, NULL, "keep BF16 base matrices BF16 in memory", 0},
     };
     int n = (int)(sizeof opts / sizeof opts[0]);
     tk_err err = {0};
@@ -75,7 +76,7 @@ int tk_cmd_generate(int argc, char **argv) {
     tk_set_threads(threads);
     long np = parse_ids(ids_arg, &ids, &err);
     if (np < 0) goto done;
-    if (!(m = tk_llama_open(model_dir, &err))) goto done;
+    if (!(m = tk_llama_open_ex(model_dir, bf16, &err))) goto done;
     tk_peft_config pc;
     tk_peft_config_default(&pc);
     pc.kind = TK_ADAPTER_NONE;

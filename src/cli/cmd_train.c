@@ -41,6 +41,7 @@ int tk_cmd_train(int argc, char **argv) {
         {"max-grad-norm", TK_OPT_FLOAT, &o.max_grad_norm, "X", "global-norm clipping, 0 = off (default 1.0)", 0},
         {"max-seq-len", TK_OPT_INT, &o.max_seq_len, "N", "truncate rows to N tokens (default: the model's)", 0},
         {"shuffle", TK_OPT_FLAG, &o.shuffle, NULL, "seeded shuffle of the rows every epoch (default: file order)", 0},
+        {"bf16-weights", TK_OPT_FLAG, &o.bf16_weights, NULL, "keep BF16 base matrices BF16 in memory (half the RAM; exact)", 0},
         {"threads", TK_OPT_INT, &o.threads, "T", "OpenMP and BLAS threads (default: all cores)", 0},
         {"seed", TK_OPT_U64, &o.seed, "S", "seed for adapter init, dropout and shuffling (default 42)", 0},
         {"log-every", TK_OPT_INT, &o.log_every, "N", "progress line every N steps (default 1)", 0},

@@ -59,37 +59,40 @@ static size_t proj_out(const tk_llama_config *c, int p) {
 size_t tk_llama_slots(tk_llama *m, tk_llama_slot *s) {
     const tk_llama_config *c = &m->cfg;
     size_t n = 0, V = (size_t)c->vocab_size, C = (size_t)c->dim;
-#define SLOT(nm, d, g, r, cl)                                                                       \
+#define SLOT(nm, d, g, b, r, cl)                                                                    \
     do {                                                                                           \
         snprintf(s[n].name, TK_NAME_MAX, "%s", nm);                                                \
         s[n].data = (d);                                                                           \
         s[n].grad = (g);                                                                           \
+        s[n].bf16 = (b);                                                                           \
         s[n].rows = (r);                                                                           \
         s[n].cols = (cl);                                                                          \
         n++;                                                                                       \
     } while (0)
-    SLOT("model.embed_tokens.weight", &m->embed, &m->d_embed, V, C);
+    SLOT("model.embed_tokens.weight", &m->embed, &m->d_embed, &m->embed_bf16, V, C);
     for (int l = 0; l < c->n_layers; l++) {
         tk_llama_layer *ly = &m->layers[l];
         char nm[TK_NAME_MAX];
         snprintf(nm, sizeof nm, "model.layers.%d.input_layernorm.weight", l);
-        SLOT(nm, &ly->attn_norm, &ly->d_attn_norm, C, 0);
+        SLOT(nm, &ly->attn_norm, &ly->d_attn_norm, NULL, C, 0);
         for (int p = 0; p < TK_NPROJ; p++) {
             snprintf(nm, sizeof nm, "model.layers.%d.%s.%s.weight", l, tk_proj_block[p], tk_proj_short[p]);
-            SLOT(nm, &ly->proj[p].w0, &ly->proj[p].dw0, proj_out(c, p), proj_in(c, p));
+            SLOT(nm, &ly->proj[p].w0, &ly->proj[p].dw0, &ly->proj[p].w0_bf16, proj_out(c, p), proj_in(c, p));
         }
         snprintf(nm, sizeof nm, "model.layers.%d.post_attention_layernorm.weight", l);
-        SLOT(nm, &ly->ffn_norm, &ly->d_ffn_norm, C, 0);
+        SLOT(nm, &ly->ffn_norm, &ly->d_ffn_norm, NULL, C, 0);
     }
-    SLOT("model.norm.weight", &m->final_norm, &m->d_final_norm, C, 0);
-    if (!c->tie_embeddings) SLOT("lm_head.weight", &m->lm_head, &m->d_lm_head, V, C);
+    SLOT("model.norm.weight", &m->final_norm, &m->d_final_norm, NULL, C, 0);
+    if (!c->tie_embeddings) SLOT("lm_head.weight", &m->lm_head, &m->d_lm_head, &m->lm_head_bf16, V, C);
 #undef SLOT
     return n;
 }
 
 static size_t slot_capacity(const tk_llama_config *c) { return 3 + 9 * (size_t)c->n_layers; }
 
-tk_llama *tk_llama_open(const char *dir, tk_err *err) {
+tk_llama *tk_llama_open(const char *dir, tk_err *err) { return tk_llama_open_ex(dir, 0, err); }
+
+tk_llama *tk_llama_open_ex(const char *dir, int keep_bf16, tk_err *err) {
     tk_llama *m = calloc(1, sizeof *m);
     tk_llama_slot *slots = NULL;
     const tk_st_tensor **ts = NULL;
@@ -138,6 +141,7 @@ tk_llama *tk_llama_open(const char *dir, tk_err *err) {
             goto fail;
         }
         const void *p = tk_st_data(fs[i], ts[i]);
+        if (keep_bf16 && slots[i].bf16 && ts[i]->dtype == TK_DT_BF16 && !((uintptr_t)p & 1u)) continue;
         if (ts[i]->dtype != TK_DT_F32 || ((uintptr_t)p & 3u)) owned += ts[i]->numel;
     }
     if (owned && !(m->owned = tk_calloc(owned, sizeof(float)))) {
@@ -147,7 +151,11 @@ tk_llama *tk_llama_open(const char *dir, tk_err *err) {
     size_t off = 0;
     for (size_t i = 0; i < ns; i++) {
         const void *p = tk_st_data(fs[i], ts[i]);
-        if (ts[i]->dtype == TK_DT_F32 && !((uintptr_t)p & 3u)) {
+        if (keep_bf16 && slots[i].bf16 && ts[i]->dtype == TK_DT_BF16 && !((uintptr_t)p & 1u)) {
+            *slots[i].bf16 = (const uint16_t *)p; /* stays BF16, memory-mapped */
+            *slots[i].data = NULL;
+            m->bf16 = 1;
+        } else if (ts[i]->dtype == TK_DT_F32 && !((uintptr_t)p & 3u)) {
             *slots[i].data = (float *)p; /* read-only mapping; trainable copies are made on attach */
         } else {
             *slots[i].data = m->owned + off;
@@ -155,7 +163,10 @@ tk_llama *tk_llama_open(const char *dir, tk_err *err) {
             off += ts[i]->numel;
         }
     }
-    if (c->tie_embeddings) m->lm_head = m->embed;
+    if (c->tie_embeddings) {
+        m->lm_head = m->embed;
+        m->lm_head_bf16 = m->embed_bf16;
+    }
     free(slots);
     free(ts);
     free(fs);
@@ -168,7 +179,7 @@ fail:
     return NULL;
 }
 
-tk_llama *tk_llama_random(const tk_llama_config *cfg, uint64_t seed, tk_err *err) {
+tk_llama *tk_llama_random(const tk_llama_config *cfg, uint64_t seed, int bf16, tk_err *err) {
     tk_llama *m = calloc(1, sizeof *m);
     tk_llama_slot *slots = NULL;
     if (!m) {
@@ -197,10 +208,13 @@ tk_llama *tk_llama_random(const tk_llama_config *cfg, uint64_t seed, tk_err *err
         }
     tk_peft_config_default(&m->peft);
     m->peft.kind = TK_ADAPTER_NONE;
-    size_t ns = tk_llama_slots(m, slots), total = 0;
-    for (size_t i = 0; i < ns; i++) total += slots[i].rows * (slots[i].cols ? slots[i].cols : 1);
+    size_t ns = tk_llama_slots(m, slots), total = 0; /* in floats; BF16 matrices take half */
+    for (size_t i = 0; i < ns; i++) {
+        size_t n = slots[i].rows * (slots[i].cols ? slots[i].cols : 1);
+        total += bf16 && slots[i].bf16 ? (n + 1) / 2 : n;
+    }
     if (!(m->owned = tk_calloc(total, sizeof(float)))) {
-        tk_fail(err, "out of memory for %zu random weights (%.1f GiB)", total, total * 4.0 / (1u << 30));
+        tk_fail(err, "out of memory for random weights (%.1f GiB)", total * 4.0 / (1u << 30));
         goto fail;
     }
     tk_rng rng;
@@ -208,13 +222,25 @@ tk_llama *tk_llama_random(const tk_llama_config *cfg, uint64_t seed, tk_err *err
     const float a = 0.02f * 1.7320508f; /* U(-a, a) has std 0.02 */
     size_t off = 0;
     for (size_t i = 0; i < ns; i++) {
-        float *w = m->owned + off;
         size_t n = slots[i].rows * (slots[i].cols ? slots[i].cols : 1);
-        for (size_t j = 0; j < n; j++) w[j] = slots[i].cols ? (2.0f * tk_rng_uniform(&rng) - 1.0f) * a : 1.0f;
-        *slots[i].data = w;
-        off += n;
+        if (bf16 && slots[i].bf16) {
+            uint16_t *w = (uint16_t *)(m->owned + off);
+            for (size_t j = 0; j < n; j++) w[j] = tk_f32_to_bf16((2.0f * tk_rng_uniform(&rng) - 1.0f) * a);
+            *slots[i].bf16 = w;
+            *slots[i].data = NULL;
+            m->bf16 = 1;
+            off += (n + 1) / 2;
+        } else {
+            float *w = m->owned + off;
+            for (size_t j = 0; j < n; j++) w[j] = slots[i].cols ? (2.0f * tk_rng_uniform(&rng) - 1.0f) * a : 1.0f;
+            *slots[i].data = w;
+            off += n;
+        }
     }
-    if (c->tie_embeddings) m->lm_head = m->embed;
+    if (c->tie_embeddings) {
+        m->lm_head = m->embed;
+        m->lm_head_bf16 = m->embed_bf16;
+    }
     free(slots);
     return m;
 fail:
@@ -316,6 +342,17 @@ static int is_adapted_weight(const tk_llama *m, const tk_llama_slot *s) {
     return 0;
 }
 
+/* Trainable tensors that were BF16-resident: fp32 copies now live in the trainable block (the slot's
+ * data pointer was bound to it); convert, and stop using the BF16 copy. */
+static void fill_from_bf16(tk_llama_slot *slots, size_t ns) {
+    for (size_t j = 0; j < ns; j++) {
+        if (!slots[j].bf16 || !*slots[j].bf16 || !*slots[j].data) continue;
+        size_t n = slots[j].rows * (slots[j].cols ? slots[j].cols : 1);
+        for (size_t i = 0; i < n; i++) (*slots[j].data)[i] = tk_bf16_to_f32((*slots[j].bf16)[i]);
+        *slots[j].bf16 = NULL;
+    }
+}
+
 static int register_saved_tensors(tk_llama *m, tk_llama_slot *slots, size_t ns, tk_err *err) {
     /* "all": every base tensor that carries no adapter (full fine-tuning, or pretraining) */
     if (m->peft.n_save == 1 && strcmp(m->peft.save[0], "all") == 0) {
@@ -340,6 +377,7 @@ static int register_saved_tensors(tk_llama *m, tk_llama_slot *slots, size_t ns, 
         char nm[TK_NAME_MAX + 32];
         snprintf(nm, sizeof nm, "base_model.model.%s", want);
         int64_t shape[2] = {(int64_t)slots[j].rows, (int64_t)slots[j].cols};
+        /* a BF16-resident tensor gets its fp32 trainable copy in fill_from_bf16, after allocation */
         if (tk_params_add(&m->params, nm, slots[j].cols ? 2 : 1, shape, slot_decays(want),
                           slots[j].data, slots[j].grad, *slots[j].data, err))
             return -1;
@@ -438,12 +476,19 @@ int tk_llama_attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_d
     size_t ns = tk_llama_slots(m, slots);
     int rc = register_adapters(m, err) || register_saved_tensors(m, slots, ns, err) ||
              tk_params_alloc(&m->params, err);
+    if (rc == 0) fill_from_bf16(slots, ns);
     free(slots);
     if (rc) return -1;
     if (m->cfg.tie_embeddings) {
         m->lm_head = m->embed;
         m->d_lm_head = m->d_embed;
+        m->lm_head_bf16 = m->embed_bf16;
     }
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++)
+            if (m->layers[l].proj[p].kind == TK_ADAPTER_DORA && !m->layers[l].proj[p].w0)
+                return tk_fail(err, "DoRA needs fp32 base weights (its magnitude uses ||W0 + s B A||): "
+                                    "load the model without BF16-resident weights");
     if (adapter_dir) return load_adapter_tensors(m, adapter_dir, err);
     init_adapters(m, seed);
     return 0;
@@ -559,9 +604,18 @@ static int alloc_adapter_acts(tk_llama *m, size_t n, tk_err *err) {
             L->stats = keep;
             if (tk_adapted_alloc(L, n, err)) return -1;
         }
-    if (m->ws.n_tok >= n) return 0;
-    tk_adapter_ws_free(&m->ws);
-    return tk_adapter_ws_alloc(&m->ws, n, width, m->max_rank, ba, err);
+    if (m->ws.n_tok < n) {
+        tk_adapter_ws_free(&m->ws);
+        if (tk_adapter_ws_alloc(&m->ws, n, width, m->max_rank, ba, err)) return -1;
+    }
+    if (m->bf16 && !m->ws.wconv) { /* conversion block: 4M floats, at least one row of any matrix */
+        size_t need = (size_t)1 << 22;
+        if (need < width) need = width;
+        if (need < (size_t)c->dim) need = (size_t)c->dim;
+        if (!(m->ws.wconv = tk_calloc(need, sizeof(float)))) return tk_fail(err, "out of memory");
+        m->ws.wconv_n = need;
+    }
+    return 0;
 }
 
 tk_llama_acts *tk_llama_acts_alloc(tk_llama *m, size_t B, size_t T, tk_err *err) {
@@ -603,6 +657,20 @@ void tk_llama_acts_free(tk_llama *m, tk_llama_acts *a) {
 
 /* ---- forward and backward --------------------------------------------------------------------- */
 
+/* out [N,C] = embedding rows of ids, from the fp32 or the BF16-resident table. */
+static void embed_rows(const tk_llama *m, float *out, const int32_t *ids, size_t N) {
+    size_t C = (size_t)m->cfg.dim;
+    if (m->embed) tk_embedding_forward(out, ids, m->embed, N, C);
+    else tk_embedding_bf16_forward(out, ids, m->embed_bf16, N, C);
+}
+
+/* logits [N,V] = xn lm_head^T */
+static void head_forward(tk_llama *m, float *logits, const float *xn, size_t N) {
+    size_t C = (size_t)m->cfg.dim, V = (size_t)m->cfg.vocab_size;
+    if (m->lm_head) tk_linear_forward(logits, xn, m->lm_head, N, C, V, 0.0f);
+    else tk_linear_bf16_forward(logits, xn, m->lm_head_bf16, N, C, V, 0.0f, m->ws.wconv, m->ws.wconv_n);
+}
+
 int tk_llama_forward(tk_llama *m, tk_llama_acts *a, const int32_t *ids, const uint8_t *mask, size_t B,
                      size_t T, int train, tk_rng *rng, tk_err *err) {
     const tk_llama_config *c = &m->cfg;
@@ -615,7 +683,7 @@ int tk_llama_forward(tk_llama *m, tk_llama_acts *a, const int32_t *ids, const ui
     }
     a->ids = ids;
     tk_adapter_ws *ws = &m->ws;
-    tk_embedding_forward(a->saved[0].x, ids, m->embed, N, C);
+    embed_rows(m, a->saved[0].x, ids, N);
     for (int l = 0; l < c->n_layers; l++) {
         struct tk_llama_saved *s = &a->saved[l];
         tk_adapted_linear *P = m->layers[l].proj;
@@ -639,7 +707,7 @@ int tk_llama_forward(tk_llama *m, tk_llama_acts *a, const int32_t *ids, const ui
         for (size_t i = 0; i < N * C; i++) out[i] = s->x2[i] + a->tmp[i];
     }
     tk_rmsnorm_forward(a->xn_final, a->rstd_final, a->x_final, m->final_norm, N, C, c->norm_eps);
-    tk_linear_forward(a->logits, a->xn_final, m->lm_head, N, C, V, 0.0f);
+    head_forward(m, a->logits, a->xn_final, N);
     return 0;
 }
 
@@ -667,7 +735,8 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
     tk_adapter_ws *ws = &m->ws;
     /* logits = xn_f lm_head^T;  xn_f = rmsnorm(x_L) */
     memset(a->dxn, 0, N * C * sizeof(float));
-    tk_linear_backward(a->dxn, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
+    if (m->lm_head) tk_linear_backward(a->dxn, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
+    else tk_linear_bf16_backward(a->dxn, a->logits, m->lm_head_bf16, N, C, V, m->ws.wconv, m->ws.wconv_n);
     memset(a->dres, 0, N * C * sizeof(float));
     tk_rmsnorm_backward(a->dres, m->d_final_norm, a->dxn, a->x_final, m->final_norm, a->rstd_final, N, C);
     for (int l = c->n_layers - 1; l >= 0; l--) {
@@ -735,7 +804,7 @@ long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size
     size_t T = n_prompt;
     while (1) {
         /* run T new tokens at positions pos..pos+T-1 through the stack, filling the cache */
-        tk_embedding_forward(x, chunk, m->embed, T, C);
+        embed_rows(m, x, chunk, T);
         for (size_t l = 0; l < L; l++) {
             tk_adapted_linear *P = m->layers[l].proj;
             float *kl = kc + l * S * GD, *vl = vc + l * S * GD;
@@ -760,7 +829,7 @@ long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size
         /* only the last position's logits are needed */
         float *xl = x + (T - 1) * C;
         tk_rmsnorm_forward(xn, rstd, xl, m->final_norm, 1, C, c->norm_eps);
-        tk_linear_forward(logits, xn, m->lm_head, 1, C, V, 0.0f);
+        head_forward(m, logits, xn, 1);
         size_t best = 0;
         for (size_t v = 1; v < V; v++)
             if (logits[v] > logits[best]) best = v;
@@ -808,6 +877,7 @@ int tk_llama_merge(const tk_llama *mc, const char *model_dir, const char *out_di
     tk_llama *m = (tk_llama *)mc; /* slots need non-const pointers; nothing is modified */
     if (m->peft.kind == TK_ADAPTER_BOTTLENECK)
         return tk_fail(err, "a bottleneck adapter adds a non-linear branch and cannot be merged into the weights");
+    if (m->bf16) return tk_fail(err, "merging needs fp32 weights: load the model without BF16-resident weights");
     size_t cap = slot_capacity(&m->cfg);
     tk_llama_slot *slots = calloc(cap, sizeof *slots);
     tk_st_entry *e = calloc(cap, sizeof *e);

@@ -37,6 +37,8 @@ typedef struct {
     float *embed, *d_embed;          /* [V,C] */
     float *final_norm, *d_final_norm;/* [C] */
     float *lm_head, *d_lm_head;      /* [V,C] (the embedding when tied) */
+    const uint16_t *embed_bf16, *lm_head_bf16; /* [V,C] when kept BF16 (then embed/lm_head are NULL) */
+    int bf16;                        /* some frozen weights are BF16-resident */
     tk_llama_layer *layers;          /* [n_layers] */
     float *inv_freq;                 /* [D/2] */
     float *rope_cos, *rope_sin;      /* [rope_len, D/2], grown on demand */
@@ -48,16 +50,21 @@ typedef struct {
 } tk_llama;
 
 tk_llama *tk_llama_open(const char *dir, tk_err *err);
+/* keep_bf16: matrices stored as BF16 in the files stay BF16 in memory (memory-mapped, converted block
+ * by block for each product): half the memory of fp32, bit-identical results (BF16 -> fp32 is exact).
+ * DoRA and merging need fp32 weights. */
+tk_llama *tk_llama_open_ex(const char *dir, int keep_bf16, tk_err *err);
 /* A model of the given shape with random weights (uniform, std 0.02; norms 1), nothing read from
- * disk: for benchmarks. */
-tk_llama *tk_llama_random(const tk_llama_config *cfg, uint64_t seed, tk_err *err);
+ * disk: for benchmarks. bf16: keep the matrices BF16. */
+tk_llama *tk_llama_random(const tk_llama_config *cfg, uint64_t seed, int bf16, tk_err *err);
 void tk_llama_close(tk_llama *m);
 
 /* One base tensor of the model: its HF name, data and gradient pointers and shape. */
 typedef struct {
     char name[TK_NAME_MAX];
     float **data, **grad;
-    size_t rows, cols; /* cols 0 for vectors */
+    const uint16_t **bf16; /* where a BF16-resident copy goes (NULL for norms, always fp32) */
+    size_t rows, cols;     /* cols 0 for vectors */
 } tk_llama_slot;
 /* Fills slots (capacity: 3 + 9 * n_layers) with every base tensor; returns the count. */
 size_t tk_llama_slots(tk_llama *m, tk_llama_slot *slots);

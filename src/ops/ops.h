@@ -92,4 +92,34 @@ double tk_cross_entropy_forward(float *losses, const float *logits, const int32_
 void tk_cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets,
                                size_t N, size_t V, float scale);
 
+/* ---- memory-efficient (tiled, FlashAttention-2 style) attention -------------------------------- */
+/* Same semantics as tk_attention_forward, without the [B,H,T,S] probs: query and key blocks are
+ * visited with an online softmax and only the row log-sum-exp is kept for the backward.
+ * out [B,T,H*D] (overwritten), lse [B,H,T] (overwritten: log sum_j exp(scaled masked score), -INFINITY
+ * for a row that sees no key), q [B,T,H*D], k, v [B,S,G*D], key_mask [B,S] or NULL,
+ * scratch [tk_attention_tiled_scratch(T, S, D)]. */
+void tk_attention_tiled_forward(float *out, float *lse, const float *q, const float *k,
+                                const float *v, const uint8_t *key_mask, size_t B, size_t T,
+                                size_t S, size_t H, size_t G, size_t D, float *scratch);
+/* forward: out = softmax(q k^T / sqrt(D) + mask) v.  dq [B,T,H*D] +=, dk, dv [B,S,G*D] += (or NULL).
+ * out and lse are the forward's outputs, key_mask its mask; scratch as for the forward. Rows that see
+ * no key get zero gradients. */
+void tk_attention_tiled_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
+                                 const float *out, const float *lse, const float *q, const float *k,
+                                 const float *v, const uint8_t *key_mask, size_t B, size_t T,
+                                 size_t S, size_t H, size_t G, size_t D);
+/* Floats of scratch either tiled kernel needs: 2*bq*bk + 2*bq with bq = min(128, T), bk = min(256, S),
+ * at most 65792 whatever T and S. */
+size_t tk_attention_tiled_scratch(size_t T, size_t S, size_t D);
+
+/* ---- BF16-resident frozen weights (linear_bf16.c) ---------------------------------------------- */
+/* As tk_linear_forward / the dx half of tk_linear_backward, with w [O,I] stored as BF16 and converted
+ * block by block into scratch (scratch_n floats, at least I). */
+void tk_linear_bf16_forward(float *y, const float *x, const uint16_t *w, size_t N, size_t I, size_t O, float beta,
+                            float *scratch, size_t scratch_n);
+void tk_linear_bf16_backward(float *dx, const float *dy, const uint16_t *w, size_t N, size_t I, size_t O,
+                             float *scratch, size_t scratch_n);
+/* out [N,C] = fp32(table[ids[n]]), table [V,C] BF16. */
+void tk_embedding_bf16_forward(float *out, const int32_t *ids, const uint16_t *table, size_t N, size_t C);
+
 #endif

@@ -44,6 +44,8 @@ typedef struct {
     float *ba;     /* [W, W]   DoRA's B A product, O x I (allocated only when DoRA is used) */
     size_t ba_cap;
     double secs_branch_fwd, secs_branch_bwd; /* time spent in the adapter branch (benchmarks read it) */
+    float *wconv;  /* [wconv_n] BF16 -> fp32 conversion block for BF16-resident base weights */
+    size_t wconv_n;
 } tk_adapter_ws;
 
 int tk_adapter_ws_alloc(tk_adapter_ws *ws, size_t n_tok, size_t width, size_t rank, size_t ba_numel,
@@ -58,7 +60,8 @@ typedef struct {
     float dropout;
     tk_act act;
     /* base weight */
-    float *w0;       /* [O,I] (read-only unless the base weight is trainable) */
+    float *w0;       /* [O,I] (read-only unless the base weight is trainable); NULL when BF16-resident */
+    const uint16_t *w0_bf16; /* [O,I] the base weight kept as BF16 (LoRA and bottleneck only) */
     float *dw0;      /* [O,I], NULL when frozen */
     /* branch parameters: views into the trainable block (NULL for kind NONE) */
     float *A, *dA;     /* [R,I]  lora_A, or adapter_down */

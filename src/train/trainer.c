@@ -327,7 +327,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     int threads = tk_set_threads(o->threads);
     if (o->out_dir && make_dir(o->out_dir, err)) return -1; /* fail before training, not after */
 
-    if (!(m = tk_llama_open(o->model_dir, err))) goto done;
+    if (!(m = tk_llama_open_ex(o->model_dir, o->bf16_weights, err))) goto done;
     tk_peft_config pc = o->peft;
     if (tk_llama_attach(m, &pc, o->adapter_dir, o->seed, err)) goto done;
     snprintf(m->peft.base_model, sizeof m->peft.base_model, "%s", o->model_dir);

@@ -26,6 +26,7 @@ typedef struct {
     int save_every;          /* checkpoint every N optimizer steps into out_dir/checkpoint-N (0: never) */
     int keep_checkpoints;    /* keep the newest K checkpoints (0: all) */
     int skip_nonfinite;      /* non-finite loss or gradient: 0 stop the run, 1 skip the step */
+    int bf16_weights;        /* keep BF16 base matrices BF16 in memory (tk_llama_open_ex) */
     uint64_t seed;
     float lr, weight_decay, max_grad_norm;
     tk_sched_kind sched;

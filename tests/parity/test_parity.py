@@ -56,6 +56,13 @@ CASES = [
     # BF16 base weights and BF16 adapter tensors (thresholds stay F32)
     dict(name="b_lora_bf16", seed=202, model=dict(dtype="BF16", kv_heads=2),
          adapter=dict(kind="lora", targets=ALL7, dtype="BF16")),
+    # the same with the base matrices kept BF16 in memory (--bf16-weights), tied embeddings and the
+    # bottleneck adapter on top: conversion is exact, so the tolerances are unchanged
+    dict(name="b2_bf16_resident_tied", seed=212, model=dict(dtype="BF16", kv_heads=2, tie=True),
+         adapter=dict(kind="lora", targets=ALL7), args=["--bf16-weights"]),
+    dict(name="b3_bf16_resident_bottleneck_save", seed=213, model=dict(dtype="BF16", kv_heads=1),
+         adapter=dict(kind="bottleneck", targets=["up_proj", "down_proj"], act="relu",
+                      modules_to_save=["model.norm.weight", "lm_head.weight"]), args=["--bf16-weights"]),
     # ts_peft with only "rule": every other field takes its documented default
     dict(name="c_tied_mha_defaults", seed=303, model=dict(kv_heads=4, tie=True),
          adapter=dict(kind="lora", targets=["q_proj", "v_proj", "o_proj", "down_proj"],
@@ -224,7 +231,7 @@ def run_case(spec, tspeft, keep=False, timeout=120):
         cmd = prog + ["train", "--model", fx["model"], "--adapter", fx["adapter"], "--data", fx["data"],
                       "--steps", "1", "--batch-size", str(fx["batch_size"]), "--lr", "0",
                       "--grad-accum", str(fx["grad_accum"]), "--dump", out, "--threads", "2",
-                      "--seed", "0"]
+                      "--seed", "0"] + list(spec.get("args", []))
         env = dict(os.environ, OMP_NUM_THREADS="2")
         try:
             p = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

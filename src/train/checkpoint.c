@@ -103,28 +103,68 @@ static long checkpoint_step(const char *name) {
     return *end ? -1 : v;
 }
 
-/* Keeps the newest keep_last checkpoints (0 keeps all) and removes the temporary directories of saves
- * whose process is gone (a kill -9 during a save). */
+/* The pid in a temporary name "<...>.tmp.<pid>" or ".staging.<pid>", or -1. */
+static long temp_owner(const char *name) {
+    const char *p = strstr(name, ".tmp.");
+    if (p) p += 5;
+    else if (strncmp(name, ".staging.", 9) == 0) p = name + 9;
+    else return -1;
+    char *end;
+    long pid = strtol(p, &end, 10);
+    return (*end || pid <= 0) ? -1 : pid;
+}
+
+void tk_checkpoint_clean_stale(const char *out_dir) {
+    DIR *d = opendir(out_dir);
+    if (!d) return;
+    struct dirent *de;
+    char path[4400], **doomed = NULL;
+    size_t n = 0;
+    while ((de = readdir(d))) {
+        long pid = temp_owner(de->d_name);
+        if (pid < 0 || pid == (long)getpid() || !(kill((pid_t)pid, 0) != 0 && errno == ESRCH)) continue;
+        char **t = realloc(doomed, (n + 1) * sizeof *t);
+        if (!t) break;
+        doomed = t;
+        if ((doomed[n] = strdup(de->d_name))) n++;
+    }
+    closedir(d);
+    for (size_t i = 0; i < n; i++) {
+        snprintf(path, sizeof path, "%s/%s", out_dir, doomed[i]);
+        struct stat sb;
+        if (lstat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
+            /* a staging directory may hold temp files of its own */
+            DIR *dd = opendir(path);
+            if (dd) {
+                struct dirent *e2;
+                char inner[4800];
+                while ((e2 = readdir(dd)))
+                    if (strcmp(e2->d_name, ".") && strcmp(e2->d_name, "..")) {
+                        snprintf(inner, sizeof inner, "%s/%s", path, e2->d_name);
+                        remove(inner);
+                    }
+                closedir(dd);
+            }
+            rmdir(path);
+        } else {
+            remove(path);
+        }
+        free(doomed[i]);
+    }
+    free(doomed);
+}
+
+/* Keeps the newest keep_last checkpoints (0 keeps all). */
 static void prune(const char *out_dir, int keep_last, long newest) {
+    tk_checkpoint_clean_stale(out_dir);
+    if (keep_last <= 0) return;
     DIR *d = opendir(out_dir);
     if (!d) return;
     struct dirent *de;
     char path[4400];
-    char **doomed = NULL;
     long *steps = NULL;
-    size_t n_doomed = 0, n = 0;
+    size_t n = 0;
     while ((de = readdir(d))) {
-        const char *tmp = strstr(de->d_name, ".tmp.");
-        if (strncmp(de->d_name, "checkpoint-", 11) == 0 && tmp) {
-            long pid = atol(tmp + 5);
-            if (pid != (long)getpid() && kill((pid_t)pid, 0) != 0 && errno == ESRCH) {
-                char **t = realloc(doomed, (n_doomed + 1) * sizeof *t);
-                if (!t) break;
-                doomed = t;
-                if ((doomed[n_doomed] = strdup(de->d_name))) n_doomed++;
-            }
-            continue;
-        }
         long s = checkpoint_step(de->d_name);
         if (s < 0 || s > newest) continue;
         long *t = realloc(steps, (n + 1) * sizeof *t);
@@ -133,12 +173,7 @@ static void prune(const char *out_dir, int keep_last, long newest) {
         steps[n++] = s;
     }
     closedir(d);
-    for (size_t i = 0; i < n_doomed; i++) {
-        snprintf(path, sizeof path, "%s/%s", out_dir, doomed[i]);
-        remove_dir(path);
-        free(doomed[i]);
-    }
-    for (size_t i = 0; keep_last > 0 && i < n; i++) {
+    for (size_t i = 0; i < n; i++) {
         size_t newer = 0;
         for (size_t j = 0; j < n; j++) newer += steps[j] > steps[i];
         if (newer >= (size_t)keep_last) {
@@ -146,7 +181,6 @@ static void prune(const char *out_dir, int keep_last, long newest) {
             remove_dir(path);
         }
     }
-    free(doomed);
     free(steps);
 }
 

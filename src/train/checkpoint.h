@@ -38,6 +38,9 @@ typedef struct {
 /* config: the effective configuration (a JSON object, not consumed). */
 int tk_checkpoint_save(const char *out_dir, int keep_last, const tk_llama *m, const tk_train_state *st,
                        const cJSON *config, tk_err *err);
+/* Removes what a killed process left in out_dir: checkpoint-*.tmp.<pid> and .staging.<pid>
+ * directories and *.tmp.<pid> files whose process no longer exists. */
+void tk_checkpoint_clean_stale(const char *out_dir);
 /* path is a checkpoint directory, or a run directory holding `latest`. Writes the checkpoint
  * directory into out. */
 int tk_checkpoint_resolve(const char *path, char *out, size_t n, tk_err *err);

@@ -159,7 +159,8 @@ static cJSON *options_json(const tk_train_opts *o) {
     if (!c) return NULL;
     cJSON_AddStringToObject(c, "model", o->model_dir);
     cJSON_AddStringToObject(c, "data", o->data_path);
-    if (o->adapter_dir) cJSON_AddStringToObject(c, "adapter_init", o->adapter_dir);
+    if (o->resume_dir) cJSON_AddStringToObject(c, "resumed_from", o->resume_dir);
+    else if (o->adapter_dir) cJSON_AddStringToObject(c, "adapter_init", o->adapter_dir);
     cJSON_AddNumberToObject(c, "steps", o->steps);
     cJSON_AddNumberToObject(c, "batch_size", o->batch_size);
     cJSON_AddNumberToObject(c, "grad_accum", o->grad_accum);
@@ -325,7 +326,10 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     if (o->warmup_steps < 0 || o->max_seq_len < 0 || o->threads < 0 || o->threads > 1024)
         return tk_fail(err, "--warmup-steps and --max-seq-len must be >= 0, --threads in [0, 1024]");
     int threads = tk_set_threads(o->threads);
-    if (o->out_dir && make_dir(o->out_dir, err)) return -1; /* fail before training, not after */
+    if (o->out_dir) { /* fail before training, not after; clear what killed runs left behind */
+        if (make_dir(o->out_dir, err)) return -1;
+        tk_checkpoint_clean_stale(o->out_dir);
+    }
 
     if (!(m = tk_llama_open_ex(o->model_dir, o->bf16_weights, err))) goto done;
     tk_peft_config pc = o->peft;
@@ -462,7 +466,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         st.rng[0] = rng.s[0];
         st.rng[1] = rng.s[1];
         st.seconds = tk_time() - t0;
-        int stopping = tk_stop_signal != 0;
+        int stopping = tk_stop_signal != 0 && step < o->steps; /* on the last step: finish and save */
         if (o->out_dir && (stopping || (o->save_every > 0 && step % o->save_every == 0 && step < o->steps))) {
             if (tk_checkpoint_save(o->out_dir, o->keep_checkpoints, m, &st, config, err)) goto done;
             if (!o->quiet) fprintf(stderr, "tspeft train: checkpoint %s/checkpoint-%d saved\n", o->out_dir, step);

@@ -19,7 +19,31 @@ int tk_fail(tk_err *err, const char *fmt, ...) {
         va_start(ap, fmt);
         vsnprintf(err->msg, sizeof err->msg, fmt, ap);
         va_end(ap);
+        tk_err_one_line(err);
     }
+    return -1;
+}
+
+/* Strings quoted from input files (a JSON name with a newline, say) must not split the one-line
+ * error: control bytes become '?'. */
+void tk_err_one_line(tk_err *err) {
+    for (char *c = err->msg; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
+}
+
+int tk_err_prefix(tk_err *err, const char *prefix) {
+    if (!err || strncmp(err->msg, prefix, strlen(prefix)) == 0) return -1;
+    char tmp[sizeof err->msg];
+    size_t n = strlen(prefix);
+    if (n > sizeof tmp - 3) n = sizeof tmp - 3;
+    memcpy(tmp, prefix, n);
+    memcpy(tmp + n, ": ", 2);
+    size_t room = sizeof tmp - n - 2;
+    size_t m = strnlen(err->msg, room - 1);
+    memcpy(tmp + n + 2, err->msg, m);
+    tmp[n + 2 + m] = '\0';
+    memcpy(err->msg, tmp, sizeof tmp);
+    tk_err_one_line(err);
     return -1;
 }
 

@@ -20,6 +20,10 @@ typedef struct {
 /* Writes a printf-style message into err (when err is not NULL); returns -1 so callers can
  * `return tk_fail(err, ...)`. */
 int tk_fail(tk_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Puts "prefix: " before the message unless it already starts with it; returns -1. */
+int tk_err_prefix(tk_err *err, const char *prefix);
+/* Replaces control bytes in the message so it prints on one line. */
+void tk_err_one_line(tk_err *err);
 
 /* Always-on assertion for internal invariants: prints file:line and aborts. */
 #define TK_ASSERT(cond)                                                                            \

@@ -461,8 +461,23 @@ done:
     return rc;
 }
 
+static int attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir, uint64_t seed,
+                  tk_err *err);
+
+/* Errors about an adapter directory's configuration name its adapter_config.json. */
 int tk_llama_attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir, uint64_t seed,
                     tk_err *err) {
+    if (attach(m, pc, adapter_dir, seed, err) == 0) return 0;
+    if (adapter_dir && err && !strstr(err->msg, adapter_dir)) {
+        char where[1024];
+        snprintf(where, sizeof where, "%s/adapter_config.json", adapter_dir);
+        tk_err_prefix(err, where);
+    }
+    return -1;
+}
+
+static int attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir, uint64_t seed,
+                  tk_err *err) {
     TK_ASSERT(m->params.n == 0);
     if (copy_peft_config(&m->peft, pc, err)) return -1;
     for (int i = 0; i < pc->n_layer_sel; i++)

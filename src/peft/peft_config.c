@@ -201,17 +201,27 @@ static int parse_targets_json(ctx *c, tk_peft_config *pc, const cJSON *t) {
     return 0;
 }
 
+/* A JSON number as a layer index; checked before the cast (a double beyond long is undefined). */
+static int json_layer(ctx *c, tk_peft_config *pc, const cJSON *e) {
+    double v = e->valuedouble;
+    if (v != floor(v) || !(v >= 0 && v < TK_MAX_LAYERS))
+        return tk_fail(c->err, "%s: layers_to_transform: %.17g is not a layer index (an integer in [0, %d))",
+                       c->path, v, TK_MAX_LAYERS);
+    if (add_layer(pc, (long)v, c->err)) return tk_err_prefix(c->err, c->path);
+    return 0;
+}
+
 static int parse_layers_json(ctx *c, tk_peft_config *pc, const cJSON *l) {
     pc->n_layer_sel = 0;
     if (!l) return 0;
-    if (cJSON_IsNumber(l)) return add_layer(pc, (long)l->valuedouble, c->err);
+    if (cJSON_IsNumber(l)) return json_layer(c, pc, l);
     if (!cJSON_IsArray(l))
         return tk_fail(c->err, "%s: \"layers_to_transform\" must be null, an integer or a list", c->path);
     const cJSON *e;
     cJSON_ArrayForEach(e, l) {
-        if (!cJSON_IsNumber(e) || e->valuedouble != floor(e->valuedouble))
+        if (!cJSON_IsNumber(e))
             return tk_fail(c->err, "%s: layers_to_transform entries must be integers", c->path);
-        if (add_layer(pc, (long)e->valuedouble, c->err)) return -1;
+        if (json_layer(c, pc, e)) return -1;
     }
     return 0;
 }

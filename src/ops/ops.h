@@ -108,8 +108,8 @@ void tk_attention_tiled_backward(float *dq, float *dk, float *dv, float *scratch
                                  const float *out, const float *lse, const float *q, const float *k,
                                  const float *v, const uint8_t *key_mask, size_t B, size_t T,
                                  size_t S, size_t H, size_t G, size_t D);
-/* Floats of scratch either tiled kernel needs: 2*bq*bk + 2*bq with bq = min(128, T), bk = min(256, S),
- * at most 65792 whatever T and S. */
+/* Floats of scratch either tiled kernel needs: 2*bq*bk + 2*bq with bq = min(64, T), bk = min(256, S),
+ * so at most 32896 whatever T and S (D is not used). */
 size_t tk_attention_tiled_scratch(size_t T, size_t S, size_t D);
 
 /* ---- BF16-resident frozen weights (linear_bf16.c) ---------------------------------------------- */

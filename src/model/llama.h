@@ -97,6 +97,8 @@ struct tk_llama_acts {
     int32_t *targets;/* [B*T] shifted labels */
     uint8_t *valid;  /* [B*T] attention mask */
     const int32_t *ids;
+    const uint8_t *kinds; /* [B*T] TK_KIND_* of each position (datasets/shard.h), set by the caller
+                             before tk_llama_forward; NULL when unknown. Read by gate statistics. */
     /* private: per-layer saved tensors and scratch */
     struct tk_llama_saved *saved;
     float *buf;      /* one block holding everything below */

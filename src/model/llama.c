@@ -13,6 +13,7 @@
 
 #include "../ops/blas.h"
 #include "../ops/ops.h"
+#include "../../datasets/shard.h" /* TK_KIND_IMAGE */
 
 #include <math.h>
 #include <stdio.h>
@@ -679,6 +680,14 @@ static void embed_rows(const tk_llama *m, float *out, const int32_t *ids, size_t
     else tk_embedding_bf16_forward(out, ids, m->embed_bf16, N, C);
 }
 
+/* Visual tokens: rows whose kind is TK_KIND_IMAGE take the caller's embeddings (projector output)
+ * instead of their placeholder ids' embedding rows. */
+static void splice_image_rows(const tk_llama_acts *a, float *x, size_t N, size_t C) {
+    if (!a->image_embeds || !a->kinds) return;
+    for (size_t i = 0; i < N; i++)
+        if (a->kinds[i] == TK_KIND_IMAGE) memcpy(x + i * C, a->image_embeds + i * C, C * sizeof(float));
+}
+
 /* logits [N,V] = xn lm_head^T */
 static void head_forward(tk_llama *m, float *logits, const float *xn, size_t N) {
     size_t C = (size_t)m->cfg.dim, V = (size_t)m->cfg.vocab_size;
@@ -699,6 +708,7 @@ int tk_llama_forward(tk_llama *m, tk_llama_acts *a, const int32_t *ids, const ui
     a->ids = ids;
     tk_adapter_ws *ws = &m->ws;
     embed_rows(m, a->saved[0].x, ids, N);
+    splice_image_rows(a, a->saved[0].x, N, C);
     for (int l = 0; l < c->n_layers; l++) {
         struct tk_llama_saved *s = &a->saved[l];
         tk_adapted_linear *P = m->layers[l].proj;
@@ -786,6 +796,12 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
             return -1;
         tk_rmsnorm_backward(a->dres, ly->d_attn_norm, a->dxn, s->x, ly->attn_norm, s->rstd1, N, C);
     }
+    if (a->image_embeds && a->kinds) /* spliced rows: their gradient goes to the projector, not the table */
+        for (size_t i = 0; i < N; i++)
+            if (a->kinds[i] == TK_KIND_IMAGE) {
+                if (a->d_image_embeds) memcpy(a->d_image_embeds + i * C, a->dres + i * C, C * sizeof(float));
+                memset(a->dres + i * C, 0, C * sizeof(float));
+            }
     if (m->d_embed) tk_embedding_backward(m->d_embed, a->dres, a->ids, N, C);
     return 0;
 }

@@ -99,6 +99,10 @@ struct tk_llama_acts {
     const int32_t *ids;
     const uint8_t *kinds; /* [B*T] TK_KIND_* of each position (datasets/shard.h), set by the caller
                              before tk_llama_forward; NULL when unknown. Read by gate statistics. */
+    const float *image_embeds; /* [B*T, C] or NULL: rows of TK_KIND_IMAGE positions replace the token
+                                  embedding (visual tokens from the projector); other rows unread */
+    float *d_image_embeds;     /* [B*T, C] or NULL: backward WRITES dLoss/d(image_embeds) on the
+                                  TK_KIND_IMAGE rows (other rows untouched) */
     /* private: per-layer saved tensors and scratch */
     struct tk_llama_saved *saved;
     float *buf;      /* one block holding everything below */

@@ -806,77 +806,173 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
     return 0;
 }
 
+/* ---- KV-cached inference ---------------------------------------------------------------------- */
+
+/* The keys and values of the positions run so far for one sequence, and the scratch of one step of
+ * up to max_chunk new tokens (S = max_len positions). */
+struct tk_llama_kv {
+    size_t max_len, max_chunk, len;
+    size_t L, GD;
+    float *buf;                 /* one block holding everything below */
+    float *kc, *vc;             /* [L, S, G*D] keys (after rope) and values */
+    float *x, *xn, *tmp, *rstd; /* [n,C], [n,C], [n,C], [n] */
+    float *q, *att;             /* [n,H*D] */
+    float *g, *u, *h;           /* [n,F] */
+    float *probs;               /* [H, n, S] */
+};
+
+tk_llama_kv *tk_llama_kv_alloc(tk_llama *m, size_t max_len, size_t max_chunk, tk_err *err) {
+    const tk_llama_config *c = &m->cfg;
+    size_t C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
+    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads;
+    size_t HD = H * D, GD = G * D, S = max_len, L = (size_t)c->n_layers, n = max_chunk;
+    if (max_len == 0 || max_chunk == 0 || max_chunk > max_len) {
+        tk_fail(err, "KV cache: need 1 <= max_chunk (%zu) <= max_len (%zu)", max_chunk, max_len);
+        return NULL;
+    }
+    if (ensure_rope(m, S, err) || alloc_adapter_acts(m, n, err)) return NULL;
+    tk_llama_kv *kv = calloc(1, sizeof *kv);
+    if (!kv) {
+        tk_fail(err, "out of memory");
+        return NULL;
+    }
+    kv->max_len = S;
+    kv->max_chunk = n;
+    kv->L = L;
+    kv->GD = GD;
+    size_t total = 2 * L * S * GD + n * (3 * C + 1 + 2 * HD + 3 * F) + H * n * S;
+    if (!(kv->buf = tk_calloc(total, sizeof(float)))) {
+        tk_fail(err, "out of memory for a %zu-token KV cache", S);
+        free(kv);
+        return NULL;
+    }
+    kv->kc = kv->buf;
+    kv->vc = kv->kc + L * S * GD;
+    kv->x = kv->vc + L * S * GD;
+    kv->xn = kv->x + n * C;
+    kv->tmp = kv->xn + n * C;
+    kv->rstd = kv->tmp + n * C;
+    kv->q = kv->rstd + n;
+    kv->att = kv->q + n * HD;
+    kv->g = kv->att + n * HD;
+    kv->u = kv->g + n * F;
+    kv->h = kv->u + n * F;
+    kv->probs = kv->h + n * F;
+    return kv;
+}
+
+void tk_llama_kv_free(tk_llama_kv *kv) {
+    if (!kv) return;
+    tk_free(kv->buf);
+    free(kv);
+}
+
+size_t tk_llama_kv_len(const tk_llama_kv *kv) { return kv->len; }
+
+void tk_llama_kv_reset(tk_llama_kv *kv) { kv->len = 0; }
+
+int tk_llama_kv_copy(tk_llama_kv *dst, const tk_llama_kv *src, tk_err *err) {
+    if (dst == src) return 0;
+    if (dst->L != src->L || dst->GD != src->GD)
+        return tk_fail(err, "KV cache copy between caches of different models");
+    if (src->len > dst->max_len)
+        return tk_fail(err, "KV cache copy: %zu positions do not fit in a cache of %zu", src->len, dst->max_len);
+    size_t row = src->len * src->GD;
+    for (size_t l = 0; l < src->L; l++) {
+        memcpy(dst->kc + l * dst->max_len * dst->GD, src->kc + l * src->max_len * src->GD, row * sizeof(float));
+        memcpy(dst->vc + l * dst->max_len * dst->GD, src->vc + l * src->max_len * src->GD, row * sizeof(float));
+    }
+    dst->len = src->len;
+    return 0;
+}
+
+int tk_llama_step(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, size_t T, float *logits, tk_err *err) {
+    const tk_llama_config *c = &m->cfg;
+    size_t C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
+    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, V = (size_t)c->vocab_size;
+    size_t GD = G * D, S = kv->max_len, L = (size_t)c->n_layers, pos = kv->len;
+    TK_ASSERT(kv->L == L && kv->GD == GD);
+    if (T == 0 || T > kv->max_chunk)
+        return tk_fail(err, "KV step of %zu tokens (this cache takes 1 to %zu at once)", T, kv->max_chunk);
+    if (pos + T > S)
+        return tk_fail(err, "KV cache full: %zu + %zu positions exceed its %zu", pos, T, S);
+    for (size_t i = 0; i < T; i++)
+        if (ids[i] < 0 || (size_t)ids[i] >= V)
+            return tk_fail(err, "token id %d at position %zu is outside the vocabulary [0, %zu)", ids[i],
+                           pos + i, V);
+    float *x = kv->x, *xn = kv->xn, *tmp = kv->tmp, *rstd = kv->rstd, *q = kv->q, *att = kv->att;
+    float *g = kv->g, *u = kv->u, *h = kv->h, *probs = kv->probs;
+    tk_adapter_ws *ws = &m->ws;
+    /* run T new tokens at positions pos..pos+T-1 through the stack, filling the cache */
+    embed_rows(m, x, ids, T);
+    for (size_t l = 0; l < L; l++) {
+        tk_adapted_linear *P = m->layers[l].proj;
+        float *kl = kv->kc + l * S * GD, *vl = kv->vc + l * S * GD;
+        tk_rmsnorm_forward(xn, rstd, x, m->layers[l].attn_norm, T, C, c->norm_eps);
+        if (tk_adapted_forward(&P[TK_PROJ_Q], ws, q, xn, NULL, T, 0, NULL, err) ||
+            tk_adapted_forward(&P[TK_PROJ_K], ws, kl + pos * GD, xn, NULL, T, 0, NULL, err) ||
+            tk_adapted_forward(&P[TK_PROJ_V], ws, vl + pos * GD, xn, NULL, T, 0, NULL, err))
+            return -1;
+        tk_rope_forward(q, m->rope_cos, m->rope_sin, 1, T, H, D, pos);
+        tk_rope_forward(kl + pos * GD, m->rope_cos, m->rope_sin, 1, T, G, D, pos);
+        tk_attention_forward(att, probs, q, kl, vl, NULL, 1, T, pos + T, H, G, D);
+        if (tk_adapted_forward(&P[TK_PROJ_O], ws, tmp, att, NULL, T, 0, NULL, err)) return -1;
+        for (size_t i = 0; i < T * C; i++) x[i] += tmp[i];
+        tk_rmsnorm_forward(xn, rstd, x, m->layers[l].ffn_norm, T, C, c->norm_eps);
+        if (tk_adapted_forward(&P[TK_PROJ_GATE], ws, g, xn, NULL, T, 0, NULL, err) ||
+            tk_adapted_forward(&P[TK_PROJ_UP], ws, u, xn, NULL, T, 0, NULL, err))
+            return -1;
+        tk_swiglu_forward(h, g, u, T * F);
+        if (tk_adapted_forward(&P[TK_PROJ_DOWN], ws, tmp, h, NULL, T, 0, NULL, err)) return -1;
+        for (size_t i = 0; i < T * C; i++) x[i] += tmp[i];
+    }
+    kv->len = pos + T;
+    /* only the last position's logits are needed */
+    float *xl = x + (T - 1) * C;
+    tk_rmsnorm_forward(xn, rstd, xl, m->final_norm, 1, C, c->norm_eps);
+    head_forward(m, logits, xn, 1);
+    return 0;
+}
+
 /* ---- generation ------------------------------------------------------------------------------- */
 
 long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size_t max_new,
                        int32_t eos, int32_t *out, tk_err *err) {
-    const tk_llama_config *c = &m->cfg;
-    size_t C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
-    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, V = (size_t)c->vocab_size;
-    size_t HD = H * D, GD = G * D, S = n_prompt + max_new, L = (size_t)c->n_layers;
+    size_t V = (size_t)m->cfg.vocab_size;
     if (n_prompt == 0) return tk_fail(err, "the prompt is empty");
     for (size_t i = 0; i < n_prompt; i++)
         if (prompt[i] < 0 || (size_t)prompt[i] >= V)
             return tk_fail(err, "prompt id %d at position %zu is outside the vocabulary [0, %zu)",
                            prompt[i], i, V);
-    if (ensure_rope(m, S, err) || alloc_adapter_acts(m, n_prompt, err)) return -1;
-    size_t n = n_prompt; /* rows of the widest chunk */
-    size_t total = 2 * L * S * GD + n * (3 * C + 1 + 2 * HD + 3 * F) + H * n * S + V + n * S;
-    float *buf = tk_calloc(total, sizeof(float));
-    if (!buf) return tk_fail(err, "out of memory for a %zu-token KV cache", S);
-    float *kc = buf, *vc = kc + L * S * GD, *x = vc + L * S * GD, *xn = x + n * C, *tmp = xn + n * C;
-    float *rstd = tmp + n * C, *q = rstd + n, *att = q + n * HD, *g = att + n * HD, *u = g + n * F;
-    float *h = u + n * F, *probs = h + n * F, *logits = probs + H * n * S, *scratch = logits + V;
-    tk_adapter_ws *ws = &m->ws;
+    if (max_new == 0) return 0;
+    tk_llama_kv *kv = tk_llama_kv_alloc(m, n_prompt + max_new, n_prompt, err);
+    float *logits = malloc(V * sizeof(float));
+    if (!kv || !logits) {
+        if (kv) tk_fail(err, "out of memory");
+        tk_llama_kv_free(kv);
+        free(logits);
+        return -1;
+    }
     long produced = 0;
-    size_t pos = 0;
     const int32_t *chunk = prompt;
-    int32_t next;
     size_t T = n_prompt;
     while (1) {
-        /* run T new tokens at positions pos..pos+T-1 through the stack, filling the cache */
-        embed_rows(m, x, chunk, T);
-        for (size_t l = 0; l < L; l++) {
-            tk_adapted_linear *P = m->layers[l].proj;
-            float *kl = kc + l * S * GD, *vl = vc + l * S * GD;
-            tk_rmsnorm_forward(xn, rstd, x, m->layers[l].attn_norm, T, C, c->norm_eps);
-            if (tk_adapted_forward(&P[TK_PROJ_Q], ws, q, xn, NULL, T, 0, NULL, err) ||
-                tk_adapted_forward(&P[TK_PROJ_K], ws, kl + pos * GD, xn, NULL, T, 0, NULL, err) ||
-                tk_adapted_forward(&P[TK_PROJ_V], ws, vl + pos * GD, xn, NULL, T, 0, NULL, err))
-                goto fail;
-            tk_rope_forward(q, m->rope_cos, m->rope_sin, 1, T, H, D, pos);
-            tk_rope_forward(kl + pos * GD, m->rope_cos, m->rope_sin, 1, T, G, D, pos);
-            tk_attention_forward(att, probs, q, kl, vl, NULL, 1, T, pos + T, H, G, D);
-            if (tk_adapted_forward(&P[TK_PROJ_O], ws, tmp, att, NULL, T, 0, NULL, err)) goto fail;
-            for (size_t i = 0; i < T * C; i++) x[i] += tmp[i];
-            tk_rmsnorm_forward(xn, rstd, x, m->layers[l].ffn_norm, T, C, c->norm_eps);
-            if (tk_adapted_forward(&P[TK_PROJ_GATE], ws, g, xn, NULL, T, 0, NULL, err) ||
-                tk_adapted_forward(&P[TK_PROJ_UP], ws, u, xn, NULL, T, 0, NULL, err))
-                goto fail;
-            tk_swiglu_forward(h, g, u, T * F);
-            if (tk_adapted_forward(&P[TK_PROJ_DOWN], ws, tmp, h, NULL, T, 0, NULL, err)) goto fail;
-            for (size_t i = 0; i < T * C; i++) x[i] += tmp[i];
+        if (tk_llama_step(m, kv, chunk, T, logits, err)) {
+            produced = -1;
+            break;
         }
-        /* only the last position's logits are needed */
-        float *xl = x + (T - 1) * C;
-        tk_rmsnorm_forward(xn, rstd, xl, m->final_norm, 1, C, c->norm_eps);
-        head_forward(m, logits, xn, 1);
         size_t best = 0;
         for (size_t v = 1; v < V; v++)
             if (logits[v] > logits[best]) best = v;
-        pos += T;
-        next = (int32_t)best;
+        int32_t next = (int32_t)best;
         out[produced++] = next;
         if ((size_t)produced >= max_new || next == eos) break;
         chunk = &out[produced - 1];
         T = 1;
     }
-    (void)scratch;
-    tk_free(buf);
+    tk_llama_kv_free(kv);
+    free(logits);
     return produced;
-fail:
-    tk_free(buf);
-    return -1;
 }
 
 /* ---- merging ---------------------------------------------------------------------------------- */

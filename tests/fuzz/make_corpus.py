@@ -31,6 +31,8 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import corpus_shard  # noqa: E402
 
 # ---- the fixture (fuzz_common.c builds the same shapes) -------------------------------------------
 C, F, L, H, G, D, V, R = 4, 6, 2, 2, 1, 2, 8, 2
@@ -787,14 +789,21 @@ TARGETS = {
     "adapter": corpus_adapter,
     "jsonl": corpus_jsonl,
     "args_config": corpus_args_config,
+    # binary formats with many fields: corpus_<target>.py beside this script
+    "shard": lambda rng: corpus_shard.corpus_shard(rng, bit_flips),
 }
 
-MAX_FILES, MAX_BYTES = 64, 300 * 1024
+# Each target's random seed, fixed by name (adding a target must not regenerate the others' files).
+SEEDS = {t: 1000 + i for i, t in enumerate(sorted(["safetensors", "st_index", "llama_config", "llama_open",
+                                                   "peft_config", "adapter", "jsonl", "args_config"]))}
+SEEDS.update(shard=2001)
+
+MAX_FILES, MAX_BYTES = 96, 300 * 1024
 
 
 def generate(out):
-    for i, (target, fn) in enumerate(sorted(TARGETS.items())):
-        files = fn(np.random.default_rng(1000 + i))
+    for target, fn in sorted(TARGETS.items()):
+        files = fn(np.random.default_rng(SEEDS[target]))
         total = sum(len(b) for b in files.values())
         if len(files) > MAX_FILES or total > MAX_BYTES:
             raise SystemExit("make_corpus: %s has %d files, %d bytes (limit %d, %d)"

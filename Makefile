@@ -5,7 +5,7 @@ BUILD   ?= build
 JOBS    ?= $(shell nproc)
 PACKAGES = build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev libzstd-dev libstb-dev \
            libsentencepiece-dev sentencepiece python3 python3-numpy python3-torch \
-           python3-sentencepiece
+           python3-sentencepiece python3-pil dataset-fashion-mnist zlib1g-dev
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps build test demo clean sanitize

@@ -1,5 +1,6 @@
 /* cmd_train.c: `tspeft train`: options -> tk_train_opts (trainer.h). */
 #include "../train/checkpoint.h"
+#include "../train/train_data.h"
 #include "../train/trainer.h"
 #include "args.h"
 #include "cli.h"
@@ -9,11 +10,19 @@
 #include <string.h>
 
 static const char *USAGE =
-    "usage: tspeft train --model DIR [--adapter DIR] --data FILE.jsonl --steps N --batch-size B --lr X\n"
-    "                    [--grad-accum K] [--out DIR] [--dump DIR] [--threads T] [--seed S] [--config FILE]\n"
+    "usage: tspeft train --model DIR [--adapter DIR] --data PATH[:W] [--data PATH[:W] ...] --steps N --batch-size B\n"
+    "                    --lr X [--grad-accum K] [--out DIR] [--dump DIR] [--threads T] [--seed S] [--config FILE]\n"
     "Trains a PEFT adapter (LoRA, DoRA or bottleneck Adapter, TS-PEFT-gated unless --gate off) on a\n"
     "Hugging Face LLaMA. With --adapter, the adapter's adapter_config.json fixes its type, rank and\n"
-    "targets, and its ts_peft object the gate; --gate and --ts-* options still override the gate.";
+    "targets, and its ts_peft object the gate; --gate and --ts-* options still override the gate.\n"
+    "Data (docs/shards.md \"Training from shards\"): each --data is a pre-tokenized JSONL file or a dataset of\n"
+    "shards (told apart by the file's magic, not its name): a shard, a glob ('data/csr-*.shard') or a directory\n"
+    "of shards; repeat --data to mix datasets, PATH:W giving dataset PATH the weight W (default 1), e.g.\n"
+    "--data boolq.shard --data 'math-*.shard:3'. Rows are right-padded to the longest of the batch (at most\n"
+    "--max-seq-len); --pack instead fills rows of exactly --max-seq-len with several records under the plain\n"
+    "causal mask and continuous positions (records are not isolated from each other, as in TRL's\n"
+    "ConstantLengthDataset; the first label of each packed record is ignored). --resume continues the\n"
+    "shard stream exactly from the checkpoint's loader cursor.";
 
 int tk_cmd_train(int argc, char **argv) {
     tk_train_opts o;
@@ -21,6 +30,8 @@ int tk_cmd_train(int argc, char **argv) {
     const char *config = NULL, *sched = "constant", *type = "lora", *targets = "q_proj,v_proj";
     const char *layers = NULL, *save = NULL, *act = "tanh", *rule = "prox", *resume = NULL, *nonfinite = "stop";
     char resume_dir[4096];
+    const char *data_specs[TK_LOADER_MAX_SOURCES + 1];
+    int n_data = 0;
     int r = 8, rslora = 0, gate = 1;
     float alpha = 16.0f, dropout = 0.0f, bn_scaling = 1.0f;
     tk_gate_config g = tk_gate_config_default();
@@ -28,7 +39,10 @@ int tk_cmd_train(int argc, char **argv) {
         {"config", TK_OPT_STR, &config, "FILE", "JSON file of option defaults (keys = option names)", 0},
         {"model", TK_OPT_STR, &o.model_dir, "DIR", "Hugging Face LLaMA directory (config.json + safetensors)", 0},
         {"adapter", TK_OPT_STR, &o.adapter_dir, "DIR", "PEFT adapter directory to start from", 0},
-        {"data", TK_OPT_STR, &o.data_path, "FILE", "pre-tokenized JSONL (input_ids, labels, attention_mask)", 0},
+        {"data", TK_OPT_STR, &o.data_path, "PATH[:W]", "JSONL file, or shards (file, glob, directory) with weight W; repeatable", 0},
+        {"pack", TK_OPT_FLAG, &o.pack, NULL, "shards: pack records into rows of --max-seq-len (plain causal mask)", 0},
+        {"shuffle-window", TK_OPT_INT, &o.shuffle_window, "K", "shards: 0 uniform shuffle, K: frames shuffled in groups of K (default 0)", 0},
+        {"prefetch", TK_OPT_INT, &o.prefetch, "N", "shards: batches prepared ahead on a thread (default 2)", 0},
         {"out", TK_OPT_STR, &o.out_dir, "DIR", "write the trained adapter here (PEFT layout)", 0},
         {"dump", TK_OPT_STR, &o.dump_dir, "DIR", "write DIR/step1.safetensors: first step's loss, logits, gradients, gate", 0},
         {"steps", TK_OPT_INT, &o.steps, "N", "optimizer steps (default 100)", 0},
@@ -82,6 +96,30 @@ int tk_cmd_train(int argc, char **argv) {
     if (pr < 0) {
         status = 2;
         goto fail;
+    }
+    /* --data may be repeated (the parser keeps the last): collect every one given on the command
+     * line; a --config "data" key counts only when the command line has none */
+    for (int i = 0; i < argc; i++) {
+        const char *v = NULL;
+        if (strcmp(argv[i], "--data") == 0 && i + 1 < argc) v = argv[++i];
+        else if (strncmp(argv[i], "--data=", 7) == 0) v = argv[i] + 7;
+        else if (strncmp(argv[i], "--", 2) == 0 && i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) {
+            const char *name = argv[i] + 2;
+            for (int j = 0; j < n; j++) /* skip the value of a valued option, e.g. --out --data */
+                if (strcmp(opts[j].name, name) == 0 && opts[j].type != TK_OPT_FLAG) i++;
+        }
+        if (!v) continue;
+        if (n_data == (int)(sizeof data_specs / sizeof data_specs[0])) {
+            tk_fail(&err, "more than %d --data datasets", n_data);
+            status = 2;
+            goto fail;
+        }
+        data_specs[n_data++] = v;
+    }
+    if (n_data > 0) {
+        o.data_specs = data_specs;
+        o.n_data = n_data;
+        o.data_path = data_specs[0];
     }
     if (!o.model_dir || !o.data_path) {
         tk_fail(&err, "train needs --model DIR and --data FILE (see --help)");

@@ -45,6 +45,9 @@ done:
     return rc;
 }
 
+/* The shard loader's cursor, beside trainer_state.json (which names it). */
+#define CURSOR_FILE "loader_cursor.json"
+
 static int write_state(const char *dir, const tk_train_state *st, const cJSON *config, tk_err *err) {
     cJSON *root = cJSON_CreateObject();
     if (!root) return tk_fail(err, "out of memory");
@@ -55,6 +58,13 @@ static int write_state(const char *dir, const tk_train_state *st, const cJSON *c
     cJSON_AddStringToObject(root, "rng_state", rng);
     cJSON *cur = cJSON_AddObjectToObject(root, "loader_cursor");
     cJSON_AddStringToObject(cur, "rows_used", rows); /* a string: exact beyond 2^53 */
+    if (st->has_cursor) { /* shards: the loader's own cursor, in its file beside this one */
+        char samples[32];
+        snprintf(samples, sizeof samples, "%" PRIu64, st->cursor.samples);
+        cJSON_AddStringToObject(cur, "file", CURSOR_FILE);
+        cJSON_AddStringToObject(cur, "samples", samples);
+        cJSON_AddNumberToObject(cur, "epoch", st->epoch);
+    }
     cJSON_AddNumberToObject(root, "first_loss", st->first_loss);
     cJSON_AddNumberToObject(root, "last_loss", st->last_loss);
     cJSON_AddNumberToObject(root, "tokens", st->tokens);
@@ -68,6 +78,8 @@ static int write_state(const char *dir, const tk_train_state *st, const cJSON *c
     int rc = tk_pathf(path, sizeof path, err, "%s/trainer_state.json", dir) ||
              tk_write_file_atomic(path, text, strlen(text), err);
     free(text);
+    if (rc == 0 && st->has_cursor)
+        rc = tk_pathf(path, sizeof path, err, "%s/%s", dir, CURSOR_FILE) || tk_loader_cursor_save(&st->cursor, path, err);
     return rc;
 }
 
@@ -304,6 +316,20 @@ int tk_checkpoint_load(const char *dir, tk_llama *m, tk_train_state *st, cJSON *
     }
     const cJSON *sk = cJSON_GetObjectItemCaseSensitive(root, "skipped_steps");
     if (cJSON_IsNumber(sk)) st->skipped = (int)sk->valuedouble;
+    const cJSON *file = cJSON_GetObjectItemCaseSensitive(cur, "file");
+    if (file) { /* a run from shards: the loader cursor */
+        if (!cJSON_IsString(file) || strcmp(file->valuestring, CURSOR_FILE) != 0) {
+            cJSON_Delete(root);
+            return tk_fail(err, "%s: loader_cursor.file must be \"%s\"", path, CURSOR_FILE);
+        }
+        if (tk_pathf(path, sizeof path, err, "%s/%s", dir, CURSOR_FILE) || tk_loader_cursor_load(&st->cursor, path, err)) {
+            cJSON_Delete(root);
+            return -1;
+        }
+        st->has_cursor = 1;
+        const cJSON *ep = cJSON_GetObjectItemCaseSensitive(cur, "epoch");
+        if (cJSON_IsNumber(ep)) st->epoch = ep->valuedouble;
+    }
     *config = cJSON_DetachItemFromObjectCaseSensitive(root, "config");
     cJSON_Delete(root);
     return 0;

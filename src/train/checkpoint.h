@@ -5,6 +5,8 @@
  *   OUT/checkpoint-<step>/optimizer.safetensors      AdamW moments: <param>.exp_avg, <param>.exp_avg_sq
  *   OUT/checkpoint-<step>/trainer_state.json         step, RNG state, loader cursor, running figures
  *                                                    and the effective configuration of the run
+ *   OUT/checkpoint-<step>/loader_cursor.json         training from shards only: the shard loader's
+ *                                                    cursor (tk_loader_cursor_save, datasets/loader.h)
  *   OUT/latest                                       the name of the newest COMPLETE checkpoint
  *
  * Saving is crash-safe: the checkpoint is written into OUT/checkpoint-<step>.tmp.<pid>, every file
@@ -21,6 +23,7 @@
 #ifndef TK_TRAIN_CHECKPOINT_H
 #define TK_TRAIN_CHECKPOINT_H
 
+#include "../../datasets/loader.h"
 #include "../common.h"
 #include "../model/llama.h"
 
@@ -31,6 +34,9 @@ typedef struct {
     int step;           /* optimizer steps completed */
     uint64_t rng[2];    /* dropout RNG */
     uint64_t rows_used; /* loader cursor: rows consumed so far (row order is a function of it) */
+    int has_cursor;     /* training from shards: cursor is saved as loader_cursor.json */
+    tk_loader_cursor cursor; /* the shard loader's position after the last completed step */
+    double epoch;       /* loader epochs completed, fractional (information) */
     double first_loss, last_loss, tokens, seconds;
     int skipped;        /* steps skipped for non-finite loss or gradient */
 } tk_train_state;

@@ -5,6 +5,7 @@
 #include "../io/safetensors.h"
 #include "../model/llama.h"
 #include "checkpoint.h"
+#include "train_data.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -24,6 +25,7 @@ void tk_train_opts_default(tk_train_opts *o) {
     o->threads = 0;
     o->log_every = 1;
     o->keep_checkpoints = 3;
+    o->prefetch = 2;
     o->seed = 42;
     o->lr = 2e-4f;
     o->weight_decay = 0.0f;
@@ -44,31 +46,6 @@ static int make_dir(const char *dir, tk_err *err) {
     struct stat st;
     if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) return tk_fail(err, "%s: not a directory", dir);
     return 0;
-}
-
-/* Row order: file order, wrapping; with shuffle, a fresh seeded permutation per epoch. */
-typedef struct {
-    size_t n, epoch; /* epoch whose permutation perm holds (SIZE_MAX: none yet) */
-    size_t *perm;
-    uint64_t seed;
-    int shuffle;
-} row_order;
-
-static size_t row_at(row_order *ro, size_t k) {
-    size_t epoch = k / ro->n, i = k % ro->n;
-    if (!ro->shuffle) return i;
-    if (epoch != ro->epoch) { /* Fisher-Yates from a seed of (run seed, epoch) */
-        tk_rng rng;
-        tk_rng_seed(&rng, ro->seed * 0x9e3779b97f4a7c15ull + epoch);
-        for (size_t j = 0; j < ro->n; j++) ro->perm[j] = j;
-        for (size_t j = ro->n - 1; j > 0; j--) {
-            size_t r = (size_t)(tk_rng_u64(&rng) % (j + 1)), t = ro->perm[j];
-            ro->perm[j] = ro->perm[r];
-            ro->perm[r] = t;
-        }
-        ro->epoch = epoch;
-    }
-    return ro->perm[i];
 }
 
 /* ---- the first-step dump ---------------------------------------------------------------------- */
@@ -158,7 +135,12 @@ static cJSON *options_json(const tk_train_opts *o) {
     cJSON *c = cJSON_CreateObject();
     if (!c) return NULL;
     cJSON_AddStringToObject(c, "model", o->model_dir);
-    cJSON_AddStringToObject(c, "data", o->data_path);
+    if (o->n_data > 1) { /* several datasets (shards): the specs as given */
+        cJSON *a = cJSON_AddArrayToObject(c, "data");
+        for (int i = 0; i < o->n_data; i++) cJSON_AddItemToArray(a, cJSON_CreateString(o->data_specs[i]));
+    } else {
+        cJSON_AddStringToObject(c, "data", o->n_data == 1 ? o->data_specs[0] : o->data_path);
+    }
     if (o->resume_dir) cJSON_AddStringToObject(c, "resumed_from", o->resume_dir);
     else if (o->adapter_dir) cJSON_AddStringToObject(c, "adapter_init", o->adapter_dir);
     cJSON_AddNumberToObject(c, "steps", o->steps);
@@ -166,6 +148,8 @@ static cJSON *options_json(const tk_train_opts *o) {
     cJSON_AddNumberToObject(c, "grad_accum", o->grad_accum);
     cJSON_AddNumberToObject(c, "max_seq_len", o->max_seq_len);
     cJSON_AddBoolToObject(c, "shuffle", o->shuffle);
+    cJSON_AddNumberToObject(c, "shuffle_window", o->shuffle_window);
+    cJSON_AddBoolToObject(c, "pack", o->pack);
     cJSON_AddNumberToObject(c, "lr", o->lr);
     cJSON_AddStringToObject(c, "lr_scheduler", tk_sched_name(o->sched));
     cJSON_AddNumberToObject(c, "warmup_steps", o->warmup_steps);
@@ -183,10 +167,15 @@ static cJSON *options_json(const tk_train_opts *o) {
     return c;
 }
 
-/* A resumed run must read the same rows in the same order: these keys must match the checkpoint's. */
-static int check_resume_config(const cJSON *saved, const cJSON *now, const char *dir, tk_err *err) {
-    static const char *const must[] = {"data", "batch_size", "grad_accum", "max_seq_len", "shuffle", "seed"};
-    for (size_t i = 0; i < sizeof must / sizeof must[0]; i++) {
+/* A resumed run must read the same rows in the same order: these keys must match the checkpoint's.
+ * JSONL rows are a function of (step, batch size, accumulation, seed); a shard stream only of the
+ * data, seed and shuffle options (its cursor continues it under any batch size, length or packing). */
+static int check_resume_config(const cJSON *saved, const cJSON *now, const char *dir, int shards, tk_err *err) {
+    static const char *const jsonl_keys[] = {"data", "batch_size", "grad_accum", "max_seq_len", "shuffle", "seed"};
+    static const char *const shard_keys[] = {"data", "shuffle", "shuffle_window", "seed"};
+    const char *const *must = shards ? shard_keys : jsonl_keys;
+    size_t n_must = shards ? sizeof shard_keys / sizeof *shard_keys : sizeof jsonl_keys / sizeof *jsonl_keys;
+    for (size_t i = 0; i < n_must; i++) {
         const cJSON *a = cJSON_GetObjectItemCaseSensitive(saved, must[i]);
         const cJSON *b = cJSON_GetObjectItemCaseSensitive(now, must[i]);
         if (!a || !b || !cJSON_Compare(a, b, 1)) {
@@ -287,32 +276,17 @@ static void install_signal_handlers(int on) {
 
 /* ---- the loop --------------------------------------------------------------------------------- */
 
+/* The current step's figures (its micro-batches are in the tk_train_data). */
 typedef struct {
-    tk_batch *mb; /* [grad_accum] */
     size_t targets, tokens;
 } step_batches;
-
-static int build_step(step_batches *sb, const tk_jsonl_data *d, row_order *ro, int step, int B, int K,
-                      size_t *rows, tk_err *err) {
-    sb->targets = sb->tokens = 0;
-    for (int k = 0; k < K; k++) {
-        size_t first = ((size_t)(step - 1) * K + k) * B;
-        for (int b = 0; b < B; b++) rows[b] = row_at(ro, first + b);
-        if (tk_batch_make(&sb->mb[k], d, rows, (size_t)B, err)) return -1;
-        sb->targets += tk_batch_count_targets(&sb->mb[k]);
-        for (size_t i = 0; i < sb->mb[k].B * sb->mb[k].T; i++) sb->tokens += sb->mb[k].attention_mask[i];
-    }
-    return 0;
-}
 
 int tk_train_run(const tk_train_opts *o, tk_err *err) {
     int rc = -1;
     tk_llama *m = NULL;
-    tk_jsonl_data *data = NULL;
+    tk_train_data *data = NULL;
     tk_llama_acts *acts = NULL;
     step_batches sb = {0};
-    size_t *rows = NULL;
-    row_order ro = {0};
     dump_list dump = {0};
     cJSON *config = NULL;
     if (o->save_every < 0 || o->keep_checkpoints < 0)
@@ -336,26 +310,32 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     if (tk_llama_attach(m, &pc, o->adapter_dir, o->seed, err)) goto done;
     snprintf(m->peft.base_model, sizeof m->peft.base_model, "%s", o->model_dir);
     size_t max_len = o->max_seq_len > 0 ? (size_t)o->max_seq_len : (size_t)m->cfg.max_seq_len;
-    if (!(data = tk_jsonl_load(o->data_path, m->cfg.vocab_size, max_len, err))) goto done;
-    if (!(acts = tk_llama_acts_alloc(m, (size_t)o->batch_size, data->max_len, err))) goto done;
-    sb.mb = calloc((size_t)o->grad_accum, sizeof *sb.mb);
-    rows = calloc((size_t)o->batch_size, sizeof *rows);
-    ro.n = data->n_rows;
-    ro.shuffle = o->shuffle;
-    ro.perm = calloc(data->n_rows, sizeof *ro.perm);
-    if (!sb.mb || !rows || !ro.perm) {
-        tk_fail(err, "out of memory");
+    if (o->shuffle_window < 0 || o->prefetch < 0) {
+        tk_fail(err, "--shuffle-window and --prefetch must be >= 0");
         goto done;
     }
-    ro.epoch = SIZE_MAX;
-    ro.seed = o->seed;
+    const char *one_spec[1] = {o->data_path};
+    tk_train_data_opts dop = {.specs = o->n_data > 0 ? o->data_specs : one_spec,
+                              .n_specs = o->n_data > 0 ? (size_t)o->n_data : 1,
+                              .batch_size = (size_t)o->batch_size,
+                              .grad_accum = (size_t)o->grad_accum,
+                              .max_len = max_len,
+                              .shuffle = o->shuffle,
+                              .shuffle_window = (size_t)o->shuffle_window,
+                              .pack = o->pack,
+                              .prefetch = (size_t)o->prefetch,
+                              .seed = o->seed,
+                              .vocab_size = (uint32_t)m->cfg.vocab_size};
+    if (!(data = tk_train_data_open(&dop, err))) goto done;
+    const int shards = tk_train_data_is_shards(data);
+    if (!(acts = tk_llama_acts_alloc(m, (size_t)o->batch_size, tk_train_data_max_T(data), err))) goto done;
     tk_rng rng;
     tk_rng_seed(&rng, o->seed ^ 0xd40u);
     tk_sched sch = {o->sched, o->lr, o->warmup_steps, o->steps};
     if (!o->quiet)
-        fprintf(stderr, "tspeft train: %s adapter (%s), %zu trainable parameters, %zu rows, %d steps x %d x %d, %d threads\n",
+        fprintf(stderr, "tspeft train: %s adapter (%s), %zu trainable parameters, %s, %d steps x %d x %d, %d threads\n",
                 tk_adapter_kind_name(m->peft.kind), m->peft.gate.enabled ? "TS-gated" : "dense",
-                m->params.total, data->n_rows, o->steps, o->grad_accum, o->batch_size, threads);
+                m->params.total, tk_train_data_describe(data), o->steps, o->grad_accum, o->batch_size, threads);
     if (m->params.total == 0) {
         tk_fail(err, "nothing to train: no adapter targets and no modules_to_save");
         goto done;
@@ -369,12 +349,23 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     if (o->resume_dir) {
         cJSON *saved = NULL;
         if (tk_checkpoint_load(o->resume_dir, m, &st, &saved, err)) goto done;
-        int bad = check_resume_config(saved, config, o->resume_dir, err);
+        int bad = check_resume_config(saved, config, o->resume_dir, shards, err);
         cJSON_Delete(saved);
         if (bad) goto done;
         if (st.step >= o->steps) {
             tk_fail(err, "--resume %s: the checkpoint is at step %d and --steps is %d; nothing left to do", o->resume_dir,
                     st.step, o->steps);
+            goto done;
+        }
+        if (shards != st.has_cursor) {
+            tk_fail(err, "--resume %s: the checkpoint was trained from %s but --data is %s", o->resume_dir,
+                    st.has_cursor ? "shards (it holds a loader cursor)" : "JSONL (no loader cursor)", shards ? "shards" : "JSONL");
+            goto done;
+        }
+        if (shards && tk_train_data_set_cursor(data, &st.cursor, err)) {
+            char pre[4200];
+            snprintf(pre, sizeof pre, "--resume %s", o->resume_dir);
+            tk_err_prefix(err, pre);
             goto done;
         }
         rng.s[0] = st.rng[0];
@@ -387,9 +378,11 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     const int first_step = st.step + 1;
     for (int step = first_step; step <= o->steps; step++) {
         double ts = tk_time();
-        if (build_step(&sb, data, &ro, step, o->batch_size, o->grad_accum, rows, err)) goto done;
+        if (tk_train_data_step(data, step, err)) goto done;
+        sb.targets = tk_train_data_targets(data);
+        sb.tokens = tk_train_data_tokens(data);
         if (sb.targets == 0) {
-            tk_fail(err, "%s: step %d has no target positions (every shifted label is -100)", o->data_path, step);
+            tk_fail(err, "%s: step %d has no target positions (every shifted label is -100)", tk_train_data_name(data), step);
             goto done;
         }
         tk_params_zero_grad(&m->params);
@@ -398,7 +391,9 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         double loss_sum = 0.0;
         float scale = 1.0f / (float)sb.targets;
         for (int k = 0; k < o->grad_accum; k++) {
-            tk_batch *b = &sb.mb[k];
+            const tk_train_mb *mb = tk_train_data_mb(data, (size_t)k);
+            const tk_batch *b = mb->text;
+            acts->kinds = mb->kinds; /* [B*T] TK_KIND_* for gate statistics */
             if (tk_llama_forward(m, acts, b->input_ids, b->attention_mask, b->B, b->T, 1, &rng, err)) goto done;
             if (dumping) {
                 char nm[32];
@@ -413,6 +408,11 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         }
         double loss = loss_sum / (double)sb.targets;
         st.rows_used = (uint64_t)step * (uint64_t)o->grad_accum * (uint64_t)o->batch_size;
+        if (shards) { /* the stream position after this step, for checkpoints */
+            st.has_cursor = 1;
+            tk_train_data_get_cursor(data, &st.cursor);
+        }
+        st.epoch = tk_train_data_epoch(data, step);
         /* Non-finite loss or gradient: stop (default) or skip the step (no parameter, tau or moment
          * changes), by policy; reported either way. */
         double gnorm = tk_grad_norm(m->params.grad, m->params.total);
@@ -456,9 +456,11 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             if (step == 1) st.first_loss = loss;
             st.last_loss = loss;
             double now = tk_time(), el = now - t0;
+            char epoch[40] = ""; /* shards: loader epochs so far */
+            if (shards) snprintf(epoch, sizeof epoch, "  epoch %.3f", st.epoch);
             if (!o->quiet && (step % o->log_every == 0 || step == o->steps || step == first_step))
-                fprintf(stderr, "step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  keep %.3f  %.0f tok/s  step %.2fs  eta %.0fs\n",
-                        step, o->steps, loss, lr, gnorm, seen ? (double)kept / (double)seen : 1.0,
+                fprintf(stderr, "step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  keep %.3f%s  %.0f tok/s  step %.2fs  eta %.0fs\n",
+                        step, o->steps, loss, lr, gnorm, seen ? (double)kept / (double)seen : 1.0, epoch,
                         (double)sb.tokens / (now - ts), now - ts, el / step * (o->steps - step));
         }
         int last_done = step;
@@ -481,10 +483,13 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     }
     if (o->out_dir) {
         /* the loss of step 1's micro-batches under the final parameters (no dropout) */
-        if (build_step(&sb, data, &ro, 1, o->batch_size, o->grad_accum, rows, err)) goto done;
+        if (tk_train_data_first_step(data, err)) goto done;
+        sb.targets = tk_train_data_targets(data);
         double s = 0.0;
         for (int k = 0; k < o->grad_accum; k++) {
-            tk_batch *b = &sb.mb[k];
+            const tk_train_mb *mb = tk_train_data_mb(data, (size_t)k);
+            const tk_batch *b = mb->text;
+            acts->kinds = mb->kinds;
             if (tk_llama_forward(m, acts, b->input_ids, b->attention_mask, b->B, b->T, 0, NULL, err)) goto done;
             s += tk_llama_loss(m, acts, b->labels, b->B, b->T, 0.0f, NULL);
         }
@@ -495,14 +500,9 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
 done:
     install_signal_handlers(0);
     cJSON_Delete(config);
-    if (sb.mb)
-        for (int k = 0; k < o->grad_accum; k++) tk_batch_free(&sb.mb[k]);
-    free(sb.mb);
-    free(rows);
-    free(ro.perm);
     dump_free(&dump);
     tk_llama_acts_free(m, acts);
-    tk_jsonl_free(data);
+    tk_train_data_free(data);
     tk_llama_close(m);
     return rc;
 }

@@ -18,7 +18,13 @@
 typedef struct {
     const char *model_dir;   /* HF LLaMA directory */
     const char *adapter_dir; /* PEFT adapter to start from, or NULL for a new one from peft */
-    const char *data_path;   /* pre-tokenized JSONL */
+    const char *data_path;   /* training data: the only --data (or the first); see data_specs */
+    const char *const *data_specs; /* [n_data] every --data: PATH[:WEIGHT], JSONL or shards (train_data.h);
+                                      NULL: data_path alone */
+    int n_data;
+    int pack;                /* shards: sequence packing into rows of max_seq_len */
+    int shuffle_window;      /* shards: 0 uniform shuffle, k > 0 frames shuffled in groups of k */
+    int prefetch;            /* shards: batches prepared ahead on a thread (default 2) */
     const char *out_dir;     /* where the trained adapter goes, or NULL */
     const char *dump_dir;    /* first-step gradient dump, or NULL */
     const char *resume_dir;  /* checkpoint directory to continue from (tk_checkpoint_resolve'd), or NULL */

@@ -871,16 +871,20 @@ size_t tk_llama_kv_len(const tk_llama_kv *kv) { return kv->len; }
 
 void tk_llama_kv_reset(tk_llama_kv *kv) { kv->len = 0; }
 
-int tk_llama_kv_copy(tk_llama_kv *dst, const tk_llama_kv *src, tk_err *err) {
-    if (dst == src) return 0;
+int tk_llama_kv_copy(tk_llama_kv *dst, const tk_llama_kv *src, size_t from, tk_err *err) {
     if (dst->L != src->L || dst->GD != src->GD)
         return tk_fail(err, "KV cache copy between caches of different models");
     if (src->len > dst->max_len)
         return tk_fail(err, "KV cache copy: %zu positions do not fit in a cache of %zu", src->len, dst->max_len);
-    size_t row = src->len * src->GD;
+    if (from > src->len || from > dst->len)
+        return tk_fail(err, "KV cache copy from position %zu: the caches hold %zu and %zu", from, src->len, dst->len);
+    if (dst == src) return 0;
+    size_t off = from * src->GD, row = (src->len - from) * src->GD;
     for (size_t l = 0; l < src->L; l++) {
-        memcpy(dst->kc + l * dst->max_len * dst->GD, src->kc + l * src->max_len * src->GD, row * sizeof(float));
-        memcpy(dst->vc + l * dst->max_len * dst->GD, src->vc + l * src->max_len * src->GD, row * sizeof(float));
+        memcpy(dst->kc + l * dst->max_len * dst->GD + off, src->kc + l * src->max_len * src->GD + off,
+               row * sizeof(float));
+        memcpy(dst->vc + l * dst->max_len * dst->GD + off, src->vc + l * src->max_len * src->GD + off,
+               row * sizeof(float));
     }
     dst->len = src->len;
     return 0;

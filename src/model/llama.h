@@ -136,7 +136,7 @@ long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size
  *   tk_llama_kv *kv = tk_llama_kv_alloc(m, n_prompt + max_new, n_prompt, &err);
  *   tk_llama_step(m, kv, prompt, n_prompt, logits, &err);  // logits [V] of the last position
  *   tk_llama_step(m, kv, &next, 1, logits, &err);          // one more position, and so on
- *   tk_llama_kv_copy(beam_kv, kv, &err);                   // fork a sequence (beam search)
+ *   tk_llama_kv_copy(beam_kv, kv, 0, &err);                // fork a sequence (beam search)
  *   tk_llama_kv_free(kv);
  *
  * A cache holds max_len positions (keys after RoPE, values, every layer) and the scratch of one step
@@ -148,8 +148,10 @@ tk_llama_kv *tk_llama_kv_alloc(tk_llama *m, size_t max_len, size_t max_chunk, tk
 void tk_llama_kv_free(tk_llama_kv *kv); /* NULL is fine */
 size_t tk_llama_kv_len(const tk_llama_kv *kv); /* positions filled */
 void tk_llama_kv_reset(tk_llama_kv *kv);       /* forget every position (len 0) */
-/* dst takes src's filled positions (and length); the caches may differ in max_len and max_chunk. */
-int tk_llama_kv_copy(tk_llama_kv *dst, const tk_llama_kv *src, tk_err *err);
+/* dst takes src's positions from..len-1 and its length; dst's positions below `from` are kept (the
+ * caller knows they equal src's: beams share their prompt, so a beam reorder copies only the
+ * generated rows). from <= both lengths; the caches may differ in max_len and max_chunk. */
+int tk_llama_kv_copy(tk_llama_kv *dst, const tk_llama_kv *src, size_t from, tk_err *err);
 /* Runs ids[0..n) (1 <= n <= max_chunk) at positions len..len+n-1, appends their keys and values, and
  * writes the next-token logits [V] of the last one. */
 int tk_llama_step(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, size_t n, float *logits, tk_err *err);

@@ -33,6 +33,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import corpus_shard  # noqa: E402
+import corpus_tokenizer  # noqa: E402
 
 # ---- the fixture (fuzz_common.c builds the same shapes) -------------------------------------------
 C, F, L, H, G, D, V, R = 4, 6, 2, 2, 1, 2, 8, 2
@@ -791,12 +792,13 @@ TARGETS = {
     "args_config": corpus_args_config,
     # binary formats with many fields: corpus_<target>.py beside this script
     "shard": lambda rng: corpus_shard.corpus_shard(rng, bit_flips),
+    "tokenizer": lambda rng: corpus_tokenizer.corpus_tokenizer(rng, bit_flips, text_truncations),
 }
 
 # Each target's random seed, fixed by name (adding a target must not regenerate the others' files).
 SEEDS = {t: 1000 + i for i, t in enumerate(sorted(["safetensors", "st_index", "llama_config", "llama_open",
                                                    "peft_config", "adapter", "jsonl", "args_config"]))}
-SEEDS.update(shard=2001)
+SEEDS.update(shard=2001, tokenizer=2002)
 
 MAX_FILES, MAX_BYTES = 96, 300 * 1024
 

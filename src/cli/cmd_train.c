@@ -1,4 +1,5 @@
 /* cmd_train.c: `tspeft train`: options -> tk_train_opts (trainer.h). */
+#include "../model/llama.h"
 #include "../train/checkpoint.h"
 #include "../train/train_data.h"
 #include "../train/trainer.h"
@@ -29,6 +30,7 @@ int tk_cmd_train(int argc, char **argv) {
     tk_train_opts_default(&o);
     const char *config = NULL, *sched = "constant", *type = "lora", *targets = "q_proj,v_proj";
     const char *layers = NULL, *save = NULL, *act = "tanh", *rule = "prox", *resume = NULL, *nonfinite = "stop";
+    const char *attention = "auto", *recompute = "0";
     char resume_dir[4096];
     const char *data_specs[TK_LOADER_MAX_SOURCES + 1];
     int n_data = 0;
@@ -56,6 +58,8 @@ int tk_cmd_train(int argc, char **argv) {
         {"max-seq-len", TK_OPT_INT, &o.max_seq_len, "N", "truncate rows to N tokens (default: the model's)", 0},
         {"shuffle", TK_OPT_FLAG, &o.shuffle, NULL, "seeded shuffle of the rows every epoch (default: file order)", 0},
         {"bf16-weights", TK_OPT_FLAG, &o.bf16_weights, NULL, "keep BF16 base matrices BF16 in memory (half the RAM; exact)", 0},
+        {"attention", TK_OPT_STR, &attention, "K", "auto | full | tiled (no T x T matrix; auto: tiled from 256 positions)", 0},
+        {"recompute", TK_OPT_STR, &recompute, "N", "recompute the first N layers (or all) in backward: less memory, exact (default 0)", 0},
         {"threads", TK_OPT_INT, &o.threads, "T", "OpenMP and BLAS threads (default: all cores)", 0},
         {"seed", TK_OPT_U64, &o.seed, "S", "seed for adapter init, dropout and shuffling (default 42)", 0},
         {"log-every", TK_OPT_INT, &o.log_every, "N", "progress line every N steps (default 1)", 0},
@@ -130,6 +134,12 @@ int tk_cmd_train(int argc, char **argv) {
         tk_fail(&err, "--lr-scheduler: \"%s\" is not constant, linear or cosine", sched);
         goto fail;
     }
+    tk_attn_mode amode;
+    if (tk_attn_mode_parse(attention, &amode, &err) || tk_recompute_parse(recompute, &o.recompute, &err)) {
+        status = 2;
+        goto fail;
+    }
+    o.attention = (int)amode;
     if (strcmp(nonfinite, "stop") == 0) o.skip_nonfinite = 0;
     else if (strcmp(nonfinite, "skip") == 0) o.skip_nonfinite = 1;
     else {

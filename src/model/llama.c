@@ -28,7 +28,8 @@ struct tk_llama_saved {
     float *q;     /* [N,H*D] after rope */
     float *k, *v; /* [N,G*D] (k after rope) */
     float *att;   /* [N,H*D] */
-    float *probs; /* [B,H,T,T] */
+    float *probs; /* [B,H,T,T] (full attention) */
+    float *lse;   /* [B,H,T] row log-sum-exp (tiled attention) */
     float *x2;    /* [N,C] */
     float *xn2;   /* [N,C] */
     float *rstd2; /* [N] */
@@ -562,28 +563,42 @@ static float *carve(float *base, size_t *off, size_t n) {
     return p;
 }
 
+/* Everything a layer saves for backward except its input x: per layer, or once for all the layers
+ * that are recomputed (they take turns in one set). */
+static void carve_layer(const tk_llama *m, const tk_llama_acts *a, struct tk_llama_saved *s, float *base,
+                        size_t *off) {
+    const tk_llama_config *c = &m->cfg;
+    size_t N = a->Bmax * a->Tmax, C = (size_t)c->dim, F = (size_t)c->hidden_dim;
+    size_t HD = (size_t)c->n_heads * c->head_dim, GD = (size_t)c->n_kv_heads * c->head_dim;
+    size_t BHT = a->Bmax * (size_t)c->n_heads * a->Tmax;
+    s->xn1 = carve(base, off, N * C);
+    s->rstd1 = carve(base, off, N);
+    s->q = carve(base, off, N * HD);
+    s->k = carve(base, off, N * GD);
+    s->v = carve(base, off, N * GD);
+    s->att = carve(base, off, N * HD);
+    s->probs = a->tiled ? NULL : carve(base, off, BHT * a->Tmax);
+    s->lse = a->tiled ? carve(base, off, BHT) : NULL;
+    s->x2 = carve(base, off, N * C);
+    s->xn2 = carve(base, off, N * C);
+    s->rstd2 = carve(base, off, N);
+    s->g = carve(base, off, N * F);
+    s->u = carve(base, off, N * F);
+    s->h = carve(base, off, N * F);
+}
+
 static size_t layout_acts(tk_llama *m, tk_llama_acts *a, float *base) {
     const tk_llama_config *c = &m->cfg;
     size_t N = a->Bmax * a->Tmax, C = (size_t)c->dim, F = (size_t)c->hidden_dim;
     size_t HD = (size_t)c->n_heads * c->head_dim, GD = (size_t)c->n_kv_heads * c->head_dim;
     size_t V = (size_t)c->vocab_size, off = 0;
-    size_t P = a->Bmax * (size_t)c->n_heads * a->Tmax * a->Tmax;
+    struct tk_llama_saved shared = {0};
+    if (a->recompute > 0) carve_layer(m, a, &shared, base, &off);
     for (int l = 0; l < c->n_layers; l++) {
         struct tk_llama_saved *s = &a->saved[l];
+        if (l < a->recompute) *s = shared;
+        else carve_layer(m, a, s, base, &off);
         s->x = carve(base, &off, N * C);
-        s->xn1 = carve(base, &off, N * C);
-        s->rstd1 = carve(base, &off, N);
-        s->q = carve(base, &off, N * HD);
-        s->k = carve(base, &off, N * GD);
-        s->v = carve(base, &off, N * GD);
-        s->att = carve(base, &off, N * HD);
-        s->probs = carve(base, &off, P);
-        s->x2 = carve(base, &off, N * C);
-        s->xn2 = carve(base, &off, N * C);
-        s->rstd2 = carve(base, &off, N);
-        s->g = carve(base, &off, N * F);
-        s->u = carve(base, &off, N * F);
-        s->h = carve(base, &off, N * F);
     }
     a->x_final = carve(base, &off, N * C);
     a->xn_final = carve(base, &off, N * C);
@@ -599,7 +614,8 @@ static size_t layout_acts(tk_llama *m, tk_llama_acts *a, float *base) {
     a->du = carve(base, &off, N * F);
     a->dh = carve(base, &off, N * F);
     a->tmp = carve(base, &off, N * (C > V ? C : V));
-    a->attn_scratch = carve(base, &off, a->Tmax * a->Tmax);
+    a->attn_scratch = carve(base, &off, a->tiled ? tk_attention_tiled_scratch(a->Tmax, a->Tmax, (size_t)c->head_dim)
+                                                 : a->Tmax * a->Tmax);
     return off;
 }
 
@@ -634,7 +650,51 @@ static int alloc_adapter_acts(tk_llama *m, size_t n, tk_err *err) {
     return 0;
 }
 
+/* The choices of o (NULL: defaults) for B x T tokens, in a->tiled and a->recompute. */
+static void apply_mem_opts(const tk_llama *m, tk_llama_acts *a, size_t T, const tk_llama_mem_opts *o) {
+    tk_attn_mode mode = o ? o->attention : TK_ATTN_AUTO;
+    a->tiled = mode == TK_ATTN_TILED || (mode == TK_ATTN_AUTO && T >= TK_ATTN_TILED_MIN_T);
+    int rec = o ? o->recompute : 0;
+    a->recompute = rec < 0 || rec > m->cfg.n_layers ? m->cfg.n_layers : rec;
+}
+
+size_t tk_llama_acts_bytes(tk_llama *m, size_t B, size_t T, const tk_llama_mem_opts *o) {
+    tk_llama_acts a = {.Bmax = B, .Tmax = T};
+    struct tk_llama_saved *saved = calloc((size_t)m->cfg.n_layers, sizeof *saved);
+    if (!saved) return 0;
+    a.saved = saved;
+    apply_mem_opts(m, &a, T, o);
+    size_t n = layout_acts(m, &a, NULL);
+    free(saved);
+    return n * sizeof(float);
+}
+
+int tk_attn_mode_parse(const char *s, tk_attn_mode *out, tk_err *err) {
+    if (strcmp(s, "auto") == 0) *out = TK_ATTN_AUTO;
+    else if (strcmp(s, "full") == 0) *out = TK_ATTN_FULL;
+    else if (strcmp(s, "tiled") == 0) *out = TK_ATTN_TILED;
+    else return tk_fail(err, "--attention: \"%s\" is not auto, full or tiled", s);
+    return 0;
+}
+
+int tk_recompute_parse(const char *s, int *out, tk_err *err) {
+    if (strcmp(s, "all") == 0) {
+        *out = -1;
+        return 0;
+    }
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || v < 0 || v > 1000000)
+        return tk_fail(err, "--recompute: \"%s\" is not a layer count >= 0 or all", s);
+    *out = (int)v;
+    return 0;
+}
+
 tk_llama_acts *tk_llama_acts_alloc(tk_llama *m, size_t B, size_t T, tk_err *err) {
+    return tk_llama_acts_alloc_ex(m, B, T, NULL, err);
+}
+
+tk_llama_acts *tk_llama_acts_alloc_ex(tk_llama *m, size_t B, size_t T, const tk_llama_mem_opts *o, tk_err *err) {
     tk_llama_acts *a = calloc(1, sizeof *a);
     if (!a) {
         tk_fail(err, "out of memory");
@@ -642,6 +702,7 @@ tk_llama_acts *tk_llama_acts_alloc(tk_llama *m, size_t B, size_t T, tk_err *err)
     }
     a->Bmax = B;
     a->Tmax = T;
+    apply_mem_opts(m, a, T, o);
     a->saved = calloc((size_t)m->cfg.n_layers, sizeof *a->saved);
     a->targets = calloc(B * T, sizeof(int32_t));
     a->valid = calloc(B * T, 1);
@@ -695,41 +756,57 @@ static void head_forward(tk_llama *m, float *logits, const float *xn, size_t N) 
     else tk_linear_bf16_forward(logits, xn, m->lm_head_bf16, N, C, V, 0.0f, m->ws.wconv, m->ws.wconv_n);
 }
 
+/* Layer l from its saved input a->saved[l].x, filling what backward reads; out [N,C] receives the
+ * layer's output (NULL: stop before the MLP's down projection, which backward does not need: a
+ * recomputation). mode: TK_FWD_* (adapter.h), REPLAY when recomputing a training forward. */
+static int layer_forward(tk_llama *m, tk_llama_acts *a, int l, float *out, size_t B, size_t T, int mode,
+                         tk_rng *rng, tk_err *err) {
+    const tk_llama_config *c = &m->cfg;
+    size_t N = B * T, C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
+    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads;
+    tk_adapter_ws *ws = &m->ws;
+    struct tk_llama_saved *s = &a->saved[l];
+    tk_adapted_linear *P = m->layers[l].proj;
+    tk_rmsnorm_forward(s->xn1, s->rstd1, s->x, m->layers[l].attn_norm, N, C, c->norm_eps);
+    if (tk_adapted_forward(&P[TK_PROJ_Q], ws, s->q, s->xn1, a->valid, N, mode, rng, err) ||
+        tk_adapted_forward(&P[TK_PROJ_K], ws, s->k, s->xn1, a->valid, N, mode, rng, err) ||
+        tk_adapted_forward(&P[TK_PROJ_V], ws, s->v, s->xn1, a->valid, N, mode, rng, err))
+        return -1;
+    tk_rope_forward(s->q, m->rope_cos, m->rope_sin, B, T, H, D, 0);
+    tk_rope_forward(s->k, m->rope_cos, m->rope_sin, B, T, G, D, 0);
+    if (a->tiled)
+        tk_attention_tiled_forward(s->att, s->lse, s->q, s->k, s->v, a->valid, B, T, T, H, G, D, a->attn_scratch);
+    else
+        tk_attention_forward(s->att, s->probs, s->q, s->k, s->v, a->valid, B, T, T, H, G, D);
+    if (tk_adapted_forward(&P[TK_PROJ_O], ws, a->tmp, s->att, a->valid, N, mode, rng, err)) return -1;
+    for (size_t i = 0; i < N * C; i++) s->x2[i] = s->x[i] + a->tmp[i];
+    tk_rmsnorm_forward(s->xn2, s->rstd2, s->x2, m->layers[l].ffn_norm, N, C, c->norm_eps);
+    if (tk_adapted_forward(&P[TK_PROJ_GATE], ws, s->g, s->xn2, a->valid, N, mode, rng, err) ||
+        tk_adapted_forward(&P[TK_PROJ_UP], ws, s->u, s->xn2, a->valid, N, mode, rng, err))
+        return -1;
+    tk_swiglu_forward(s->h, s->g, s->u, N * F);
+    if (!out) return 0;
+    if (tk_adapted_forward(&P[TK_PROJ_DOWN], ws, a->tmp, s->h, a->valid, N, mode, rng, err)) return -1;
+    for (size_t i = 0; i < N * C; i++) out[i] = s->x2[i] + a->tmp[i];
+    return 0;
+}
+
 int tk_llama_forward(tk_llama *m, tk_llama_acts *a, const int32_t *ids, const uint8_t *mask, size_t B,
                      size_t T, int train, tk_rng *rng, tk_err *err) {
     const tk_llama_config *c = &m->cfg;
     TK_ASSERT(B <= a->Bmax && T <= a->Tmax);
-    size_t N = B * T, C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
-    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, V = (size_t)c->vocab_size;
+    size_t N = B * T, C = (size_t)c->dim, V = (size_t)c->vocab_size;
     for (size_t i = 0; i < N; i++) {
         TK_ASSERT(ids[i] >= 0 && (size_t)ids[i] < V);
         a->valid[i] = mask ? mask[i] != 0 : 1;
     }
     a->ids = ids;
-    tk_adapter_ws *ws = &m->ws;
     embed_rows(m, a->saved[0].x, ids, N);
     splice_image_rows(a, a->saved[0].x, N, C);
+    a->fwd_mode = train ? TK_FWD_TRAIN : TK_FWD_EVAL;
     for (int l = 0; l < c->n_layers; l++) {
-        struct tk_llama_saved *s = &a->saved[l];
-        tk_adapted_linear *P = m->layers[l].proj;
         float *out = l + 1 < c->n_layers ? a->saved[l + 1].x : a->x_final;
-        tk_rmsnorm_forward(s->xn1, s->rstd1, s->x, m->layers[l].attn_norm, N, C, c->norm_eps);
-        if (tk_adapted_forward(&P[TK_PROJ_Q], ws, s->q, s->xn1, a->valid, N, train, rng, err) ||
-            tk_adapted_forward(&P[TK_PROJ_K], ws, s->k, s->xn1, a->valid, N, train, rng, err) ||
-            tk_adapted_forward(&P[TK_PROJ_V], ws, s->v, s->xn1, a->valid, N, train, rng, err))
-            return -1;
-        tk_rope_forward(s->q, m->rope_cos, m->rope_sin, B, T, H, D, 0);
-        tk_rope_forward(s->k, m->rope_cos, m->rope_sin, B, T, G, D, 0);
-        tk_attention_forward(s->att, s->probs, s->q, s->k, s->v, a->valid, B, T, T, H, G, D);
-        if (tk_adapted_forward(&P[TK_PROJ_O], ws, a->tmp, s->att, a->valid, N, train, rng, err)) return -1;
-        for (size_t i = 0; i < N * C; i++) s->x2[i] = s->x[i] + a->tmp[i];
-        tk_rmsnorm_forward(s->xn2, s->rstd2, s->x2, m->layers[l].ffn_norm, N, C, c->norm_eps);
-        if (tk_adapted_forward(&P[TK_PROJ_GATE], ws, s->g, s->xn2, a->valid, N, train, rng, err) ||
-            tk_adapted_forward(&P[TK_PROJ_UP], ws, s->u, s->xn2, a->valid, N, train, rng, err))
-            return -1;
-        tk_swiglu_forward(s->h, s->g, s->u, N * F);
-        if (tk_adapted_forward(&P[TK_PROJ_DOWN], ws, a->tmp, s->h, a->valid, N, train, rng, err)) return -1;
-        for (size_t i = 0; i < N * C; i++) out[i] = s->x2[i] + a->tmp[i];
+        if (layer_forward(m, a, l, out, B, T, a->fwd_mode, rng, err)) return -1;
     }
     tk_rmsnorm_forward(a->xn_final, a->rstd_final, a->x_final, m->final_norm, N, C, c->norm_eps);
     head_forward(m, a->logits, a->xn_final, N);
@@ -768,6 +845,11 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
         struct tk_llama_saved *s = &a->saved[l];
         tk_llama_layer *ly = &m->layers[l];
         tk_adapted_linear *P = ly->proj;
+        /* Recomputed layers share one set of saved tensors, which the forward left holding layer
+         * recompute-1: every lower one runs its forward again (same inputs, same kernels: exact). */
+        if (l + 1 < a->recompute && layer_forward(m, a, l, NULL, B, T, a->fwd_mode ? TK_FWD_REPLAY : TK_FWD_EVAL,
+                                                  NULL, err))
+            return -1;
         /* x' = x2 + down(h): dres is dx' and, through the residual, part of dx2 */
         memset(a->dh, 0, N * F * sizeof(float));
         if (tk_adapted_backward(&P[TK_PROJ_DOWN], ws, a->dh, a->dres, s->h, a->valid, N, err)) return -1;
@@ -785,8 +867,12 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
         memset(a->dq, 0, N * HD * sizeof(float));
         memset(a->dk, 0, N * GD * sizeof(float));
         memset(a->dv, 0, N * GD * sizeof(float));
-        tk_attention_backward(a->dq, a->dk, a->dv, a->attn_scratch, a->datt, s->probs, s->q, s->k, s->v,
-                              B, T, T, H, G, D);
+        if (a->tiled)
+            tk_attention_tiled_backward(a->dq, a->dk, a->dv, a->attn_scratch, a->datt, s->att, s->lse, s->q, s->k,
+                                        s->v, a->valid, B, T, T, H, G, D);
+        else
+            tk_attention_backward(a->dq, a->dk, a->dv, a->attn_scratch, a->datt, s->probs, s->q, s->k, s->v,
+                                  B, T, T, H, G, D);
         tk_rope_backward(a->dq, m->rope_cos, m->rope_sin, B, T, H, D, 0);
         tk_rope_backward(a->dk, m->rope_cos, m->rope_sin, B, T, G, D, 0);
         memset(a->dxn, 0, N * C * sizeof(float));

@@ -108,9 +108,31 @@ struct tk_llama_acts {
     float *buf;      /* one block holding everything below */
     float *x_final, *xn_final, *rstd_final, *dres, *dxn, *datt, *dq, *dk, *dv, *dg, *du, *dh, *tmp;
     float *attn_scratch;
+    int tiled;       /* attention kernel chosen at allocation: 1 tiled (no T x T matrix), 0 full */
+    int recompute;   /* layers 0..recompute-1 keep only their input and are recomputed in backward */
+    int fwd_mode;    /* the last forward's train argument (replayed by recomputation) */
 };
 
+/* Memory/speed options of the activations (docs/performance.md). */
+typedef enum { TK_ATTN_AUTO, TK_ATTN_FULL, TK_ATTN_TILED } tk_attn_mode;
+/* AUTO picks the tiled kernel from this many positions up (a full [B,H,T,T] matrix per layer grows
+ * quadratically; the tiled kernel also skips the causally masked blocks). */
+#define TK_ATTN_TILED_MIN_T 256
+typedef struct {
+    tk_attn_mode attention; /* full: softmax weights [B,H,T,T] stored per layer; tiled: only [B,H,T] */
+    int recompute;          /* the first N layers store only their input [B*T,C] and run their forward
+                               again during backward (exact: identical gradients); < 0 or >= n_layers:
+                               every layer */
+} tk_llama_mem_opts;
+
 tk_llama_acts *tk_llama_acts_alloc(tk_llama *m, size_t B, size_t T, tk_err *err);
+/* As tk_llama_acts_alloc with explicit options (NULL: AUTO attention, no recomputation). */
+tk_llama_acts *tk_llama_acts_alloc_ex(tk_llama *m, size_t B, size_t T, const tk_llama_mem_opts *o, tk_err *err);
+/* Bytes tk_llama_acts_alloc_ex would take for the activation block (planning, benchmarks). */
+size_t tk_llama_acts_bytes(tk_llama *m, size_t B, size_t T, const tk_llama_mem_opts *o);
+/* Parses "auto|full|tiled" and "N|all" (command-line helpers); -1 with err on a bad value. */
+int tk_attn_mode_parse(const char *s, tk_attn_mode *out, tk_err *err);
+int tk_recompute_parse(const char *s, int *out, tk_err *err);
 void tk_llama_acts_free(tk_llama *m, tk_llama_acts *a);
 
 /* ids, mask [B,T] (mask NULL = all real). With train != 0 dropout is sampled from rng and gate

@@ -167,7 +167,7 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
 
     const float *xt = x;
     if (train && L->dropout > 0.0f) {
-        dropout_sample(L, x, N, rng);
+        if (train != TK_FWD_REPLAY) dropout_sample(L, x, N, rng); /* a replay reuses the mask */
         xt = L->xd;
     }
     float *m = ws->m; /* [N,O] */
@@ -212,7 +212,7 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
         if (s)
             for (size_t o = 0; o < O; o++) yi[o] += mi[o];
     }
-    if (train)
+    if (train == TK_FWD_TRAIN)
         for (size_t i = 0; i < N; i++)
             if (!valid || valid[i])
                 if (tk_gate_stats_push_r(&L->stats, L->rr[i], L->S[i], err)) return -1;

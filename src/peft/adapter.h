@@ -86,10 +86,14 @@ typedef struct {
 int tk_adapted_alloc(tk_adapted_linear *L, size_t n_tok, tk_err *err);
 void tk_adapted_free(tk_adapted_linear *L);
 
-/* y [N,O] = W0 x + S * m. x [N,I]. valid [N] (1 = real token; NULL = all). With train != 0 the
- * dropout is sampled from rng and r_i of valid tokens are pushed to L->stats; with train == 0 dropout
- * is off and statistics are not recorded (the gate still applies). Returns -1 only on allocation
- * failure of the statistics. */
+/* The train argument of tk_adapted_forward. REPLAY recomputes a TRAIN forward exactly (activation
+ * recomputation): the dropout mask sampled then is reused and no statistics are recorded again. */
+enum { TK_FWD_EVAL = 0, TK_FWD_TRAIN = 1, TK_FWD_REPLAY = 2 };
+
+/* y [N,O] = W0 x + S * m. x [N,I]. valid [N] (1 = real token; NULL = all). With train == TK_FWD_TRAIN
+ * the dropout is sampled from rng and r_i of valid tokens are pushed to L->stats; with train == 0
+ * dropout is off and statistics are not recorded (the gate still applies); TK_FWD_REPLAY: above.
+ * Returns -1 only on allocation failure of the statistics. */
 int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x,
                        const uint8_t *valid, size_t N, int train, tk_rng *rng, tk_err *err);
 /* forward: h = W0 x + S * M(x).  dx [N,I] += dh W0 + S (dM/dx)^T dh; parameter gradients +=;

@@ -328,7 +328,8 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
                               .vocab_size = (uint32_t)m->cfg.vocab_size};
     if (!(data = tk_train_data_open(&dop, err))) goto done;
     const int shards = tk_train_data_is_shards(data);
-    if (!(acts = tk_llama_acts_alloc(m, (size_t)o->batch_size, tk_train_data_max_T(data), err))) goto done;
+    tk_llama_mem_opts mo = {(tk_attn_mode)o->attention, o->recompute};
+    if (!(acts = tk_llama_acts_alloc_ex(m, (size_t)o->batch_size, tk_train_data_max_T(data), &mo, err))) goto done;
     tk_rng rng;
     tk_rng_seed(&rng, o->seed ^ 0xd40u);
     tk_sched sch = {o->sched, o->lr, o->warmup_steps, o->steps};

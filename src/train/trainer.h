@@ -33,6 +33,8 @@ typedef struct {
     int keep_checkpoints;    /* keep the newest K checkpoints (0: all) */
     int skip_nonfinite;      /* non-finite loss or gradient: 0 stop the run, 1 skip the step */
     int bf16_weights;        /* keep BF16 base matrices BF16 in memory (tk_llama_open_ex) */
+    int attention;           /* tk_attn_mode (llama.h): 0 auto, full or tiled */
+    int recompute;           /* recompute the first N layers in backward (-1: all; tk_llama_mem_opts) */
     uint64_t seed;
     float lr, weight_decay, max_grad_norm;
     tk_sched_kind sched;

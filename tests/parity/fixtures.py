@@ -29,7 +29,7 @@ MARGIN = 1e-3          # minimal |r - tau| / tau over every token, pads included
 # base model
 
 def make_model(d, seed, dtype="F32", kv_heads=2, heads=4, hidden=32, inter=48, layers=2, vocab=64,
-               tie=False, shards=1, head_dim=None, rope_scaling=None, eps=1e-5, theta=10000.0):
+               tie=False, shards=1, head_dim=None, rope_scaling=None, eps=1e-5, theta=10000.0, max_pos=64):
     os.makedirs(d, exist_ok=True)
     rng = np.random.default_rng(seed)
     D = head_dim or hidden // heads
@@ -37,7 +37,7 @@ def make_model(d, seed, dtype="F32", kv_heads=2, heads=4, hidden=32, inter=48, l
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
-        "rms_norm_eps": eps, "rope_theta": theta, "max_position_embeddings": 64,
+        "rms_norm_eps": eps, "rope_theta": theta, "max_position_embeddings": max_pos,
         "tie_word_embeddings": tie, "attention_bias": False, "mlp_bias": False,
         "bos_token_id": 1, "eos_token_id": 2,
         "torch_dtype": {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype],

@@ -102,6 +102,17 @@ CASES = [
     dict(name="o_bottleneck_relu_mqa_layer0", seed=1515, model=dict(kv_heads=1),
          adapter=dict(kind="bottleneck", targets=["o_proj", "gate_proj", "down_proj"], act="relu",
                       scaling=1.0, layers=0)),
+    # memory options (docs/performance.md): the tiled attention kernel over several query and key
+    # blocks (64 x 256) with padding, and activation recomputation (exact, so the same tolerances)
+    dict(name="p_tiled_attention_multiblock", seed=1616, rows=[70, 300, 129],
+         model=dict(kv_heads=2, layers=3, max_pos=512), adapter=dict(kind="lora", targets=ALL7),
+         args=["--attention", "tiled"]),
+    dict(name="q_recompute_all_tiled_dora_accum", seed=1717, rows=[6, 11, 9], batch_size=2, grad_accum=2,
+         model=dict(layers=3), adapter=dict(kind="dora", targets=["q_proj", "v_proj", "o_proj", "down_proj"]),
+         args=["--recompute", "all", "--attention", "tiled"]),
+    dict(name="r_recompute2_of3_bottleneck_full", seed=1818, model=dict(kv_heads=1, layers=3),
+         adapter=dict(kind="bottleneck", targets=["k_proj", "gate_proj", "down_proj"], act="tanh"),
+         args=["--recompute", "2", "--attention", "full"]),
 ]
 
 

@@ -122,4 +122,26 @@ void tk_linear_bf16_backward(float *dx, const float *dy, const uint16_t *w, size
 /* out [N,C] = fp32(table[ids[n]]), table [V,C] BF16. */
 void tk_embedding_bf16_forward(float *out, const int32_t *ids, const uint16_t *table, size_t N, size_t C);
 
+/* ---- LayerNorm (torch.nn.LayerNorm over the last dimension; layernorm.c) ---------------------- */
+/* y [N,C] = (x - mean) * rstd * w + b; mean, rstd [N] cached for backward (NULL when not needed),
+ * x [N,C], w [C], b [C] or NULL. y may alias x. */
+void tk_layernorm_forward(float *y, float *mean, float *rstd, const float *x, const float *w,
+                          const float *b, size_t N, size_t C, float eps);
+/* forward: y = (x - mean) * rstd * w + b.  dx [N,C] +=, dw [C] +=, db [C] += (each may be NULL). */
+void tk_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                           const float *w, const float *mean, const float *rstd, size_t N, size_t C);
+
+/* ---- GELU family (gelu.c) ---------------------------------------------------------------------- */
+typedef enum {
+    TK_GELU_ERF,   /* exact: 0.5 x (1 + erf(x / sqrt 2)); HF "gelu", LLaVA's mlp2x_gelu */
+    TK_GELU_TANH,  /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); "gelu_pytorch_tanh" (SigLIP) */
+    TK_GELU_QUICK, /* x sigmoid(1.702 x); "quick_gelu" (CLIP) */
+} tk_gelu_kind;
+/* y [n] = gelu(x [n]); y may alias x. */
+void tk_gelu_forward(float *y, const float *x, size_t n, tk_gelu_kind kind);
+/* forward: y = gelu(x).  dx [n] += dy * gelu'(x). */
+void tk_gelu_backward(float *dx, const float *dy, const float *x, size_t n, tk_gelu_kind kind);
+/* HF's name of the variant ("gelu", "gelu_pytorch_tanh", "quick_gelu"). */
+const char *tk_gelu_name(tk_gelu_kind kind);
+
 #endif

@@ -1,0 +1,151 @@
+/* vit.h: the frozen CLIP / SigLIP vision transformers of LLaVA-style models, in fp32, forward only.
+ *
+ *   tk_err err = {0};
+ *   tk_vit *m = tk_vit_open("clip-vit-large-patch14-336", NULL, &err);  // config.json + safetensors
+ *   tk_vit_ws *ws = tk_vit_ws_alloc(m, 8, &err);                        // up to 8 images per pass
+ *   tk_vit_select sel = {.layer = -2, .feature = TK_VIT_FEATURE_PATCH}; // LLaVA's default
+ *   float *out = malloc(B * tk_vit_out_tokens(m, sel.feature) * m->cfg.hidden * sizeof(float));
+ *   tk_vit_forward(m, ws, out, pixels, B, &sel, &err);                  // pixels [B,3,S,S]
+ *   tk_vit_ws_free(ws); tk_vit_close(m);
+ *
+ * Architecture (HF CLIPVisionTransformer / SiglipVisionTransformer):
+ *   CLIP:   x = [class_embedding; conv(pixels)] + position_embedding   (T = N + 1 tokens)
+ *           x = pre_layrnorm(x)
+ *   SigLIP: x = conv(pixels) + conv bias + position_embedding           (T = N tokens, no class token)
+ *   every layer: x += out_proj(attn(layer_norm1(x)));  x += fc2(act(fc1(layer_norm2(x))))
+ *   attention is bidirectional (no mask), softmax(q k^T / sqrt(D)) v per head.
+ * hidden_states[0] is x before the first layer, hidden_states[l] the output of layer l (as HF's
+ * output_hidden_states); none of them has post_layernorm applied (CLIP's last_hidden_state is
+ * hidden_states[-1]; SigLIP's is post_layernorm(hidden_states[-1]): select .post_norm = 1 for it).
+ * SigLIP's attention-pooling head (vision_model.head.*) is not loaded: LLaVA-style models take the
+ * patch features, never the pooled vector.
+ *
+ * Ownership: tk_vit owns its weights (one fp32 block; F16/BF16 files are widened on load); the
+ * workspace belongs to the model it was allocated for. Weights are read-only after loading; one
+ * workspace per concurrent caller. Failure: NULL / -1 with err naming the file and tensor or key.
+ * Threads: the caller sets them (tk_set_threads); matmuls are cblas_sgemm, other loops OpenMP.
+ */
+#ifndef TK_VISION_VIT_H
+#define TK_VISION_VIT_H
+
+#include "common.h"
+#include "io/safetensors.h"
+#include "model/params.h"
+#include "ops/ops.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { TK_VIT_CLIP, TK_VIT_SIGLIP } tk_vit_kind;
+
+typedef struct {
+    tk_vit_kind kind;
+    int hidden;     /* C: hidden_size */
+    int inter;      /* F: intermediate_size */
+    int n_layers;   /* L: num_hidden_layers */
+    int n_heads;    /* H: num_attention_heads (D = C / H) */
+    int image_size; /* S: image_size (pixels per side) */
+    int patch_size; /* P: patch_size (N = (S / P)^2 patches) */
+    int channels;   /* num_channels (3) */
+    float eps;      /* layer_norm_eps */
+    tk_gelu_kind act; /* hidden_act: quick_gelu, gelu, gelu_pytorch_tanh / gelu_new */
+} tk_vit_config;
+
+/* HF's defaults of CLIPVisionConfig (ViT-B/32 shape, quick_gelu, eps 1e-5) or SiglipVisionConfig
+ * (ViT-B/16 shape, gelu_pytorch_tanh, eps 1e-6). */
+void tk_vit_config_default(tk_vit_config *cfg, tk_vit_kind kind);
+/* Reads a config.json: a CLIPVisionConfig / SiglipVisionConfig (model_type clip_vision_model /
+ * siglip_vision_model), or any config with a "vision_config" object (CLIPConfig, SiglipConfig,
+ * llava-hf's LlavaConfig). Missing keys take HF's defaults for the model_type; an original LLaVA config
+ * (mm_vision_tower, no vision_config) gives an error telling to open the tower's own directory. */
+int tk_vit_config_load(tk_vit_config *cfg, const char *path, tk_err *err);
+/* Checks ranges and divisibility (C % H, S % P); -1 with err naming `where`. */
+int tk_vit_config_check(const tk_vit_config *cfg, const char *where, tk_err *err);
+
+typedef struct {
+    float *ln1_w, *ln1_b;         /* [C] layer_norm1 */
+    float *q_w, *k_w, *v_w, *o_w; /* [C,C] self_attn.{q,k,v,out}_proj.weight */
+    float *q_b, *k_b, *v_b, *o_b; /* [C] their biases */
+    float *ln2_w, *ln2_b;         /* [C] layer_norm2 */
+    float *fc1_w, *fc1_b;         /* [F,C], [F] mlp.fc1 */
+    float *fc2_w, *fc2_b;         /* [C,F], [C] mlp.fc2 */
+} tk_vit_layer;
+
+typedef struct {
+    tk_vit_config cfg;
+    size_t n_patches;         /* N = (S / P)^2 */
+    size_t n_tokens;          /* T = N + 1 (CLIP) or N (SigLIP) */
+    float *patch_w;           /* [C, 3*P*P]: the conv weight [C,3,P,P] read as a matrix */
+    float *patch_b;           /* [C] SigLIP's conv bias; NULL for CLIP (bias=False) */
+    float *cls;               /* [C] CLIP class_embedding; NULL for SigLIP */
+    float *pos;               /* [T, C] position_embedding.weight */
+    float *pre_w, *pre_b;     /* [C] CLIP pre_layrnorm; NULL for SigLIP */
+    tk_vit_layer *layers;     /* [L] */
+    float *post_w, *post_b;   /* [C] post_layernorm */
+    float *block;             /* owns every tensor above */
+} tk_vit;
+
+/* One weight of the encoder: its name after the prefix ("encoder.layers.3.mlp.fc1.weight"), where
+ * its pointer lives, and its shape as stored in HF files. */
+typedef struct {
+    char name[TK_NAME_MAX];
+    float **data;
+    int ndim;
+    int64_t shape[4];
+} tk_vit_slot;
+/* Capacity tk_vit_slots needs. */
+size_t tk_vit_slot_capacity(const tk_vit_config *cfg);
+/* Fills slots with every weight of m's kind (the table that drives allocation, loading and the
+ * random constructor); returns the count. */
+size_t tk_vit_slots(tk_vit *m, tk_vit_slot *slots);
+
+/* Opens dir/config.json and dir's safetensors (model.safetensors or a sharded index). prefix: the
+ * tensor name prefix ("vision_model.", "vision_tower.vision_model.",
+ * "model.vision_tower.vision_tower.vision_model."), or NULL to try those three in order. Every tensor
+ * of the tower must be present with the config's shape; other tensors (a text tower, a LLaMA, SigLIP's
+ * pooling head) are ignored. */
+tk_vit *tk_vit_open(const char *dir, const char *prefix, tk_err *err);
+/* The same from a config and an already opened checkpoint (e.g. a whole LLaVA checkpoint); where
+ * names the checkpoint in messages. The weights are copied: set may be closed afterwards. */
+tk_vit *tk_vit_open_set(const tk_vit_config *cfg, const tk_st_set *set, const char *where,
+                        const char *prefix, tk_err *err);
+/* Random weights of the given shape (linear/conv/embeddings uniform with std 0.02, biases 0, norms
+ * weight 1 bias 0), nothing read: for tests, benchmarks and the demo. */
+tk_vit *tk_vit_random(const tk_vit_config *cfg, uint64_t seed, tk_err *err);
+void tk_vit_close(tk_vit *m); /* NULL is fine */
+
+/* Feature selection, as LLaVA's mm_vision_select_feature / llava-hf's vision_feature_select_strategy. */
+typedef enum {
+    TK_VIT_FEATURE_PATCH,     /* "patch" / "default": the N patch tokens (CLIP drops the class token) */
+    TK_VIT_FEATURE_CLS_PATCH, /* "cls_patch" / "full": every token (CLIP N + 1; SigLIP N) */
+} tk_vit_feature;
+/* Parses "patch", "default", "cls_patch" or "full"; -1 otherwise. */
+int tk_vit_feature_parse(const char *s, tk_vit_feature *out);
+
+typedef struct {
+    int layer;              /* hidden_states index in [-(L+1), L]; LLaVA's mm_vision_select_layer -2 */
+    tk_vit_feature feature;
+    int post_norm;          /* apply post_layernorm to the selected state (SigLIP last_hidden_state) */
+} tk_vit_select;
+
+/* Tokens per image of the output: N or T. */
+size_t tk_vit_out_tokens(const tk_vit *m, tk_vit_feature feature);
+
+/* Activations of up to Bmax images per pass. */
+typedef struct tk_vit_ws tk_vit_ws;
+tk_vit_ws *tk_vit_ws_alloc(const tk_vit *m, size_t Bmax, tk_err *err);
+void tk_vit_ws_free(tk_vit_ws *ws); /* NULL is fine */
+
+/* out [B, tk_vit_out_tokens(m, sel->feature), C] = the selected hidden state of pixels [B,3,S,S]
+ * (the preprocessed images, fp32). B may exceed the workspace's Bmax: the images then run in chunks
+ * of Bmax. Only the layers up to the selected one run. -1 on a bad selection (err set). */
+int tk_vit_forward(const tk_vit *m, tk_vit_ws *ws, float *out, const float *pixels, size_t B,
+                   const tk_vit_select *sel, tk_err *err);
+
+/* For benchmarks: runs n_images random images through the encoder (LLaVA's selection), batch
+ * images per pass, and writes the seconds the passes took (allocation and input generation excluded)
+ * into *seconds. Images per second = n_images / *seconds. */
+int tk_vit_run_images(const tk_vit *m, size_t n_images, size_t batch, const tk_vit_select *sel,
+                      uint64_t seed, double *seconds, tk_err *err);
+
+#endif

@@ -34,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import corpus_shard  # noqa: E402
 import corpus_tokenizer  # noqa: E402
+import corpus_image  # noqa: E402
 
 # ---- the fixture (fuzz_common.c builds the same shapes) -------------------------------------------
 C, F, L, H, G, D, V, R = 4, 6, 2, 2, 1, 2, 8, 2
@@ -793,12 +794,13 @@ TARGETS = {
     # binary formats with many fields: corpus_<target>.py beside this script
     "shard": lambda rng: corpus_shard.corpus_shard(rng, bit_flips),
     "tokenizer": lambda rng: corpus_tokenizer.corpus_tokenizer(rng, bit_flips, text_truncations),
+    "image": lambda rng: corpus_image.corpus_image(rng, bit_flips, corpus_shard.cut),
 }
 
 # Each target's random seed, fixed by name (adding a target must not regenerate the others' files).
 SEEDS = {t: 1000 + i for i, t in enumerate(sorted(["safetensors", "st_index", "llama_config", "llama_open",
                                                    "peft_config", "adapter", "jsonl", "args_config"]))}
-SEEDS.update(shard=2001, tokenizer=2002)
+SEEDS.update(shard=2001, tokenizer=2002, image=2003)
 
 MAX_FILES, MAX_BYTES = 96, 300 * 1024
 

@@ -2,11 +2,13 @@
  *
  * The only translation unit that compiles stb_image and stb_image_write: both STATIC (internal
  * linkage), stdio off (files are read by tk_read_file, so the size check and the error come from
- * one place), and only the five supported decoders built.
+ * one place), and only the supported decoders built. Binary PNM is decoded here (stb 2.27 reads
+ * 16-bit samples in host byte order and does not scale maxval != 255; PIL does both).
  */
 #include "image.h"
 
 #include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,7 +26,6 @@
 #define STBI_ONLY_PNG
 #define STBI_ONLY_BMP
 #define STBI_ONLY_GIF
-#define STBI_ONLY_PNM
 #define STBI_MAX_DIMENSIONS (1 << 24)
 #include <stb/stb_image.h>
 #define STB_IMAGE_WRITE_STATIC
@@ -117,6 +118,161 @@ static int jpeg_has_eoi(const uint8_t *p, size_t len) {
     return 0;
 }
 
+/* Binary PNM header, parsed as stb_image parses it (whitespace, '#' comments to end of line, decimal
+ * fields, one byte after maxval), but refusing fields over 8 digits before stb's int parser can
+ * overflow. Returns 0 and the fields and the offset of the first sample, -1 with err set. */
+static int pnm_header(const uint8_t *p, size_t len, size_t *w, size_t *h, size_t *maxv, size_t *data_off,
+                      const char *name, tk_err *err) {
+    size_t pos = 2, vals[3];
+    static const char *what[3] = {"width", "height", "maxval"};
+    for (int f = 0; f < 3; f++) {
+        for (;;) { /* whitespace and comments */
+            while (pos < len && (p[pos] == ' ' || (p[pos] >= '\t' && p[pos] <= '\r'))) pos++;
+            if (pos < len && p[pos] == '#') {
+                while (pos < len && p[pos] != '\n' && p[pos] != '\r') pos++;
+                continue;
+            }
+            break;
+        }
+        size_t v = 0, nd = 0;
+        while (pos < len && p[pos] >= '0' && p[pos] <= '9') {
+            if (++nd > 8) return tk_fail(err, "%s: PNM header: %s has more than 8 digits", name, what[f]);
+            v = v * 10 + (size_t)(p[pos++] - '0');
+        }
+        if (nd == 0)
+            return tk_fail(err, "%s: PNM header: %s at byte %zu (%s)", name,
+                           pos >= len ? "truncated" : "expected a decimal number", pos, what[f]);
+        vals[f] = v;
+    }
+    if (vals[2] == 0 || vals[2] > 65535)
+        return tk_fail(err, "%s: PNM header: maxval %zu, expected 1..65535", name, vals[2]);
+    *w = vals[0];
+    *h = vals[1];
+    *maxv = vals[2];
+    *data_off = pos + 1; /* the single whitespace byte after maxval */
+    return 0;
+}
+
+/* End offset of the first image's LZW data in a GIF (just past its block terminator), or 0 when the
+ * file ends before it; (size_t)-1 when the block structure is not understood (stb decides then). */
+static size_t gif_first_image_end(const uint8_t *p, size_t len) {
+    size_t pos = 13;
+    if (len < 13) return 0;
+    if (p[10] & 0x80) pos += 3 * ((size_t)2 << (p[10] & 7));
+    for (;;) {
+        if (pos >= len) return 0;
+        uint8_t b = p[pos];
+        int image = b == 0x2C;
+        if (b == 0x21) {
+            pos += 2;
+        } else if (image) {
+            if (pos + 10 > len) return 0;
+            uint8_t flags = p[pos + 9];
+            pos += 10;
+            if (flags & 0x80) pos += 3 * ((size_t)2 << (flags & 7));
+            pos += 1; /* LZW minimum code size */
+        } else {
+            return (size_t)-1;
+        }
+        for (;;) { /* data sub-blocks up to the zero-length terminator */
+            if (pos >= len) return 0;
+            size_t n = p[pos];
+            pos += 1 + n;
+            if (n == 0) break;
+        }
+        if (pos > len) return 0;
+        if (image) return pos;
+    }
+}
+
+/* stb_image reads past the end of a truncated BMP, PNM or GIF as zeros (or, for PNM, leaves the
+ * buffer uninitialized) and a truncated JPEG as zero padding, reporting success: the sizes its
+ * headers imply are checked here first. 0 when complete (or for stb to judge), -1 with err. */
+static int check_complete(tk_image_format f, const uint8_t *p, size_t len, size_t w, size_t h, const char *name,
+                          tk_err *err) {
+    const char *fn = tk_image_format_name(f);
+    size_t need = 0;
+    if (f == TK_IMAGE_FORMAT_JPEG) {
+        if (!jpeg_has_eoi(p, len))
+            return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): truncated (no end-of-image marker after "
+                           "the scan)", name, w, h);
+        return 0;
+    }
+    if (f == TK_IMAGE_FORMAT_GIF) {
+        size_t end = gif_first_image_end(p, len);
+        if (end == 0)
+            return tk_fail(err, "%s: cannot decode GIF image (%zu x %zu): truncated (the file ends inside the first "
+                           "frame)", name, w, h);
+        return 0;
+    }
+    if (f == TK_IMAGE_FORMAT_PNG) {
+        /* chunks: length (4, big-endian), type (4), data, CRC (4), up to and including IEND */
+        size_t pos = 8;
+        for (;;) {
+            if (pos + 12 > len) break;
+            size_t clen = (size_t)p[pos] << 24 | (size_t)p[pos + 1] << 16 | (size_t)p[pos + 2] << 8 | p[pos + 3];
+            if (clen > 0x7FFFFFFFu)
+                return tk_fail(err, "%s: cannot decode PNG image (%zu x %zu): corrupt (chunk at byte %zu has length "
+                               "%zu)", name, w, h, pos, clen);
+            if (clen > len - pos - 12) break;
+            if (memcmp(p + pos + 4, "IEND", 4) == 0) return 0;
+            pos += 12 + clen;
+        }
+        return tk_fail(err, "%s: cannot decode PNG image (%zu x %zu): truncated (the file ends inside the chunk at "
+                       "byte %zu, before IEND)", name, w, h, pos);
+    }
+    if (f == TK_IMAGE_FORMAT_PNM) {
+        size_t pw, ph, maxv, off;
+        if (pnm_header(p, len, &pw, &ph, &maxv, &off, name, err) != 0) return -1;
+        need = off + w * h * (p[1] == '6' ? 3 : 1) * (maxv > 255 ? 2 : 1); /* w * h <= max_pixels */
+    } else if (f == TK_IMAGE_FORMAT_BMP && len >= 30) {
+        size_t off = (size_t)p[10] | (size_t)p[11] << 8 | (size_t)p[12] << 16 | (size_t)p[13] << 24;
+        size_t hsz = (size_t)p[14] | (size_t)p[15] << 8 | (size_t)p[16] << 16 | (size_t)p[17] << 24;
+        size_t bpp = hsz == 12 ? ((size_t)p[24] | (size_t)p[25] << 8) : ((size_t)p[28] | (size_t)p[29] << 8);
+        size_t comp = hsz == 12 || len < 34 ? 0 : ((size_t)p[30] | (size_t)p[31] << 8);
+        if (comp != 0 && comp != 3) return 0; /* RLE and others: stb refuses them itself */
+        if (bpp == 0 || bpp > 32) return 0;
+        size_t row = (w * bpp + 31) / 32 * 4;
+        need = off + row * h;
+    } else {
+        return 0;
+    }
+    if (need > len)
+        return tk_fail(err, "%s: cannot decode %s image (%zu x %zu): truncated (%zu bytes, the header implies %zu)",
+                       name, fn, w, h, len, need);
+    return 0;
+}
+
+/* Binary PGM/PPM samples to RGB as PIL 9.4 reads them: maxval 255 raw; otherwise (16-bit samples
+ * big-endian) min(255, round(v / maxval * 255)) with Python's round (half to even). PIL reads a
+ * PGM with maxval > 255 as mode "I" instead, which convert("RGB") then clips: not reproduced. */
+static tk_image *pnm_decode(const uint8_t *p, size_t len, size_t w, size_t h, const char *name, tk_err *err) {
+    size_t pw, ph, maxv, off;
+    if (pnm_header(p, len, &pw, &ph, &maxv, &off, name, err) != 0) return NULL;
+    size_t ch = p[1] == '6' ? 3 : 1, bytes = maxv > 255 ? 2 : 1;
+    tk_image *img = tk_image_alloc(w, h, err);
+    if (!img) {
+        tk_err_prefix(err, name);
+        return NULL;
+    }
+    const uint8_t *s = p + off; /* check_complete: off + w * h * ch * bytes <= len */
+    for (size_t i = 0; i < w * h; i++) {
+        for (size_t c = 0; c < ch; c++, s += bytes) {
+            unsigned v = bytes == 2 ? (unsigned)s[0] << 8 | s[1] : s[0];
+            uint8_t o;
+            if (maxv == 255) {
+                o = (uint8_t)v;
+            } else {
+                double r = nearbyint((double)v / (double)maxv * 255.0);
+                o = (uint8_t)(r > 255.0 ? 255.0 : r);
+            }
+            if (ch == 1) img->rgb[i * 3] = img->rgb[i * 3 + 1] = img->rgb[i * 3 + 2] = o;
+            else img->rgb[i * 3 + c] = o;
+        }
+    }
+    return img;
+}
+
 static int check_len(const char *name, size_t len, tk_err *err) {
     if (len == 0) return tk_fail(err, "%s: empty file, expected an image", name);
     if (len > (size_t)INT_MAX)
@@ -137,8 +293,24 @@ int tk_image_info(tk_image_format *fmt, size_t *w, size_t *h, const void *data, 
                        "or binary PNM P5/P6)",
                        name, p[0], len > 1 ? p[1] : 0, len > 2 ? p[2] : 0, len > 3 ? p[3] : 0);
     }
+    const uint8_t *p = data;
     int x = 0, y = 0, comp = 0;
-    if (!stbi_info_from_memory(data, (int)len, &x, &y, &comp)) {
+    if (f == TK_IMAGE_FORMAT_PNM) {
+        size_t pw, ph, maxv, off;
+        if (pnm_header(p, len, &pw, &ph, &maxv, &off, name, err) != 0) return -1;
+        x = (int)pw; /* at most 8 digits */
+        y = (int)ph;
+    } else if (f == TK_IMAGE_FORMAT_PNG && len >= 24 && memcmp(p + 12, "IHDR", 4) == 0 &&
+               ((p[16] | p[20]) & 0x80)) {
+        /* a side of 2^31 or more: stb would say only "unknown image type" */
+        return tk_fail(err, "%s: PNG image of %u x %u pixels: a side exceeds %zu", name,
+                       (unsigned)p[16] << 24 | (unsigned)p[17] << 16 | (unsigned)p[18] << 8 | p[19],
+                       (unsigned)p[20] << 24 | (unsigned)p[21] << 16 | (unsigned)p[22] << 8 | p[23], TK_IMAGE_MAX_SIDE);
+    } else if (f == TK_IMAGE_FORMAT_PNG && len >= 24 && memcmp(p + 12, "IHDR", 4) == 0) {
+        /* read here: stb refuses sizes over 2^30 bytes with "unknown image type", before our limit */
+        x = (int)((unsigned)p[16] << 24 | (unsigned)p[17] << 16 | (unsigned)p[18] << 8 | p[19]);
+        y = (int)((unsigned)p[20] << 24 | (unsigned)p[21] << 16 | (unsigned)p[22] << 8 | p[23]);
+    } else if (!stbi_info_from_memory(data, (int)len, &x, &y, &comp)) {
         const char *why = stbi_failure_reason();
         return tk_fail(err, "%s: cannot read %s header (truncated or corrupt; stb_image: %s)", name,
                        tk_image_format_name(f), why ? why : "unknown error");
@@ -164,11 +336,8 @@ tk_image *tk_image_decode(const void *data, size_t len, const char *name, size_t
     size_t w, h;
     if (tk_image_info(&f, &w, &h, data, len, name, max_pixels, err) != 0) return NULL;
     const char *fn = tk_image_format_name(f);
-    if (f == TK_IMAGE_FORMAT_JPEG && !jpeg_has_eoi(data, len)) {
-        tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): truncated (no end-of-image marker after the scan)", name,
-                w, h);
-        return NULL;
-    }
+    if (check_complete(f, data, len, w, h, name, err) != 0) return NULL;
+    if (f == TK_IMAGE_FORMAT_PNM) return pnm_decode(data, len, w, h, name, err);
     int x = 0, y = 0, comp = 0;
     uint8_t *pix = stbi_load_from_memory(data, (int)len, &x, &y, &comp, 3);
     if (!pix) {

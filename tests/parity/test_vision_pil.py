@@ -222,6 +222,15 @@ def write_cases(tmp, items):
     save("animated_30x20.gif", f1, "GIF", save_all=True, append_images=[f2], duration=100, loop=0)
     save("rgb_29x31.ppm", Image.fromarray(content(29, 31, 14)), "PPM")
     save("gray_31x29.pgm", Image.fromarray(content(31, 29, 15)).convert("L"), "PPM")
+    # PNM with maxval != 255 (PIL scales round(v / maxval * 255)): 16-bit big-endian PPM, PGM maxval 100
+    a16 = content(21, 11, 18).astype(np.uint16) * 257 + np.arange(21, dtype=np.uint16)[None, :, None]
+    raw = {"rgb16_21x11.ppm": b"P6\n21 11\n65535\n" + a16.astype(">u2").tobytes(),
+           "gray100_11x21.pgm": b"P5 11 21 100 " + (content(11, 21, 19)[..., 0] % 101).astype(np.uint8).tobytes()}
+    for name, data in raw.items():
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        cases.append((name, path, True))
     jp = photo(items, 157, 103, 16) if items is not None else Image.fromarray(content(157, 103, 16))
     save("photo_157x103_444.jpg", jp, "JPEG", lossless=False, quality=95, subsampling=0)
     save("photo_157x103_420.jpg", jp, "JPEG", lossless=False, quality=85, subsampling=2)

@@ -141,3 +141,18 @@ class Checks:
             return 1
         print("%s: all %d checks passed (%.1fs)" % (self.name, self.n, dt))
         return 0
+
+
+def make_shard(tspeft, path, rows, frame_target=256):
+    """Writes rows (dicts: input_ids, labels, optional kinds / images / meta) as a shard with the test
+    helper built beside the binary (BUILD/tests/make_shard, tests/tools/make_shard.c). Raises on
+    failure (a broken fixture is not a finding)."""
+    tool = os.path.join(os.path.dirname(os.path.abspath(tspeft)), "tests", "make_shard")
+    src = path + ".src.jsonl"
+    write_jsonl(src, rows)
+    p = subprocess.run([tool, path, src, "--frame-target", str(frame_target)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=60)
+    os.remove(src)
+    if p.returncode != 0:
+        raise RuntimeError("make_shard %s failed: %s" % (path, p.stderr.strip()))
+    return path

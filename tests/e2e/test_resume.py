@@ -32,6 +32,11 @@
     those steps and saves only finite tensors.
 (7) resume mismatches (--batch-size, --seed, --data) and a checkpoint already at --steps fail with exit
     1 and a message naming the key and both values / "nothing left to do", changing nothing.
+(8) exact resume from shards (two weighted datasets, one a glob of two shards, --shuffle-window 2,
+    crossing a loader epoch; and --pack): the checkpoint holds loader_cursor.json; resuming from
+    checkpoint-4 or the run directory (also with --prefetch 0) prints the same steps and writes the same
+    adapter bytes as the uninterrupted run; --batch-size 1 on resume continues the same sample stream;
+    another --shuffle-window, a shard changed under the same name, or JSONL data are refused with exit 1.
 Exit status 0 when every check passed, 1 otherwise.
 """
 import argparse
@@ -906,6 +911,131 @@ def test_mismatch(cx, B):
 
 
 # ------------------------------------------------------------------------------------------------
+# (8) exact resume from shards: the loader cursor
+
+SHARD1 = ["--adapter-type", "lora", "--r", 8, "--alpha", 16, "--target-modules", "all", "--dropout", 0.1,
+          "--shuffle", "--shuffle-window", 2, "--batch-size", 2, "--grad-accum", 2, "--ts-target-keep", 0.5,
+          "--lr-scheduler", "cosine", "--warmup-steps", 2, "--lr", 3e-3, "--steps", 10, "--seed", 9,
+          "--log-every", 1]
+
+
+def make_shards(cx):
+    """Dataset a: one shard of the 16 JSONL rows; dataset b: 12 other rows in two shards (a glob).
+    28 records, so 10 steps of 4 samples cross a loader epoch."""
+    rows_a = [json.loads(x) for x in open(cx.data)]
+    U.make_shard(cx.tspeft, cx.path("s_a.shard"), rows_a)
+    rows_b = U.pattern_data(cx.path("s_b.jsonl"), n_rows=12, seed=5)
+    U.make_shard(cx.tspeft, cx.path("s_b-0.shard"), rows_b[:6])
+    U.make_shard(cx.tspeft, cx.path("s_b-1.shard"), rows_b[6:])
+    return ["--data", cx.path("s_b-*.shard") + ":3"]   # after --data s_a.shard (Ctx.args puts it first)
+
+
+def test_shard_resume(cx):
+    chk = cx.chk
+    chk.section("(8) exact resume from shards (two weighted datasets, a glob, frame-window shuffle)")
+    data = make_shards(cx)
+    sa = cx.path("s_a.shard")
+    A, B = cx.path("r8_A"), cx.path("r8_B")
+    pa = cx.train(SHARD1 + data + ["--out", A], data=sa)
+    pb = cx.train(SHARD1 + data + SAVE4 + ["--out", B], data=sa)
+    if not (chk.ok(pa.returncode == 0, "(8) uninterrupted 10-step run from shards exits 0", pa.stderr) and
+            chk.ok(pb.returncode == 0, "(8) the same run with --save-every 4 exits 0", pb.stderr)):
+        return
+    progA, orderA = prog_raw(pa.stderr)
+    chk.ok(orderA == list(range(1, 11)) and progA == prog_raw(pb.stderr)[0],
+           "(8) steps 1..10 printed, the same with checkpoints saved", orderA)
+    epochs = [float(m.group(1)) for m in re.finditer(r"  epoch (\S+)  ", pa.stderr)]
+    chk.ok(len(epochs) == 10 and all(abs(e - 4 * (i + 1) / 28.0) < 1e-3 for i, e in enumerate(epochs)),
+           "(8) the progress lines show the fractional epoch: samples / 28 records (%s ... %s)"
+           % (epochs[:1], epochs[-1:]), epochs)
+    ck4 = os.path.join(B, "checkpoint-4")
+    files = sorted(os.listdir(ck4)) if os.path.isdir(ck4) else []
+    chk.ok(files == sorted(CKPT_FILES + ("loader_cursor.json",)),
+           "(8) a shard checkpoint holds the four files and loader_cursor.json", files)
+    try:
+        ts = load_json(os.path.join(ck4, "trainer_state.json"))
+        cur = load_json(os.path.join(ck4, "loader_cursor.json"))
+        lc = ts.get("loader_cursor") or {}
+        chk.ok(lc.get("file") == "loader_cursor.json" and lc.get("samples") == "16" and
+               cur.get("format") == "tspeft-loader-cursor" and cur.get("samples") == 16 and
+               cur.get("batches") == 8 and len(cur.get("sources") or []) == 2,
+               "(8) trainer_state names loader_cursor.json; the cursor is at 16 samples, 8 batches, 2 sources",
+               "%s\n%s" % (lc, cur))
+        chk.ok(ts.get("config", {}).get("data") == [sa, data[1]],
+               "(8) the saved config lists both --data specs as given", ts.get("config", {}).get("data"))
+    except (OSError, ValueError) as e:
+        chk.ok(False, "(8) checkpoint-4 state files parse", e)
+
+    # resume from checkpoint-4 (later checkpoint deleted), then from the run directory with --prefetch 0
+    R1 = cx.path("r8_R1")
+    shutil.copytree(B, R1)
+    shutil.rmtree(os.path.join(R1, "checkpoint-8"))
+    remove_final(R1)
+    p = cx.train(SHARD1 + data + SAVE4 + ["--out", R1, "--resume", os.path.join(R1, "checkpoint-4")], data=sa)
+    compare_resumed(cx, "(8) shards --resume checkpoint-4", p, progA, 5, 10, R1, A)
+    if p.returncode == 0:
+        chk.ok(same_file(os.path.join(R1, "checkpoint-8", "loader_cursor.json"),
+                         os.path.join(B, "checkpoint-8", "loader_cursor.json")),
+               "(8) the re-saved checkpoint-8/loader_cursor.json is byte-identical to the original")
+    R2 = cx.path("r8_R2")
+    shutil.copytree(B, R2)
+    remove_final(R2)
+    p = cx.train(SHARD1 + data + SAVE4 + ["--out", R2, "--resume", R2, "--prefetch", 0], data=sa)
+    compare_resumed(cx, "(8) shards --resume OUT (checkpoint-8) with --prefetch 0", p, progA, 9, 10, R2, A)
+
+    # packed rows
+    chk.section("(8) exact resume from shards: --pack")
+    pk = [a if a != 10 else 8 for a in SHARD1] + ["--pack", "--max-seq-len", 24]
+    a, b = cx.path("r8_pack_A"), cx.path("r8_pack_B")
+    pa2 = cx.train(pk + data + ["--out", a], data=sa)
+    pb2 = cx.train(pk + data + SAVE4 + ["--out", b], data=sa)
+    if chk.ok(pa2.returncode == 0 and pb2.returncode == 0 and os.path.isdir(os.path.join(b, "checkpoint-4")),
+              "(8) packed runs exit 0, checkpoint-4 written", pa2.stderr + pb2.stderr):
+        cur = load_json(os.path.join(b, "checkpoint-4", "loader_cursor.json"))
+        chk.ok(cur.get("samples", 0) > 16,
+               "(8) packing puts more than one record in a row (%s samples in 16 rows of 24)" % cur.get("samples"))
+        remove_final(b)
+        p = cx.train(pk + data + SAVE4 + ["--out", b, "--resume", os.path.join(b, "checkpoint-4")], data=sa)
+        compare_resumed(cx, "(8) packed --resume checkpoint-4", p, prog_raw(pa2.stderr)[0], 5, 8, b, a)
+
+    # another batch size continues the same sample stream (shards only)
+    p = cx.train([x if x != 2 or i == 0 or SHARD1[i - 1] != "--batch-size" else 1 for i, x in enumerate(SHARD1)] +
+                 data + ["--save-every", 2, "--keep-checkpoints", 0, "--out", R2, "--resume",
+                         os.path.join(R2, "checkpoint-4")], data=sa)
+    try:
+        cur6 = load_json(os.path.join(R2, "checkpoint-6", "loader_cursor.json"))
+    except (OSError, ValueError):
+        cur6 = {}
+    chk.ok(p.returncode == 0 and cur6.get("samples") == 16 + 2 * 2 * 1,
+           "(8) resuming with --batch-size 1 continues the stream: checkpoint-6 at 16 + 2 x 2 x 1 samples",
+           "%s\n%s" % (cur6, p.stderr))
+
+    # mismatches: another shuffle window, a changed shard, JSONL data: exit 1, nothing changed
+    chk.section("(8) shard resume mismatches")
+    M = cx.path("r8_M")
+    shutil.copytree(B, M)
+    before = snapshot(M)
+    sw = [x if not (i > 0 and SHARD1[i - 1] == "--shuffle-window") else 0 for i, x in enumerate(SHARD1)]
+    p = cx.train(sw + data + SAVE4 + ["--out", M, "--resume", M], data=sa)
+    chk.ok(p.returncode == 1 and re.search(r"shuffle_window is 2 in the checkpoint but 0 now", last_line(p.stderr)),
+           "(8) another --shuffle-window: exit 1 naming shuffle_window and both values: %r" % last_line(p.stderr),
+           p.stderr)
+    shutil.copyfile(cx.path("s_b-1.shard"), cx.path("s_b-1.keep"))
+    rows_b = U.pattern_data(cx.path("s_b.jsonl"), n_rows=12, seed=5)
+    U.make_shard(cx.tspeft, cx.path("s_b-1.shard"), rows_b[6:11])   # one record fewer, same name
+    p = cx.train(SHARD1 + data + SAVE4 + ["--out", M, "--resume", M], data=sa)
+    shutil.move(cx.path("s_b-1.keep"), cx.path("s_b-1.shard"))
+    chk.ok(p.returncode == 1 and "another data mix" in last_line(p.stderr) and M in last_line(p.stderr),
+           "(8) a shard changed under the same name: the cursor is refused (exit 1): %r" % last_line(p.stderr),
+           p.stderr)
+    p = cx.train(sw + SAVE4 + ["--out", M, "--resume", M])     # JSONL (and its shuffle window 0)
+    chk.ok(p.returncode == 1 and re.search(r"\bdata\b.*s_a\.shard.*%s" % re.escape(cx.data), last_line(p.stderr)),
+           "(8) resuming a shard run with JSONL --data: exit 1 naming data and both values", p.stderr)
+    diff = snap_diff(before, snapshot(M))
+    chk.ok(not diff, "(8) the failed resumes changed nothing in the run directory", "\n".join(diff))
+
+
+# ------------------------------------------------------------------------------------------------
 
 def run_all(cx):
     mcfg = U.tiny_model(cx.model, seed=7)
@@ -915,6 +1045,7 @@ def run_all(cx):
     if B:
         test_contents(cx, mcfg, B)
         test_mismatch(cx, B)
+    test_shard_resume(cx)
     test_full_disk(cx)
     test_nonfinite(cx)
     test_signals(cx)

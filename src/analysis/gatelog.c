@@ -1,0 +1,527 @@
+/* gatelog.c: the gate recorder (gatelog.h, docs/gates.md).
+ *
+ * Shapes: M adapted modules, K = TK_GATELOG_NKIND token kinds, NB = TK_GATELOG_NBIN bins, B rows,
+ * T positions.
+ */
+#include "gatelog.h"
+
+#include "../../datasets/shard.h"
+
+#include <errno.h>
+#include <stddef.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct tk_gatelog {
+    FILE *gates, *train, *tokens;
+    char dir[4096];
+    size_t M;
+    int *layer, *proj;   /* [M] */
+    int with_lambda;     /* target keep ratio: lambda is a dual variable worth logging */
+    tk_gatelog_opts o;
+    /* the step being accumulated */
+    int step, open;
+    uint64_t n[TK_GATELOG_NKIND];   /* [K] tokens seen per kind (the same for every module) */
+    uint64_t *kept;                 /* [M,K] */
+    uint64_t *hist;                 /* [M,NB] */
+    float *tau, *lambda;            /* [M] values applied in the step */
+    float *scratch;                 /* [cap] selection buffer for the quantiles */
+    size_t scratch_cap;
+    uint16_t *view;                 /* [T] modules that kept each position of the token-view row */
+    size_t view_cap;
+    uint32_t *tok;                  /* [tok_cap] valid positions of the micro-batch */
+    uint8_t *col;                   /* [tok_cap] their kind column */
+    size_t tok_cap;
+    char *line;                     /* [line_cap] the step line being built */
+    size_t line_n, line_cap;
+    int line_oom;
+    double secs;                    /* time spent in the recorder */
+};
+
+static const char *const kind_names[TK_GATELOG_NKIND] = {"prompt", "response", "image", "other"};
+
+static int kind_col(const uint8_t *kinds, size_t i) {
+    if (!kinds) return 3;
+    switch (kinds[i]) {
+    case TK_KIND_PROMPT: return 0;
+    case TK_KIND_RESPONSE: return 1;
+    case TK_KIND_IMAGE: return 2;
+    default: return 3;
+    }
+}
+
+/* Lower edges of the bins: bin_lo[j] = 10^(-4 + (j-1)/4) for j >= 1 (bin j holds lo[j] <= r < lo[j+1]). */
+static const double bin_lo[TK_GATELOG_NBIN] = {
+    0, 0.0001, 0.00017782794100389227, 0.00031622776601683794, 0.0005623413251903491, 0.001, 0.0017782794100389228, 0.0031622776601683794, 0.005623413251903491,
+    0.01, 0.017782794100389229, 0.031622776601683791, 0.056234132519034911, 0.10000000000000001, 0.17782794100389229, 0.31622776601683794, 0.56234132519034907,
+    1, 1.7782794100389228, 3.1622776601683795, 5.6234132519034912, 10, 17.782794100389228, 31.622776601683793, 56.234132519034908, 100};
+static const float bin_lo_f[TK_GATELOG_NBIN] = { /* the same edges as floats */
+    0.0f, 0.0001f, 0.000177827941f, 0.000316227766f, 0.000562341325f, 0.001f, 0.00177827941f, 0.00316227766f, 0.00562341325f,
+    0.01f, 0.0177827941f, 0.0316227766f, 0.0562341325f, 0.1f, 0.177827941f, 0.316227766f, 0.562341325f, 1.0f,
+    1.77827941f, 3.16227766f, 5.62341325f, 10.0f, 17.7827941f, 31.6227766f, 56.2341325f, 100.0f};
+
+/* A first guess from the float's exponent and mantissa (log2 r ~ e + f, off by < 0.09), then
+ * corrected against the exact edges: no log10 per token. */
+int tk_gatelog_bin(float r) {
+    if (!(r >= bin_lo_f[1])) return 0; /* also NaN */
+    if (r >= bin_lo_f[TK_GATELOG_NBIN - 1]) return TK_GATELOG_NBIN - 1;
+    uint32_t u;
+    memcpy(&u, &r, sizeof u);
+    float l2 = (float)((int)((u >> 23) & 255) - 127) + (float)(u & 0x7fffff) * (1.0f / 8388608.0f);
+    int j = 1 + (int)(4.0f * (l2 * 0.30103f + 4.0f));
+    if (j < 1) j = 1;
+    if (j > TK_GATELOG_NBIN - 2) j = TK_GATELOG_NBIN - 2;
+    while (j < TK_GATELOG_NBIN - 2 && r >= bin_lo_f[j + 1]) j++;
+    while (j > 1 && r < bin_lo_f[j]) j--;
+    return j;
+}
+
+double tk_gatelog_bin_lo(int j) { return j <= 0 ? 0.0 : j >= TK_GATELOG_NBIN ? INFINITY : bin_lo[j]; }
+
+static FILE *open_log(tk_gatelog *g, const char *name, int *fresh, tk_err *err) {
+    char path[4200];
+    if (tk_pathf(path, sizeof path, err, "%s/%s", g->dir, name)) return NULL;
+    FILE *f = NULL;
+    *fresh = 1;
+    if (g->o.append) {
+        f = fopen(path, "r");
+        if (f) {
+            fseek(f, 0, SEEK_END);
+            *fresh = ftell(f) <= 0;
+            fclose(f);
+        }
+    }
+    f = fopen(path, g->o.append ? "a" : "w");
+    if (!f) tk_fail(err, "%s: cannot open for writing: %s", path, strerror(errno));
+    return f;
+}
+
+/* The step line is built in memory and written with one fwrite (fprintf per number cost ~10x more,
+ * and a line holds M x (4 + 26) counts). */
+static void line_reserve(tk_gatelog *g, size_t extra) {
+    if (g->line_n + extra <= g->line_cap) return;
+    size_t cap = g->line_cap ? g->line_cap : 4096;
+    while (cap < g->line_n + extra) cap *= 2;
+    char *p = realloc(g->line, cap);
+    if (!p) {
+        g->line_oom = 1;
+        return;
+    }
+    g->line = p;
+    g->line_cap = cap;
+}
+
+static void put_s(tk_gatelog *g, const char *s) {
+    size_t n = strlen(s);
+    line_reserve(g, n);
+    if (g->line_oom) return;
+    memcpy(g->line + g->line_n, s, n);
+    g->line_n += n;
+}
+
+static void put_u64(tk_gatelog *g, char sep, uint64_t v) {
+    char buf[24];
+    size_t n = sizeof buf;
+    do {
+        buf[--n] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    if (sep) buf[--n] = sep;
+    line_reserve(g, sizeof buf - n);
+    if (g->line_oom) return;
+    memcpy(g->line + g->line_n, buf + n, sizeof buf - n);
+    g->line_n += sizeof buf - n;
+}
+
+/* v with 7 significant digits as a JSON number, "d.dddddde-X" (JSON null when not finite). Written
+ * by hand: printf's float conversion cost ~1 us per number, most of the recorder's time. */
+static void put_g(tk_gatelog *g, char sep, double v) {
+    char buf[40];
+    size_t o = 0;
+    if (sep) buf[o++] = sep;
+    if (!isfinite(v)) {
+        memcpy(buf + o, "null", 5);
+    } else if (v == 0.0) {
+        memcpy(buf + o, "0", 2);
+    } else {
+        if (v < 0) {
+            buf[o++] = '-';
+            v = -v;
+        }
+        int e = (int)floor(log10(v));
+        double scale = 1.0; /* 10^(6 - e) by squaring: exact for the powers that matter, no pow() */
+        for (int p = 6 - e < 0 ? e - 6 : 6 - e, i = 0; p; p >>= 1, i++) {
+            double t = 10.0;
+            for (int k = 0; k < i; k++) t *= t;
+            if (p & 1) scale *= t;
+        }
+        long long mant = llround(6 - e >= 0 ? v * scale : v / scale); /* 7 digits: 10^6 <= mant < 10^7 */
+        if (mant >= 10000000LL) {
+            mant /= 10;
+            e++;
+        } else if (mant < 1000000LL) {
+            mant *= 10;
+            e--;
+        }
+        char d[8];
+        for (int i = 6; i >= 0; i--) {
+            d[i] = (char)('0' + mant % 10);
+            mant /= 10;
+        }
+        int last = 6;
+        while (last > 0 && d[last] == '0') last--;
+        buf[o++] = d[0];
+        if (last > 0) {
+            buf[o++] = '.';
+            for (int i = 1; i <= last; i++) buf[o++] = d[i];
+        }
+        if (e != 0) {
+            buf[o++] = 'e';
+            if (e < 0) {
+                buf[o++] = '-';
+                e = -e;
+            }
+            if (e >= 100) buf[o++] = (char)('0' + e / 100);
+            if (e >= 10) buf[o++] = (char)('0' + e / 10 % 10);
+            buf[o++] = (char)('0' + e % 10);
+        }
+        buf[o] = 0;
+    }
+    put_s(g, buf);
+}
+
+static int check_write(tk_gatelog *g, FILE *f, const char *name, tk_err *err) {
+    if (fflush(f) != 0 || ferror(f)) return tk_fail(err, "%s/%s: write failed: %s", g->dir, name, strerror(errno));
+    return 0;
+}
+
+tk_gatelog *tk_gatelog_open(const char *run_dir, const tk_llama *m, const tk_gatelog_opts *o, tk_err *err) {
+    tk_gatelog *g = calloc(1, sizeof *g);
+    if (!g) {
+        tk_fail(err, "out of memory");
+        return NULL;
+    }
+    g->o = *o;
+    snprintf(g->dir, sizeof g->dir, "%s", run_dir);
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) g->M += m->layers[l].proj[p].kind != TK_ADAPTER_NONE;
+    size_t M = g->M ? g->M : 1;
+    g->layer = calloc(M, sizeof(int));
+    g->proj = calloc(M, sizeof(int));
+    g->kept = calloc(M * TK_GATELOG_NKIND, sizeof(uint64_t));
+    g->hist = calloc(M * TK_GATELOG_NBIN, sizeof(uint64_t));
+    g->tau = calloc(M, sizeof(float));
+    g->lambda = calloc(M, sizeof(float));
+    if (!g->layer || !g->proj || !g->kept || !g->hist || !g->tau || !g->lambda) {
+        tk_fail(err, "out of memory");
+        goto fail;
+    }
+    size_t k = 0;
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++)
+            if (m->layers[l].proj[p].kind != TK_ADAPTER_NONE) {
+                g->layer[k] = l;
+                g->proj[k++] = p;
+            }
+    g->with_lambda = m->peft.gate.target_keep > 0.0f;
+    int fresh;
+    if (!(g->train = open_log(g, "train_log.jsonl", &fresh, err))) goto fail;
+    if (!(g->tokens = open_log(g, "tokens.jsonl", &fresh, err))) goto fail;
+    if (g->M) {
+        if (!(g->gates = open_log(g, "gates.jsonl", &fresh, err))) goto fail;
+        if (fresh) { /* the header line: what the columns of every step line mean */
+            const tk_gate_config *gc = &m->peft.gate;
+            FILE *f = g->gates;
+            fprintf(f, "{\"format\":\"tspeft-gates\",\"version\":%d,\"adapter\":\"%s\",\"gated\":%s,"
+                       "\"rule\":\"%s\",\"lambda\":%.9g,\"eta_tau\":%.9g,\"target_keep\":",
+                    TK_GATELOG_VERSION, tk_adapter_kind_name(m->peft.kind), gc->enabled ? "true" : "false",
+                    tk_gate_rule_name(gc->rule), gc->lambda, gc->eta_tau);
+            if (gc->target_keep > 0.0f) fprintf(f, "%.9g", gc->target_keep);
+            else fputs("null", f);
+            fprintf(f, ",\"warmup_steps\":%d,\"n_layers\":%d,\"kinds\":[", gc->warmup_steps, m->cfg.n_layers);
+            for (int j = 0; j < TK_GATELOG_NKIND; j++) fprintf(f, "%s\"%s\"", j ? "," : "", kind_names[j]);
+            fputs("],\"hist_lo\":[", f);
+            for (int j = 0; j < TK_GATELOG_NBIN; j++) fprintf(f, "%s%.9g", j ? "," : "", tk_gatelog_bin_lo(j));
+            fputs("],\"modules\":[", f);
+            for (size_t i = 0; i < g->M; i++)
+                fprintf(f, "%s\"model.layers.%d.%s.%s\"", i ? "," : "", g->layer[i], tk_proj_block[g->proj[i]],
+                        tk_proj_short[g->proj[i]]);
+            fputs("]}\n", f);
+            if (check_write(g, f, "gates.jsonl", err)) goto fail;
+        }
+    }
+    return g;
+fail:
+    tk_gatelog_close(g);
+    return NULL;
+}
+
+void tk_gatelog_close(tk_gatelog *g) {
+    if (!g) return;
+    if (g->gates) fclose(g->gates);
+    if (g->train) fclose(g->train);
+    if (g->tokens) fclose(g->tokens);
+    free(g->layer);
+    free(g->proj);
+    free(g->kept);
+    free(g->hist);
+    free(g->tau);
+    free(g->lambda);
+    free(g->scratch);
+    free(g->view);
+    free(g->tok);
+    free(g->col);
+    free(g->line);
+    free(g);
+}
+
+static int batch(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, size_t B, size_t T, int step,
+                 tk_err *err);
+static int step_lines(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_info *s, tk_err *err);
+
+double tk_gatelog_seconds(const tk_gatelog *g) { return g ? g->secs : 0.0; }
+
+static void start_step(tk_gatelog *g, const tk_llama *m, int step) {
+    g->step = step;
+    g->open = 1;
+    memset(g->n, 0, sizeof g->n);
+    memset(g->kept, 0, g->M * TK_GATELOG_NKIND * sizeof(uint64_t));
+    memset(g->hist, 0, g->M * TK_GATELOG_NBIN * sizeof(uint64_t));
+    for (size_t k = 0; k < g->M; k++) {
+        const tk_adapted_linear *L = &m->layers[g->layer[k]].proj[g->proj[k]];
+        g->tau[k] = L->tau;
+        g->lambda[k] = L->lambda;
+    }
+}
+
+static int view_step(const tk_gatelog *g, int step) {
+    return (g->o.last_step > 0 && step == g->o.last_step) ||
+           (g->o.token_view_every > 0 && step % g->o.token_view_every == 0);
+}
+
+/* tokens.jsonl: row 0 of the micro-batch: its ids, kinds and how many modules kept each token. */
+static int write_view(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, size_t T, tk_err *err) {
+    if (T > g->view_cap) {
+        uint16_t *v = realloc(g->view, T * sizeof *v);
+        if (!v) return tk_fail(err, "out of memory");
+        g->view = v;
+        g->view_cap = T;
+    }
+    size_t len = 0; /* rows are right-padded: the valid prefix */
+    while (len < T && a->valid[len]) len++;
+    memset(g->view, 0, T * sizeof *g->view);
+    for (size_t k = 0; k < g->M; k++) {
+        const uint8_t *S = m->layers[g->layer[k]].proj[g->proj[k]].S;
+        for (size_t t = 0; t < len; t++) g->view[t] += S[t];
+    }
+    FILE *f = g->tokens;
+    fprintf(f, "{\"step\":%d,\"row\":0,\"n_modules\":%zu,\"ids\":[", g->step, g->M);
+    for (size_t t = 0; t < len; t++) fprintf(f, "%s%d", t ? "," : "", (int)a->ids[t]);
+    fputs("],\"kinds\":", f);
+    if (a->kinds) {
+        fputc('[', f);
+        for (size_t t = 0; t < len; t++) fprintf(f, "%s\"%s\"", t ? "," : "", kind_names[kind_col(a->kinds, t)]);
+        fputc(']', f);
+    } else {
+        fputs("null", f);
+    }
+    fputs(",\"kept\":[", f);
+    for (size_t t = 0; t < len; t++) fprintf(f, "%s%u", t ? "," : "", (unsigned)g->view[t]);
+    fputs("]}\n", f);
+    return check_write(g, f, "tokens.jsonl", err);
+}
+
+int tk_gatelog_batch(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, size_t B, size_t T, int step,
+                     tk_err *err) {
+    double t0 = tk_time();
+    int rc = batch(g, m, a, B, T, step, err);
+    g->secs += tk_time() - t0;
+    return rc;
+}
+
+static int batch(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, size_t B, size_t T, int step,
+                 tk_err *err) {
+    int first = !g->open || step != g->step;
+    if (first) start_step(g, m, step);
+    size_t N = B * T, nv = 0;
+    const uint8_t *valid = a->valid, *kinds = a->kinds;
+    if (N > g->tok_cap) {
+        free(g->tok);
+        free(g->col);
+        g->tok = malloc(N * sizeof *g->tok);
+        g->col = malloc(N);
+        g->tok_cap = g->tok && g->col ? N : 0;
+        if (!g->tok_cap) return tk_fail(err, "out of memory");
+    }
+    for (size_t i = 0; i < N; i++)
+        if (valid[i]) {
+            g->tok[nv] = (uint32_t)i;
+            g->col[nv] = (uint8_t)kind_col(kinds, i);
+            g->n[g->col[nv++]]++;
+        }
+    for (size_t k = 0; k < g->M; k++) {
+        const tk_adapted_linear *L = &m->layers[g->layer[k]].proj[g->proj[k]];
+        uint64_t *kept = g->kept + k * TK_GATELOG_NKIND, *hist = g->hist + k * TK_GATELOG_NBIN;
+        TK_ASSERT(N <= L->cap);
+        for (size_t v = 0; v < nv; v++) {
+            size_t i = g->tok[v];
+            kept[g->col[v]] += L->S[i];
+            hist[tk_gatelog_bin(L->rr[i])]++;
+        }
+    }
+    if (first && g->M && a->ids && view_step(g, step)) return write_view(g, m, a, T, err);
+    return 0;
+}
+
+/* The element of rank k of x[0..n) (Wirth's selection; x is reordered). */
+static float select_rank(float *x, size_t n, size_t k) {
+    ptrdiff_t l = 0, r = (ptrdiff_t)n - 1, kk = (ptrdiff_t)k;
+    while (l < r) {
+        float pivot = x[kk];
+        ptrdiff_t i = l, j = r;
+        do {
+            while (x[i] < pivot) i++;
+            while (pivot < x[j]) j--;
+            if (i <= j) {
+                float t = x[i];
+                x[i] = x[j];
+                x[j] = t;
+                i++;
+                j--;
+            }
+        } while (i <= j);
+        if (j < kk) l = i;
+        if (kk < i) r = j;
+    }
+    return x[kk];
+}
+
+/* [p10, p50, p90] of the step's r_i (the values of ranks floor(q (n - 1)) in sorted order), or null.
+ * hist [NB] counts the same values by bin, so each rank's bin and its rank inside the bin are known:
+ * one pass gathers the values of those (at most 3) bins and the selection runs on them only. */
+static int put_quantiles(tk_gatelog *g, const tk_gate_stats *st, const uint64_t *hist, tk_err *err) {
+    size_t n = st->n;
+    if (n == 0) {
+        put_s(g, "null");
+        return 0;
+    }
+    if (n > g->scratch_cap) {
+        float *s = realloc(g->scratch, n * sizeof *s);
+        if (!s) return tk_fail(err, "out of memory");
+        g->scratch = s;
+        g->scratch_cap = n;
+    }
+    static const double qs[3] = {0.1, 0.5, 0.9};
+    size_t rank[3];
+    for (int j = 0; j < 3; j++) rank[j] = (size_t)floor(qs[j] * (double)(n - 1));
+    uint64_t total = 0;
+    for (int b = 0; b < TK_GATELOG_NBIN; b++) total += hist[b];
+    float v[3];
+    if (total != n) { /* the histogram saw other tokens (a caller mixing evaluation and training) */
+        memcpy(g->scratch, st->r, n * sizeof(float));
+        size_t from = 0;
+        for (int j = 0; j < 3; j++) { /* a selection leaves every larger value above its rank */
+            v[j] = select_rank(g->scratch + from, n - from, rank[j] - from);
+            from = rank[j];
+        }
+    } else {
+        int bin[3], nb = 0, which[3];
+        size_t within[3], start[3], fill[3];
+        for (int j = 0; j < 3; j++) {
+            uint64_t below = 0;
+            int b = 0;
+            while (below + hist[b] <= rank[j]) below += hist[b++];
+            within[j] = rank[j] - (size_t)below;
+            int w = -1;
+            for (int i = 0; i < nb; i++)
+                if (bin[i] == b) w = i;
+            if (w < 0) {
+                start[nb] = nb ? start[nb - 1] + (size_t)hist[bin[nb - 1]] : 0;
+                fill[nb] = start[nb];
+                bin[nb] = b;
+                w = nb++;
+            }
+            which[j] = w;
+        }
+        float lo[3], hi[3];
+        for (int k = 0; k < nb; k++) { /* bin b holds lo_b <= r < lo_{b+1} (bin 0 also NaN: never here) */
+            lo[k] = bin[k] == 0 ? -INFINITY : bin_lo_f[bin[k]];
+            hi[k] = bin[k] == TK_GATELOG_NBIN - 1 ? INFINITY : bin_lo_f[bin[k] + 1];
+        }
+        for (size_t i = 0; i < n; i++) {
+            float r = st->r[i];
+            for (int k = 0; k < nb; k++)
+                if (r >= lo[k] && r < hi[k]) g->scratch[fill[k]++] = r;
+        }
+        for (int j = 0; j < 3; j++) {
+            int w = which[j];
+            v[j] = select_rank(g->scratch + start[w], (size_t)hist[bin[w]], within[j]);
+        }
+    }
+    put_s(g, "[");
+    for (int j = 0; j < 3; j++) put_g(g, j ? ',' : 0, v[j]);
+    put_s(g, "]");
+    return 0;
+}
+
+int tk_gatelog_step(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_info *s, tk_err *err) {
+    double t0 = tk_time();
+    int rc = step_lines(g, m, s, err);
+    g->secs += tk_time() - t0;
+    return rc;
+}
+
+static int step_lines(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_info *s, tk_err *err) {
+    if (!g->open || g->step != s->step) start_step(g, m, s->step); /* no micro-batch seen: zero counts */
+    uint64_t seen = 0, kept = 0;
+    for (int j = 0; j < TK_GATELOG_NKIND; j++) seen += g->n[j];
+    for (size_t k = 0; k < g->M * TK_GATELOG_NKIND; k++) kept += g->kept[k];
+    double keep = g->M && seen ? (double)kept / ((double)seen * (double)g->M) : 1.0;
+    fprintf(g->train, "{\"step\":%d,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens\":%.0f,\"seconds\":%.6g,"
+                      "\"tokens_per_s\":%.6g,\"keep\":%.9g,\"log_seconds\":%.6g}\n",
+            s->step, s->loss, s->lr, s->grad_norm, s->tokens, s->seconds, s->seconds > 0 ? s->tokens / s->seconds : 0.0,
+            keep, g->secs);
+    if (check_write(g, g->train, "train_log.jsonl", err)) return -1;
+    if (g->M) {
+        g->line_n = 0;
+        g->line_oom = 0;
+        char head[64];
+        snprintf(head, sizeof head, "{\"step\":%d,\"n\":[", s->step);
+        put_s(g, head);
+        for (int j = 0; j < TK_GATELOG_NKIND; j++) put_u64(g, j ? ',' : 0, g->n[j]);
+        put_s(g, "],\"tau\":[");
+        for (size_t k = 0; k < g->M; k++) put_g(g, k ? ',' : 0, g->tau[k]);
+        if (g->with_lambda) {
+            put_s(g, "],\"lambda\":[");
+            for (size_t k = 0; k < g->M; k++) put_g(g, k ? ',' : 0, g->lambda[k]);
+        }
+        put_s(g, "],\"kept\":[");
+        for (size_t k = 0; k < g->M; k++) {
+            const uint64_t *c = g->kept + k * TK_GATELOG_NKIND;
+            put_s(g, k ? ",[" : "[");
+            for (int j = 0; j < TK_GATELOG_NKIND; j++) put_u64(g, j ? ',' : 0, c[j]);
+            put_s(g, "]");
+        }
+        put_s(g, "],\"q\":[");
+        for (size_t k = 0; k < g->M; k++) {
+            if (k) put_s(g, ",");
+            if (put_quantiles(g, &m->layers[g->layer[k]].proj[g->proj[k]].stats, g->hist + k * TK_GATELOG_NBIN, err))
+                return -1;
+        }
+        put_s(g, "],\"hist\":[");
+        for (size_t k = 0; k < g->M; k++) {
+            const uint64_t *h = g->hist + k * TK_GATELOG_NBIN;
+            put_s(g, k ? ",[" : "[");
+            for (int j = 0; j < TK_GATELOG_NBIN; j++) put_u64(g, j ? ',' : 0, h[j]);
+            put_s(g, "]");
+        }
+        put_s(g, "]}\n");
+        if (g->line_oom) return tk_fail(err, "out of memory for the gate log line");
+        fwrite(g->line, 1, g->line_n, g->gates);
+        if (check_write(g, g->gates, "gates.jsonl", err)) return -1;
+    }
+    g->open = 0;
+    return 0;
+}

@@ -277,8 +277,7 @@ def corpus_tokenizer(rng, bit_flips, text_truncations):
 
 def pending_crashes():
     """Inputs that crash today, kept out of the corpus until the code is fixed (docs/bad-input.md,
-    "Known crashes"): name -> bytes. Write them with
-    /usr/bin/python3 tests/fuzz/corpus_tokenizer.py --pending DIR."""
+    "Open defects"): name -> bytes; `make_corpus.py --pending DIR` writes them."""
     small = train()["small"]
     return {
         # a precompiled_charsmap blob whose size prefix is consistent but whose double-array trie is
@@ -288,14 +287,3 @@ def pending_crashes():
             normalizer(small, 2, 2, b"\x10\x00\x00\x00" + bytes(range(40))),
     }
 
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="write the tokenizer inputs that crash today")
-    ap.add_argument("--pending", required=True, metavar="DIR")
-    a = ap.parse_args()
-    os.makedirs(a.pending, exist_ok=True)
-    for name, blob in sorted(pending_crashes().items()):
-        with open(os.path.join(a.pending, name), "wb") as f:
-            f.write(blob)
-        print(os.path.join(a.pending, name))

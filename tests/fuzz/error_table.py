@@ -15,6 +15,12 @@ Each corpus file is put where a user would put it, next to the same fixture the 
   jsonl                     tspeft train --model M32 --data data.jsonl --steps 1 --max-seq-len 8
                                                            (M32: the tiny model with vocabulary 32)
   args_config               tspeft train --config config.json --model M32 --data ok.jsonl --steps 1
+  shard                     tspeft train --model M32 --data data.shard --steps 8 --batch-size 1
+                                                           (8 steps: every record of a small shard is read)
+
+Targets no CLI verb reads yet (tokenizer, image) show the parser's own message, from one run of
+build/tests/fuzz/replay_<target> -v over the corpus (a verb would print it after `tspeft <verb>: `),
+with the replay's status (0 accepted, 1 rejected) in the exit column.
 
 Temporary paths are shown as M/, A/, M32/ and the file name. A row per file; bit flips and truncations
 beyond the first three of each target are summarised, ok_* files in one line. Rows whose stderr is not
@@ -23,6 +29,7 @@ exactly one line are marked MULTI-LINE; a run killed by a signal is marked CRASH
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +125,11 @@ class Runner:
             write(p, blob)
             return (["train", "--model", self.m32, "--data", p, "--steps", "1", "--batch-size", "1",
                      "--max-seq-len", "8", "--threads", "1", "--quiet"], {p: "data.jsonl", self.m32: "M32"})
+        if target == "shard":
+            p = os.path.join(self.tmp, "data.shard")
+            write(p, blob)
+            return (["train", "--model", self.m32, "--data", p, "--steps", "8", "--batch-size", "1",
+                     "--max-seq-len", "32", "--threads", "1", "--quiet"], {p: "data.shard", self.m32: "M32"})
         if target == "args_config":
             p = os.path.join(self.tmp, "config.json")
             write(p, blob)
@@ -149,7 +161,34 @@ def cell(text, limit=320):
 
 
 VERBS = {"safetensors": "info", "llama_open": "info", "st_index": "info", "llama_config": "info",
-         "peft_config": "info --adapter", "adapter": "generate --adapter", "jsonl": "train", "args_config": "train --config"}
+         "peft_config": "info --adapter", "adapter": "generate --adapter", "jsonl": "train", "args_config": "train --config",
+         "shard": "train --data"}
+# Targets read by no CLI verb yet: the parser's message comes from the replay program.
+REPLAYED = {"tokenizer": "tk_tok_open, then encode/decode", "image": "tk_image_load, 2^20-pixel limit"}
+
+
+class Replayer:
+    """Outcomes of replay_<target> -v over a corpus directory: name -> (status, message)."""
+
+    def __init__(self, build):
+        self.build = build
+
+    def outcomes(self, target):
+        exe = os.path.join(self.build, "tests", "fuzz", "replay_" + target)
+        p = subprocess.run([exe, "-v", os.path.join(CORPUS, target)], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        out = {}
+        for line in p.stdout.decode("utf-8", "backslashreplace").splitlines():
+            m = re.match(r"^(ok  |FAIL) (\S+): (.*)$", line)
+            if not m:
+                continue
+            name, msg = m.group(2), m.group(3)
+            msg = re.sub(r"/\S*/tkfuzz\.[A-Za-z0-9]+/", "", msg)
+            if m.group(1) == "FAIL":
+                out[name] = (-1, "REPLAY FAILED: " + msg)
+            else:
+                out[name] = (0, "") if msg == "accepted" else (1, msg)
+        return out
 
 
 def main():
@@ -161,21 +200,30 @@ def main():
     status = 0
     with tempfile.TemporaryDirectory(prefix="tkerr.") as tmp:
         r = Runner(tspeft, tmp)
+        replayer = Replayer(os.path.dirname(tspeft))
         for target in a.target or sorted(MC.TARGETS):
             files = sorted(os.listdir(os.path.join(CORPUS, target)))
-            print("\n### %s (`tspeft %s`)\n" % (target, VERBS[target]))
+            replayed = replayer.outcomes(target) if target in REPLAYED else None
+            if replayed is not None:
+                print("\n### %s (no verb yet: `replay_%s -v`, %s)\n" % (target, target, REPLAYED[target]))
+            else:
+                print("\n### %s (`tspeft %s`)\n" % (target, VERBS[target]))
             print("| input | exit | message (stderr) |")
             print("|---|---|---|")
             oks, summary = [], {"trunc": [], "any_flip": []}
             for name in files:
                 with open(os.path.join(CORPUS, target, name), "rb") as f:
                     blob = f.read()
-                rc, err, _ = r.run(target, blob)
+                if replayed is not None:
+                    rc, err = replayed.get(name, (-1, "REPLAY GAVE NO LINE"))
+                else:
+                    rc, err, _ = r.run(target, blob)
                 if rc < 0:
                     status = 1
                 if name.startswith("ok_"):
-                    # a valid safetensors file or index need not hold a whole model: the CLI may still refuse it
-                    partial = target in ("safetensors", "st_index")
+                    # a valid safetensors file or index need not hold a whole model, a valid shard need not
+                    # suit the model (vocabulary, images, at least one record): the CLI may still refuse it
+                    partial = target in ("safetensors", "st_index", "shard")
                     oks.append("`%s` (%s)" % (name, "exit 0" if rc == 0 else "exit %d%s: %s" % (
                         rc, "" if partial else " UNEXPECTED", cell(err, 200))))
                     if rc != 0 and not partial:
@@ -186,7 +234,10 @@ def main():
                     summary[kind].append((name, rc, err))
                     if len(summary[kind]) > 3:
                         continue
-                msg = "CRASH (signal %d)" % -rc if rc < 0 else ("(accepted)" if rc == 0 else cell(err))
+                if replayed is not None and rc < 0:
+                    msg = cell(err)
+                else:
+                    msg = "CRASH (signal %d)" % -rc if rc < 0 else ("(accepted)" if rc == 0 else cell(err))
                 print("| `%s` | %d | %s |" % (name, rc, msg))
             for kind, rows in summary.items():
                 if len(rows) > 3:

@@ -16,8 +16,13 @@ File names say what a file is and what replay_<target> expects of it:
   any_*   outcome not fixed (a bit flip may land in tensor data; an input a parser accepts leniently)
   other   malformed; must be rejected with a one-line message naming the file
 Files named crash_* are inputs a fuzzer found and a person added; this script keeps them.
+Inputs that crash today and are not fixed yet stay out of the corpus: --pending DIR writes them.
 
-Needs only Debian's python3 and numpy.
+Binary targets have their generators beside this script: corpus_shard.py (zstd record shards),
+corpus_tokenizer.py (sentencepiece models, trained by spm_train), corpus_image.py (JPEG, PNG, BMP,
+GIF, PNM).
+
+Needs Debian's python3, numpy, python3-sentencepiece and the spm_train CLI (package sentencepiece).
 """
 import argparse
 import filecmp
@@ -829,7 +834,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "corpus"))
     ap.add_argument("--check", action="store_true", help="compare a fresh corpus with --out; exit 1 if they differ")
+    ap.add_argument("--pending", metavar="DIR", help="write the inputs that crash today (kept out of the corpus "
+                    "until fixed) to DIR/<target>/ and exit")
     a = ap.parse_args()
+    if a.pending:
+        for target, mod in (("tokenizer", corpus_tokenizer), ("image", corpus_image)):
+            d = os.path.join(a.pending, target)
+            os.makedirs(d, exist_ok=True)
+            for name, blob in sorted(mod.pending_crashes().items()):
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(blob)
+                print(os.path.join(d, name))
+        return 0
     if not a.check:
         generate(a.out)
         return 0

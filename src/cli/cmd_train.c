@@ -67,13 +67,15 @@ int tk_cmd_train(int argc, char **argv) {
         {"save-every", TK_OPT_INT, &o.save_every, "N", "checkpoint every N steps into OUT/checkpoint-N (default 0: never)", 0},
         {"keep-checkpoints", TK_OPT_INT, &o.keep_checkpoints, "K", "keep the newest K checkpoints, 0 = all (default 3)", 0},
         {"resume", TK_OPT_STR, &resume, "DIR", "continue from a checkpoint, or from the newest one in a run directory", 0},
+        {"gate-log", TK_OPT_FLAG, &o.gate_log, "on|off", "record gates.jsonl, train_log.jsonl, tokens.jsonl in --out (default on; docs/gates.md)", 0},
+        {"token-view-every", TK_OPT_INT, &o.token_view_every, "N", "token view of one sample every N steps too (default 0: last step only)", 0},
         {"nonfinite", TK_OPT_STR, &nonfinite, "POLICY", "non-finite loss or gradient: stop | skip the step (default stop)", 0},
         {"adapter-type", TK_OPT_STR, &type, "T", "new adapter: lora | dora | bottleneck (default lora)", 0},
         {"r", TK_OPT_INT, &r, "N", "new adapter: LoRA rank or bottleneck size (default 8)", 0},
         {"alpha", TK_OPT_FLOAT, &alpha, "X", "new adapter: lora_alpha (default 16)", 0},
         {"dropout", TK_OPT_FLOAT, &dropout, "P", "adapter dropout (default 0)", 0},
         {"rslora", TK_OPT_FLAG, &rslora, NULL, "new adapter: scale alpha/sqrt(r) (rsLoRA)", 0},
-        {"target-modules", TK_OPT_STR, &targets, "LIST", "new adapter: q_proj,k_proj,...,down_proj or all (default q_proj,v_proj)", 0},
+        {"target-modules", TK_OPT_STR, &targets, "LIST", "new adapter: q_proj,...,down_proj, all, full names (model.layers.3.mlp.up_proj) or @FILE (default q_proj,v_proj)", 0},
         {"layers", TK_OPT_STR, &layers, "LIST", "new adapter: layers to adapt, e.g. 0,2,4-7 (default all)", 0},
         {"train-tensors", TK_OPT_STR, &save, "LIST", "new adapter: base tensors trained in full (modules_to_save)", 0},
         {"bottleneck-act", TK_OPT_STR, &act, "F", "new bottleneck adapter: tanh | relu (default tanh)", 0},
@@ -192,7 +194,7 @@ int tk_cmd_train(int argc, char **argv) {
             tk_fail(&err, "--r must be >= 1");
             goto fail;
         }
-        if (tk_peft_parse_targets(targets, &pc->target_mask, &err) || (layers && tk_peft_parse_layers(pc, layers, &err)) ||
+        if (tk_peft_parse_target_list(pc, targets, &err) || (layers && tk_peft_parse_layers(pc, layers, &err)) ||
             (save && tk_peft_parse_save(pc, save, &err)))
             goto fail;
         pc->gate = g;

@@ -486,6 +486,7 @@ static int attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir
         if (pc->layer_sel[i] >= m->cfg.n_layers)
             return tk_fail(err, "layers_to_transform: layer %d does not exist (the model has %d)",
                            pc->layer_sel[i], m->cfg.n_layers);
+    if (tk_peft_check_layers(pc, m->cfg.n_layers, err)) return -1;
     if (pc->kind != TK_ADAPTER_NONE && (pc->r < 1))
         return tk_fail(err, "adapter rank must be >= 1");
     tk_llama_slot *slots = calloc(slot_capacity(&m->cfg), sizeof *slots);

@@ -3,6 +3,7 @@
 
 #include <cJSON.h>
 #include <ctype.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,6 +55,131 @@ void tk_peft_config_free_save(tk_peft_config *pc) {
 static int target_from_name(const char *name) {
     const char *dot = strrchr(name, '.');
     return tk_proj_parse(dot ? dot + 1 : name);
+}
+
+void tk_module_name(char *buf, size_t n, int layer, int proj) {
+    snprintf(buf, n, "model.layers.%d.%s.%s", layer, tk_proj_block[proj], tk_proj_short[proj]);
+}
+
+/* "model.layers.L.<block>.<proj>" exactly: 1 with *layer, *proj set; 0 when the name has another
+ * form; -1 when it has this form but names no LLaMA module (err set). */
+static int full_module_name(const char *name, int *layer, int *proj, tk_err *err) {
+    const char *pre = "model.layers.";
+    if (strncmp(name, pre, strlen(pre)) != 0) return 0;
+    const char *s = name + strlen(pre);
+    if (!isdigit((unsigned char)*s)) return 0;
+    char *end;
+    errno = 0;
+    long l = strtol(s, &end, 10);
+    if (*end != '.') return 0;
+    if (errno || l < 0 || l >= TK_MAX_LAYERS)
+        return tk_fail(err, "target module \"%s\": layer index out of range [0, %d)", name, TK_MAX_LAYERS);
+    const char *blk = end + 1, *dot = strchr(blk, '.');
+    if (!dot) return 0;
+    int p = tk_proj_parse(dot + 1);
+    if (p < 0 || strlen(tk_proj_block[p]) != (size_t)(dot - blk) || strncmp(blk, tk_proj_block[p], (size_t)(dot - blk)) != 0)
+        return tk_fail(err, "target module \"%s\" is not a LLaMA module (model.layers.L.self_attn.{q,k,v,o}_proj "
+                            "or model.layers.L.mlp.{gate,up,down}_proj)", name);
+    *layer = (int)l;
+    *proj = p;
+    return 1;
+}
+
+int tk_peft_add_target(tk_peft_config *pc, const char *name, tk_err *err) {
+    int l = 0, p = 0, full = full_module_name(name, &l, &p, err);
+    if (full < 0) return -1;
+    if (full) {
+        if (!(pc->module_mask[l] & (1u << p))) pc->n_modules++;
+        pc->module_mask[l] |= (uint8_t)(1u << p);
+        return 0;
+    }
+    p = target_from_name(name);
+    if (p < 0)
+        return tk_fail(err, "target module \"%s\" is not one of q_proj k_proj v_proj o_proj gate_proj up_proj "
+                            "down_proj or a full name like model.layers.0.self_attn.q_proj", name);
+    pc->target_mask |= 1u << p;
+    return 0;
+}
+
+int tk_peft_check_layers(const tk_peft_config *pc, int n_layers, tk_err *err) {
+    if (pc->n_modules == 0) return 0;
+    for (int l = n_layers < 0 ? 0 : n_layers; l < TK_MAX_LAYERS; l++)
+        if (pc->module_mask[l]) {
+            int p = 0;
+            while (!(pc->module_mask[l] & (1u << p))) p++;
+            char nm[96];
+            tk_module_name(nm, sizeof nm, l, p);
+            return tk_fail(err, "target module %s: layer %d does not exist (the model has %d)", nm, l, n_layers);
+        }
+    return 0;
+}
+
+static void clear_targets(tk_peft_config *pc) {
+    pc->target_mask = 0;
+    pc->n_modules = 0;
+    memset(pc->module_mask, 0, sizeof pc->module_mask);
+}
+
+/* Splits text at commas, newlines and blanks (dropping # comments) and adds each name. */
+static int add_target_words(tk_peft_config *pc, char *text, const char *where, tk_err *err) {
+    for (char *line = text, *next; line; line = next) {
+        next = strchr(line, '\n');
+        if (next) *next++ = 0;
+        char *hash = strchr(line, '#');
+        if (hash) *hash = 0;
+        for (char *sv = NULL, *tok = strtok_r(line, ", \t\r", &sv); tok; tok = strtok_r(NULL, ", \t\r", &sv))
+            if (tk_peft_add_target(pc, tok, err)) return where ? tk_err_prefix(err, where) : -1;
+    }
+    return 0;
+}
+
+static int targets_from_file(tk_peft_config *pc, const char *path, tk_err *err) {
+    size_t len;
+    char *text = tk_read_file(path, &len, err);
+    if (!text) return -1;
+    int rc = 0;
+    const char *p = text;
+    while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n') p++;
+    if (*p == '[' || *p == '{') {
+        cJSON *root = cJSON_ParseWithLength(text, len);
+        const cJSON *list = root && cJSON_IsObject(root) ? cJSON_GetObjectItemCaseSensitive(root, "target_modules") : root;
+        if (!root || !cJSON_IsArray(list)) {
+            rc = tk_fail(err, "%s: expected a JSON list of module names or an object with a \"target_modules\" list", path);
+        } else {
+            const cJSON *e;
+            cJSON_ArrayForEach(e, list) {
+                if (!cJSON_IsString(e)) {
+                    rc = tk_fail(err, "%s: target_modules entries must be strings", path);
+                    break;
+                }
+                if ((rc = tk_peft_add_target(pc, e->valuestring, err)) != 0) {
+                    tk_err_prefix(err, path);
+                    break;
+                }
+            }
+        }
+        cJSON_Delete(root);
+    } else {
+        rc = add_target_words(pc, text, path, err);
+    }
+    free(text);
+    if (rc == 0 && !pc->target_mask && !pc->n_modules) rc = tk_fail(err, "%s: no module names in the file", path);
+    return rc;
+}
+
+int tk_peft_parse_target_list(tk_peft_config *pc, const char *list, tk_err *err) {
+    clear_targets(pc);
+    if (strcmp(list, "all") == 0 || strcmp(list, "all-linear") == 0) {
+        pc->target_mask = (1u << TK_NPROJ) - 1;
+        return 0;
+    }
+    if (list[0] == '@') return targets_from_file(pc, list + 1, err);
+    char *buf = strdup(list);
+    if (!buf) return tk_fail(err, "out of memory");
+    int rc = add_target_words(pc, buf, NULL, err);
+    free(buf);
+    if (rc == 0 && !pc->target_mask && !pc->n_modules) rc = tk_fail(err, "empty target module list");
+    return rc;
 }
 
 int tk_peft_parse_targets(const char *list, unsigned *mask, tk_err *err) {
@@ -123,6 +249,7 @@ int tk_peft_parse_save(tk_peft_config *pc, const char *list, tk_err *err) {
 }
 
 int tk_peft_targets(const tk_peft_config *pc, int layer, int proj) {
+    if (pc->n_modules && layer >= 0 && layer < TK_MAX_LAYERS && (pc->module_mask[layer] & (1u << proj))) return 1;
     if (!(pc->target_mask & (1u << proj))) return 0;
     if (pc->n_layer_sel == 0) return 1;
     for (int i = 0; i < pc->n_layer_sel; i++)
@@ -186,18 +313,13 @@ static int parse_targets_json(ctx *c, tk_peft_config *pc, const cJSON *t) {
                        c->path, t->valuestring);
     }
     if (!cJSON_IsArray(t)) return tk_fail(c->err, "%s: \"target_modules\" must be a list", c->path);
-    pc->target_mask = 0;
+    clear_targets(pc);
     const cJSON *e;
     cJSON_ArrayForEach(e, t) {
         if (!cJSON_IsString(e)) return tk_fail(c->err, "%s: target_modules entries must be strings", c->path);
-        int p = target_from_name(e->valuestring);
-        if (p < 0)
-            return tk_fail(c->err, "%s: target module \"%s\" is not a LLaMA projection (q_proj k_proj "
-                                   "v_proj o_proj gate_proj up_proj down_proj)",
-                           c->path, e->valuestring);
-        pc->target_mask |= 1u << p;
+        if (tk_peft_add_target(pc, e->valuestring, c->err)) return tk_err_prefix(c->err, c->path);
     }
-    if (!pc->target_mask) pc->kind = TK_ADAPTER_NONE; /* only modules_to_save are trained */
+    if (!pc->target_mask && !pc->n_modules) pc->kind = TK_ADAPTER_NONE; /* only modules_to_save are trained */
     return 0;
 }
 
@@ -360,6 +482,13 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
     cJSON *targets = cJSON_AddArrayToObject(root, "target_modules"); /* empty: modules_to_save only */
     for (int p = 0; p < TK_NPROJ; p++)
         if (pc->kind != TK_ADAPTER_NONE && (pc->target_mask & (1u << p))) cJSON_AddItemToArray(targets, cJSON_CreateString(tk_proj_short[p]));
+    for (int l = 0; l < TK_MAX_LAYERS && pc->kind != TK_ADAPTER_NONE && pc->n_modules; l++)
+        for (int p = 0; p < TK_NPROJ; p++)
+            if (pc->module_mask[l] & (1u << p)) {
+                char nm[96];
+                tk_module_name(nm, sizeof nm, l, p);
+                cJSON_AddItemToArray(targets, cJSON_CreateString(nm));
+            }
     if (pc->n_layer_sel) {
         cJSON *l = cJSON_AddArrayToObject(root, "layers_to_transform");
         for (int i = 0; i < pc->n_layer_sel; i++) cJSON_AddItemToArray(l, cJSON_CreateNumber(pc->layer_sel[i]));

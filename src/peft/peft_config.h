@@ -16,6 +16,8 @@
 #include "adapter.h"
 #include "gate.h"
 
+#include <stdint.h>
+
 enum { TK_PROJ_Q, TK_PROJ_K, TK_PROJ_V, TK_PROJ_O, TK_PROJ_GATE, TK_PROJ_UP, TK_PROJ_DOWN, TK_NPROJ };
 /* "q_proj", ..., and their parent blocks "self_attn" / "mlp". */
 extern const char *const tk_proj_short[TK_NPROJ];
@@ -32,7 +34,10 @@ typedef struct {
     int use_rslora;
     float bottleneck_scaling;
     tk_act act;
-    unsigned target_mask;  /* bit p set: projection p is adapted */
+    unsigned target_mask;  /* bit p set: projection p is adapted (in the layers of layer_sel) */
+    int n_modules;         /* explicit full module names given ("model.layers.3.self_attn.q_proj") */
+    uint8_t module_mask[TK_MAX_LAYERS]; /* bit p of [l]: layer l's projection p, named in full (PEFT: an
+                                           exact name is adapted whatever layers_to_transform says) */
     int n_layer_sel;       /* 0: every layer; else the listed layers */
     int layer_sel[TK_MAX_LAYERS];
     int n_save;            /* modules_to_save: base tensors trained in full */
@@ -50,6 +55,18 @@ void tk_peft_config_free_save(tk_peft_config *pc);
 
 /* Parses a comma-separated list of projection short names ("q_proj,v_proj", or "all"). */
 int tk_peft_parse_targets(const char *list, unsigned *mask, tk_err *err);
+/* Sets the targets from a list of short names and/or full module names ("q_proj,model.layers.3.mlp.up_proj"),
+ * "all", or "@FILE": a file of names (one per line or comma-separated, # comments) or a JSON list, or a
+ * JSON object with a "target_modules" list (what `tspeft select` writes). Replaces target_mask and the
+ * explicit modules. */
+int tk_peft_parse_target_list(tk_peft_config *pc, const char *list, tk_err *err);
+/* Adds one target name: a projection short name (or a dotted name ending in one) or a full module
+ * name "model.layers.L.<self_attn|mlp>.<proj>". */
+int tk_peft_add_target(tk_peft_config *pc, const char *name, tk_err *err);
+/* Fails when an explicit module names a layer the model (n_layers) does not have. */
+int tk_peft_check_layers(const tk_peft_config *pc, int n_layers, tk_err *err);
+/* The full module name of layer l's projection p: "model.layers.3.self_attn.q_proj". */
+void tk_module_name(char *buf, size_t n, int layer, int proj);
 /* Parses "0,1,5" or "0-3" into the layer selection. */
 int tk_peft_parse_layers(tk_peft_config *pc, const char *list, tk_err *err);
 /* Parses a comma-separated list of base tensor names into modules_to_save (appends); "all" alone

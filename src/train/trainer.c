@@ -4,6 +4,7 @@
 #include "../../datasets/jsonl.h"
 #include "../io/safetensors.h"
 #include "../model/llama.h"
+#include "../analysis/gatelog.h"
 #include "checkpoint.h"
 #include "train_data.h"
 
@@ -26,6 +27,7 @@ void tk_train_opts_default(tk_train_opts *o) {
     o->log_every = 1;
     o->keep_checkpoints = 3;
     o->prefetch = 2;
+    o->gate_log = 1;
     o->seed = 42;
     o->lr = 2e-4f;
     o->weight_decay = 0.0f;
@@ -289,6 +291,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     step_batches sb = {0};
     dump_list dump = {0};
     cJSON *config = NULL;
+    tk_gatelog *glog = NULL;
     if (o->save_every < 0 || o->keep_checkpoints < 0)
         return tk_fail(err, "--save-every and --keep-checkpoints must be >= 0");
     if ((o->save_every > 0 || o->resume_dir) && !o->out_dir)
@@ -373,6 +376,9 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         rng.s[1] = st.rng[1];
         if (!o->quiet) fprintf(stderr, "tspeft train: resuming %s at step %d\n", o->resume_dir, st.step + 1);
     }
+    if (o->out_dir && o->gate_log && /* gate and training logs, docs/gates.md */
+        !(glog = tk_gatelog_open(o->out_dir, m, &(tk_gatelog_opts){o->token_view_every, o->steps, o->resume_dir != NULL}, err)))
+        goto done;
     tk_stop_signal = 0;
     install_signal_handlers(1);
     double t0 = tk_time() - st.seconds;
@@ -406,6 +412,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             }
             loss_sum += tk_llama_loss(m, acts, b->labels, b->B, b->T, scale, NULL);
             if (tk_llama_backward(m, acts, b->B, b->T, err)) goto done;
+            if (glog && tk_gatelog_batch(glog, m, acts, b->B, b->T, step, err)) goto done;
         }
         double loss = loss_sum / (double)sb.targets;
         st.rows_used = (uint64_t)step * (uint64_t)o->grad_accum * (uint64_t)o->batch_size;
@@ -463,6 +470,8 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
                 fprintf(stderr, "step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  keep %.3f%s  %.0f tok/s  step %.2fs  eta %.0fs\n",
                         step, o->steps, loss, lr, gnorm, seen ? (double)kept / (double)seen : 1.0, epoch,
                         (double)sb.tokens / (now - ts), now - ts, el / step * (o->steps - step));
+            if (glog && tk_gatelog_step(glog, m, &(tk_gatelog_step_info){step, loss, lr, gnorm, (double)sb.tokens, now - ts}, err))
+                goto done;
         }
         int last_done = step;
         st.step = step;
@@ -500,6 +509,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     rc = 0;
 done:
     install_signal_handlers(0);
+    tk_gatelog_close(glog);
     cJSON_Delete(config);
     dump_free(&dump);
     tk_llama_acts_free(m, acts);

@@ -35,6 +35,8 @@ typedef struct {
     int bf16_weights;        /* keep BF16 base matrices BF16 in memory (tk_llama_open_ex) */
     int attention;           /* tk_attn_mode (llama.h): 0 auto, full or tiled */
     int recompute;           /* recompute the first N layers in backward (-1: all; tk_llama_mem_opts) */
+    int gate_log;            /* record gates.jsonl / train_log.jsonl / tokens.jsonl in out_dir (default 1) */
+    int token_view_every;    /* also a token view every N steps (0: only at the last step) */
     uint64_t seed;
     float lr, weight_decay, max_grad_norm;
     tk_sched_kind sched;

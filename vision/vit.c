@@ -247,7 +247,10 @@ void tk_vit_close(tk_vit *m) {
     free(m);
 }
 
+/* standalone tower; llava-hf (transformers < 4.52); llava-hf (>= 4.52); original LLaVA with the tower
+ * saved inside (unfrozen-tower fine-tunes) */
 static const char *const k_prefixes[] = {"vision_model.", "vision_tower.vision_model.",
+                                         "model.vision_tower.vision_model.",
                                          "model.vision_tower.vision_tower.vision_model."};
 
 tk_vit *tk_vit_open_set(const tk_vit_config *cfg, const tk_st_set *set, const char *where,
@@ -261,8 +264,8 @@ tk_vit *tk_vit_open_set(const tk_vit_config *cfg, const tk_st_set *set, const ch
         }
         if (!prefix) {
             tk_fail(err, "%s: no vision tower found (no embeddings.patch_embedding.weight under "
-                    "\"vision_model.\", \"vision_tower.vision_model.\" or "
-                    "\"model.vision_tower.vision_tower.vision_model.\")", where);
+                    "\"vision_model.\", \"vision_tower.vision_model.\", \"model.vision_tower.vision_model.\" "
+                    "or \"model.vision_tower.vision_tower.vision_model.\")", where);
             return NULL;
         }
     }

@@ -100,8 +100,8 @@ size_t tk_vit_slot_capacity(const tk_vit_config *cfg);
 size_t tk_vit_slots(tk_vit *m, tk_vit_slot *slots);
 
 /* Opens dir/config.json and dir's safetensors (model.safetensors or a sharded index). prefix: the
- * tensor name prefix ("vision_model.", "vision_tower.vision_model.",
- * "model.vision_tower.vision_tower.vision_model."), or NULL to try those three in order. Every tensor
+ * tensor name prefix ("vision_model.", "vision_tower.vision_model.", "model.vision_tower.vision_model.",
+ * "model.vision_tower.vision_tower.vision_model."), or NULL to try those four in order. Every tensor
  * of the tower must be present with the config's shape; other tensors (a text tower, a LLaMA, SigLIP's
  * pooling head) are ignored. */
 tk_vit *tk_vit_open(const char *dir, const char *prefix, tk_err *err);

@@ -293,7 +293,7 @@ static void expect_refused(const char *what, const uint8_t *p, size_t n, size_t 
     tk_image_free(img);
 }
 
-static void test_huge_headers(const vcase *png, const vcase *bmp, const vcase *gif) {
+static void test_huge_headers(const vcase *png, const vcase *bmp, const vcase *gif, const vcase *jpeg) {
     /* PNG IHDR width/height at bytes 16..23 (stb does not check CRCs). */
     uint8_t *p = malloc(png->data.n);
     memcpy(p, png->data.p, png->data.n);
@@ -327,6 +327,16 @@ static void test_huge_headers(const vcase *png, const vcase *bmp, const vcase *g
     static const uint8_t jpg[] = {0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08, 0xFF, 0xDC, 0xFF, 0xDC, 0x03, 0x01, 0x22,
                                   0x00, 0x02, 0x11, 0x01, 0x03, 0x11, 0x01, 0xFF, 0xD9};
     expect_refused("jpeg 65500x65500", jpg, sizeof jpg, 0, "limit");
+    /* a DHT whose 16 code counts add up to 16 x 255 (stb 2.27 would overflow its Huffman table) */
+    p = malloc(jpeg->data.n);
+    memcpy(p, jpeg->data.p, jpeg->data.n);
+    size_t at = 0;
+    for (size_t i = 2; i + 1 < jpeg->data.n && !at; i++)
+        if (p[i] == 0xFF && p[i + 1] == 0xC4) at = i;
+    TK_ASSERT(at > 0 && at + 21 < jpeg->data.n);
+    memset(p + at + 5, 0xFF, 16);
+    expect_refused("jpeg DHT with 4080 codes", p, jpeg->data.n, 0, "Huffman table");
+    free(p);
     /* the configurable limit */
     expect_refused("png over max_pixels 90", png->data.p, png->data.n, 90, "limit of 90");
     tk_err err = {0};
@@ -457,7 +467,7 @@ int main(void) {
     printf("== corruptions\n");
     for (size_t i = 0; i < n_cases; i++) test_corruptions(&cases[i], 1000 + i);
     printf("== huge headers, limits, other errors\n");
-    test_huge_headers(&cases[1], &cases[3], &cases[7]);
+    test_huge_headers(&cases[1], &cases[3], &cases[7], &cases[8]);
     test_misc_errors();
     printf("== preprocessing\n");
     test_preprocess();

@@ -85,37 +85,54 @@ void tk_image_free(tk_image *img) {
     free(img);
 }
 
-/* Offset just past the first start-of-scan segment header, or 0 when the marker walk does not reach
- * one (stb then reports the problem itself). */
-static size_t jpeg_first_scan(const uint8_t *p, size_t len) {
+/* Walks a JPEG's markers (entropy-coded bytes between them skipped: inside them FF is always followed
+ * by 00 or a restart marker) and checks what stb_image 2.27 does not:
+ *  - every Huffman table (DHT) holds at most 256 codes: stb's stbi__build_huffman writes past its
+ *    size[257] array otherwise (a crash found by tests/fuzz);
+ *  - an end-of-image marker follows the first scan: stb pads a truncated JPEG with zeros and reports
+ *    success.
+ * Structure it cannot follow (bad segment lengths) is left to stb. 0, or -1 with err set. */
+static int jpeg_check(const uint8_t *p, size_t len, const char *name, size_t w, size_t h, tk_err *err) {
     size_t pos = 2;
-    while (pos + 4 <= len) {
-        if (p[pos] != 0xFF) return 0;
+    int scan = 0;
+    while (pos + 2 <= len) {
+        if (p[pos] != 0xFF) { /* entropy-coded data (or junk stb will judge) */
+            pos++;
+            continue;
+        }
         uint8_t m = p[pos + 1];
         if (m == 0xFF) { /* fill byte */
             pos++;
             continue;
         }
-        if (m == 0x01 || (m >= 0xD0 && m <= 0xD9)) { /* markers without a length */
+        if (m == 0xD9) return 0; /* EOI */
+        if (m == 0x00 || m == 0x01 || (m >= 0xD0 && m <= 0xD8)) { /* stuffed FF, markers without a length */
             pos += 2;
             continue;
         }
+        if (pos + 4 > len) break;
         size_t seg = ((size_t)p[pos + 2] << 8) | p[pos + 3];
-        if (seg < 2) return 0;
-        if (m == 0xDA) return pos + 2 + seg <= len ? pos + 2 + seg : 0;
+        if (seg < 2 || pos + 2 + seg > len) {
+            if (!scan) return 0; /* a broken header: stb reports it */
+            break;
+        }
+        if (m == 0xC4) { /* DHT: tables of [class/id][16 counts][sum values] */
+            size_t off = pos + 4, end = pos + 2 + seg;
+            while (off + 17 <= end) {
+                size_t sum = 0;
+                for (size_t i = 1; i <= 16; i++) sum += p[off + i];
+                if (sum > 256)
+                    return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the Huffman table at byte "
+                                   "%zu has %zu codes, at most 256)", name, w, h, off, sum);
+                off += 17 + sum;
+            }
+        }
+        if (m == 0xDA) scan = 1;
         pos += 2 + seg;
     }
-    return 0;
-}
-
-/* 1 when an EOI marker (FF D9) follows the first scan: entropy-coded data never holds FF D9 (FF is
- * stuffed as FF 00 or starts a restart marker), so a file cut anywhere in its scans has none. */
-static int jpeg_has_eoi(const uint8_t *p, size_t len) {
-    size_t s = jpeg_first_scan(p, len);
-    if (s == 0) return 1; /* leave the verdict to stb */
-    for (size_t i = s; i + 1 < len; i++)
-        if (p[i] == 0xFF && p[i + 1] == 0xD9) return 1;
-    return 0;
+    if (!scan) return 0; /* no scan found: stb reports it */
+    return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): truncated (no end-of-image marker after the scan)",
+                   name, w, h);
 }
 
 /* Binary PNM header, parsed as stb_image parses it (whitespace, '#' comments to end of line, decimal
@@ -193,10 +210,7 @@ static int check_complete(tk_image_format f, const uint8_t *p, size_t len, size_
     const char *fn = tk_image_format_name(f);
     size_t need = 0;
     if (f == TK_IMAGE_FORMAT_JPEG) {
-        if (!jpeg_has_eoi(p, len))
-            return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): truncated (no end-of-image marker after "
-                           "the scan)", name, w, h);
-        return 0;
+        return jpeg_check(p, len, name, w, h, err);
     }
     if (f == TK_IMAGE_FORMAT_GIF) {
         size_t end = gif_first_image_end(p, len);

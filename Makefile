@@ -49,7 +49,8 @@ clean:
 # did it is left in $(FUZZ_BUILD)/fuzz-work/<target>/ (crash-*, leak-*, timeout-*, oom-*).
 FUZZ_SECONDS ?= 60
 FUZZ_BUILD   ?= build-fuzz
-FUZZ_TARGETS ?= safetensors st_index llama_config llama_open peft_config adapter jsonl args_config
+FUZZ_TARGETS ?= safetensors st_index llama_config llama_open peft_config adapter jsonl args_config shard \
+                tokenizer image
 FUZZ_PACKAGES = clang libclang-rt-14-dev
 
 .PHONY: fuzz fuzz-deps fuzz-build

@@ -5,7 +5,7 @@ BUILD   ?= build
 JOBS    ?= $(shell nproc)
 PACKAGES = build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev libzstd-dev libstb-dev \
            libsentencepiece-dev sentencepiece python3 python3-numpy python3-torch \
-           python3-sentencepiece python3-pil dataset-fashion-mnist zlib1g-dev
+           python3-sentencepiece python3-pil dataset-fashion-mnist zlib1g-dev libopenmpi-dev openmpi-bin
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps build test demo clean sanitize
@@ -22,7 +22,7 @@ deps:
 	else echo "deps: all Debian packages present"; fi
 
 $(BUILD)/CMakeCache.txt:
-	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DTSPEFT_MPI=ON
 
 build: deps $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j $(JOBS)

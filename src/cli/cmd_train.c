@@ -25,9 +25,12 @@ static const char *USAGE =
     "ConstantLengthDataset; the first label of each packed record is ignored). --resume continues the\n"
     "shard stream exactly from the checkpoint's loader cursor.";
 
-int tk_cmd_train(int argc, char **argv) {
+int tk_cmd_train(int argc, char **argv) { return tk_cmd_train_dist(argc, argv, NULL); }
+
+int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     tk_train_opts o;
     tk_train_opts_default(&o);
+    o.dist = dist;
     const char *config = NULL, *sched = "constant", *type = "lora", *targets = "q_proj,v_proj";
     const char *layers = NULL, *save = NULL, *act = "tanh", *rule = "prox", *resume = NULL, *nonfinite = "stop";
     const char *attention = "auto", *recompute = "0";
@@ -233,7 +236,10 @@ int tk_cmd_train(int argc, char **argv) {
     if (rc) goto fail;
     status = 0;
 fail:
-    if (status) fprintf(stderr, "tspeft train: %s\n", err.msg);
+    if (status) {
+        if (dist && dist->size > 1) fprintf(stderr, "tspeft train (rank %d): %s\n", dist->rank, err.msg);
+        else fprintf(stderr, "tspeft train: %s\n", err.msg);
+    }
 out:
     tk_peft_config_free(&o.peft);
     cJSON_Delete(json);

@@ -148,6 +148,7 @@ static cJSON *options_json(const tk_train_opts *o) {
     cJSON_AddNumberToObject(c, "steps", o->steps);
     cJSON_AddNumberToObject(c, "batch_size", o->batch_size);
     cJSON_AddNumberToObject(c, "grad_accum", o->grad_accum);
+    cJSON_AddNumberToObject(c, "world_size", o->dist ? o->dist->size : 1); /* data-parallel ranks */
     cJSON_AddNumberToObject(c, "max_seq_len", o->max_seq_len);
     cJSON_AddBoolToObject(c, "shuffle", o->shuffle);
     cJSON_AddNumberToObject(c, "shuffle_window", o->shuffle_window);
@@ -173,7 +174,9 @@ static cJSON *options_json(const tk_train_opts *o) {
  * JSONL rows are a function of (step, batch size, accumulation, seed); a shard stream only of the
  * data, seed and shuffle options (its cursor continues it under any batch size, length or packing). */
 static int check_resume_config(const cJSON *saved, const cJSON *now, const char *dir, int shards, tk_err *err) {
-    static const char *const jsonl_keys[] = {"data", "batch_size", "grad_accum", "max_seq_len", "shuffle", "seed"};
+    /* JSONL row order depends on the rows per step (batch x grad-accum x ranks); a shard stream simply
+     * continues from its cursor */
+    static const char *const jsonl_keys[] = {"data", "batch_size", "grad_accum", "world_size", "max_seq_len", "shuffle", "seed"};
     static const char *const shard_keys[] = {"data", "shuffle", "shuffle_window", "seed"};
     const char *const *must = shards ? shard_keys : jsonl_keys;
     size_t n_must = shards ? sizeof shard_keys / sizeof *shard_keys : sizeof jsonl_keys / sizeof *jsonl_keys;
@@ -283,6 +286,70 @@ typedef struct {
     size_t targets, tokens;
 } step_batches;
 
+/* Dropout masks come from a stream per (step, micro-batch of the whole step), so a micro-batch draws
+ * the same masks whichever rank runs it: P ranks x K equals one process with grad-accum P*K. */
+static void microbatch_rng(tk_rng *r, uint64_t seed, int step, size_t global_k) {
+    tk_rng_seed(r, seed ^ 0xd40u ^ ((uint64_t)(unsigned)step << 20) ^ ((uint64_t)global_k * 0x9e3779b97f4a7c15ull));
+}
+
+/* Data parallel: the step's gate statistics of every rank, in rank order, replace each gated module's
+ * local ones, so the threshold step sees exactly the tokens one process would (same r_i, c_i, order).
+ * Each rank packs, per gated module in a fixed order, [kept, r_0..r_n-1, c_0..c_n-1]; n (the rank's
+ * non-pad tokens) is the same for every module. */
+static int gather_gate_stats(tk_dist *d, tk_llama *m, tk_err *err) {
+    size_t G = 0, n = SIZE_MAX;
+    FOR_EACH_ADAPTED(m, L, l, p) if (L->gated) {
+        G++;
+        if (n == SIZE_MAX) n = L->stats.n;
+        TK_ASSERT(L->stats.n == n && L->stats.n_c == n);
+    }
+    if (G == 0) return 0;
+    size_t local = G * (1 + 2 * n);
+    uint64_t *counts = calloc((size_t)d->size, sizeof *counts);
+    if (!counts || d->gather_count(d, local, counts, err)) {
+        free(counts);
+        return counts ? -1 : tk_fail(err, "out of memory");
+    }
+    uint64_t total = 0;
+    for (int r = 0; r < d->size; r++) total += counts[r];
+    float *send = malloc((local ? local : 1) * sizeof *send), *recv = malloc((size_t)total * sizeof *recv);
+    int rc = -1;
+    if (!send || !recv) {
+        tk_fail(err, "out of memory");
+        goto out;
+    }
+    float *w = send;
+    FOR_EACH_ADAPTED(m, L, l, p) if (L->gated) {
+        TK_ASSERT(L->stats.kept < (1u << 24)); /* exact as a float */
+        *w++ = (float)L->stats.kept;
+        memcpy(w, L->stats.r, n * sizeof *w);
+        memcpy(w + n, L->stats.c, n * sizeof *w);
+        w += 2 * n;
+    }
+    if (d->gather_f32(d, send, local, recv, counts, err)) goto out;
+    FOR_EACH_ADAPTED(m, L, l, p) if (L->gated) tk_gate_stats_reset(&L->stats);
+    const float *blk = recv;
+    for (int r = 0; r < d->size; r++) {
+        size_t nr = (size_t)((counts[r] / G - 1) / 2);
+        const float *q = blk;
+        FOR_EACH_ADAPTED(m, L, l, p) if (L->gated) {
+            size_t kept = (size_t)q[0];
+            for (size_t i = 0; i < nr; i++)
+                if (tk_gate_stats_push_r(&L->stats, q[1 + i], 0, err) || tk_gate_stats_push_c(&L->stats, q[1 + nr + i], err))
+                    goto out;
+            L->stats.kept += kept;
+            q += 1 + 2 * nr;
+        }
+        blk += counts[r];
+    }
+    rc = 0;
+out:
+    free(counts);
+    free(send);
+    free(recv);
+    return rc;
+}
+
 int tk_train_run(const tk_train_opts *o, tk_err *err) {
     int rc = -1;
     tk_llama *m = NULL;
@@ -302,8 +369,11 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         return tk_fail(err, "--lr, --weight-decay and --max-grad-norm must be >= 0");
     if (o->warmup_steps < 0 || o->max_seq_len < 0 || o->threads < 0 || o->threads > 1024)
         return tk_fail(err, "--warmup-steps and --max-seq-len must be >= 0, --threads in [0, 1024]");
+    tk_dist *dist = o->dist;
+    const int P = dist ? dist->size : 1, rank = dist ? dist->rank : 0, lead = rank == 0;
+    const int quiet = o->quiet || !lead;
     int threads = tk_set_threads(o->threads);
-    if (o->out_dir) { /* fail before training, not after; clear what killed runs left behind */
+    if (o->out_dir && lead) { /* fail before training, not after; clear what killed runs left behind */
         if (make_dir(o->out_dir, err)) return -1;
         tk_checkpoint_clean_stale(o->out_dir);
     }
@@ -321,7 +391,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     tk_train_data_opts dop = {.specs = o->n_data > 0 ? o->data_specs : one_spec,
                               .n_specs = o->n_data > 0 ? (size_t)o->n_data : 1,
                               .batch_size = (size_t)o->batch_size,
-                              .grad_accum = (size_t)o->grad_accum,
+                              .grad_accum = (size_t)o->grad_accum * (size_t)P, /* the whole step */
                               .max_len = max_len,
                               .shuffle = o->shuffle,
                               .shuffle_window = (size_t)o->shuffle_window,
@@ -336,7 +406,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     tk_rng rng;
     tk_rng_seed(&rng, o->seed ^ 0xd40u);
     tk_sched sch = {o->sched, o->lr, o->warmup_steps, o->steps};
-    if (!o->quiet)
+    if (!quiet)
         fprintf(stderr, "tspeft train: %s adapter (%s), %zu trainable parameters, %s, %d steps x %d x %d, %d threads\n",
                 tk_adapter_kind_name(m->peft.kind), m->peft.gate.enabled ? "TS-gated" : "dense",
                 m->params.total, tk_train_data_describe(data), o->steps, o->grad_accum, o->batch_size, threads);
@@ -374,9 +444,12 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         }
         rng.s[0] = st.rng[0];
         rng.s[1] = st.rng[1];
-        if (!o->quiet) fprintf(stderr, "tspeft train: resuming %s at step %d\n", o->resume_dir, st.step + 1);
+        if (!quiet) fprintf(stderr, "tspeft train: resuming %s at step %d\n", o->resume_dir, st.step + 1);
     }
-    if (o->out_dir && o->gate_log && /* gate and training logs, docs/gates.md */
+    if (!quiet && P > 1)
+        fprintf(stderr, "tspeft train: data parallel over %d ranks: %d micro-batches of %d rows per step\n", P,
+                P * o->grad_accum, o->batch_size);
+    if (o->out_dir && lead && o->gate_log && /* gate and training logs, docs/gates.md */
         !(glog = tk_gatelog_open(o->out_dir, m, &(tk_gatelog_opts){o->token_view_every, o->steps, o->resume_dir != NULL}, err)))
         goto done;
     tk_stop_signal = 0;
@@ -398,9 +471,11 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         double loss_sum = 0.0;
         float scale = 1.0f / (float)sb.targets;
         for (int k = 0; k < o->grad_accum; k++) {
-            const tk_train_mb *mb = tk_train_data_mb(data, (size_t)k);
+            size_t gk = (size_t)rank * (size_t)o->grad_accum + (size_t)k; /* index in the whole step */
+            const tk_train_mb *mb = tk_train_data_mb(data, gk);
             const tk_batch *b = mb->text;
             acts->kinds = mb->kinds; /* [B*T] TK_KIND_* for gate statistics */
+            microbatch_rng(&rng, o->seed, step, gk);
             if (tk_llama_forward(m, acts, b->input_ids, b->attention_mask, b->B, b->T, 1, &rng, err)) goto done;
             if (dumping) {
                 char nm[32];
@@ -413,6 +488,11 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             loss_sum += tk_llama_loss(m, acts, b->labels, b->B, b->T, scale, NULL);
             if (tk_llama_backward(m, acts, b->B, b->T, err)) goto done;
             if (glog && tk_gatelog_batch(glog, m, acts, b->B, b->T, step, err)) goto done;
+        }
+        if (dist) { /* the step's sums over every rank's micro-batches (counts are already global) */
+            if (dist->sum_f64(dist, &loss_sum, 1, err) ||
+                dist->sum_f32(dist, m->params.grad, m->params.total, err) || gather_gate_stats(dist, m, err))
+                goto done;
         }
         double loss = loss_sum / (double)sb.targets;
         st.rows_used = (uint64_t)step * (uint64_t)o->grad_accum * (uint64_t)o->batch_size;
@@ -444,7 +524,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
                     goto done;
                 }
             }
-            if (dumping) {
+            if (dumping && lead) {
                 char path[4200];
                 const char *meta[] = {"format", "pt", NULL};
                 if (make_dir(o->dump_dir, err) || dump_step(&dump, m, (float)loss, err) ||
@@ -466,7 +546,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             double now = tk_time(), el = now - t0;
             char epoch[40] = ""; /* shards: loader epochs so far */
             if (shards) snprintf(epoch, sizeof epoch, "  epoch %.3f", st.epoch);
-            if (!o->quiet && (step % o->log_every == 0 || step == o->steps || step == first_step))
+            if (!quiet && (step % o->log_every == 0 || step == o->steps || step == first_step))
                 fprintf(stderr, "step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  keep %.3f%s  %.0f tok/s  step %.2fs  eta %.0fs\n",
                         step, o->steps, loss, lr, gnorm, seen ? (double)kept / (double)seen : 1.0, epoch,
                         (double)sb.tokens / (now - ts), now - ts, el / step * (o->steps - step));
@@ -479,9 +559,15 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         st.rng[1] = rng.s[1];
         st.seconds = tk_time() - t0;
         int stopping = tk_stop_signal != 0 && step < o->steps; /* on the last step: finish and save */
-        if (o->out_dir && (stopping || (o->save_every > 0 && step % o->save_every == 0 && step < o->steps))) {
+        if (dist) { /* every rank stops after the same step, or none does */
+            double sig[2] = {stopping ? 1.0 : 0.0, stopping ? (double)tk_stop_signal : 0.0};
+            if (dist->sum_f64(dist, sig, 2, err)) goto done;
+            stopping = sig[0] > 0.0;
+            if (stopping && !tk_stop_signal) tk_stop_signal = (int)(sig[1] / sig[0]);
+        }
+        if (o->out_dir && lead && (stopping || (o->save_every > 0 && step % o->save_every == 0 && step < o->steps))) {
             if (tk_checkpoint_save(o->out_dir, o->keep_checkpoints, m, &st, config, err)) goto done;
-            if (!o->quiet) fprintf(stderr, "tspeft train: checkpoint %s/checkpoint-%d saved\n", o->out_dir, step);
+            if (!quiet) fprintf(stderr, "tspeft train: checkpoint %s/checkpoint-%d saved\n", o->out_dir, step);
         }
         if (stopping) {
             tk_fail(err, "stopped by signal %d after step %d%s%s", (int)tk_stop_signal, last_done,
@@ -491,12 +577,15 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             goto done;
         }
     }
-    if (o->out_dir) {
+    if (dist && !quiet && o->steps >= first_step) /* what data parallelism cost on the wire */
+        fprintf(stderr, "tspeft train: data parallel: rank 0 sent %.0f bytes per optimizer step (%zu trainable values)\n",
+                (double)dist->bytes_sent / (double)(o->steps - first_step + 1), m->params.total);
+    if (o->out_dir && lead) {
         /* the loss of step 1's micro-batches under the final parameters (no dropout) */
         if (tk_train_data_first_step(data, err)) goto done;
         sb.targets = tk_train_data_targets(data);
         double s = 0.0;
-        for (int k = 0; k < o->grad_accum; k++) {
+        for (int k = 0; k < o->grad_accum * P; k++) {
             const tk_train_mb *mb = tk_train_data_mb(data, (size_t)k);
             const tk_batch *b = mb->text;
             acts->kinds = mb->kinds;
@@ -504,7 +593,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             s += tk_llama_loss(m, acts, b->labels, b->B, b->T, 0.0f, NULL);
         }
         if (save_outputs(o, m, s / (double)sb.targets, &st, err)) goto done;
-        if (!o->quiet) fprintf(stderr, "tspeft train: adapter written to %s\n", o->out_dir);
+        if (!quiet) fprintf(stderr, "tspeft train: adapter written to %s\n", o->out_dir);
     }
     rc = 0;
 done:

@@ -13,6 +13,7 @@
 
 #include "../common.h"
 #include "../peft/peft_config.h"
+#include "dist.h"
 #include "optim.h"
 
 typedef struct {
@@ -42,6 +43,9 @@ typedef struct {
     tk_sched_kind sched;
     int warmup_steps;
     tk_peft_config peft;     /* adapter description (ignored for tensors when adapter_dir is set) */
+    tk_dist *dist;           /* data-parallel communicator (dist.h), or NULL for one process. With P
+                                ranks each optimizer step has P * grad_accum micro-batches; rank p runs
+                                micro-batches p*K .. p*K+K-1; only rank 0 prints and writes files */
 } tk_train_opts;
 
 void tk_train_opts_default(tk_train_opts *o);

@@ -649,6 +649,17 @@ static void test_cross_entropy(void) {
     report_bool("cross-entropy: dlogits == logits (aliased) gives identical bits",
                 memcmp(alias, dl, N * V * sizeof(float)) == 0);
 
+    /* the fused kernel (what the model calls) agrees with forward then backward (the same formulas;
+     * the vectorised sums may associate differently, so not bit for bit) */
+    float *lf = falloc(N), *lp = falloc(N);
+    double tplain = tk_cross_entropy_forward(lp, c.logits, targets, N, V); /* c.losses: last FD probe */
+    memcpy(alias, c.logits, N * V * sizeof(float));
+    double tfused = tk_cross_entropy_fused(lf, alias, alias, targets, N, V, c.scale);
+    report("cross-entropy: fused losses (aliased) vs forward", rel_err_f(lf, lp, N), 1e-6);
+    report("cross-entropy: fused dlogits (aliased) vs backward", rel_err_f(alias, dl, N * V), 1e-6);
+    report_bool("cross-entropy: fused sum vs forward (1e-6 relative)", fabs(tfused - tplain) <= 1e-6 * fabs(tplain));
+    tk_free(lf), tk_free(lp);
+
     report_bool("cross-entropy: target == V aborts (TK_ASSERT)", ce_bad_target_aborts(3));
     report_bool("cross-entropy: target == -1 aborts (TK_ASSERT)", ce_bad_target_aborts(-1));
 

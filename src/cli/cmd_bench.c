@@ -17,10 +17,12 @@
 static const char *USAGE =
     "usage: tspeft bench [--dim 768 --layers 12 --heads 12 --ffn 2048 --vocab 32000 --seq 512 --batch 1]\n"
     "                    [--r 16 --targets all --gate on --keep 1.0] [--steps 5 --warmup 1 --threads 2] [--json FILE]\n"
+    "                    [--bf16-weights] [--attention auto|full|tiled] [--recompute N|all]\n"
     "Times full LoRA training steps (forward, loss, backward, AdamW) of a random LLaMA and prints tokens/s,\n"
-    "achieved GFLOP/s (counted from the shapes), peak RSS, the time spent in the adapter branches, and the\n"
-    "2048^3 cblas_sgemm peak of this machine at the same thread count. --keep forces the gate's keep ratio\n"
-    "(thresholds set from measured r and frozen).";
+    "achieved GFLOP/s (the matmul FLOPs of a dense reference step, counted from the shapes: see\n"
+    "docs/performance.md), peak RSS beside a memory model from the shapes, the time per phase and in the\n"
+    "adapter branches, and the 2048^3 cblas_sgemm peak of this machine at the same thread count.\n"
+    "--keep forces the gate's keep ratio (thresholds set from measured r and frozen).";
 
 /* Best GFLOP/s of an n^3 sgemm over reps runs. */
 static double sgemm_peak(size_t n, int reps) {
@@ -42,9 +44,14 @@ static double sgemm_peak(size_t n, int reps) {
     return best;
 }
 
-/* Matmul FLOPs of one dense training step (forward + backward, every token kept): frozen weights
- * get only the dx product, adapters all four, attention is counted on the full T x T square that
- * the kernels compute. */
+/* Matmul FLOPs a dense reference training step needs (every token kept, nothing recomputed), with
+ * N = B*T tokens and 2 FLOPs per multiply-add (docs/performance.md):
+ *   frozen linear O x I (7 per layer + lm_head): forward x W^T and backward dx = dy W: 2 * 2 N I O
+ *   adapter of rank R: forward x A^T and u B^T, 2 N R (I + O); backward dy B, dB, dA, dx, twice that
+ *   causal attention per layer and head: the visible pairs P = B T (T+1) / 2; forward Q K^T and P V,
+ *   backward dV, dP, dQ, dK: 6 * 2 P D
+ * Element-wise work (norms, RoPE, softmax, SiLU, the gate, cross-entropy, AdamW) is not counted;
+ * neither is recomputation, nor the masked half of T x T that a full attention kernel computes. */
 static double step_flops(const tk_llama *m, size_t B, size_t T) {
     const tk_llama_config *c = &m->cfg;
     double N = (double)(B * T), lin = 0.0, ad = 0.0;
@@ -55,8 +62,19 @@ static double step_flops(const tk_llama *m, size_t B, size_t T) {
             if (L->kind != TK_ADAPTER_NONE) ad += (double)L->r * (L->in + L->out);
         }
     lin += (double)c->vocab_size * c->dim; /* lm_head */
-    double attn = 4.0 * B * c->n_heads * (double)T * T * c->head_dim * c->n_layers;
-    return 2.0 * N * lin * 2.0 + attn * 3.0 + 2.0 * N * ad * 3.0;
+    double pairs = (double)B * (double)T * (double)(T + 1) / 2.0;
+    double attn = 6.0 * 2.0 * pairs * c->head_dim * c->n_heads * c->n_layers;
+    return 2.0 * 2.0 * N * lin + attn + 3.0 * 2.0 * N * ad;
+}
+
+/* Bytes of the model's frozen weights (fp32, or 2 per element when BF16-resident). */
+static double weight_bytes(const tk_llama *m) {
+    const tk_llama_config *c = &m->cfg;
+    double mats = 0.0, el = m->bf16 ? 2.0 : 4.0;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) mats += (double)m->layers[l].proj[p].in * m->layers[l].proj[p].out;
+    mats += (double)c->vocab_size * c->dim * (c->tie_embeddings ? 1 : 2);
+    return mats * el + 4.0 * c->dim * (2.0 * c->n_layers + 1);
 }
 
 /* Thresholds that keep a fraction `keep` of each gated module's tokens, then frozen. */
@@ -95,7 +113,7 @@ int tk_cmd_bench(int argc, char **argv) {
     c.rope_theta = 10000.0f;
     int seq = 512, batch = 1, r = 16, gate = 1, steps = 5, warmup = 1, threads = 2, bf16 = 0;
     float keep = 1.0f, alpha = 32.0f;
-    const char *targets = "all", *json_path = NULL, *type = "lora";
+    const char *targets = "all", *json_path = NULL, *type = "lora", *attention = "auto", *recompute = "0";
     uint64_t seed = 0;
     tk_opt opts[] = {
         {"dim", TK_OPT_INT, &c.dim, "C", "hidden size (default 768)", 0},
@@ -117,6 +135,8 @@ int tk_cmd_bench(int argc, char **argv) {
         {"threads", TK_OPT_INT, &threads, "T", "threads (default 2)", 0},
         {"seed", TK_OPT_U64, &seed, "S", "weights seed (default 0)", 0},
         {"bf16-weights", TK_OPT_FLAG, &bf16, NULL, "keep the frozen matrices BF16 in memory", 0},
+        {"attention", TK_OPT_STR, &attention, "K", "auto | full | tiled (default auto: tiled from 256 positions)", 0},
+        {"recompute", TK_OPT_STR, &recompute, "N", "recompute the first N layers (or all) in backward (default 0)", 0},
         {"json", TK_OPT_STR, &json_path, "FILE", "also write the figures as JSON", 0},
     };
     int n = (int)(sizeof opts / sizeof opts[0]);
@@ -141,6 +161,9 @@ int tk_cmd_bench(int argc, char **argv) {
         tk_fail(&err, "need --seq >= 2, --batch >= 1, --steps >= 1, --keep in [0,1], dim divisible by heads");
         goto done;
     }
+    tk_llama_mem_opts mo = {TK_ATTN_AUTO, 0};
+    if (tk_attn_mode_parse(attention, &mo.attention, &err) || tk_recompute_parse(recompute, &mo.recompute, &err))
+        goto done;
     threads = tk_set_threads(threads);
     if (strcmp(type, "lora") == 0) pc.kind = TK_ADAPTER_LORA;
     else if (strcmp(type, "bottleneck") == 0) pc.kind = TK_ADAPTER_BOTTLENECK;
@@ -163,13 +186,16 @@ int tk_cmd_bench(int argc, char **argv) {
     tk_rng_seed(&rng, seed + 1);
     for (size_t i = 0; i < m->params.total; i++) m->params.data[i] += 0.01f * (2.0f * tk_rng_uniform(&rng) - 1.0f);
     size_t B = (size_t)batch, T = (size_t)seq, N = B * T;
-    if (!(ids = malloc(N * sizeof *ids)) || !(a = tk_llama_acts_alloc(m, B, T, &err))) {
+    if (!(ids = malloc(N * sizeof *ids)) || !(a = tk_llama_acts_alloc_ex(m, B, T, &mo, &err))) {
         if (!err.msg[0]) tk_fail(&err, "out of memory");
         goto done;
     }
     for (size_t i = 0; i < N; i++) ids[i] = (int32_t)(tk_rng_u64(&rng) % (uint64_t)c.vocab_size);
     if (pc.gate.enabled && force_keep(m, a, ids, B, T, keep, &err)) goto done;
     double t_sum = 0.0, t_min = INFINITY, fwd = 0.0, bwd = 0.0, kept = 0.0, seen = 0.0;
+    double ph[4] = {0}; /* forward, loss, backward, optimizer (clipping + AdamW) */
+    if (!json_path)
+        fprintf(stderr, "bench: %d untimed + %d timed steps of %zu tokens...\n", warmup, steps, N);
     for (int s = 0; s < warmup + steps; s++) {
         m->ws.secs_branch_fwd = m->ws.secs_branch_bwd = 0.0;
         double t0 = tk_time();
@@ -177,17 +203,24 @@ int tk_cmd_bench(int argc, char **argv) {
         for (int l = 0; l < c.n_layers; l++)
             for (int p = 0; p < TK_NPROJ; p++) tk_gate_stats_reset(&m->layers[l].proj[p].stats);
         size_t count = 0;
+        double tp[5];
+        tp[0] = tk_time();
         if (tk_llama_forward(m, a, ids, NULL, B, T, 1, &rng, &err)) goto done;
+        tp[1] = tk_time();
         tk_llama_loss(m, a, ids, B, T, 1.0f / (float)(B * (T - 1)), &count);
+        tp[2] = tk_time();
         if (tk_llama_backward(m, a, B, T, &err)) goto done;
+        tp[3] = tk_time();
         tk_clip_grad_norm(m->params.grad, m->params.total, 1.0);
         for (size_t i = 0; i < m->params.n; i++) {
             const tk_param *p = &m->params.items[i];
             tk_adamw_update(m->params.data + p->offset, m->params.grad + p->offset, m->params.m + p->offset,
                             m->params.v + p->offset, p->numel, 1e-4f, 0.9f, 0.999f, 1e-8f, 0.0f, s + 1);
         }
+        tp[4] = tk_time();
         double dt = tk_time() - t0;
         if (s < warmup) continue;
+        for (int k = 0; k < 4; k++) ph[k] += tp[k + 1] - tp[k];
         t_sum += dt;
         t_min = dt < t_min ? dt : t_min;
         fwd += m->ws.secs_branch_fwd;
@@ -202,6 +235,15 @@ int tk_cmd_bench(int argc, char **argv) {
     getrusage(RUSAGE_SELF, &ru);
     double mean = t_sum / steps, flops = step_flops(m, B, T);
     double rss_mib = (double)ru.ru_maxrss / 1024.0;
+    /* memory model: weights + trainable block (data, grad, AdamW m, v) + activations + adapter state */
+    double mib = 1024.0 * 1024.0, w_b = weight_bytes(m), p_b = 16.0 * (double)m->params.total;
+    double a_b = (double)tk_llama_acts_bytes(m, B, T, &mo), ad_b = 0.0;
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            const tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (L->kind != TK_ADAPTER_NONE) ad_b += 4.0 * (double)N * (L->r + 1) + (double)N;
+        }
+    ad_b += 4.0 * (4.0 * (double)m->ws.n_tok * m->ws.width + 2.0 * (double)m->ws.n_tok * m->ws.rank + m->ws.wconv_n);
     printf("bench: dim %d, %d layers, %d heads (kv %d), ffn %d, vocab %d, seq %d x batch %d, %s r=%d on %s, gate %s, "
            "%s weights, %d threads\n",
            c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, seq, batch, type, r, targets,
@@ -210,6 +252,12 @@ int tk_cmd_bench(int argc, char **argv) {
            mean, t_min, (double)N / mean, flops / mean / 1e9, sg_peak, 100.0 * flops / mean / 1e9 / sg_peak, rss_mib);
     printf("  keep ratio %.3f  adapter branch: forward %.3f s, backward %.3f s per step\n", seen ? kept / seen : 1.0,
            fwd / steps, bwd / steps);
+    printf("  phases: forward %.3f s, loss %.3f s, backward %.3f s, optimizer %.3f s;  %.1f GFLOP per step\n",
+           ph[0] / steps, ph[1] / steps, ph[2] / steps, ph[3] / steps, flops / 1e9);
+    printf("  memory model: weights %.0f MiB (%s) + trainable %.0f MiB + activations %.0f MiB (%s attention, %d of %d "
+           "layers recomputed) + adapter state %.0f MiB = %.0f MiB; peak RSS %.0f MiB\n",
+           w_b / mib, bf16 ? "BF16" : "fp32", p_b / mib, a_b / mib, a->tiled ? "tiled" : "full", a->recompute, c.n_layers,
+           ad_b / mib, (w_b + p_b + a_b + ad_b) / mib, rss_mib);
     if (json_path) {
         cJSON *j = cJSON_CreateObject();
         cJSON_AddNumberToObject(j, "dim", c.dim);
@@ -234,6 +282,17 @@ int tk_cmd_bench(int argc, char **argv) {
         cJSON_AddNumberToObject(j, "peak_rss_mib", rss_mib);
         cJSON_AddNumberToObject(j, "adapter_forward_seconds", fwd / steps);
         cJSON_AddNumberToObject(j, "adapter_backward_seconds", bwd / steps);
+        cJSON_AddNumberToObject(j, "forward_seconds", ph[0] / steps);
+        cJSON_AddNumberToObject(j, "loss_seconds", ph[1] / steps);
+        cJSON_AddNumberToObject(j, "backward_seconds", ph[2] / steps);
+        cJSON_AddNumberToObject(j, "optimizer_seconds", ph[3] / steps);
+        cJSON_AddNumberToObject(j, "flops_per_step", flops);
+        cJSON_AddStringToObject(j, "attention", a->tiled ? "tiled" : "full");
+        cJSON_AddNumberToObject(j, "recompute_layers", a->recompute);
+        cJSON_AddNumberToObject(j, "model_weights_mib", w_b / mib);
+        cJSON_AddNumberToObject(j, "model_trainable_mib", p_b / mib);
+        cJSON_AddNumberToObject(j, "model_activations_mib", a_b / mib);
+        cJSON_AddNumberToObject(j, "model_adapter_state_mib", ad_b / mib);
         char *text = cJSON_Print(j);
         cJSON_Delete(j);
         if (!text || tk_write_file_atomic(json_path, text, strlen(text), &err)) {

@@ -825,9 +825,8 @@ double tk_llama_loss(tk_llama *m, tk_llama_acts *a, const int32_t *labels, size_
             n += y != -100;
         }
     if (count) *count = n;
-    double sum = tk_cross_entropy_forward(a->tmp, a->logits, a->targets, N, V);
-    if (scale != 0.0f) tk_cross_entropy_backward(a->logits, a->logits, a->targets, N, V, scale);
-    return sum;
+    if (scale != 0.0f) return tk_cross_entropy_fused(a->tmp, a->logits, a->logits, a->targets, N, V, scale);
+    return tk_cross_entropy_forward(a->tmp, a->logits, a->targets, N, V);
 }
 
 int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err *err) {

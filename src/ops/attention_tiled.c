@@ -44,6 +44,7 @@
 #include <math.h>
 
 #include "common.h"
+#include "fastmath.h"
 
 /* Block sizes (see the measurements above). Scores and dP blocks of [BQ,BK] take 64 KiB each. */
 #define TK_ATTN_BQ 64
@@ -92,7 +93,7 @@ static void online_softmax_block(float *s, float *m, float *l, float *o, size_t 
         }
         double sum = 0.0;
         for (size_t c = 0; c < nc; c++) {
-            float p = (mask_b && !mask_b[j0 + c]) ? 0.0f : expf(sr[c] - mnew);
+            float p = (mask_b && !mask_b[j0 + c]) ? 0.0f : tk_expf(sr[c] - mnew);
             sr[c] = p;
             sum += (double)p;
         }
@@ -177,7 +178,7 @@ static void softmax_grad_block(float *s, float *dp, const float *lse_i, const fl
         size_t nc = lse_i[i] == -INFINITY ? 0 : causal_cols(last0 + i, j0, nk);
         float L = lse_i[i];
         for (size_t c = 0; c < nc; c++)
-            sr[c] = (mask_b && !mask_b[j0 + c]) ? 0.0f : expf(sr[c] - L);
+            sr[c] = (mask_b && !mask_b[j0 + c]) ? 0.0f : tk_expf(sr[c] - L);
         for (size_t c = nc; c < nk; c++) sr[c] = 0.0f;
         if (dp) {
             float *dr = &dp[i * nk], Di = di[i];

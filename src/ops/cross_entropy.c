@@ -83,3 +83,44 @@ void tk_cross_entropy_backward(float *dlogits, const float *logits, const int32_
         drow[t] = scale * (p_t - 1.0f);
     }
 }
+
+/* Loss and gradient together, one sweep per row: the row max, then exp(logit - max) written into
+ * dlogits while summing, then the scaling in place (the row is still in cache). The same arithmetic as
+ * tk_cross_entropy_forward followed by tk_cross_entropy_backward (bit-identical results) with one
+ * exponential per logit instead of three and no second max pass.
+ * losses [N], dlogits [N,V] (may alias logits), logits [N,V], targets [N]. Returns the loss sum. */
+double tk_cross_entropy_fused(float *losses, float *dlogits, const float *logits, const int32_t *targets,
+                              size_t N, size_t V, float scale) {
+    TK_ASSERT(V > 0);
+    check_targets(targets, N, V);
+#pragma omp parallel for if (N * V >= TK_OMP_MIN_WORK)
+    for (size_t n = 0; n < N; n++) {
+        int32_t t = targets[n];
+        const float *row = &logits[n * V];
+        float *drow = &dlogits[n * V];
+        if (t == TK_CE_IGNORE) {
+            losses[n] = 0.0f;
+            for (size_t v = 0; v < V; v++) drow[v] = 0.0f;
+            continue;
+        }
+        float m = -INFINITY;
+        for (size_t v = 0; v < V; v++) m = row[v] > m ? row[v] : m;
+        float lt = row[t]; /* read before drow (which may be row) is overwritten */
+        double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+        for (size_t v = 0; v < V; v++) {
+            float e = tk_expf(row[v] - m);
+            drow[v] = e;
+            sum += (double)e;
+        }
+        losses[n] = (float)((double)m + log(sum) - (double)lt);
+        float inv = (float)(1.0 / sum);
+        float p_t = drow[t] * inv;
+#pragma omp simd
+        for (size_t v = 0; v < V; v++) drow[v] = scale * (drow[v] * inv);
+        drow[t] = scale * (p_t - 1.0f);
+    }
+    double total = 0.0;
+    for (size_t n = 0; n < N; n++) total += (double)losses[n];
+    return total;
+}

@@ -91,6 +91,10 @@ double tk_cross_entropy_forward(float *losses, const float *logits, const int32_
  * dlogits may alias logits. */
 void tk_cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets,
                                size_t N, size_t V, float scale);
+/* Both at once (one exponential per logit): losses [N] as the forward (returns their sum), dlogits
+ * [N,V] as the backward (may alias logits). Equal to calling the two up to the order of the sums. */
+double tk_cross_entropy_fused(float *losses, float *dlogits, const float *logits, const int32_t *targets,
+                              size_t N, size_t V, float scale);
 
 /* ---- memory-efficient (tiled, FlashAttention-2 style) attention -------------------------------- */
 /* Same semantics as tk_attention_forward, without the [B,H,T,S] probs: query and key blocks are

@@ -120,9 +120,12 @@ static float act_df(tk_act a, float u) {
     return u > 0.0f ? 1.0f : 0.0f;
 }
 
-/* dst [nk,W] = src rows idx[0..nk) of a [*,W] matrix. */
+/* dst [nk,W] = src rows idx[0..nk) of a [*,W] matrix.
+ * Serial on purpose, like scatter_dx: a row copy is bound by memory bandwidth, and an OpenMP region
+ * opened between two sgemm calls made the next sgemm wait on the pool (measured on 2 threads, r = 16,
+ * N = 512: the branch backward took 36-64 ms per layer at keep 0.5-0.75 against 6 ms at keep 1, and
+ * 6.5 ms with serial copies; docs/performance.md). */
 static void gather_rows(float *dst, const float *src, const int32_t *idx, size_t nk, size_t W) {
-#pragma omp parallel for schedule(static) if (nk * W >= TK_OMP_MIN_WORK)
     for (size_t k = 0; k < nk; k++)
         memcpy(dst + k * W, src + (size_t)idx[k] * W, W * sizeof(float));
 }
@@ -225,8 +228,7 @@ static void scatter_dx(const tk_adapted_linear *L, float *dx, const float *d, co
                        size_t nk) {
     size_t I = L->in;
     float inv = L->dropout > 0.0f ? 1.0f / (1.0f - L->dropout) : 1.0f;
-#pragma omp parallel for schedule(static) if (nk * I >= TK_OMP_MIN_WORK)
-    for (size_t k = 0; k < nk; k++) {
+    for (size_t k = 0; k < nk; k++) { /* serial: see gather_rows */
         size_t i = (size_t)idx[k];
         float *dxi = dx + i * I;
         const float *dk = d + k * I;
@@ -301,6 +303,26 @@ static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, c
             if (tk_gate_stats_push_c(&L->stats, (float)c, err)) return -1;
     }
     if (nk == 0) return 0;
+
+    /* Two thirds of the rows kept or more (LoRA, bottleneck; no dropout): zero the rank-R rows of the
+     * gated-off tokens (the code and gr, R wide) instead of gathering the wide ones (dy, x, dx). The
+     * products then run over all N rows, reading dy and x once and copying nothing. Gated-off rows
+     * contribute exact zeros to dB, dA and dx. Measured at r = 16, N = 512 (one thread, per layer of the
+     * 134M bench model): gathering cost 12.7 ms at keep 0.9, 11 at 0.75, 7.7 at 0.5; zeroing 8.3-8.6 at
+     * any keep (8.5 with every row kept): the gathers' memory traffic outweighs the FLOPs they save
+     * until about 0.6 (docs/performance.md). */
+    if (!all && 3 * nk >= 2 * N && L->kind != TK_ADAPTER_DORA && L->dropout == 0.0f) {
+        float *cm = ws->r2; /* the bottleneck's act(u) is already there */
+        if (L->kind != TK_ADAPTER_BOTTLENECK) memcpy(cm, L->u, N * R * sizeof(float));
+        for (size_t i = 0; i < N; i++)
+            if (!L->S[i]) {
+                memset(cm + i * R, 0, R * sizeof(float));
+                memset(gr + i * R, 0, R * sizeof(float));
+            }
+        code = cm;
+        all = 1;
+        nk = N;
+    }
 
     /* Kept rows only from here on: gather them (unless every row is kept). */
     const int32_t *idx = ws->idx;

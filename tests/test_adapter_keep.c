@@ -1,0 +1,130 @@
+/* test_adapter_keep.c: the two ways the adapter backward skips gated-off tokens (peft/adapter.c
+ * branch_backward): zeroing their rank-R rows when two thirds or more are kept, gathering the kept
+ * rows below that. For LoRA and bottleneck adapters at keep ratios 1, 0.9, 0.7 (zeroing), 0.6, 0.3,
+ * 1/N and 0 (gathering), dA, dB and dx are compared with plain double loops of
+ *   dB += s sum_{i kept} g_i code_i^T,   dA += sum_{i kept} (a_scale * d code_i) x_i^T,
+ *   dx_i += W0^T g_i + S_i (dM/dx_i)^T g_i
+ * (code = A x for LoRA, act(A x) for the bottleneck), and c_i must be pushed for every token.
+ * Exit status 1 on any error above 1e-5 (relative to the largest reference value).
+ */
+#include "peft/adapter.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { NN = 48, II = 24, OO = 40, RR = 4 };
+
+static int fails = 0;
+
+static double max_rel(const float *got, const double *ref, size_t n) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - ref[i]);
+        if (d != d) return INFINITY;
+        num = d > num ? d : num;
+        den = fabs(ref[i]) > den ? fabs(ref[i]) : den;
+    }
+    return num / (den > 1e-12 ? den : 1e-12);
+}
+
+static void check(tk_adapter_kind kind, size_t nkeep) {
+    tk_err err = {0};
+    tk_rng rng;
+    tk_rng_seed(&rng, 17 + nkeep);
+    tk_adapter_ws ws;
+    if (tk_adapter_ws_alloc(&ws, NN, OO, RR, 0, &err)) {
+        printf("FAIL %s\n", err.msg);
+        fails++;
+        return;
+    }
+    static float w0[OO * II], A[RR * II], Bm[OO * RR], dA[RR * II], dB[OO * RR];
+    static float x[NN * II], y[NN * OO], dy[NN * OO], dx[NN * II];
+    static double rdA[RR * II], rdB[OO * RR], rdx[NN * II];
+#define U(a) ((2.0f * tk_rng_uniform(&rng) - 1.0f) * (a))
+    for (size_t i = 0; i < OO * II; i++) w0[i] = U(0.3f);
+    for (size_t i = 0; i < RR * II; i++) A[i] = U(0.4f);
+    for (size_t i = 0; i < OO * RR; i++) Bm[i] = U(0.4f);
+    for (size_t i = 0; i < NN * II; i++) x[i] = U(1.0f);
+    for (size_t i = 0; i < NN * OO; i++) dy[i] = U(1.0f);
+    memset(dA, 0, sizeof dA);
+    memset(dB, 0, sizeof dB);
+    memset(dx, 0, sizeof dx);
+    tk_adapted_linear L;
+    memset(&L, 0, sizeof L);
+    L.kind = kind;
+    L.gated = 1;
+    L.in = II;
+    L.out = OO;
+    L.r = RR;
+    L.scale = 0.7f;
+    L.act = TK_ACT_TANH;
+    L.w0 = w0;
+    L.A = A;
+    L.B = Bm;
+    L.dA = dA;
+    L.dB = dB;
+    if (tk_adapted_alloc(&L, NN, &err) || tk_adapted_forward(&L, &ws, y, x, NULL, NN, 1, &rng, &err)) {
+        printf("FAIL %s\n", err.msg);
+        fails++;
+        return;
+    }
+    /* the gate as a fixed pattern: nkeep tokens kept, spread over the sequence */
+    for (size_t i = 0; i < NN; i++) L.S[i] = 0;
+    for (size_t k = 0; k < nkeep; k++) L.S[(k * 7 + 3) % NN] = 1; /* 7 is coprime with 48 */
+    size_t kept = 0;
+    for (size_t i = 0; i < NN; i++) kept += L.S[i];
+    if (tk_adapted_backward(&L, &ws, dx, dy, x, NULL, NN, &err)) {
+        printf("FAIL %s\n", err.msg);
+        fails++;
+        return;
+    }
+    /* reference in double */
+    memset(rdA, 0, sizeof rdA);
+    memset(rdB, 0, sizeof rdB);
+    memset(rdx, 0, sizeof rdx);
+    double s = L.scale;
+    for (size_t i = 0; i < NN; i++) {
+        const float *xi = x + i * II, *gi = dy + i * OO;
+        for (size_t j = 0; j < II; j++)
+            for (size_t o = 0; o < OO; o++) rdx[i * II + j] += (double)gi[o] * w0[o * II + j];
+        if (!L.S[i]) continue;
+        double u[RR], code[RR], gr[RR], du[RR];
+        for (size_t r = 0; r < RR; r++) {
+            u[r] = 0.0;
+            for (size_t j = 0; j < II; j++) u[r] += (double)A[r * II + j] * xi[j];
+            code[r] = kind == TK_ADAPTER_BOTTLENECK ? tanh(u[r]) : u[r];
+            gr[r] = 0.0;
+            for (size_t o = 0; o < OO; o++) gr[r] += (double)gi[o] * Bm[o * RR + r];
+            double dact = kind == TK_ADAPTER_BOTTLENECK ? 1.0 - code[r] * code[r] : 1.0;
+            du[r] = s * gr[r] * dact;
+        }
+        for (size_t o = 0; o < OO; o++)
+            for (size_t r = 0; r < RR; r++) rdB[o * RR + r] += s * gi[o] * code[r];
+        for (size_t r = 0; r < RR; r++)
+            for (size_t j = 0; j < II; j++) {
+                rdA[r * II + j] += du[r] * xi[j];
+                rdx[i * II + j] += du[r] * A[r * II + j];
+            }
+    }
+    double eA = max_rel(dA, rdA, RR * II), eB = max_rel(dB, rdB, OO * RR), ex = max_rel(dx, rdx, NN * II);
+    int ok = eA <= 1e-5 && eB <= 1e-5 && ex <= 1e-5 && L.stats.n_c == NN;
+    printf("%s %-10s keep %2zu/%d (%s)  dA %.2g  dB %.2g  dx %.2g  c pushed %zu\n", ok ? "ok  " : "FAIL",
+           kind == TK_ADAPTER_LORA ? "lora" : "bottleneck", kept, NN,
+           kept == 0 ? "branch skipped" : 3 * kept >= 2 * NN ? "zeroed rows" : "gathered rows", eA, eB, ex, L.stats.n_c);
+    fails += !ok;
+    tk_adapted_free(&L);
+    tk_adapter_ws_free(&ws);
+}
+
+int main(void) {
+    tk_set_threads(2);
+    const size_t keeps[] = {NN, NN * 9 / 10, NN * 7 / 10, NN * 6 / 10, NN * 3 / 10, 1, 0};
+    for (size_t k = 0; k < sizeof keeps / sizeof keeps[0]; k++) {
+        check(TK_ADAPTER_LORA, keeps[k]);
+        check(TK_ADAPTER_BOTTLENECK, keeps[k]);
+    }
+    printf("%s\n", fails ? "FAILED" : "all passed");
+    return fails ? 1 : 0;
+}

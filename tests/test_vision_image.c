@@ -336,6 +336,9 @@ static void test_huge_headers(const vcase *png, const vcase *bmp, const vcase *g
     TK_ASSERT(at > 0 && at + 21 < jpeg->data.n);
     memset(p + at + 5, 0xFF, 16);
     expect_refused("jpeg DHT with 4080 codes", p, jpeg->data.n, 0, "Huffman table");
+    memcpy(p, jpeg->data.p, jpeg->data.n);
+    p[at + 2] = 0, p[at + 3] = 10; /* DHT segment length 10: its 16 counts would come from the next segment */
+    expect_refused("jpeg DHT segment shorter than its counts", p, jpeg->data.n, 0, "runs past");
     free(p);
     /* the configurable limit */
     expect_refused("png over max_pixels 90", png->data.p, png->data.n, 90, "limit of 90");

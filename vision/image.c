@@ -87,8 +87,9 @@ void tk_image_free(tk_image *img) {
 
 /* Walks a JPEG's markers (entropy-coded bytes between them skipped: inside them FF is always followed
  * by 00 or a restart marker) and checks what stb_image 2.27 does not:
- *  - every Huffman table (DHT) holds at most 256 codes: stb's stbi__build_huffman writes past its
- *    size[257] array otherwise (a crash found by tests/fuzz);
+ *  - every Huffman table (DHT) holds at most 256 codes and lies inside its segment: stb's
+ *    stbi__build_huffman writes past its size[257] array otherwise (a crash found by tests/fuzz;
+ *    a short segment makes stb read the counts from the next one);
  *  - an end-of-image marker follows the first scan: stb pads a truncated JPEG with zeros and reports
  *    success.
  * Structure it cannot follow (bad segment lengths) is left to stb. 0, or -1 with err set. */
@@ -124,8 +125,12 @@ static int jpeg_check(const uint8_t *p, size_t len, const char *name, size_t w, 
                 if (sum > 256)
                     return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the Huffman table at byte "
                                    "%zu has %zu codes, at most 256)", name, w, h, off, sum);
+                if (off + 17 + sum > end) break;
                 off += 17 + sum;
             }
+            if (off != end) /* stb would read the rest of a table from the next segment */
+                return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the Huffman table at byte %zu "
+                               "runs past the end of its DHT segment at byte %zu)", name, w, h, off, end);
         }
         if (m == 0xDA) scan = 1;
         pos += 2 + seg;

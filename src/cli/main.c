@@ -12,6 +12,7 @@ static const struct {
 } verbs[] = {
     {"train", tk_cmd_train, "fine-tune a LLaMA with (TS-gated) LoRA, DoRA, Adapter or full tensors"},
     {"generate", tk_cmd_generate, "greedy decoding with a KV cache from token ids"},
+    {"eval", tk_cmd_eval, "benchmarks: commonsense reasoning (generation or log-likelihood) and GLUE"},
     {"merge", tk_cmd_merge, "fold an adapter into the base weights (reports the gated-vs-merged gap)"},
     {"bench", tk_cmd_bench, "training-step speed and memory of a synthetic LLaMA, beside the sgemm peak"},
     {"info", tk_cmd_info, "describe a model directory and an adapter"},

@@ -17,7 +17,7 @@ static const char *find(const char *s, size_t n, const char *pat, size_t m) {
     return NULL;
 }
 
-char *tk_answer_response(const char *decoded, size_t len, tk_err *err) {
+char *tk_answer_response(const char *decoded, size_t len, size_t *out_len, tk_err *err) {
     size_t m = sizeof MARK - 1;
     const char *a = find(decoded, len, MARK, m), *b;
     size_t n = 0;
@@ -37,6 +37,7 @@ char *tk_answer_response(const char *decoded, size_t len, tk_err *err) {
     }
     if (n) memcpy(out, a, n);
     out[n] = '\0';
+    if (out_len) *out_len = n;
     return out;
 }
 

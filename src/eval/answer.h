@@ -1,10 +1,11 @@
 /* answer.h: LLM-Adapters' answer extraction for commonsense-reasoning generations
  * (AGI-Edgerunners/LLM-Adapters commonsense_evaluate.py).
  *
- *   char *resp = tk_answer_response(decoded, len, &err);     // text after "### Response:", stripped
+ *   size_t rlen;
+ *   char *resp = tk_answer_response(decoded, len, &rlen, &err);  // text after "### Response:", stripped
  *   const char *alts[] = {"true", "false"};
  *   size_t n;
- *   const char *hit = tk_answer_extract(resp, strlen(resp), alts, 2, &n);  // n bytes at hit, or NULL
+ *   const char *hit = tk_answer_extract(resp, rlen, alts, 2, &n);  // n bytes at hit, or NULL
  *   free(resp);
  *
  * What LLM-Adapters does, and what these functions reproduce:
@@ -37,7 +38,8 @@
 
 #include <stddef.h>
 
-char *tk_answer_response(const char *decoded, size_t len, tk_err *err);
+/* *out_len receives the length (the text may hold NUL bytes, from a <0x00> byte piece). */
+char *tk_answer_response(const char *decoded, size_t len, size_t *out_len, tk_err *err);
 /* First match of alts[0] | alts[1] | ... in text[0..n) (NUL bytes are text); *len receives its
  * length. NULL (and *len 0) when nothing matches. */
 const char *tk_answer_extract(const char *text, size_t n, const char *const *alts, int n_alts, size_t *len);

@@ -222,7 +222,7 @@ int main(int argc, char **argv) {
     a = cJSON_AddArrayToObject(out, "response");
     cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(root, "response")) {
         const char *s = cJSON_IsString(it) ? it->valuestring : "";
-        char *r = tk_answer_response(s, strlen(s), &err);
+        char *r = tk_answer_response(s, strlen(s), NULL, &err);
         cJSON_AddItemToArray(a, cJSON_CreateString(r ? r : ""));
         free(r);
     }

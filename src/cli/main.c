@@ -12,6 +12,8 @@ static const struct {
 } verbs[] = {
     {"train", tk_cmd_train, "fine-tune a LLaMA with (TS-gated) LoRA, DoRA, Adapter or full tensors"},
     {"generate", tk_cmd_generate, "greedy decoding with a KV cache from token ids"},
+    {"gates", tk_cmd_gates, "where the TS-PEFT gates opened in a run: tables, JSON/CSV, SVG pictures"},
+    {"select", tk_cmd_select, "pick target modules for a budget by learned keep ratio, weight norms or at random"},
     {"eval", tk_cmd_eval, "benchmarks: commonsense reasoning (generation or log-likelihood) and GLUE"},
     {"merge", tk_cmd_merge, "fold an adapter into the base weights (reports the gated-vs-merged gap)"},
     {"bench", tk_cmd_bench, "training-step speed and memory of a synthetic LLaMA, beside the sgemm peak"},

@@ -20,7 +20,7 @@ Inputs that crash today and are not fixed yet stay out of the corpus: --pending 
 
 Binary targets have their generators beside this script: corpus_shard.py (zstd record shards),
 corpus_tokenizer.py (sentencepiece models, trained by spm_train), corpus_image.py (JPEG, PNG, BMP,
-GIF, PNM).
+GIF, PNM), corpus_convert.py (the converters' inputs: Fashion-MNIST idx files, LLaVA JSON).
 
 Needs Debian's python3, numpy, python3-sentencepiece and the spm_train CLI (package sentencepiece).
 """
@@ -40,6 +40,7 @@ sys.path.insert(0, HERE)
 import corpus_shard  # noqa: E402
 import corpus_tokenizer  # noqa: E402
 import corpus_image  # noqa: E402
+import corpus_convert  # noqa: E402
 
 # ---- the fixture (fuzz_common.c builds the same shapes) -------------------------------------------
 C, F, L, H, G, D, V, R = 4, 6, 2, 2, 1, 2, 8, 2
@@ -800,12 +801,15 @@ TARGETS = {
     "shard": lambda rng: corpus_shard.corpus_shard(rng, bit_flips),
     "tokenizer": lambda rng: corpus_tokenizer.corpus_tokenizer(rng, bit_flips, text_truncations),
     "image": lambda rng: corpus_image.corpus_image(rng, bit_flips, corpus_shard.cut),
+    "fmnist_images": lambda rng: corpus_convert.corpus_fmnist_images(rng, bit_flips, corpus_shard.cut),
+    "fmnist_labels": lambda rng: corpus_convert.corpus_fmnist_labels(rng, bit_flips, corpus_shard.cut),
+    "llava": lambda rng: corpus_convert.corpus_llava(rng, bit_flips, text_truncations),
 }
 
 # Each target's random seed, fixed by name (adding a target must not regenerate the others' files).
 SEEDS = {t: 1000 + i for i, t in enumerate(sorted(["safetensors", "st_index", "llama_config", "llama_open",
                                                    "peft_config", "adapter", "jsonl", "args_config"]))}
-SEEDS.update(shard=2001, tokenizer=2002, image=2003)
+SEEDS.update(shard=2001, tokenizer=2002, image=2003, fmnist_images=2004, fmnist_labels=2005, llava=2006)
 
 MAX_FILES, MAX_BYTES = 96, 300 * 1024
 

@@ -3,21 +3,7 @@
 
 #include "../text/template.h"
 #include "../vision/image.h"
-/* shard.h declares the token-kind constants that text/template.h declares (same names, same values);
- * its copies are renamed here so that both headers fit in one translation unit. */
-#define TK_KIND_PAD TK_SHARD_KIND_PAD_
-#define TK_KIND_PROMPT TK_SHARD_KIND_PROMPT_
-#define TK_KIND_RESPONSE TK_SHARD_KIND_RESPONSE_
-#define TK_KIND_IMAGE TK_SHARD_KIND_IMAGE_
 #include "shard.h"
-#undef TK_KIND_PAD
-#undef TK_KIND_PROMPT
-#undef TK_KIND_RESPONSE
-#undef TK_KIND_IMAGE
-_Static_assert((int)TK_SHARD_KIND_PAD_ == (int)TK_KIND_PAD && (int)TK_SHARD_KIND_PROMPT_ == (int)TK_KIND_PROMPT &&
-                   (int)TK_SHARD_KIND_RESPONSE_ == (int)TK_KIND_RESPONSE &&
-                   (int)TK_SHARD_KIND_IMAGE_ == (int)TK_KIND_IMAGE,
-               "shard.h and template.h token kinds agree");
 _Static_assert(TK_SHARD_LABEL_IGNORE == TK_IGNORE_INDEX, "ignored label");
 
 #include <cJSON.h>

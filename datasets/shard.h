@@ -36,8 +36,8 @@
 #define TK_SHARD_VERSION 1
 #define TK_SHARD_LABEL_IGNORE (-100)
 
-/* Per-token kinds. */
-enum { TK_KIND_PAD = 0, TK_KIND_PROMPT = 1, TK_KIND_RESPONSE = 2, TK_KIND_IMAGE = 3 };
+/* Per-token kinds (one byte each in a record): TK_KIND_PAD / PROMPT / RESPONSE / IMAGE. */
+#include "../src/token_kind.h"
 
 /* Image payload kinds. */
 enum { TK_IMAGE_ENCODED = 1, TK_IMAGE_F16_FEATURES = 2 };

@@ -23,16 +23,7 @@
 #include "text/template.h"
 #include "text/tokenizer.h"
 #include "vision/image.h"
-/* shard.h and template.h both declare the token kinds (same values): rename shard.h's copies. */
-#define TK_KIND_PAD TK_SHARD_KIND_PAD_
-#define TK_KIND_PROMPT TK_SHARD_KIND_PROMPT_
-#define TK_KIND_RESPONSE TK_SHARD_KIND_RESPONSE_
-#define TK_KIND_IMAGE TK_SHARD_KIND_IMAGE_
 #include "datasets/shard.h"
-#undef TK_KIND_PAD
-#undef TK_KIND_PROMPT
-#undef TK_KIND_RESPONSE
-#undef TK_KIND_IMAGE
 
 #include <cJSON.h>
 #include <stdarg.h>

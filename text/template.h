@@ -95,12 +95,7 @@
 #define TK_IGNORE_INDEX (-100)  /* labels: position not trained (Hugging Face / PyTorch convention) */
 #define TK_IMAGE_TOKEN_ID (-200) /* input_ids placeholder of one image position (LLaVA's IMAGE_TOKEN_INDEX) */
 
-typedef enum {
-    TK_KIND_PAD = 0,      /* padding added by tk_example_pad / batching */
-    TK_KIND_PROMPT = 1,   /* BOS, system, user turns, separators */
-    TK_KIND_RESPONSE = 2, /* assistant turns and the EOS that ends them */
-    TK_KIND_IMAGE = 3,    /* image placeholder positions (reserved for the vision path) */
-} tk_kind;
+#include "../src/token_kind.h" /* tk_kind: TK_KIND_PAD / PROMPT / RESPONSE / IMAGE */
 
 /* "pad", "prompt", "response", "image" ("?" otherwise). */
 const char *tk_kind_name(int kind);

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 struct tk_gatelog {
     FILE *gates, *train, *tokens;
@@ -38,6 +39,7 @@ struct tk_gatelog {
     size_t line_n, line_cap;
     int line_oom;
     double secs;                    /* time spent in the recorder */
+    int finished;
 };
 
 static const char *const kind_names[TK_GATELOG_NKIND] = {"prompt", "response", "image", "other"};
@@ -80,22 +82,56 @@ int tk_gatelog_bin(float r) {
 
 double tk_gatelog_bin_lo(int j) { return j <= 0 ? 0.0 : j >= TK_GATELOG_NBIN ? INFINITY : bin_lo[j]; }
 
+/* Logs are written as NAME.part while the run goes on and renamed to NAME by tk_gatelog_finish, so a
+ * run that fails leaves the logs of an earlier run in the directory untouched. With append (a resumed
+ * run), NAME.part continues where it stopped, or starts as a copy of NAME. */
 static FILE *open_log(tk_gatelog *g, const char *name, int *fresh, tk_err *err) {
-    char path[4200];
-    if (tk_pathf(path, sizeof path, err, "%s/%s", g->dir, name)) return NULL;
-    FILE *f = NULL;
+    char path[4200], final[4200];
+    if (tk_pathf(path, sizeof path, err, "%s/%s.part", g->dir, name) ||
+        tk_pathf(final, sizeof final, err, "%s/%s", g->dir, name))
+        return NULL;
     *fresh = 1;
     if (g->o.append) {
-        f = fopen(path, "r");
-        if (f) {
-            fseek(f, 0, SEEK_END);
-            *fresh = ftell(f) <= 0;
-            fclose(f);
+        struct stat st;
+        if (stat(path, &st) == 0 && st.st_size > 0) {
+            *fresh = 0;
+        } else if (stat(final, &st) == 0 && st.st_size > 0) {
+            size_t len;
+            char *text = tk_read_file(final, &len, err);
+            if (!text) return NULL;
+            FILE *f = fopen(path, "w");
+            int ok = f && fwrite(text, 1, len, f) == len;
+            if (f && fclose(f) != 0) ok = 0;
+            free(text);
+            if (!ok) {
+                tk_fail(err, "%s: cannot write: %s", path, strerror(errno));
+                return NULL;
+            }
+            *fresh = 0;
         }
     }
-    f = fopen(path, g->o.append ? "a" : "w");
+    FILE *f = fopen(path, *fresh ? "w" : "a");
     if (!f) tk_fail(err, "%s: cannot open for writing: %s", path, strerror(errno));
     return f;
+}
+
+static const char *const log_names[3] = {"gates.jsonl", "train_log.jsonl", "tokens.jsonl"};
+
+int tk_gatelog_finish(tk_gatelog *g, tk_err *err) {
+    FILE **fs[3] = {&g->gates, &g->train, &g->tokens};
+    int rc = 0;
+    for (int i = 0; i < 3; i++) {
+        if (!*fs[i]) continue;
+        int bad_close = fclose(*fs[i]) != 0;
+        *fs[i] = NULL;
+        char from[4200], to[4200];
+        snprintf(from, sizeof from, "%s/%s.part", g->dir, log_names[i]);
+        snprintf(to, sizeof to, "%s/%s", g->dir, log_names[i]);
+        if (rc == 0 && (bad_close || rename(from, to) != 0))
+            rc = tk_fail(err, "%s: cannot finish the log: %s", to, strerror(errno));
+    }
+    g->finished = rc == 0;
+    return rc;
 }
 
 /* The step line is built in memory and written with one fwrite (fprintf per number cost ~10x more,
@@ -254,15 +290,22 @@ tk_gatelog *tk_gatelog_open(const char *run_dir, const tk_llama *m, const tk_gat
     }
     return g;
 fail:
-    tk_gatelog_close(g);
+    tk_gatelog_close(g, 0);
     return NULL;
 }
 
-void tk_gatelog_close(tk_gatelog *g) {
+void tk_gatelog_close(tk_gatelog *g, int keep_partial) {
     if (!g) return;
-    if (g->gates) fclose(g->gates);
-    if (g->train) fclose(g->train);
-    if (g->tokens) fclose(g->tokens);
+    FILE *fs[3] = {g->gates, g->train, g->tokens};
+    for (int i = 0; i < 3; i++) {
+        if (!fs[i]) continue;
+        fclose(fs[i]);
+        if (!keep_partial) {
+            char path[4200];
+            snprintf(path, sizeof path, "%s/%s.part", g->dir, log_names[i]);
+            remove(path);
+        }
+    }
     free(g->layer);
     free(g->proj);
     free(g->kept);

@@ -9,7 +9,13 @@
  *       tk_gatelog_batch(g, m, acts, B, T, step, &err);   // S_i, r_i, kinds of the micro-batch
  *   per optimizer step, after the threshold update:
  *       tk_gatelog_step(g, m, &(tk_gatelog_step_info){step, loss, lr, gnorm, tokens, secs}, &err);
- *   tk_gatelog_close(g);                                      // accepts NULL
+ *   at the end of a successful run:  tk_gatelog_finish(g, &err);   // NAME.part -> NAME
+ *   tk_gatelog_close(g, keep_partial);                        // accepts NULL
+ *
+ * While the run goes on the logs are RUN_DIR/NAME.part (flushed per line), renamed to NAME by
+ * tk_gatelog_finish: a failed run never replaces an earlier run's logs. tk_gatelog_close removes
+ * unfinished .part files unless keep_partial (a run stopped by a signal after saving a checkpoint:
+ * its resumption continues them).
  *
  * What is recorded per adapted module and step: the threshold tau that was applied in the step (the
  * one that decided S_i), lambda (with a target keep ratio), kept and seen token counts split by token
@@ -50,7 +56,7 @@ typedef struct {
 
 typedef struct tk_gatelog tk_gatelog;
 
-/* Creates (or, with append, continues) run_dir/{gates,train_log,tokens}.jsonl. run_dir must exist.
+/* Creates (or, with append, continues) run_dir/{gates,train_log,tokens}.jsonl(.part). run_dir must exist.
  * The module list is every adapted module of m in (layer, projection) order. */
 tk_gatelog *tk_gatelog_open(const char *run_dir, const tk_llama *m, const tk_gatelog_opts *o, tk_err *err);
 /* Accumulates one micro-batch [B,T] of the step (a new step number starts new counts). Writes the
@@ -59,7 +65,9 @@ int tk_gatelog_batch(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, s
                      tk_err *err);
 /* Writes the step's lines (gates.jsonl only when the model has adapted modules) and starts new counts. */
 int tk_gatelog_step(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_info *s, tk_err *err);
-void tk_gatelog_close(tk_gatelog *g);
+/* Closes the logs and renames NAME.part to NAME. */
+int tk_gatelog_finish(tk_gatelog *g, tk_err *err);
+void tk_gatelog_close(tk_gatelog *g, int keep_partial);
 /* Wall time spent inside the recorder so far (its cost, reported by the trainer). */
 double tk_gatelog_seconds(const tk_gatelog *g);
 

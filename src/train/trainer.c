@@ -593,12 +593,13 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             s += tk_llama_loss(m, acts, b->labels, b->B, b->T, 0.0f, NULL);
         }
         if (save_outputs(o, m, s / (double)sb.targets, &st, err)) goto done;
+        if (glog && tk_gatelog_finish(glog, err)) goto done;
         if (!quiet) fprintf(stderr, "tspeft train: adapter written to %s\n", o->out_dir);
     }
     rc = 0;
 done:
     install_signal_handlers(0);
-    tk_gatelog_close(glog);
+    tk_gatelog_close(glog, rc > 128); /* a signal stop keeps the partial logs for --resume */
     cJSON_Delete(config);
     dump_free(&dump);
     tk_llama_acts_free(m, acts);

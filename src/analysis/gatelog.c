@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 struct tk_gatelog {
     FILE *gates, *train, *tokens;
@@ -122,7 +123,9 @@ int tk_gatelog_finish(tk_gatelog *g, tk_err *err) {
     int rc = 0;
     for (int i = 0; i < 3; i++) {
         if (!*fs[i]) continue;
-        int bad_close = fclose(*fs[i]) != 0;
+        /* durable before the rename (a crash must not leave a renamed but empty log) */
+        int bad_close = fflush(*fs[i]) != 0 || fsync(fileno(*fs[i])) != 0;
+        bad_close |= fclose(*fs[i]) != 0;
         *fs[i] = NULL;
         char from[4200], to[4200];
         snprintf(from, sizeof from, "%s/%s.part", g->dir, log_names[i]);

@@ -170,3 +170,115 @@ def corpus_llava(rng, bit_flips, text_truncations):
     c["any_unknown_keys.json"] = one(rec(turns(("<image>", "a")), model="x", extra={"a": [1]}))
     c["any_value_nul_escape.json"] = one(rec(turns(("<image> first\u0000dropped", "a"))))
     return c
+
+
+# ---- LLM-Adapters / Alpaca instruction data (fuzz_instruct.c) -----------------------------------------
+
+INSTR = [{"instruction": "Please answer the following question with true or false.\n\nQuestion: is water wet?",
+          "input": "", "output": "the correct answer is true", "answer": "true"},
+         {"instruction": "Solve: 2 + 3 = ?", "input": "", "output": "5", "answer": 5},
+         {"instruction": "Translate", "input": "caf\u00e9", "output": "coffee shop"}]
+
+
+def jsonl(rows):
+    return b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in rows)
+
+
+def corpus_instruct(rng, bit_flips, text_truncations):
+    good = js(INSTR)
+    lines = jsonl(INSTR)
+
+    def one(r):
+        return js(INSTR + [r])
+
+    c = {
+        "ok_array.json": good,
+        "ok_jsonl.json": lines,
+        "ok_jsonl_blank_lines_crlf.json": b"\r\n" + lines.replace(b"\n", b"\r\n") + b"\r\n\r\n",
+        "ok_eval_set_no_output.json": js([{"instruction": "q?", "answer": "A"}]),
+        "ok_extra_fields.json": one({"instruction": "x", "output": "y", "meta": {"a": [1]}}),
+        "ok_leading_spaces.json": b"  \n\t" + good,
+        "ok_answer_float.json": one({"instruction": "x", "output": "y", "answer": 2.5}),
+    }
+    c.update(text_truncations(good, 4, rng, "json"))
+    c.update({
+        "empty_file.json": b"",
+        "only_spaces.json": b" \n\t \n",
+        "empty_array.json": b"[]",
+        "not_json.json": b"instruction: hi\n",
+        "top_level_object.json": js(INSTR[0]),
+        "array_then_garbage.json": good + b"x",
+        "two_arrays.json": good + good,
+        "deep_nesting_3000.json": b"[" * 3000 + b"]" * 3000,
+        "record_not_object.json": one(["instruction", "x"]),
+        "instruction_missing.json": one({"input": "", "output": "y"}),
+        "instruction_number.json": one({"instruction": 3, "output": "y"}),
+        "instruction_null.json": one({"instruction": None, "output": "y"}),
+        "output_missing_no_answer.json": one({"instruction": "x"}),
+        "output_list.json": one({"instruction": "x", "output": ["y"]}),
+        "input_object.json": one({"instruction": "x", "input": {}, "output": "y"}),
+        "answer_bool.json": one({"instruction": "x", "output": "y", "answer": True}),
+        # lenient today: cJSON does not validate UTF-8 inside strings
+        "any_invalid_utf8.json": good[:-3] + b', {"instruction": "\xff\xfe", "output": "y"}]\n',
+        "jsonl_bad_line_3.json": lines + b'{"instruction": "x", "output": }\n',
+        "jsonl_line_is_array.json": lines + b"[1, 2]\n",
+        "jsonl_two_objects_one_line.json": lines + b'{"instruction": "a", "output": "b"} {"instruction": "c", "output": "d"}\n',
+    })
+    return c
+
+
+# ---- GLUE TSV (fuzz_glue.c: returned status is RTE's; every other task is tried too) ----------------
+
+def tsv(rows):
+    return b"".join(("\t".join(r) + "\n").encode() for r in rows)
+
+
+RTE = [["index", "sentence1", "sentence2", "label"],
+       ["0", "A cat sleeps on the mat.", "An animal is sleeping.", "entailment"],
+       ["1", "It rains.", "The sun is out.", "not_entailment"],
+       ["2", "Caf\u00e9s open early.", "Some caf\u00e9s open.", "entailment"]]
+
+
+def corpus_glue(rng, bit_flips, text_truncations):
+    good = tsv(RTE)
+
+    def row(*r):
+        return tsv(RTE + [list(r)])
+
+    c = {
+        "ok_rte_dev.tsv": good,
+        "ok_rte_test_unlabeled.tsv": tsv([r[:3] for r in RTE]),
+        "ok_rte_crlf_bom.tsv": b"\xef\xbb\xbf" + good.replace(b"\n", b"\r\n"),
+        "ok_rte_no_final_newline.tsv": good.rstrip(b"\n"),
+        "ok_rte_blank_lines.tsv": good.replace(b"\n", b"\n\n"),
+        "ok_rte_columns_reordered.tsv": tsv([[r[3], r[0], r[2], r[1]] for r in RTE]),
+        # other tasks' formats: RTE refuses them (no sentence1/label header) while the target's second
+        # pass loads them as cola, sst2, stsb and mnli
+        "any_cola_no_header.tsv": tsv([["gj04", "1", "", "The cat sleeps."], ["gj04", "0", "*", "Cat the sleeps."]]),
+        "any_sst2.tsv": tsv([["sentence", "label"], ["a fine film", "1"], ["dull", "0"]]),
+        "any_stsb.tsv": tsv([["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
+                              "sentence2", "score"], ["0", "main", "x", "2012", "1", "n", "n", "A man.", "A person.", "3.8"]]),
+        "any_stsb_score_out_of_range.tsv": tsv([["sentence1", "sentence2", "score"], ["a", "b", "7.5"], ["a", "b", "nan"]]),
+        "any_mnli.tsv": tsv([["index", "sentence1", "sentence2", "gold_label"], ["0", "a", "b", "neutral"]]),
+    }
+    c.update(text_truncations(good, 3, rng, "tsv",
+                              ok_cut=lambda k: good[k - 1:k] != b"\n" and good[k:k + 1] != b"\n"))
+    c.update({
+        "empty_file.tsv": b"",
+        "header_only.tsv": tsv(RTE[:1]),
+        "blank_lines_only.tsv": b"\n\r\n\n",
+        # lenient today: a file without the label column is a test split (label -1), so a misnamed
+        # label column ("gold") silently makes a labelled file unlabelled; text is not checked for UTF-8
+        "any_label_column_misnamed.tsv": tsv([["index", "sentence1", "sentence2", "gold"]] + RTE[1:]),
+        "missing_sentence2_column.tsv": tsv([["index", "sentence1", "label"], ["0", "a", "entailment"]]),
+        "label_unknown.tsv": row("3", "a", "b", "neutral"),
+        "label_case.tsv": row("3", "a", "b", "Entailment"),
+        "label_empty.tsv": row("3", "a", "b", ""),
+        "too_few_fields.tsv": row("3", "a", "b"),
+        "too_many_fields.tsv": row("3", "a", "b", "entailment", "extra"),
+        "seventy_columns.tsv": tsv([["c%d" % i for i in range(70)]]),
+        "nul_byte.tsv": good + b"4\ta\x00b\tc\tentailment\n",
+        "binary_garbage.tsv": bytes(range(1, 256)) * 4,
+        "any_invalid_utf8.tsv": row("3", "a\xff", "b", "entailment").replace("a\xff".encode(), b"a\xff\xfe"),
+    })
+    return c

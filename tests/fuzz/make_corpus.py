@@ -20,7 +20,8 @@ Inputs that crash today and are not fixed yet stay out of the corpus: --pending 
 
 Binary targets have their generators beside this script: corpus_shard.py (zstd record shards),
 corpus_tokenizer.py (sentencepiece models, trained by spm_train), corpus_image.py (JPEG, PNG, BMP,
-GIF, PNM), corpus_convert.py (the converters' inputs: Fashion-MNIST idx files, LLaVA JSON).
+GIF, PNM), corpus_convert.py (the converters' inputs: Fashion-MNIST idx files, LLaVA JSON, LLM-Adapters /
+Alpaca JSON, GLUE TSV).
 
 Needs Debian's python3, numpy, python3-sentencepiece and the spm_train CLI (package sentencepiece).
 """
@@ -804,12 +805,15 @@ TARGETS = {
     "fmnist_images": lambda rng: corpus_convert.corpus_fmnist_images(rng, bit_flips, corpus_shard.cut),
     "fmnist_labels": lambda rng: corpus_convert.corpus_fmnist_labels(rng, bit_flips, corpus_shard.cut),
     "llava": lambda rng: corpus_convert.corpus_llava(rng, bit_flips, text_truncations),
+    "instruct": lambda rng: corpus_convert.corpus_instruct(rng, bit_flips, text_truncations),
+    "glue": lambda rng: corpus_convert.corpus_glue(rng, bit_flips, text_truncations),
 }
 
 # Each target's random seed, fixed by name (adding a target must not regenerate the others' files).
 SEEDS = {t: 1000 + i for i, t in enumerate(sorted(["safetensors", "st_index", "llama_config", "llama_open",
                                                    "peft_config", "adapter", "jsonl", "args_config"]))}
-SEEDS.update(shard=2001, tokenizer=2002, image=2003, fmnist_images=2004, fmnist_labels=2005, llava=2006)
+SEEDS.update(shard=2001, tokenizer=2002, image=2003, fmnist_images=2004, fmnist_labels=2005, llava=2006,
+             instruct=2007, glue=2008)
 
 MAX_FILES, MAX_BYTES = 96, 300 * 1024
 

@@ -111,23 +111,6 @@ static int idx_header(idx_file *x, uint32_t ndim, uint32_t *dims, tk_err *err) {
     return 0;
 }
 
-static int mkdir_p(const char *path, tk_err *err) {
-    char buf[4096];
-    if (tk_pathf(buf, sizeof buf, err, "%s", path) != 0) return -1;
-    for (char *p = buf + 1;; p++) {
-        if (*p == '/' || *p == '\0') {
-            char c = *p;
-            *p = '\0';
-            if (mkdir(buf, 0777) != 0 && errno != EEXIST) return tk_fail(err, "%s: cannot create directory: %s", buf, strerror(errno));
-            struct stat sb;
-            if (stat(buf, &sb) != 0 || !S_ISDIR(sb.st_mode)) return tk_fail(err, "%s: exists and is not a directory", buf);
-            *p = c;
-            if (c == '\0') break;
-        }
-    }
-    return 0;
-}
-
 /* Plain write (no fsync: tens of thousands of small files; the JSON, written last, is the commit). */
 static int write_plain(const char *path, const void *data, size_t len, tk_err *err) {
     FILE *f = fopen(path, "wb");
@@ -191,8 +174,8 @@ int tk_convert_fashion_mnist(const tk_fmnist_opts *o, tk_fmnist_stats *st, tk_er
     size_t npix = s.rows * s.cols;
 
     char dir[4096];
-    if (mkdir_p(o->out_dir, err) != 0) goto done;
-    if (tk_pathf(dir, sizeof dir, err, "%s/images", o->out_dir) != 0 || mkdir_p(dir, err) != 0) goto done;
+    if (tk_mkdir_p(o->out_dir, err) != 0) goto done;
+    if (tk_pathf(dir, sizeof dir, err, "%s/images", o->out_dir) != 0 || tk_mkdir_p(dir, err) != 0) goto done;
 
     labels = malloc(n);
     pix = malloc(npix);

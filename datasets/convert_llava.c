@@ -101,25 +101,6 @@ static int ends_with(const char *s, const char *suffix) {
     return n >= m && strcmp(s + n - m, suffix) == 0;
 }
 
-static int mkdir_parent(const char *path, tk_err *err) {
-    char buf[4096];
-    if (tk_pathf(buf, sizeof buf, err, "%s", path) != 0) return -1;
-    char *slash = strrchr(buf, '/');
-    if (!slash || slash == buf) return 0;
-    *slash = '\0';
-    for (char *p = buf + 1;; p++) {
-        if (*p == '/' || *p == '\0') {
-            char c = *p;
-            *p = '\0';
-            if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-                return tk_fail(err, "%s: cannot create directory: %s", buf, strerror(errno));
-            *p = c;
-            if (c == '\0') break;
-        }
-    }
-    return 0;
-}
-
 typedef struct {
     const tk_llava_convert_opts *o;
     tk_shard_writer *w;
@@ -422,7 +403,7 @@ int tk_convert_llava(const tk_llava_convert_opts *o, tk_llava_convert_stats *st,
     so.wopts.vocab_size = (uint32_t)tk_tok_vocab_size(tok);
     scratch sc;
     memset(&sc, 0, sizeof sc);
-    int rc = mkdir_parent(o->out, err);
+    int rc = tk_mkdir_parent(o->out, err);
     s.records = (size_t)cJSON_GetArraySize(root);
     size_t every = o->progress_every ? o->progress_every : 1000, ri = 0;
     const cJSON *rec;

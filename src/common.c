@@ -220,3 +220,31 @@ int tk_pathf(char *out, size_t n, tk_err *err, const char *fmt, ...) {
     if (k < 0 || (size_t)k >= n) return tk_fail(err, "path too long: %.200s...", out);
     return 0;
 }
+
+int tk_mkdir_p(const char *dir, tk_err *err) {
+    char buf[4096];
+    if (tk_pathf(buf, sizeof buf, err, "%s", dir) != 0) return -1;
+    if (!buf[0]) return 0;
+    for (char *p = buf + 1;; p++) {
+        if (*p == '/' || *p == '\0') {
+            char c = *p;
+            *p = '\0';
+            if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+                return tk_fail(err, "%s: cannot create directory: %s", buf, strerror(errno));
+            struct stat sb;
+            if (stat(buf, &sb) != 0 || !S_ISDIR(sb.st_mode)) return tk_fail(err, "%s: exists and is not a directory", buf);
+            *p = c;
+            if (c == '\0') break;
+        }
+    }
+    return 0;
+}
+
+int tk_mkdir_parent(const char *path, tk_err *err) {
+    char buf[4096];
+    if (tk_pathf(buf, sizeof buf, err, "%s", path) != 0) return -1;
+    char *slash = strrchr(buf, '/');
+    if (!slash || slash == buf) return 0;
+    *slash = '\0';
+    return tk_mkdir_p(buf, err);
+}

@@ -55,6 +55,10 @@ int tk_set_threads(int t);
 
 /* Reads a whole file into a NUL-terminated buffer; NULL with err set on failure. Caller frees. */
 char *tk_read_file(const char *path, size_t *len, tk_err *err);
+/* mkdir -p dir (each existing component must be a directory). */
+int tk_mkdir_p(const char *dir, tk_err *err);
+/* mkdir -p of the directory part of path (nothing when path has none). */
+int tk_mkdir_parent(const char *path, tk_err *err);
 
 /* Writes len bytes to path atomically: path.tmp.<pid>, fsync, rename. An existing file at path is
  * left untouched on failure. */

@@ -129,3 +129,25 @@ int tk_opt_seen(const tk_opt *opts, int n, const char *name) {
         if (strcmp(opts[i].name, name) == 0) return opts[i].seen;
     return 0;
 }
+
+int tk_args_collect(const tk_opt *opts, int n_opts, int argc, char **argv, const char *name, const char **out,
+                    int cap, tk_err *err) {
+    size_t nl = strlen(name);
+    int n = 0;
+    for (int i = 0; i < argc; i++) {
+        const char *v = NULL, *a = argv[i];
+        if (strncmp(a, "--", 2) != 0) continue;
+        if (strncmp(a + 2, name, nl) == 0 && a[2 + nl] == '=') {
+            v = a + 3 + nl;
+        } else if (strcmp(a + 2, name) == 0) {
+            if (i + 1 < argc) v = argv[++i];
+        } else if (!strchr(a, '=') && i + 1 < argc) {
+            for (int j = 0; j < n_opts; j++) /* skip the value of another valued option */
+                if (strcmp(opts[j].name, a + 2) == 0 && opts[j].type != TK_OPT_FLAG) i++;
+        }
+        if (!v) continue;
+        if (n == cap) return tk_fail(err, "more than %d --%s values", cap, name);
+        out[n++] = v;
+    }
+    return n;
+}

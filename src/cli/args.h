@@ -28,5 +28,10 @@ int tk_args_parse(tk_opt *opts, int n_opts, int argc, char **argv, const char *u
 int tk_args_apply_config(tk_opt *opts, int n_opts, const char *path, void **json_out, tk_err *err);
 void tk_args_help(const tk_opt *opts, int n_opts, const char *usage);
 int tk_opt_seen(const tk_opt *opts, int n_opts, const char *name);
+/* Every value of a repeatable option `name` on the command line (the parser keeps only the last),
+ * in order, into out[0..cap); returns the count, or -1 (err set) when there are more than cap. The
+ * values of other valued options are skipped (so "--out --input" is not mistaken for an input). */
+int tk_args_collect(const tk_opt *opts, int n_opts, int argc, char **argv, const char *name, const char **out,
+                    int cap, tk_err *err);
 
 #endif

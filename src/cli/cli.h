@@ -3,6 +3,7 @@
 #ifndef TK_CLI_H
 #define TK_CLI_H
 
+int tk_cmd_convert(int argc, char **argv);
 int tk_cmd_train(int argc, char **argv);
 /* train on one rank of a data-parallel job (src/train/dist.h); dist NULL = tk_cmd_train */
 struct tk_dist;

@@ -6,15 +6,6 @@
 
 #include <stdio.h>
 
-#ifndef TK_EVAL_HAVE_DATASETS
-/* datasets/instruct.h, csr_tasks.h or glue.h is missing (src/eval/eval.h): nothing to read data with. */
-int tk_cmd_eval(int argc, char **argv) {
-    (void)argc;
-    (void)argv;
-    fprintf(stderr, "tspeft eval: this build has no dataset readers (datasets/instruct.h, csr_tasks.h, glue.h)\n");
-    return 1;
-}
-#else
 
 #include "../../datasets/csr_tasks.h"
 #include "../../datasets/glue.h"
@@ -296,4 +287,3 @@ done:
     return status;
 }
 
-#endif /* TK_EVAL_HAVE_DATASETS */

@@ -108,22 +108,11 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     }
     /* --data may be repeated (the parser keeps the last): collect every one given on the command
      * line; a --config "data" key counts only when the command line has none */
-    for (int i = 0; i < argc; i++) {
-        const char *v = NULL;
-        if (strcmp(argv[i], "--data") == 0 && i + 1 < argc) v = argv[++i];
-        else if (strncmp(argv[i], "--data=", 7) == 0) v = argv[i] + 7;
-        else if (strncmp(argv[i], "--", 2) == 0 && i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) {
-            const char *name = argv[i] + 2;
-            for (int j = 0; j < n; j++) /* skip the value of a valued option, e.g. --out --data */
-                if (strcmp(opts[j].name, name) == 0 && opts[j].type != TK_OPT_FLAG) i++;
-        }
-        if (!v) continue;
-        if (n_data == (int)(sizeof data_specs / sizeof data_specs[0])) {
-            tk_fail(&err, "more than %d --data datasets", n_data);
-            status = 2;
-            goto fail;
-        }
-        data_specs[n_data++] = v;
+    n_data = tk_args_collect(opts, n, argc, argv, "data", data_specs,
+                             (int)(sizeof data_specs / sizeof data_specs[0]), &err);
+    if (n_data < 0) {
+        status = 2;
+        goto fail;
     }
     if (n_data > 0) {
         o.data_specs = data_specs;

@@ -10,6 +10,7 @@ static const struct {
     int (*run)(int, char **);
     const char *what;
 } verbs[] = {
+    {"convert", tk_cmd_convert, "dataset files (LLM-Adapters, Alpaca, GLUE, JSONL, LLaVA, Fashion-MNIST) -> shards"},
     {"train", tk_cmd_train, "fine-tune a LLaMA with (TS-gated) LoRA, DoRA, Adapter or full tensors"},
     {"generate", tk_cmd_generate, "greedy decoding with a KV cache from token ids"},
     {"gates", tk_cmd_gates, "where the TS-PEFT gates opened in a run: tables, JSON/CSV, SVG pictures"},

@@ -1,7 +1,6 @@
 /* csr.c: see csr.h. */
 #include "csr.h"
 
-#ifdef TK_EVAL_HAVE_DATASETS
 
 #include "../../datasets/instruct.h"
 #include "answer.h"
@@ -268,6 +267,3 @@ done:
     return rc;
 }
 
-#else
-typedef int tk_eval_csr_unavailable; /* datasets/ readers not there yet (eval.h) */
-#endif

@@ -28,12 +28,10 @@
 #define TK_EVAL_CSR_H
 
 #include "eval.h"
-#ifdef TK_EVAL_HAVE_DATASETS
 #include "../../datasets/csr_tasks.h"
 
 int tk_eval_csr(const tk_eval_ctx *ctx, const tk_csr_task *task, const char *path, tk_eval_result *res,
                 tk_strbuf *samples, tk_err *err);
 
-#endif /* TK_EVAL_HAVE_DATASETS */
 
 #endif

@@ -22,16 +22,6 @@
 
 #include <stddef.h>
 
-/* The readers of the benchmark files (datasets/instruct.h, datasets/csr_tasks.h, datasets/glue.h)
- * come with `tspeft convert`. Until all three exist, src/eval/csr.c, nlu.c and the eval verb build
- * as stubs that refuse to run (TK_EVAL_HAVE_DATASETS undefined). */
-#if defined(__has_include)
-#if __has_include("../../datasets/instruct.h") && __has_include("../../datasets/csr_tasks.h") && \
-    __has_include("../../datasets/glue.h")
-#define TK_EVAL_HAVE_DATASETS 1
-#endif
-#endif
-
 /* A growable byte buffer (always NUL-terminated after the first append). */
 typedef struct {
     char *buf;

@@ -1,7 +1,6 @@
 /* nlu.c: see nlu.h. */
 #include "nlu.h"
 
-#ifdef TK_EVAL_HAVE_DATASETS
 
 #include "metrics.h"
 #include "prompt.h"
@@ -233,6 +232,3 @@ done:
     return rc;
 }
 
-#else
-typedef int tk_eval_nlu_unavailable; /* datasets/ readers not there yet (eval.h) */
-#endif

@@ -23,12 +23,10 @@
 #define TK_EVAL_NLU_H
 
 #include "eval.h"
-#ifdef TK_EVAL_HAVE_DATASETS
 #include "../../datasets/glue.h"
 
 int tk_eval_glue(const tk_eval_ctx *ctx, const tk_glue_task *task, const char *path, tk_eval_result *res,
                  tk_strbuf *samples, tk_err *err);
 
-#endif /* TK_EVAL_HAVE_DATASETS */
 
 #endif

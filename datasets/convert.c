@@ -1,0 +1,125 @@
+/* convert.c: the format table of `tspeft convert` and the shard sink (see convert.h). */
+#include "convert.h"
+
+#include "convert_fashion_mnist.h"
+#include "convert_llava.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+int tk_convert_llm_adapters(const tk_convert_opts *o, tk_convert_stats *st, tk_err *err);
+int tk_convert_alpaca(const tk_convert_opts *o, tk_convert_stats *st, tk_err *err);
+int tk_convert_glue(const tk_convert_opts *o, tk_convert_stats *st, tk_err *err);
+int tk_convert_jsonl(const tk_convert_opts *o, tk_convert_stats *st, tk_err *err);
+
+static int one_input(const tk_convert_opts *o, const char *fmt, tk_err *err) {
+    if (o->n_inputs != 1) return tk_fail(err, "--format %s takes exactly one --input", fmt);
+    return 0;
+}
+
+static int run_fashion_mnist(const tk_convert_opts *o, tk_convert_stats *st, tk_err *err) {
+    if (one_input(o, "fashion-mnist", err)) return -1;
+    tk_fmnist_opts f = {.input_dir = o->inputs[0], .out_dir = o->out, .split = o->split, .limit = o->limit,
+                        .progress = o->progress, .progress_ctx = o->progress_ctx};
+    tk_fmnist_stats fs;
+    if (tk_convert_fashion_mnist(&f, &fs, err)) return -1;
+    st->records = fs.available;
+    st->written = st->images = fs.items;
+    return 0;
+}
+
+static int run_llava(const tk_convert_opts *o, tk_convert_stats *st, tk_err *err) {
+    if (one_input(o, "llava", err)) return -1;
+    if (!o->tokenizer) return tk_fail(err, "--format llava needs --tokenizer");
+    if (o->image_tokens == 0) return tk_fail(err, "--format llava needs --image-tokens N (the encoder's features per image)");
+    if (o->drop_long) return tk_fail(err, "--format llava: --overflow drop is not supported (records are truncated)");
+    tk_llava_convert_opts l = {.input = o->inputs[0], .image_folder = o->image_folder, .tokenizer = o->tokenizer,
+                               .image_tokens = o->image_tokens, .out = o->out, .template_name = o->template_name,
+                               .max_len = o->max_len, .skip_bad_images = o->skip_bad_images,
+                               .progress = o->progress, .progress_ctx = o->progress_ctx};
+    tk_llava_convert_stats ls;
+    if (tk_convert_llava(&l, &ls, err)) return -1;
+    st->records = ls.records;
+    st->written = ls.written;
+    st->truncated = ls.truncated;
+    st->no_target = ls.no_target;
+    st->shards = ls.shards;
+    st->tokens = ls.tokens;
+    st->images = ls.with_image;
+    return 0;
+}
+
+static const tk_convert_format FORMATS[] = {
+    {"llm-adapters", "LLM-Adapters JSON (instruction/input/output/answer): CSR tasks, commonsense_170k, math", tk_convert_llm_adapters},
+    {"alpaca", "Alpaca JSON or JSONL (instruction/input/output)", tk_convert_alpaca},
+    {"glue", "a GLUE task's TSV file (--task cola|sst2|mrpc|qqp|stsb|mnli_m|mnli_mm|qnli|rte|wnli)", tk_convert_glue},
+    {"jsonl", "pre-tokenized JSONL (input_ids, labels, attention_mask)", tk_convert_jsonl},
+    {"fashion-mnist", "Fashion-MNIST idx directory -> PNG images + LLaVA JSON in --out", run_fashion_mnist},
+    {"llava", "LLaVA conversation JSON + --image-folder -> shards with image payloads", run_llava},
+};
+
+const tk_convert_format *tk_convert_formats(size_t *n) {
+    *n = sizeof FORMATS / sizeof FORMATS[0];
+    return FORMATS;
+}
+
+const tk_convert_format *tk_convert_format_find(const char *name) {
+    for (size_t i = 0; name && i < sizeof FORMATS / sizeof FORMATS[0]; i++)
+        if (strcmp(name, FORMATS[i].name) == 0) return &FORMATS[i];
+    return NULL;
+}
+
+/* ---- shard sink ---- */
+
+static int ends_with(const char *s, const char *suf) {
+    size_t a = strlen(s), b = strlen(suf);
+    return a >= b && strcmp(s + a - b, suf) == 0;
+}
+
+void tk_shard_sink_init(tk_shard_sink *s, const char *out, size_t per_shard, uint32_t vocab_size,
+                        tk_convert_stats *st) {
+    memset(s, 0, sizeof *s);
+    s->out = out;
+    s->per_shard = per_shard ? per_shard : TK_CONVERT_DEFAULT_RECORDS_PER_SHARD;
+    s->vocab_size = vocab_size;
+    s->st = st;
+}
+
+static int finish_current(tk_shard_sink *s, tk_err *err) {
+    if (!s->w) return 0;
+    tk_shard_stats fs;
+    int rc = tk_shard_writer_close(s->w, &fs, err);
+    s->w = NULL;
+    if (rc) return -1;
+    tk_shard_stats_add(&s->st->bytes, &fs);
+    s->st->shards++;
+    return 0;
+}
+
+int tk_shard_sink_add(tk_shard_sink *s, const tk_shard_record *rec, tk_err *err) {
+    int single = ends_with(s->out, ".shard");
+    if (s->w && !single && s->in_current >= s->per_shard && finish_current(s, err)) return -1;
+    if (!s->w) {
+        char path[4200];
+        if (single) snprintf(path, sizeof path, "%s", s->out);
+        else if (tk_pathf(path, sizeof path, err, "%s-%05zu.shard", s->out, s->index)) return -1;
+        if (s->index == 0 && tk_mkdir_parent(path, err)) return -1;
+        tk_shard_writer_opts wo = {.vocab_size = s->vocab_size};
+        if (!(s->w = tk_shard_writer_open(path, &wo, err))) return -1;
+        s->index++;
+        s->in_current = 0;
+    }
+    if (tk_shard_writer_add(s->w, rec, err)) return -1;
+    s->in_current++;
+    s->st->written++;
+    s->st->tokens += rec->n_tokens;
+    return 0;
+}
+
+int tk_shard_sink_close(tk_shard_sink *s, tk_err *err) { return finish_current(s, err); }
+
+void tk_shard_sink_abort(tk_shard_sink *s) {
+    tk_shard_writer_abort(s->w);
+    s->w = NULL;
+}

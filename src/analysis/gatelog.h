@@ -24,7 +24,7 @@
  * histogram of r_i (bin 0: r < 1e-4; bin j in 1..24: [10^(-4+(j-1)/4), 10^(-4+j/4)); bin 25: r >= 100).
  * Only tokens with attention mask 1 count. The recorder reads L->S, L->rr and L->stats; it changes
  * nothing in the model. Cost: O(tokens x modules) per micro-batch plus one selection per module and
- * step (measured < 1% of a tiny model's step, docs/gates.md).
+ * step (about 1% of a tiny model's step, less on larger ones: docs/gates.md "Cost").
  *
  * Ownership: the recorder owns its files and buffers; m and acts are only read during each call.
  * Failure: -1 / NULL with err naming the file.

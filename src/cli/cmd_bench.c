@@ -135,7 +135,7 @@ int tk_cmd_bench(int argc, char **argv) {
         {"threads", TK_OPT_INT, &threads, "T", "threads (default 2)", 0},
         {"seed", TK_OPT_U64, &seed, "S", "weights seed (default 0)", 0},
         {"bf16-weights", TK_OPT_FLAG, &bf16, NULL, "keep the frozen matrices BF16 in memory", 0},
-        {"attention", TK_OPT_STR, &attention, "K", "auto | full | tiled (default auto: tiled from 256 positions)", 0},
+        {"attention", TK_OPT_STR, &attention, "K", "auto | full | tiled (default auto: tiled from 1024 positions)", 0},
         {"recompute", TK_OPT_STR, &recompute, "N", "recompute the first N layers (or all) in backward (default 0)", 0},
         {"json", TK_OPT_STR, &json_path, "FILE", "also write the figures as JSON", 0},
     };

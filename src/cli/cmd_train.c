@@ -61,7 +61,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         {"max-seq-len", TK_OPT_INT, &o.max_seq_len, "N", "truncate rows to N tokens (default: the model's)", 0},
         {"shuffle", TK_OPT_FLAG, &o.shuffle, NULL, "seeded shuffle of the rows every epoch (default: file order)", 0},
         {"bf16-weights", TK_OPT_FLAG, &o.bf16_weights, NULL, "keep BF16 base matrices BF16 in memory (half the RAM; exact)", 0},
-        {"attention", TK_OPT_STR, &attention, "K", "auto | full | tiled (no T x T matrix; auto: tiled from 256 positions)", 0},
+        {"attention", TK_OPT_STR, &attention, "K", "auto | full | tiled (no T x T matrix; auto: tiled from 1024 positions)", 0},
         {"recompute", TK_OPT_STR, &recompute, "N", "recompute the first N layers (or all) in backward: less memory, exact (default 0)", 0},
         {"threads", TK_OPT_INT, &o.threads, "T", "OpenMP and BLAS threads (default: all cores)", 0},
         {"seed", TK_OPT_U64, &o.seed, "S", "seed for adapter init, dropout and shuffling (default 42)", 0},

@@ -115,9 +115,10 @@ struct tk_llama_acts {
 
 /* Memory/speed options of the activations (docs/performance.md). */
 typedef enum { TK_ATTN_AUTO, TK_ATTN_FULL, TK_ATTN_TILED } tk_attn_mode;
-/* AUTO picks the tiled kernel from this many positions up (a full [B,H,T,T] matrix per layer grows
- * quadratically; the tiled kernel also skips the causally masked blocks). */
-#define TK_ATTN_TILED_MIN_T 256
+/* AUTO picks the tiled kernel from this many positions up: a full [B,H,T,T] matrix per layer grows
+ * quadratically, but below this the full kernel's few large sgemm calls were faster, and far more
+ * robust on a loaded machine, than the tiled kernel's many small ones (docs/performance.md). */
+#define TK_ATTN_TILED_MIN_T 1024
 typedef struct {
     tk_attn_mode attention; /* full: softmax weights [B,H,T,T] stored per layer; tiled: only [B,H,T] */
     int recompute;          /* the first N layers store only their input [B*T,C] and run their forward

@@ -203,6 +203,7 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
         float *yi = y + i * O;
         const float *mi = m + i * O;
         double nm = 0.0, nb = 0.0;
+#pragma omp simd reduction(+ : nm, nb) /* vectorised double sums (a plain loop stays scalar) */
         for (size_t o = 0; o < O; o++) {
             nm += (double)mi[o] * mi[o];
             nb += (double)yi[o] * yi[o];

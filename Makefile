@@ -50,7 +50,7 @@ clean:
 FUZZ_SECONDS ?= 60
 FUZZ_BUILD   ?= build-fuzz
 FUZZ_TARGETS ?= safetensors st_index llama_config llama_open peft_config adapter jsonl args_config shard \
-                tokenizer image fmnist_images fmnist_labels llava
+                tokenizer image fmnist_images fmnist_labels llava instruct glue
 FUZZ_PACKAGES = clang libclang-rt-14-dev
 
 .PHONY: fuzz fuzz-deps fuzz-build

@@ -18,7 +18,7 @@ Each corpus file is put where a user would put it, next to the same fixture the 
   shard                     tspeft train --model M32 --data data.shard --steps 8 --batch-size 1
                                                            (8 steps: every record of a small shard is read)
 
-Targets no CLI verb reads yet (tokenizer, image, fmnist_images, fmnist_labels, llava) show the parser's own message, from one run of
+Targets no CLI verb reads yet (tokenizer, image, the converters' inputs) show the parser's own message, from one run of
 build/tests/fuzz/replay_<target> -v over the corpus (a verb would print it after `tspeft <verb>: `),
 with the replay's status (0 accepted, 1 rejected) in the exit column.
 
@@ -167,7 +167,8 @@ VERBS = {"safetensors": "info", "llama_open": "info", "st_index": "info", "llama
 REPLAYED = {"tokenizer": "tk_tok_open, then encode/decode", "image": "tk_image_load, 2^20-pixel limit",
             "fmnist_images": "tk_convert_fashion_mnist, fixed labels file",
             "fmnist_labels": "tk_convert_fashion_mnist, fixed images file",
-            "llava": "tk_convert_llava into one shard"}
+            "llava": "tk_convert_llava into one shard",
+            "instruct": "tk_instruct_load", "glue": "tk_glue_load as RTE, the other tasks checked"}
 
 
 class Replayer:

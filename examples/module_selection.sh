@@ -6,13 +6,13 @@
 #   4. dense LoRA on the top 10/25/50% of modules by each criterion (and on 100%), exact-match
 #      evaluation on held-out prompts
 #   5. a table and one SVG plot: accuracy against the share of modules selected, per criterion
-# Usage: examples/module_selection.sh [path/to/tspeft] [run dir]      (about 2-3 minutes on 2 cores)
+# Usage: examples/module_selection.sh [path/to/tspeft] [run dir]   (about 1 minute; THREADS=N to change)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 TSPEFT=${1:-build/tspeft}
 RUN=${2:-runs/module_selection}
 PY=/usr/bin/python3
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-1}  # one thread: libgomp spin-waits hurt a shared or busy machine
 STEPS=${STEPS:-200}
 mkdir -p "$RUN"
 FT=(--r 8 --alpha 16 --steps "$STEPS" --batch-size 16 --lr 2e-3 --shuffle --seed 1 --threads "$THREADS" --quiet)

@@ -4,6 +4,7 @@
 #include "convert_fashion_mnist.h"
 #include "convert_llava.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -86,6 +87,16 @@ void tk_shard_sink_init(tk_shard_sink *s, const char *out, size_t per_shard, uin
     s->st = st;
 }
 
+/* Rolling output: shard i is written (atomically, by the shard writer) to the hidden staging name
+ * DIR/.BASE-0000i.shard.part and renamed to OUT-0000i.shard only when the whole conversion succeeded,
+ * so a failed run leaves neither a partial dataset nor a damaged earlier one. */
+static int sink_path(char *out, size_t n, const tk_shard_sink *s, size_t i, int staged, tk_err *err) {
+    if (!staged) return tk_pathf(out, n, err, "%s-%05zu.shard", s->out, i);
+    const char *slash = strrchr(s->out, '/');
+    int dir_len = slash ? (int)(slash - s->out + 1) : 0;
+    return tk_pathf(out, n, err, "%.*s.%s-%05zu.shard.part", dir_len, s->out, slash ? slash + 1 : s->out, i);
+}
+
 static int finish_current(tk_shard_sink *s, tk_err *err) {
     if (!s->w) return 0;
     tk_shard_stats fs;
@@ -103,7 +114,7 @@ int tk_shard_sink_add(tk_shard_sink *s, const tk_shard_record *rec, tk_err *err)
     if (!s->w) {
         char path[4200];
         if (single) snprintf(path, sizeof path, "%s", s->out);
-        else if (tk_pathf(path, sizeof path, err, "%s-%05zu.shard", s->out, s->index)) return -1;
+        else if (sink_path(path, sizeof path, s, s->index, 1, err)) return -1;
         if (s->index == 0 && tk_mkdir_parent(path, err)) return -1;
         tk_shard_writer_opts wo = {.vocab_size = s->vocab_size};
         if (!(s->w = tk_shard_writer_open(path, &wo, err))) return -1;
@@ -117,9 +128,43 @@ int tk_shard_sink_add(tk_shard_sink *s, const tk_shard_record *rec, tk_err *err)
     return 0;
 }
 
-int tk_shard_sink_close(tk_shard_sink *s, tk_err *err) { return finish_current(s, err); }
+static void remove_staged(tk_shard_sink *s) {
+    char path[4200];
+    if (!s->out) return; /* never initialized */
+    for (size_t i = 0; !ends_with(s->out, ".shard") && i < s->index; i++)
+        if (sink_path(path, sizeof path, s, i, 1, NULL) == 0) remove(path);
+}
+
+int tk_shard_sink_close(tk_shard_sink *s, tk_err *err) {
+    if (finish_current(s, err)) {
+        remove_staged(s);
+        return -1;
+    }
+    if (ends_with(s->out, ".shard") || s->index == 0) return 0;
+    char from[4200], to[4200];
+    for (size_t i = 0; i < s->index; i++) {
+        if (sink_path(from, sizeof from, s, i, 1, err) || sink_path(to, sizeof to, s, i, 0, err)) {
+            remove_staged(s);
+            return -1;
+        }
+        if (rename(from, to) != 0) {
+            tk_fail(err, "%s: cannot rename to %s: %s", from, to, strerror(errno));
+            remove_staged(s);
+            return -1;
+        }
+    }
+    /* shards of an earlier, longer conversion to the same OUT would otherwise join this dataset */
+    for (size_t i = s->index;; i++) {
+        struct stat sb;
+        if (sink_path(to, sizeof to, s, i, 0, NULL) || stat(to, &sb) != 0 || !S_ISREG(sb.st_mode)) break;
+        if (remove(to) != 0) return tk_fail(err, "%s: cannot remove this stale shard of an earlier conversion: %s", to,
+                                            strerror(errno));
+    }
+    return 0;
+}
 
 void tk_shard_sink_abort(tk_shard_sink *s) {
     tk_shard_writer_abort(s->w);
     s->w = NULL;
+    remove_staged(s);
 }

@@ -19,10 +19,14 @@
  * {"task", "id", "answer", "choices", "label", "score"} for evaluation and analysis.
  *
  * Output: `out` ending in ".shard" is one file (records_per_shard ignored); otherwise OUT-00000.shard,
- * OUT-00001.shard, ... with records_per_shard records each. Each shard appears atomically. Long
- * records (max_len) are truncated from the right or dropped, and counted.
- * Failure: -1 with one line naming the input (and record) and what was wrong; shards completed
- * before a failure stay, the one being written is removed.
+ * OUT-00001.shard, ... with records_per_shard records each. They are written under hidden staging names
+ * (DIR/.BASE-00000.shard.part, which the trainer's directory scan skips) and renamed into place only
+ * when the whole conversion succeeded; OUT-NNNNN.shard files numbered past the last one written (left
+ * by an earlier, longer conversion to the same OUT) are then removed. Long records (max_len) are
+ * truncated from the right or dropped, and counted.
+ * Failure: -1 with one line naming the input (and record) and what was wrong; no shard of the failed
+ * run is left behind and existing files at the output names are untouched (the text formats and
+ * jsonl; llava and fashion-mnist keep their own rules, see their headers).
  */
 #ifndef TK_DATASETS_CONVERT_H
 #define TK_DATASETS_CONVERT_H

@@ -151,6 +151,25 @@ def main():
         got = [s["input_ids"] for f in parts for s in dump(tool, f)]
         chk.ok(p.returncode == 0 and len(parts) == (len(boolq) + 6) // 7 and got == [s["input_ids"] for s in recs],
                "--records-per-shard 7: %d shards named part-00000.shard ..., records in order" % len(parts), p.stderr)
+        # a failing run (second input malformed, after shards of the first were written) leaves the earlier
+        # dataset exactly as it was and no staging file; a shorter rerun removes the stale higher shards
+        roll2 = lambda pps, *inputs: U.run(a.tspeft, ["convert", "--format", "llm-adapters", "--tokenizer", tok, "--out",  # noqa: E731
+                                                     T("out", "roll2", "part"), "--records-per-shard", pps] +
+                                           [x for i in inputs for x in ("--input", i)])
+        p = roll2(7, T("boolq", "test.json"))
+        snap = {f: open(T("out", "roll2", f), "rb").read() for f in os.listdir(T("out", "roll2"))}
+        with open(T("late_bad.json"), "w") as f:
+            f.write("[{\"instruction\": \"x\", \"output\": 5}]")
+        p = roll2(3, T("boolq", "test.json"), T("late_bad.json"))
+        now = {f: open(T("out", "roll2", f), "rb").read() for f in os.listdir(T("out", "roll2"))}
+        chk.ok(p.returncode == 1 and "late_bad.json: record 0" in p.stderr and now == snap and len(snap) == len(parts),
+               "a run failing after %d shards were staged leaves the %d earlier shards untouched, no staging files"
+               % ((len(boolq) + 2) // 3, len(snap)), p.stderr + str(sorted(now)))
+        p = roll2(30, T("boolq", "test.json"))
+        names = sorted(os.listdir(T("out", "roll2")))
+        got = [s["input_ids"] for f in names for s in dump(tool, T("out", "roll2", f))]
+        chk.ok(p.returncode == 0 and names == ["part-00000.shard", "part-00001.shard"] and got == [s["input_ids"] for s in recs],
+               "a rerun with 30 per shard leaves exactly part-00000/00001 (stale part-00002.. removed)", str(names))
 
         chk.section("alpaca JSONL with input fields, two inputs")
         p = U.run(a.tspeft, ["convert", "--format", "alpaca", "--input", T("alpaca.jsonl"), "--input", T("alpaca.jsonl"),

@@ -90,3 +90,8 @@ int tk_csr_choice_index(const tk_csr_task *t, const char *answer) {
         if (strcasecmp(t->choices[i], answer) == 0) return i;
     return -1;
 }
+
+const tk_csr_task *tk_csr_tasks(int *n) {
+    *n = (int)(sizeof TASKS / sizeof TASKS[0]);
+    return TASKS;
+}

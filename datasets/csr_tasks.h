@@ -19,10 +19,13 @@ typedef struct {
 
 /* Case-insensitive, with aliases (siqa, arc-e, arc_easy, arc-c, arc_challenge, obqa, ...). */
 const tk_csr_task *tk_csr_task_find(const char *name);
-/* The task a path names: its parent directory's name, else the file name without extension
- * (".../boolq/test.json", "piqa.json"); NULL when neither is a task. */
+/* The task a path names (".../boolq/test.json", "piqa.json", "arc_easy_test.json"): path components
+ * from the last one back, each without its extension, first as a whole name or alias, then by the
+ * longest name or alias it starts with; NULL when none is a task (commonsense_170k.json). */
 const tk_csr_task *tk_csr_task_from_path(const char *path);
 /* Every task, for listings: *n receives the count. */
 const tk_csr_task *tk_csr_tasks(int *n);
+/* Index of answer in t->choices (case-insensitive), or -1. */
+int tk_csr_choice_index(const tk_csr_task *t, const char *answer);
 
 #endif

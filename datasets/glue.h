@@ -22,9 +22,13 @@
  * to indices in the order of the verbalizers below. Every data line must have as many fields as the
  * header (MNLI's and QQP's real files do); an unknown label is an error naming the line.
  *
- * Verbalizers (the response a model is trained to give, docs/convert.md): cola unacceptable/acceptable;
- * sst2 negative/positive; mrpc and qqp no/yes; mnli entailment/neutral/contradiction; qnli and rte
- * entailment/not_entailment; wnli no/yes; stsb the score rounded to one decimal ("3.8").
+ * Verbalizers (T5's; the response a model is trained to give, docs/convert.md), by label index:
+ * cola unacceptable/acceptable; sst2 negative/positive; mrpc not_equivalent/equivalent; qqp
+ * not_duplicate/duplicate; mnli entailment/neutral/contradiction; qnli and rte entailment/not_entailment;
+ * wnli not_entailment/entailment (the file's 0/1). stsb: the score clamped to 0..5, rounded to the
+ * nearest 0.2 and printed with one decimal ("3.8"), as T5 does; an unlabeled example gives "".
+ * A UTF-8 BOM (MRPC's files) and CR line ends are accepted, blank lines skipped; CoLA is read without
+ * a header unless its first field is "index" (test.tsv). Columns: at most 64.
  *
  * Ownership: the task table is static; examples are malloc'd (tk_glue_free); tk_glue_instruction
  * and tk_glue_response return malloc'd strings (NULL when out of memory). Failure: -1 with one line
@@ -47,7 +51,8 @@ typedef struct {
 } tk_glue_task;
 
 typedef struct {
-    char *id, *text_a, *text_b; /* text_b NULL for single-sentence tasks; id: the index column or the line */
+    char *id, *text_a, *text_b; /* text_b NULL for single-sentence tasks; id: the index (qqp: id) column, else
+                                 * the 0-based example number */
     int label;                  /* index into verbalizers; -1 when unlabeled */
     float score;                /* STS-B: the gold score (NAN when unlabeled); else 0 */
 } tk_glue_example;
@@ -58,5 +63,7 @@ int tk_glue_load(const tk_glue_task *t, const char *tsv_path, tk_glue_example **
 void tk_glue_free(tk_glue_example *e, size_t n);
 char *tk_glue_instruction(const tk_glue_task *t, const tk_glue_example *e);
 char *tk_glue_response(const tk_glue_task *t, const tk_glue_example *e);
+/* Label index of a verbalizer (exact match), or -1. */
+int tk_glue_label_index(const tk_glue_task *t, const char *word);
 
 #endif

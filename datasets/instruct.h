@@ -12,8 +12,11 @@
  * accepted and printed as JSON writes them, as the math sets store them). Other fields are ignored.
  *
  * Ownership: *out is malloc'd with every string; tk_instruct_free releases it (NULL is fine).
- * Failure: -1 with one line naming the file and the record (array index, or JSONL line) and what
- * was wrong; nothing is returned.
+ * A UTF-8 BOM is skipped; an empty file or array, a non-object record and data after the array are
+ * errors. Failure: -1 with one line naming the file and the record and what was wrong, *out NULL:
+ * "PATH: record I: \"output\" must be a string" (I: the 0-based array index, data[I] in Python),
+ * "PATH: line L: missing \"instruction\"" (JSONL, 1-based line), "PATH: line L, column C: invalid
+ * JSON" (an array that does not parse).
  */
 #ifndef TK_DATASETS_INSTRUCT_H
 #define TK_DATASETS_INSTRUCT_H

@@ -165,9 +165,19 @@ int tk_convert_alpaca(const tk_convert_opts *o, tk_convert_stats *st, tk_err *er
 }
 
 int tk_convert_glue(const tk_convert_opts *o, tk_convert_stats *st, tk_err *err) {
-    const tk_glue_task *t = tk_glue_task_find(o->task);
+    const tk_glue_task *t = o->task ? tk_glue_task_find(o->task) : NULL;
+    /* no --task: the one every input's path names (glue/RTE/train.tsv) */
+    for (size_t f = 0; !o->task && f < o->n_inputs; f++) {
+        const tk_glue_task *u = tk_glue_task_from_path(o->inputs[f]);
+        if (!u || (t && u != t)) {
+            t = NULL;
+            break;
+        }
+        t = u;
+    }
     if (!t) return tk_fail(err, "--format glue needs --task cola|sst2|mrpc|qqp|stsb|mnli_m|mnli_mm|qnli|rte|wnli%s%s%s",
-                           o->task ? " (not \"" : "", o->task ? o->task : "", o->task ? "\")" : "");
+                           o->task ? " (not \"" : " (the input paths do not name one task)", o->task ? o->task : "",
+                           o->task ? "\")" : "");
     text_ctx c;
     if (open_ctx(&c, o, st, err)) return close_ctx(&c, 0, err);
     int ok = 1;

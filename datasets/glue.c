@@ -82,6 +82,35 @@ const tk_glue_task *tk_glue_task_find(const char *name) {
     return NULL;
 }
 
+const tk_glue_task *tk_glue_task_from_path(const char *path) {
+    if (!path) return NULL;
+    size_t len = strlen(path);
+    char *low = malloc(len + 1);
+    if (!low) return NULL;
+    for (size_t i = 0; i <= len; i++) low[i] = (char)tolower((unsigned char)path[i]);
+    const tk_glue_task *t = NULL;
+    if (strstr(low, "mnli")) {
+        t = &TASKS[strstr(low, "mismatched") ? T_MNLI_MM : T_MNLI_M];
+    } else {
+        size_t end = len;
+        while (!t && end > 0) {
+            while (end > 0 && low[end - 1] == '/') end--;
+            size_t begin = end;
+            while (begin > 0 && low[begin - 1] != '/') begin--;
+            if (begin == end) break;
+            char *dot = memchr(low + begin + 1, '.', end - begin - 1);
+            size_t stop = dot ? (size_t)(dot - low) : end;
+            char save = low[stop];
+            low[stop] = '\0';
+            t = tk_glue_task_find(low + begin);
+            low[stop] = save;
+            end = begin;
+        }
+    }
+    free(low);
+    return t;
+}
+
 int tk_glue_label_index(const tk_glue_task *t, const char *word) {
     if (!t || !word) return -1;
     for (int i = 0; i < t->n_labels; i++)

@@ -63,6 +63,10 @@ int tk_glue_load(const tk_glue_task *t, const char *tsv_path, tk_glue_example **
 void tk_glue_free(tk_glue_example *e, size_t n);
 char *tk_glue_instruction(const tk_glue_task *t, const tk_glue_example *e);
 char *tk_glue_response(const tk_glue_task *t, const tk_glue_example *e);
+/* The task a path names, or NULL: a path holding "mnli" is mnli_mm when it holds "mismatched", else
+ * mnli_m; otherwise the first path component, from the last one back and without its extension,
+ * that is a task name or alias ("glue/RTE/train.tsv" -> rte, "SST-2/dev.tsv" -> sst2). */
+const tk_glue_task *tk_glue_task_from_path(const char *path);
 /* Label index of a verbalizer (exact match), or -1. */
 int tk_glue_label_index(const tk_glue_task *t, const char *word);
 

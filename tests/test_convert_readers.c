@@ -200,6 +200,16 @@ static void test_glue(void) {
         check(names[i].want ? t && streq(t->name, names[i].want) : t == NULL, "find(\"%s\") -> %s", names[i].name,
               t ? t->name : "NULL");
     }
+    struct {
+        const char *path, *want;
+    } gpaths[] = {{"glue/RTE/train.tsv", "rte"}, {"SST-2/dev.tsv", "sst2"}, {"/d/STS-B/test.tsv", "stsb"},
+                  {"/d/MNLI/dev_matched.tsv", "mnli_m"}, {"/d/MNLI/dev_mismatched.tsv", "mnli_mm"},
+                  {"cola.tsv", "cola"}, {"/d/glue/train.tsv", NULL}, {"", NULL}};
+    for (size_t i = 0; i < sizeof gpaths / sizeof gpaths[0]; i++) {
+        const tk_glue_task *t = tk_glue_task_from_path(gpaths[i].path);
+        check(gpaths[i].want ? t && streq(t->name, gpaths[i].want) : t == NULL, "from_path(\"%s\") -> %s",
+              gpaths[i].path, t ? t->name : "NULL");
+    }
     const glue_case cases[] = {
         {"cola", "cola_train.tsv", "gj04\t1\t\tOur friends won't buy this analysis.\ngj04\t0\t*\tThey drank the pub.\n", 2,
          "0", "Our friends won't buy this analysis.", NULL, 1, 0, 0},

@@ -40,7 +40,7 @@ int tk_cmd_convert(int argc, char **argv) {
         {"tokenizer", TK_OPT_STR, &o.tokenizer, "FILE", "sentencepiece tokenizer.model (text formats, llava)", 0},
         {"template", TK_OPT_STR, &o.template_name, "NAME", "alpaca (LLM-Adapters, default for text) | vicuna_v1 "
                                                            "(default for llava) | llava_v1 | llama2 | plain", 0},
-        {"task", TK_OPT_STR, &o.task, "NAME", "CSR task (default: from the path) or GLUE task (required for glue)", 0},
+        {"task", TK_OPT_STR, &o.task, "NAME", "CSR or GLUE task (default: the one the input path names, e.g. boolq/train.json, RTE/dev.tsv)", 0},
         {"responses-only", TK_OPT_FLAG, &responses_only, NULL,
          "labels on responses only (LLM-Adapters --train_on_inputs False); default: every token, as LLM-Adapters", 0},
         {"train-on-inputs", TK_OPT_FLAG, &train_on_inputs, NULL, "labels on every token (the default)", 0},

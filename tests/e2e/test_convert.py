@@ -201,6 +201,18 @@ def main():
             chk.ok(p.returncode == 0 and ok and resp == answers, "%s: answers %s, trained response tokens decode to them"
                    % (task, answers), p.stderr + str([s["meta"] for s in g]) + str(resp))
 
+        os.makedirs(T("RTE"))
+        shutil.copy(T("glue_rte.tsv"), T("RTE", "train.tsv"))
+        p = U.run(a.tspeft, ["convert", "--format", "glue", "--input", T("RTE", "train.tsv"), "--tokenizer", tok,
+                             "--out", T("out", "rte_path.shard")])
+        g = dump(tool, T("out", "rte_path.shard")) if p.returncode == 0 else []
+        chk.ok(p.returncode == 0 and [s["meta"]["task"] for s in g] == ["rte", "rte"],
+               "glue without --task: the task from the path (RTE/train.tsv)", p.stderr)
+        p = U.run(a.tspeft, ["convert", "--format", "glue", "--input", T("alpaca.jsonl"), "--tokenizer", tok,
+                             "--out", T("out", "nope.shard")])
+        chk.ok(p.returncode != 0 and "--task" in p.stderr and not os.path.exists(T("out", "nope.shard")),
+               "glue without --task on a path naming no task: refused", p.stderr)
+
         chk.section("pre-tokenized JSONL")
         rows = [{"input_ids": [5, 6, 7, 8, 0, 0], "labels": [-100, -100, 7, 8, -100, -100],
                  "attention_mask": [1, 1, 1, 1, 0, 0]}, {"input_ids": [9, 10, 11], "labels": [9, 10, 11]}]

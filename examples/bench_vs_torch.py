@@ -11,9 +11,9 @@ adapters) at each thread count in a fresh process (torch.set_num_threads); tspef
 at its thread count, once with every token kept and once with the thresholds forced to keep half.
 Reported, with the targets:
   * tokens/s of tspeft (keep 1.0) / tokens/s of the best PyTorch thread setting   >= 1.6
-  * achieved GFLOP/s of tspeft / the 2048^3 sgemm peak measured in the same run    >= 0.75
+  * achieved GFLOP/s of tspeft / the 2048^3 sgemm peak (best of the tspeft runs)   >= 0.75
   * peak RSS of tspeft / peak RSS of that PyTorch run                              <= 0.5
-  * keep 1.0 vs 0.5: step time and adapter backward time (the saving must be > 0)
+  * keep 1.0 vs 0.5: step time and adapter backward time (the saving must be > 0); keep 0.25 too
 The FLOPs are those of a dense reference step (docs/performance.md). On a shared machine the figures
 move with the other load: they are indicative; rerun on a quiet machine before quoting them.
 """
@@ -136,12 +136,14 @@ def main():
         ap.add_argument("--" + k, type=int, default=v)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--tspeft-args", default="", help="extra `tspeft bench` options, e.g. \"--attention full\"")
+    ap.add_argument("--keep-low", type=float, default=0.25, help="also time this forced keep ratio (0: skip)")
     ap.add_argument("--json", help="write all figures here")
     a = ap.parse_args()
     a.extra = a.tspeft_args.split()
     shape = {k: getattr(a, k) for k in ("dim", "layers", "heads", "ffn", "vocab", "seq", "r")}
     ts = run_tspeft(a, shape, 1.0)
     half = run_tspeft(a, shape, 0.5)
+    low = run_tspeft(a, shape, a.keep_low) if a.keep_low > 0 else None
     torch_runs = []
     for t in [int(x) for x in a.threads.split(",")]:
         cfg = dict(shape, threads=t, steps=a.steps, warmup=a.warmup, alpha=a.alpha)
@@ -154,7 +156,9 @@ def main():
               (r["torch"], t, r["step_seconds"], r["tokens_per_second"], r["peak_rss_mib"]))
     best = max(torch_runs, key=lambda r: r["tokens_per_second"])
     speed = ts["tokens_per_second"] / best["tokens_per_second"]
-    eff = ts["gflops"] / ts["sgemm_peak_gflops"]
+    # the peak is measured in each tspeft run: take the best (a loaded machine lowers single measurements)
+    peak = max(r["sgemm_peak_gflops"] for r in (ts, half, low) if r)
+    eff = ts["gflops"] / peak
     mem = ts["peak_rss_mib"] / best["peak_rss_mib"]
     save = 1.0 - half["adapter_backward_seconds"] / ts["adapter_backward_seconds"]
     print("tspeft, %d threads: step %.3f s (min %.3f), %.0f tokens/s, %.1f GFLOP/s, peak RSS %.0f MiB (%s attention)" %
@@ -166,7 +170,7 @@ def main():
     print("%s tokens/s tspeft / best PyTorch (%d threads) = %.2fx (target >= 1.6)" %
           (verdict(speed >= 1.6), best["threads"], speed))
     print("%s achieved / sgemm peak = %.0f%% of %.1f GFLOP/s (target >= 75%%)" %
-          (verdict(eff >= 0.75), 100 * eff, ts["sgemm_peak_gflops"]))
+          (verdict(eff >= 0.75), 100 * eff, peak))
     print("%s peak RSS tspeft / PyTorch = %.2f (%.0f / %.0f MiB, target <= 0.5)" %
           (verdict(mem <= 0.5), mem, ts["peak_rss_mib"], best["peak_rss_mib"]))
     print("%s gate keep 1.0 vs 0.5 (measured %.3f / %.3f): step %.3f / %.3f s, adapter backward %.3f / %.3f s "
@@ -174,10 +178,15 @@ def main():
           (verdict(save > 0.0), ts["keep_ratio"], half["keep_ratio"], ts["step_seconds"], half["step_seconds"],
            ts["adapter_backward_seconds"], half["adapter_backward_seconds"], 100 * save,
            ts["adapter_forward_seconds"], half["adapter_forward_seconds"]))
+    if low:
+        print("     gate keep %.2f (measured %.3f): step %.3f s, adapter backward %.3f s (saving %.0f%% vs keep 1.0)" %
+              (a.keep_low, low["keep_ratio"], low["step_seconds"], low["adapter_backward_seconds"],
+               100 * (1.0 - low["adapter_backward_seconds"] / ts["adapter_backward_seconds"])))
     print("(one run on this machine: indicative only when other jobs share it)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"tspeft": ts, "tspeft_keep_half": half, "pytorch": torch_runs, "speed_ratio": speed,
+            json.dump({"tspeft": ts, "tspeft_keep_half": half, "tspeft_keep_low": low, "pytorch": torch_runs,
+                       "sgemm_peak_gflops": peak, "speed_ratio": speed,
                        "peak_fraction": eff, "rss_ratio": mem, "adapter_backward_saving": save}, f, indent=2)
 
 

@@ -305,14 +305,15 @@ static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, c
     }
     if (nk == 0) return 0;
 
-    /* Two thirds of the rows kept or more (LoRA, bottleneck; no dropout): zero the rank-R rows of the
-     * gated-off tokens (the code and gr, R wide) instead of gathering the wide ones (dy, x, dx). The
-     * products then run over all N rows, reading dy and x once and copying nothing. Gated-off rows
-     * contribute exact zeros to dB, dA and dx. Measured at r = 16, N = 512 (one thread, per layer of the
-     * 134M bench model): gathering cost 12.7 ms at keep 0.9, 11 at 0.75, 7.7 at 0.5; zeroing 8.3-8.6 at
-     * any keep (8.5 with every row kept): the gathers' memory traffic outweighs the FLOPs they save
-     * until about 0.6 (docs/performance.md). */
-    if (!all && 3 * nk >= 2 * N && L->kind != TK_ADAPTER_DORA && L->dropout == 0.0f) {
+    /* Half the rows kept or more (LoRA, bottleneck; no dropout): zero the rank-R rows of the gated-off
+     * tokens (the code and gr, R wide) instead of gathering the wide ones (dy, x, dx). The products then
+     * run over all N rows, reading dy and x once and copying nothing. Gated-off rows contribute exact
+     * zeros to dB, dA and dx. Measured at r = 16, N = 512 (one module repeated, one thread, per layer of
+     * the 134M bench model): gathering cost 12.7 ms at keep 0.9, 11 at 0.75, 7.7 at 0.5; zeroing 8.3-8.6
+     * at any keep (8.5 with every row kept). Inside the model (dy and x no longer in cache) gathering at
+     * keep 0.56 cost 0.11-0.21 s per step against 0.095 for zeroing and 0.097 at keep 1: the gathers'
+     * memory traffic outweighs the FLOPs they save down to about half (docs/performance.md). */
+    if (!all && 2 * nk >= N && L->kind != TK_ADAPTER_DORA && L->dropout == 0.0f) {
         float *cm = ws->r2; /* the bottleneck's act(u) is already there */
         if (L->kind != TK_ADAPTER_BOTTLENECK) memcpy(cm, L->u, N * R * sizeof(float));
         for (size_t i = 0; i < N; i++)

@@ -28,9 +28,15 @@
  * (j <= last and mask_b[j] != 0, mask_b [S] or NULL), zero elsewhere. */
 static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last) {
     float m = -INFINITY;
-    for (size_t j = 0; j <= last; j++) {
-        if (mask_b && !mask_b[j]) continue;
-        m = row[j] > m ? row[j] : m;
+    if (mask_b) {
+#pragma omp simd reduction(max : m) /* branch-free, so it vectorises */
+        for (size_t j = 0; j <= last; j++) {
+            float v = mask_b[j] ? row[j] : -INFINITY;
+            m = v > m ? v : m;
+        }
+    } else {
+#pragma omp simd reduction(max : m)
+        for (size_t j = 0; j <= last; j++) m = row[j] > m ? row[j] : m;
     }
     if (m == -INFINITY) { /* no visible key (or all scores -inf) */
         for (size_t j = 0; j < S; j++) row[j] = 0.0f;

@@ -614,7 +614,7 @@ static size_t layout_acts(tk_llama *m, tk_llama_acts *a, float *base) {
     a->dg = carve(base, &off, N * F);
     a->du = carve(base, &off, N * F);
     a->dh = carve(base, &off, N * F);
-    a->tmp = carve(base, &off, N * (C > V ? C : V));
+    a->tmp = carve(base, &off, N * C); /* o_proj / down_proj outputs [N,C], then the token losses [N] */
     a->attn_scratch = carve(base, &off, a->tiled ? tk_attention_tiled_scratch(a->Tmax, a->Tmax, (size_t)c->head_dim)
                                                  : a->Tmax * a->Tmax);
     return off;

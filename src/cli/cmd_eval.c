@@ -9,6 +9,8 @@
 
 #include "../../datasets/csr_tasks.h"
 #include "../../datasets/glue.h"
+#include "../../vision/projector.h"
+#include "../eval/vqa.h"
 #include "../../text/tokenizer.h"
 #include "../eval/csr.h"
 #include "../eval/nlu.h"
@@ -125,12 +127,15 @@ typedef struct {
     const char *data;
     const tk_csr_task *csr;
     const tk_glue_task *glue;
+    int vqa; /* LLaVA-format shard: visual questions (src/eval/vqa.h) */
 } eval_set;
 
 static int resolve(eval_set *s, const char *task, const char *data, tk_err *err) {
     s->data = data;
     s->csr = NULL;
     s->glue = NULL;
+    s->vqa = (task && strcmp(task, "vqa") == 0) || (!task && ends_with(data, ".shard"));
+    if (s->vqa) return 0;
     if (task) {
         if ((s->csr = tk_csr_task_find(task)) || (s->glue = tk_glue_task_find(task))) return 0;
         return tk_fail(err, "--task %s: unknown task (commonsense: boolq piqa social_i_qa hellaswag winogrande "
@@ -158,6 +163,10 @@ int tk_cmd_eval(int argc, char **argv) {
     const char *model_dir = NULL, *adapter_dir = NULL, *tok_path = NULL, *mode = "gen", *out = NULL,
                *samples_arg = NULL;
     int limit = 0, beams = 1, max_new = 32, threads = 0, bf16 = 0, eos = -2, ll_batch = 8;
+    tk_mm_opts mo = {0};
+    const char *projector = NULL;
+    char proj_buf[4200];
+    tk_mm *mm = NULL;
     tk_opt opts[] = {
         {"model", TK_OPT_STR, &model_dir, "DIR", "Hugging Face LLaMA directory", 0},
         {"adapter", TK_OPT_STR, &adapter_dir, "DIR", "PEFT adapter directory (optional; TS gates applied)", 0},
@@ -174,6 +183,11 @@ int tk_cmd_eval(int argc, char **argv) {
         {"samples", TK_OPT_STR, &samples_arg, "FILE", "per-sample JSONL (default: --out with .samples.jsonl)", 0},
         {"threads", TK_OPT_INT, &threads, "T", "threads (default: all cores)", 0},
         {"bf16-weights", TK_OPT_FLAG, &bf16, NULL, "keep BF16 base matrices BF16 in memory (exact)", 0},
+        {"vision-tower", TK_OPT_STR, &mo.tower, "DIR", "vqa: HF CLIP/SigLIP vision tower of the model", 0},
+        {"projector", TK_OPT_STR, &projector, "FILE", "vqa: projector (default: ADAPTER/mm_projector.safetensors)", 0},
+        {"vision-layer", TK_OPT_INT, &mo.layer, "L", "vqa: encoder hidden state used (default -2)", 0},
+        {"vision-feature", TK_OPT_STR, &mo.feature, "F", "vqa: patch | cls_patch (default patch)", 0},
+        {"image-preprocess", TK_OPT_STR, &mo.preprocess, "P", "vqa: clip | llava-pad | siglip (default clip)", 0},
     };
     int n_opts = (int)(sizeof opts / sizeof opts[0]);
     const char *tasks[MAX_SETS], *datas[MAX_SETS];
@@ -221,6 +235,29 @@ int tk_cmd_eval(int argc, char **argv) {
                 tok_path, tv, model_dir, m->cfg.vocab_size);
         goto done;
     }
+    int any_vqa = 0;
+    for (int i = 0; i < nd; i++) any_vqa |= sets[i].vqa;
+    if (any_vqa) { /* the vision tower and projector, registered before the adapter is attached */
+        if (!mo.tower) {
+            tk_fail(&err, "visual questions (a .shard or --task vqa) need --vision-tower DIR");
+            goto done;
+        }
+        if (!projector && adapter_dir) {
+            snprintf(proj_buf, sizeof proj_buf, "%s/mm_projector.safetensors", adapter_dir);
+            projector = proj_buf;
+        }
+        if (!projector) {
+            tk_fail(&err, "visual questions need --projector FILE (or an --adapter directory holding mm_projector.safetensors)");
+            goto done;
+        }
+        tk_proj_kind pk;
+        size_t pin, pout;
+        if (tk_projector_detect(projector, &pk, &pin, &pout, &err)) goto done;
+        mo.projector_type = tk_proj_kind_name(pk);
+        if (!(mm = tk_mm_open(&mo, (size_t)m->cfg.dim, &err))) goto done;
+        m->extra_params = tk_mm_register;
+        m->extra_ctx = mm;
+    }
     tk_peft_config pc;
     tk_peft_config_default(&pc);
     pc.kind = TK_ADAPTER_NONE;
@@ -232,6 +269,7 @@ int tk_cmd_eval(int argc, char **argv) {
     int rc = tk_llama_attach(m, &pc, adapter_dir, 0, &err);
     tk_peft_config_free(&pc);
     if (rc) goto done;
+    if (mm && tk_mm_init_weights(mm, projector, 0, &err)) goto done;
     int do_gen = strcmp(mode, "ll") != 0, do_ll = strcmp(mode, "gen") != 0, any_glue = 0;
     for (int i = 0; i < nd; i++) any_glue |= sets[i].glue != NULL;
     if ((do_ll || any_glue) && !(scorer = tk_loglik_new(m, &err))) goto done;
@@ -250,8 +288,9 @@ int tk_cmd_eval(int argc, char **argv) {
             beams > 1 ? "beam search" : "greedy", max_new);
     for (int i = 0; i < nd; i++) {
         ps.last = 0.0;
-        int r = sets[i].csr ? tk_eval_csr(&ctx, sets[i].csr, sets[i].data, &res[i], &samples, &err)
-                            : tk_eval_glue(&ctx, sets[i].glue, sets[i].data, &res[i], &samples, &err);
+        int r = sets[i].vqa   ? tk_eval_vqa(&ctx, mm, sets[i].data, &res[i], &samples, &err)
+                : sets[i].csr ? tk_eval_csr(&ctx, sets[i].csr, sets[i].data, &res[i], &samples, &err)
+                              : tk_eval_glue(&ctx, sets[i].glue, sets[i].data, &res[i], &samples, &err);
         if (r) goto done;
     }
     if (tk_eval_table(&table, res, (size_t)nd, &err)) goto done;
@@ -283,6 +322,7 @@ done:
     free(res);
     tk_loglik_free(scorer);
     tk_llama_close(m);
+    tk_mm_free(mm);
     tk_tok_free(tok);
     return status;
 }

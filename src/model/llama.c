@@ -433,6 +433,7 @@ static int load_adapter_tensors(tk_llama *m, const char *dir, tk_err *err) {
             snprintf(alt, sizeof alt, "%s.weight", p->name);
             t = tk_st_find(f, alt);
         }
+        if (!t && strncmp(p->name, "model.mm_projector.", 19) == 0) continue; /* a projector given apart */
         if (!t) {
             tk_fail(err, "%s: tensor '%s' is missing (the adapter config targets this module)", path, p->name);
             goto done;
@@ -493,7 +494,7 @@ static int attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir
     if (!slots) return tk_fail(err, "out of memory");
     size_t ns = tk_llama_slots(m, slots);
     int rc = register_adapters(m, err) || register_saved_tensors(m, slots, ns, err) ||
-             tk_params_alloc(&m->params, err);
+             (m->extra_params && m->extra_params(m->extra_ctx, &m->params, err)) || tk_params_alloc(&m->params, err);
     if (rc == 0) fill_from_bf16(slots, ns);
     free(slots);
     if (rc) return -1;
@@ -977,6 +978,11 @@ int tk_llama_kv_copy(tk_llama_kv *dst, const tk_llama_kv *src, size_t from, tk_e
 }
 
 int tk_llama_step(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, size_t T, float *logits, tk_err *err) {
+    return tk_llama_step_ex(m, kv, ids, NULL, NULL, T, logits, err);
+}
+
+int tk_llama_step_ex(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, const float *embeds, const uint8_t *kinds,
+                     size_t T, float *logits, tk_err *err) {
     const tk_llama_config *c = &m->cfg;
     size_t C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
     size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, V = (size_t)c->vocab_size;
@@ -995,6 +1001,9 @@ int tk_llama_step(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, size_t T, fl
     tk_adapter_ws *ws = &m->ws;
     /* run T new tokens at positions pos..pos+T-1 through the stack, filling the cache */
     embed_rows(m, x, ids, T);
+    if (embeds && kinds) /* visual tokens: the caller's embeddings (as splice_image_rows in training) */
+        for (size_t i = 0; i < T; i++)
+            if (kinds[i] == TK_KIND_IMAGE) memcpy(x + i * C, embeds + i * C, C * sizeof(float));
     for (size_t l = 0; l < L; l++) {
         tk_adapted_linear *P = m->layers[l].proj;
         float *kl = kv->kc + l * S * GD, *vl = kv->vc + l * S * GD;

@@ -45,6 +45,10 @@ typedef struct {
     size_t rope_len;
     tk_peft_config peft;             /* the adapter attached (kind NONE before tk_llama_attach) */
     tk_params params;                /* the trainable block */
+    /* optional: registers more trainable tensors (a vision projector) in the block, called by
+     * tk_llama_attach before the block is allocated */
+    int (*extra_params)(void *ctx, tk_params *P, tk_err *err);
+    void *extra_ctx;
     tk_adapter_ws ws;                /* adapter scratch, sized by acts_alloc */
     size_t max_rank;
 } tk_llama;
@@ -178,5 +182,9 @@ int tk_llama_kv_copy(tk_llama_kv *dst, const tk_llama_kv *src, size_t from, tk_e
 /* Runs ids[0..n) (1 <= n <= max_chunk) at positions len..len+n-1, appends their keys and values, and
  * writes the next-token logits [V] of the last one. */
 int tk_llama_step(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, size_t n, float *logits, tk_err *err);
+/* The same, where positions whose kinds[i] is TK_KIND_IMAGE take embeds[i] ([n,C]) instead of their
+ * id's embedding row (visual tokens); embeds or kinds NULL = tk_llama_step. */
+int tk_llama_step_ex(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, const float *embeds, const uint8_t *kinds,
+                     size_t n, float *logits, tk_err *err);
 
 #endif

@@ -261,17 +261,18 @@ static int shard_next(tk_train_data *d, tk_err *err) {
     for (size_t k = 0; k < d->o.grad_accum; k++) {
         tk_loader_batch *b = &d->lb[k];
         if (tk_loader_next(d->L, b, err)) return -1;
-        if (b->n_images > 0) {
+        if (b->n_images > 0 && !d->o.allow_images) {
             const tk_loader_sample *sm = &b->samples[b->images[0].sample];
             const char *path;
             uint64_t local;
             locate(d, sm->source, sm->record, &path, &local);
             return tk_fail(err, "%s: record %llu has %zu image(s) but this model is text-only (image training is "
-                                "not supported yet); remove image records from the training shards",
+                                "possible only with --vision-tower); remove image records or attach a vision tower",
                            path, (unsigned long long)local, (size_t)b->n_images);
         }
         d->mb[k].text = &b->text;
         d->mb[k].kinds = b->kinds;
+        d->mb[k].batch = b;
     }
     return 0;
 }

@@ -56,11 +56,13 @@ typedef struct {
     size_t prefetch;          /* shards: batches prepared ahead on a thread */
     uint64_t seed;
     uint32_t vocab_size;      /* every id and target must lie below it */
+    int allow_images;         /* shards: batches may carry images (a vision tower is attached) */
 } tk_train_data_opts;
 
 typedef struct {
     const tk_batch *text;  /* input_ids, labels, attention_mask [B,T] */
     const uint8_t *kinds;  /* [B,T] TK_KIND_* */
+    const tk_loader_batch *batch; /* shards: the loader's batch (its images); NULL for JSONL */
 } tk_train_mb;
 
 typedef struct tk_train_data tk_train_data;

@@ -6,6 +6,7 @@
 #include "../model/llama.h"
 #include "../analysis/gatelog.h"
 #include "checkpoint.h"
+#include "multimodal.h"
 #include "train_data.h"
 
 #include <cJSON.h>
@@ -233,10 +234,11 @@ static int write_summary(const tk_train_opts *o, const char *dir, const tk_llama
 /* Writes the adapter and the summary into out_dir as one unit: every file goes to a staging directory
  * inside out_dir first and is renamed into place only when all were written, so a failure leaves an
  * earlier adapter in out_dir untouched (never new weights beside an old config). */
-static int save_outputs(const tk_train_opts *o, const tk_llama *m, double final_loss, const tk_train_state *state,
-                        tk_err *err) {
-    static const char *const names[] = {"adapter_model.safetensors", "adapter_config.json", "train_summary.json"};
-    const size_t n_names = sizeof names / sizeof names[0];
+static int save_outputs(const tk_train_opts *o, const tk_llama *m, const tk_mm *mm, double final_loss,
+                        const tk_train_state *state, tk_err *err) {
+    static const char *const names[] = {"adapter_model.safetensors", "adapter_config.json", "train_summary.json",
+                                        "mm_projector.safetensors"};
+    const size_t n_names = mm ? 4 : 3;
     char stage[4096], from[4200], to[4200];
     struct stat st;
     if (make_dir(o->out_dir, err)) return -1;
@@ -247,8 +249,10 @@ static int save_outputs(const tk_train_opts *o, const tk_llama *m, double final_
     }
     snprintf(stage, sizeof stage, "%s/.staging.%ld", o->out_dir, (long)getpid());
     if (mkdir(stage, 0755) != 0) return tk_fail(err, "%s: cannot create: %s", stage, strerror(errno));
-    int rc = tk_llama_save_adapter(m, stage, err) ||
-             write_summary(o, stage, m, final_loss, state, err);
+    char proj[4200];
+    snprintf(proj, sizeof proj, "%s/%s", stage, names[3]);
+    int rc = tk_llama_save_adapter(m, stage, err) || write_summary(o, stage, m, final_loss, state, err) ||
+             (mm && tk_mm_save(mm, proj, err));
     for (size_t i = 0; i < n_names && rc == 0; i++) {
         snprintf(from, sizeof from, "%s/%s", stage, names[i]);
         snprintf(to, sizeof to, "%s/%s", o->out_dir, names[i]);
@@ -359,6 +363,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     dump_list dump = {0};
     cJSON *config = NULL;
     tk_gatelog *glog = NULL;
+    tk_mm *mm = NULL;
     if (o->save_every < 0 || o->keep_checkpoints < 0)
         return tk_fail(err, "--save-every and --keep-checkpoints must be >= 0");
     if ((o->save_every > 0 || o->resume_dir) && !o->out_dir)
@@ -380,7 +385,26 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
 
     if (!(m = tk_llama_open_ex(o->model_dir, o->bf16_weights, err))) goto done;
     tk_peft_config pc = o->peft;
+    if (o->stage != 0 && o->stage != 1 && o->stage != 2) {
+        tk_fail(err, "--stage must be 1 (projector only) or 2 (projector and adapter)");
+        goto done;
+    }
+    if (o->vision_tower) {
+        tk_mm_opts mo = {o->vision_tower, NULL, o->projector_type, o->vision_layer, o->vision_feature, o->image_preprocess};
+        if (!(mm = tk_mm_open(&mo, (size_t)m->cfg.dim, err))) goto done;
+        m->extra_params = tk_mm_register;
+        m->extra_ctx = mm;
+        if (o->stage == 1) { /* LLaVA stage 1: only the projector learns */
+            pc.kind = TK_ADAPTER_NONE;
+            pc.target_mask = 0;
+            pc.n_save = 0;
+        }
+    } else if (o->stage == 1 || o->projector) {
+        tk_fail(err, "--stage 1 and --projector need --vision-tower DIR");
+        goto done;
+    }
     if (tk_llama_attach(m, &pc, o->adapter_dir, o->seed, err)) goto done;
+    if (mm && tk_mm_init_weights(mm, o->projector, o->seed ^ 0x9e0u, err)) goto done;
     snprintf(m->peft.base_model, sizeof m->peft.base_model, "%s", o->model_dir);
     size_t max_len = o->max_seq_len > 0 ? (size_t)o->max_seq_len : (size_t)m->cfg.max_seq_len;
     if (o->shuffle_window < 0 || o->prefetch < 0) {
@@ -398,7 +422,8 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
                               .pack = o->pack,
                               .prefetch = (size_t)o->prefetch,
                               .seed = o->seed,
-                              .vocab_size = (uint32_t)m->cfg.vocab_size};
+                              .vocab_size = (uint32_t)m->cfg.vocab_size,
+                              .allow_images = mm != NULL};
     if (!(data = tk_train_data_open(&dop, err))) goto done;
     const int shards = tk_train_data_is_shards(data);
     tk_llama_mem_opts mo = {(tk_attn_mode)o->attention, o->recompute};
@@ -475,6 +500,8 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             const tk_train_mb *mb = tk_train_data_mb(data, gk);
             const tk_batch *b = mb->text;
             acts->kinds = mb->kinds; /* [B*T] TK_KIND_* for gate statistics */
+            if (mm && tk_mm_forward(mm, mb->batch, b->B, b->T, acts, (size_t)m->cfg.dim, tk_train_data_name(data), err))
+                goto done;
             microbatch_rng(&rng, o->seed, step, gk);
             if (tk_llama_forward(m, acts, b->input_ids, b->attention_mask, b->B, b->T, 1, &rng, err)) goto done;
             if (dumping) {
@@ -487,6 +514,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             }
             loss_sum += tk_llama_loss(m, acts, b->labels, b->B, b->T, scale, NULL);
             if (tk_llama_backward(m, acts, b->B, b->T, err)) goto done;
+            if (mm) tk_mm_backward(mm);
             if (glog && tk_gatelog_batch(glog, m, acts, b->B, b->T, step, err)) goto done;
         }
         if (dist) { /* the step's sums over every rank's micro-batches (counts are already global) */
@@ -589,10 +617,12 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             const tk_train_mb *mb = tk_train_data_mb(data, (size_t)k);
             const tk_batch *b = mb->text;
             acts->kinds = mb->kinds;
+            if (mm && tk_mm_forward(mm, mb->batch, b->B, b->T, acts, (size_t)m->cfg.dim, tk_train_data_name(data), err))
+                goto done;
             if (tk_llama_forward(m, acts, b->input_ids, b->attention_mask, b->B, b->T, 0, NULL, err)) goto done;
             s += tk_llama_loss(m, acts, b->labels, b->B, b->T, 0.0f, NULL);
         }
-        if (save_outputs(o, m, s / (double)sb.targets, &st, err)) goto done;
+        if (save_outputs(o, m, mm, s / (double)sb.targets, &st, err)) goto done;
         if (glog && tk_gatelog_finish(glog, err)) goto done;
         if (!quiet) fprintf(stderr, "tspeft train: adapter written to %s\n", o->out_dir);
     }
@@ -605,5 +635,6 @@ done:
     tk_llama_acts_free(m, acts);
     tk_train_data_free(data);
     tk_llama_close(m);
+    tk_mm_free(mm);
     return rc;
 }

@@ -43,6 +43,15 @@ typedef struct {
     tk_sched_kind sched;
     int warmup_steps;
     tk_peft_config peft;     /* adapter description (ignored for tensors when adapter_dir is set) */
+    /* vision (LLaVA-style; docs/vision.md "Training"): NULL tower = text only */
+    const char *vision_tower;    /* HF CLIP/SigLIP vision tower directory (frozen) */
+    const char *projector;       /* projector weights to start from (mm_projector.safetensors or a LLaVA
+                                    checkpoint); NULL: nn.Linear initialisation */
+    const char *projector_type;  /* linear | mlp2x_gelu */
+    const char *vision_feature;  /* patch | cls_patch */
+    const char *image_preprocess;/* clip | llava-pad | siglip */
+    int vision_layer;            /* hidden-state index (0: -2) */
+    int stage;                   /* 1: projector only (no adapter); 2: projector + adapter (default) */
     tk_dist *dist;           /* data-parallel communicator (dist.h), or NULL for one process. With P
                                 ranks each optimizer step has P * grad_accum micro-batches; rank p runs
                                 micro-batches p*K .. p*K+K-1; only rank 0 prints and writes files */

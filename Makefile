@@ -1,6 +1,6 @@
 # Thin wrapper: install Debian packages, configure CMake, build, test, run the demo.
 #   make test   builds everything and runs every test (what CI runs)
-#   make demo   the main job (for now: the smallest real end-to-end training, examples/tiny_train.sh)
+#   make demo   the main job: LoRA against TS-LoRA on Fashion-MNIST images and text (examples/demo.sh)
 BUILD   ?= build
 JOBS    ?= $(shell nproc)
 PACKAGES = build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev libzstd-dev libstb-dev \
@@ -31,7 +31,7 @@ test: build
 	cd $(BUILD) && ctest --output-on-failure
 
 demo: build
-	./examples/tiny_train.sh $(BUILD)/tspeft
+	./examples/demo.sh $(BUILD)/tspeft runs/demo
 
 sanitize: deps
 	cmake -S . -B build-san -DCMAKE_BUILD_TYPE=Debug -DTSPEFT_SANITIZE=ON

@@ -77,12 +77,18 @@ int tk_llama_config_load(tk_llama_config *cfg, const char *path, tk_err *err) {
     }
     int rc = -1;
     const int big = 1 << 24;
-    if (get_int(root, "hidden_size", -1, 1, big, &cfg->dim, path, err) ||
-        get_int(root, "intermediate_size", -1, 1, big, &cfg->hidden_dim, path, err) ||
-        get_int(root, "num_hidden_layers", -1, 1, 4096, &cfg->n_layers, path, err) ||
-        get_int(root, "num_attention_heads", -1, 1, 4096, &cfg->n_heads, path, err) ||
+    /* A llava-hf LlavaConfig holds the language model under "text_config", where transformers'
+     * LlamaConfig defaults (LLaMA-7B's shape) fill the keys it leaves out. */
+    cJSON *whole = root;
+    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "text_config");
+    int llava_hf = cJSON_IsObject(tc);
+    if (llava_hf) root = (cJSON *)tc;
+    if (get_int(root, "hidden_size", llava_hf ? 4096 : -1, 1, big, &cfg->dim, path, err) ||
+        get_int(root, "intermediate_size", llava_hf ? 11008 : -1, 1, big, &cfg->hidden_dim, path, err) ||
+        get_int(root, "num_hidden_layers", llava_hf ? 32 : -1, 1, 4096, &cfg->n_layers, path, err) ||
+        get_int(root, "num_attention_heads", llava_hf ? 32 : -1, 1, 4096, &cfg->n_heads, path, err) ||
         get_int(root, "num_key_value_heads", cfg->n_heads, 1, 4096, &cfg->n_kv_heads, path, err) ||
-        get_int(root, "vocab_size", -1, 1, 1 << 28, &cfg->vocab_size, path, err) ||
+        get_int(root, "vocab_size", llava_hf ? 32000 : -1, 1, 1 << 28, &cfg->vocab_size, path, err) ||
         get_int(root, "max_position_embeddings", 2048, 1, big, &cfg->max_seq_len, path, err) ||
         get_float(root, "rms_norm_eps", 1e-6, 0.0, 1.0, &cfg->norm_eps, path, err) ||
         parse_rope(cfg, root, path, err))
@@ -116,7 +122,7 @@ int tk_llama_config_load(tk_llama_config *cfg, const char *path, tk_err *err) {
     }
     rc = 0;
 done:
-    cJSON_Delete(root);
+    cJSON_Delete(whole);
     return rc;
 }
 

@@ -94,6 +94,22 @@ static size_t slot_capacity(const tk_llama_config *c) { return 3 + 9 * (size_t)c
 
 tk_llama *tk_llama_open(const char *dir, tk_err *err) { return tk_llama_open_ex(dir, 0, err); }
 
+/* A base tensor by its LLaMA name, or as LLaVA checkpoints store the language model: llava-hf before
+ * transformers 4.52 ("language_model.model.layers...", "language_model.lm_head.weight") and after
+ * ("model.language_model.layers...", "lm_head.weight"). The original LLaVA layout uses the plain names. */
+static const tk_st_tensor *find_weight(const tk_st_set *set, const char *name, const tk_st_file **f) {
+    const tk_st_tensor *t = tk_st_set_find(set, name, f);
+    if (t) return t;
+    char alt[TK_NAME_MAX + 32];
+    snprintf(alt, sizeof alt, "language_model.%s", name);
+    if ((t = tk_st_set_find(set, alt, f))) return t;
+    if (strncmp(name, "model.", 6) == 0) {
+        snprintf(alt, sizeof alt, "model.language_model.%s", name + 6);
+        t = tk_st_set_find(set, alt, f);
+    }
+    return t;
+}
+
 tk_llama *tk_llama_open_ex(const char *dir, int keep_bf16, tk_err *err) {
     tk_llama *m = calloc(1, sizeof *m);
     tk_llama_slot *slots = NULL;
@@ -130,7 +146,7 @@ tk_llama *tk_llama_open_ex(const char *dir, int keep_bf16, tk_err *err) {
     /* Pass 1: validate every tensor and count what must be converted; pass 2: convert or map. */
     size_t ns = tk_llama_slots(m, slots), owned = 0;
     for (size_t i = 0; i < ns; i++) {
-        ts[i] = tk_st_set_find(m->files, slots[i].name, &fs[i]);
+        ts[i] = find_weight(m->files, slots[i].name, &fs[i]);
         if (!ts[i]) {
             tk_fail(err, "%s: tensor '%s' is missing from the checkpoint", dir, slots[i].name);
             goto fail;

@@ -8,6 +8,7 @@
  */
 #include "common.h"
 #include "datasets/csr_tasks.h"
+#include "src/eval/answer.h"
 #include "datasets/instruct.h"
 
 #include <stdio.h>
@@ -74,7 +75,9 @@ int main(void) {
         check((long)n == want, "record count as the README's table", detail);
         const tk_csr_task *t = tk_csr_task_from_path(path);
         check(t != NULL, "task from the path", path);
-        size_t bad_answer = 0, bad_output = 0, bad_input = 0, first_bad = n;
+        size_t bad_answer = 0, bad_output = 0, bad_input = 0, bad_extract = 0, first_bad = n;
+        const char *alts[16];
+        int na = t ? tk_answer_pattern(alts, 16, t->choices, t->n_choices) : 0;
         for (size_t i = 0; i < n; i++) {
             int a_ok = t && tk_csr_choice_index(t, r[i].answer) >= 0;
             char tail[128];
@@ -85,12 +88,18 @@ int main(void) {
             bad_answer += !a_ok;
             bad_output += !o_ok;
             bad_input += !i_ok;
-            if ((!a_ok || !o_ok || !i_ok) && first_bad == n) first_bad = i;
+            /* the evaluation's answer extraction (first match of the task's pattern) on the gold output
+             * recovers the gold answer */
+            size_t ml = 0;
+            const char *hit = na ? tk_answer_extract(r[i].output, strlen(r[i].output), alts, na, &ml) : NULL;
+            int e_ok = hit && ml == strlen(r[i].answer) && strncmp(hit, r[i].answer, ml) == 0;
+            bad_extract += !e_ok;
+            if ((!a_ok || !o_ok || !i_ok || !e_ok) && first_bad == n) first_bad = i;
         }
-        snprintf(detail, sizeof detail, "%zu bad answers, %zu bad outputs, %zu bad inputs, first at record %zu",
-                 bad_answer, bad_output, bad_input, first_bad);
-        check(bad_answer == 0 && bad_output == 0 && bad_input == 0,
-              "answers in the task's choices, outputs end with them, inputs empty", detail);
+        snprintf(detail, sizeof detail, "%zu bad answers, %zu bad outputs, %zu bad inputs, %zu extraction misses, "
+                 "first at record %zu", bad_answer, bad_output, bad_input, bad_extract, first_bad);
+        check(bad_answer == 0 && bad_output == 0 && bad_input == 0 && bad_extract == 0,
+              "answers in the task's choices, outputs end with them, inputs empty, extraction recovers them", detail);
         tk_instruct_free(r, n);
     }
     free(readme);

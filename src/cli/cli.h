@@ -3,6 +3,10 @@
 #ifndef TK_CLI_H
 #define TK_CLI_H
 
+#include "../common.h"
+
+#include <stddef.h>
+
 int tk_cmd_convert(int argc, char **argv);
 int tk_cmd_train(int argc, char **argv);
 /* train on one rank of a data-parallel job (src/train/dist.h); dist NULL = tk_cmd_train */
@@ -12,6 +16,8 @@ int tk_cmd_generate(int argc, char **argv);
 int tk_cmd_info(int argc, char **argv);
 int tk_cmd_merge(int argc, char **argv);
 int tk_cmd_bench(int argc, char **argv);
+/* bench --loader (bench_loader.c) */
+int tk_bench_loader(const char *spec, size_t B, size_t T, size_t batches, size_t prefetch, int threads, tk_err *err);
 int tk_cmd_eval(int argc, char **argv);
 int tk_cmd_gates(int argc, char **argv);
 int tk_cmd_select(int argc, char **argv);

@@ -115,7 +115,12 @@ int tk_cmd_bench(int argc, char **argv) {
     float keep = 1.0f, alpha = 32.0f;
     const char *targets = "all", *json_path = NULL, *type = "lora", *attention = "auto", *recompute = "0";
     uint64_t seed = 0;
+    const char *loader = NULL;
+    int batches = 200, prefetch = 2;
     tk_opt opts[] = {
+        {"loader", TK_OPT_STR, &loader, "SHARDS", "instead: time the shard loader (a file or quoted glob) at --batch x --seq", 0},
+        {"batches", TK_OPT_INT, &batches, "N", "--loader: batches timed (default 200)", 0},
+        {"prefetch", TK_OPT_INT, &prefetch, "N", "--loader: batches prepared ahead (default 2)", 0},
         {"dim", TK_OPT_INT, &c.dim, "C", "hidden size (default 768)", 0},
         {"layers", TK_OPT_INT, &c.n_layers, "L", "layers (default 12)", 0},
         {"heads", TK_OPT_INT, &c.n_heads, "H", "attention heads (default 12)", 0},
@@ -146,6 +151,17 @@ int tk_cmd_bench(int argc, char **argv) {
     if (pr < 0) {
         fprintf(stderr, "tspeft bench: %s\n", err.msg);
         return 2;
+    }
+    if (loader) {
+        if (batches < 1 || prefetch < 0 || seq < 1 || batch < 1) {
+            fprintf(stderr, "tspeft bench: --batches, --seq and --batch must be >= 1, --prefetch >= 0\n");
+            return 2;
+        }
+        if (tk_bench_loader(loader, (size_t)batch, (size_t)seq, (size_t)batches, (size_t)prefetch, threads, &err)) {
+            fprintf(stderr, "tspeft bench: %s\n", err.msg);
+            return 1;
+        }
+        return 0;
     }
     if (!c.n_kv_heads) c.n_kv_heads = c.n_heads;
     c.head_dim = c.n_heads > 0 ? c.dim / c.n_heads : 0;

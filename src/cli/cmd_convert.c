@@ -6,6 +6,7 @@
 #include <cJSON.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define MAX_INPUTS 256
 
@@ -124,15 +125,20 @@ int tk_cmd_convert(int argc, char **argv) {
     tk_convert_stats st;
     memset(&st, 0, sizeof st);
     if (f->run(&o, &st, &err)) goto fail;
-    double secs = tk_time() - ps.t0;
+    double secs = tk_time() - ps.t0, in_bytes = 0;
+    for (int i = 0; i < n_in; i++) { /* input throughput (files; a directory counts 0) */
+        struct stat sb;
+        if (stat(inputs[i], &sb) == 0 && S_ISREG(sb.st_mode)) in_bytes += (double)sb.st_size;
+    }
     double ratio = tk_shard_stats_ratio(&st.bytes);
     if (json) {
         printf("{\"format\": \"%s\", \"records\": %zu, \"written\": %zu, \"tokens\": %llu, \"truncated\": %zu, "
                "\"dropped\": %zu, \"no_target\": %zu, \"shards\": %zu, \"images\": %zu, \"raw_bytes\": %llu, "
-               "\"compressed_bytes\": %llu, \"file_bytes\": %llu, \"compression_ratio\": %.4f, \"seconds\": %.3f}\n",
+               "\"compressed_bytes\": %llu, \"file_bytes\": %llu, \"compression_ratio\": %.4f, \"seconds\": %.3f, "
+               "\"input_bytes\": %.0f, \"input_mb_per_s\": %.3f}\n",
                f->name, st.records, st.written, (unsigned long long)st.tokens, st.truncated, st.dropped, st.no_target,
                st.shards, st.images, (unsigned long long)st.bytes.raw_bytes, (unsigned long long)st.bytes.compressed_bytes,
-               (unsigned long long)st.bytes.file_bytes, ratio, secs);
+               (unsigned long long)st.bytes.file_bytes, ratio, secs, in_bytes, in_bytes / 1e6 / (secs > 0 ? secs : 1e-9));
     }
     if (!quiet) {
         fprintf(stderr, "convert: %s -> %s: %zu records read, %zu written (%llu tokens), %zu truncated, %zu dropped",
@@ -142,7 +148,9 @@ int tk_cmd_convert(int argc, char **argv) {
             fprintf(stderr, "; %zu shard%s, %.1f MiB (%.2fx compression)", st.shards, st.shards == 1 ? "" : "s",
                     (double)st.bytes.file_bytes / 1048576.0, ratio);
         if (st.images) fprintf(stderr, "; %zu images", st.images);
-        fprintf(stderr, "; %.1fs\n", secs);
+        fprintf(stderr, "; %.1fs", secs);
+        if (in_bytes > 0) fprintf(stderr, " (%.1f MB/s of input)", in_bytes / 1e6 / (secs > 0 ? secs : 1e-9));
+        fprintf(stderr, "\n");
     }
     status = 0;
 fail:

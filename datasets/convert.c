@@ -3,6 +3,7 @@
 
 #include "convert_fashion_mnist.h"
 #include "convert_llava.h"
+#include "../src/train/multimodal.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -39,8 +40,24 @@ static int run_llava(const tk_convert_opts *o, tk_convert_stats *st, tk_err *err
                                .image_tokens = o->image_tokens, .out = o->out, .template_name = o->template_name,
                                .max_len = o->max_len, .skip_bad_images = o->skip_bad_images,
                                .progress = o->progress, .progress_ctx = o->progress_ctx};
+    tk_mm *mm = NULL;
+    if (o->encoder) { /* feature cache: the tower's default LLaVA selection (hidden state -2, patches) */
+        tk_mm_opts mo = {.tower = o->encoder};
+        if (!(mm = tk_mm_open(&mo, 1, err))) return -1;
+        if (tk_mm_tokens(mm) != o->image_tokens) {
+            tk_fail(err, "--encoder %s gives %zu features per image but --image-tokens is %zu", o->encoder,
+                    tk_mm_tokens(mm), o->image_tokens);
+            tk_mm_free(mm);
+            return -1;
+        }
+        l.features = tk_mm_image_features;
+        l.features_ctx = mm;
+        l.features_dim = tk_mm_feature_dim(mm);
+    }
     tk_llava_convert_stats ls;
-    if (tk_convert_llava(&l, &ls, err)) return -1;
+    int rc = tk_convert_llava(&l, &ls, err);
+    tk_mm_free(mm);
+    if (rc) return -1;
     st->records = ls.records;
     st->written = ls.written;
     st->truncated = ls.truncated;

@@ -55,6 +55,7 @@ typedef struct {
     int32_t vocab_size;        /* jsonl without a tokenizer: ids must lie below it (0: no check) */
     /* vision formats */
     const char *image_folder;
+    const char *encoder;       /* llava: store the frozen encoder's F16 features (a CLIP/SigLIP tower dir) */
     size_t image_tokens;
     const char *split;
     int skip_bad_images;

@@ -257,6 +257,9 @@ static int convert_record(shard_out *so, const cJSON *rec, size_t ri, const tk_t
     char *bytes = NULL;
     size_t nbytes = 0;
     char ipath[4200];
+    float *feat = NULL;      /* the feature cache (o->features) */
+    uint16_t *feat16 = NULL;
+    size_t fdim = 0;
     if (image) {
         const char *folder = o->image_folder;
         char jdir[4096];
@@ -281,6 +284,22 @@ static int convert_record(shard_out *so, const cJSON *rec, size_t ri, const tk_t
             tk_err_one_line(&ierr);
             return tk_fail(err, "%s: image %s (use --skip-bad-images to skip such records)", name, ierr.msg);
         }
+        if (o->features) { /* encode now: store F16 features instead of the file */
+            size_t nf = o->image_tokens * o->features_dim;
+            feat = malloc(nf * sizeof *feat);
+            feat16 = malloc(nf * sizeof *feat16);
+            if (!feat || !feat16 || o->features(o->features_ctx, img, feat, &fdim, err) != 0 || fdim != o->features_dim) {
+                if (feat && feat16 && !err->msg[0]) tk_fail(err, "feature width mismatch");
+                tk_image_free(img);
+                free(bytes);
+                free(feat);
+                free(feat16);
+                return tk_err_prefix(err, ipath);
+            }
+            for (size_t k = 0; k < nf; k++) feat16[k] = tk_f32_to_f16(feat[k]);
+            free(feat);
+            feat = NULL;
+        }
         tk_image_free(img);
     }
 
@@ -299,6 +318,7 @@ static int convert_record(shard_out *so, const cJSON *rec, size_t ri, const tk_t
     }
     if (rc != 0) {
         free(bytes);
+        free(feat16);
         return tk_err_prefix(err, name);
     }
     const tk_example *ex = &sc->ex;
@@ -309,17 +329,20 @@ static int convert_record(shard_out *so, const cJSON *rec, size_t ri, const tk_t
     }
     if (image && n_img_tok != o->image_tokens) {
         free(bytes);
+        free(feat16);
         return tk_fail(err, "%s: --max-len %zu cuts the record's %zu image tokens (keeps %zu); raise --max-len", name,
                        o->max_len, o->image_tokens, n_img_tok);
     }
     if (ex->n == 0) {
         free(bytes);
+        free(feat16);
         return tk_fail(err, "%s: no tokens", name);
     }
     if (ex->n > sc->ids_cap) {
         int32_t *ni = realloc(sc->ids, ex->n * sizeof *ni);
         if (!ni) {
             free(bytes);
+            free(feat16);
             return tk_fail(err, "out of memory");
         }
         sc->ids = ni;
@@ -342,9 +365,15 @@ static int convert_record(shard_out *so, const cJSON *rec, size_t ri, const tk_t
     }
     if (!meta_s) {
         free(bytes);
+        free(feat16);
         return tk_fail(err, "%s: out of memory building the metadata", name);
     }
     tk_shard_image simg = {.kind = TK_IMAGE_ENCODED, .ndim = 0, .nbytes = nbytes, .data = (const uint8_t *)bytes};
+    if (feat16) {
+        simg = (tk_shard_image){.kind = TK_IMAGE_F16_FEATURES, .ndim = 2, .shape = {o->image_tokens, fdim},
+                                .nbytes = 2 * o->image_tokens * fdim, .data = (const uint8_t *)feat16};
+        nbytes = simg.nbytes;
+    }
     tk_shard_record srec = {.n_tokens = ex->n,
                             .input_ids = sc->ids,
                             .labels = ex->labels,
@@ -356,6 +385,7 @@ static int convert_record(shard_out *so, const cJSON *rec, size_t ri, const tk_t
     rc = out_add(so, &srec, err);
     free(meta_s);
     free(bytes);
+    free(feat16);
     if (rc != 0) return tk_err_prefix(err, name);
     st->written++;
     st->with_image += image != NULL;

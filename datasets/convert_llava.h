@@ -61,6 +61,13 @@ typedef struct {
     void (*progress)(void *ctx, size_t done, size_t total);
     void *progress_ctx;
     size_t progress_every;    /* records between progress calls; 0 = 1000 */
+    /* optional feature cache: when set, each image is stored as the frozen encoder's features
+     * (TK_IMAGE_F16_FEATURES [image_tokens, dim]) instead of its file bytes, so training skips the
+     * encoder. features(ctx, img, out, &dim) writes image_tokens x dim floats into out (capacity:
+     * image_tokens * features_dim) and returns 0, or -1 with err set. */
+    int (*features)(void *ctx, const void *img, float *out, size_t *dim, tk_err *err);
+    void *features_ctx;
+    size_t features_dim;
 } tk_llava_convert_opts;
 
 typedef struct {

@@ -51,6 +51,8 @@ int tk_cmd_convert(int argc, char **argv) {
         {"limit", TK_OPT_INT, &limit, "N", "only the first N records of each input", 0},
         {"vocab-size", TK_OPT_INT, &vocab, "V", "jsonl without --tokenizer: ids must be below V", 0},
         {"image-folder", TK_OPT_STR, &o.image_folder, "DIR", "llava: image paths are relative to it", 0},
+        {"encoder", TK_OPT_STR, &o.encoder, "DIR", "llava: store the frozen vision tower's F16 features instead of the image "
+                                                   "files (training then skips the encoder)", 0},
         {"image-tokens", TK_OPT_INT, &image_tokens, "N", "llava: tokens per image (the encoder's features, e.g. 576)", 0},
         {"split", TK_OPT_STR, &o.split, "NAME", "fashion-mnist: train | test (default train)", 0},
         {"skip-bad-images", TK_OPT_FLAG, &o.skip_bad_images, NULL, "llava: skip (and count) missing or broken images", 0},
@@ -144,7 +146,7 @@ int tk_cmd_convert(int argc, char **argv) {
         fprintf(stderr, "convert: %s -> %s: %zu records read, %zu written (%llu tokens), %zu truncated, %zu dropped",
                 f->name, o.out, st.records, st.written, (unsigned long long)st.tokens, st.truncated, st.dropped);
         if (st.no_target) fprintf(stderr, ", %zu without a trained token", st.no_target);
-        if (st.shards)
+        if (st.shards && st.bytes.file_bytes)
             fprintf(stderr, "; %zu shard%s, %.1f MiB (%.2fx compression)", st.shards, st.shards == 1 ? "" : "s",
                     (double)st.bytes.file_bytes / 1048576.0, ratio);
         if (st.images) fprintf(stderr, "; %zu images", st.images);

@@ -251,3 +251,14 @@ int tk_mm_embed_image(tk_mm *mm, const uint8_t *bytes, size_t n, const char *nam
     tk_projector_forward(&mm->proj, out, mm->cache, mm->feat, mm->n_tok);
     return 0;
 }
+
+size_t tk_mm_feature_dim(const tk_mm *mm) { return mm->cv; }
+
+int tk_mm_image_features(void *ctx, const void *img, float *out, size_t *dim, tk_err *err) {
+    tk_mm *mm = ctx;
+    if (reserve(mm, 1, 1, err) || tk_preprocess(mm->pix, (const tk_image *)img, &mm->pre, err) ||
+        tk_vit_forward(mm->vit, mm->ws, out, mm->pix, 1, &mm->sel, err))
+        return -1;
+    *dim = mm->cv;
+    return 0;
+}

@@ -51,5 +51,9 @@ void tk_mm_backward(tk_mm *mm);
 /* Projections of one preprocessed-or-encoded image for inference: out [tk_mm_tokens, llm_dim]. */
 int tk_mm_embed_image(tk_mm *mm, const uint8_t *bytes, size_t n, const char *name, float *out, tk_err *err);
 int tk_mm_save(const tk_mm *mm, const char *path, tk_err *err);
+/* The frozen encoder's selected features of one decoded image (a tk_image *): out [tk_mm_tokens,
+ * *dim]. The signature is convert_llava.h's feature-cache callback (ctx = the tk_mm). */
+int tk_mm_image_features(void *mm, const void *img, float *out, size_t *dim, tk_err *err);
+size_t tk_mm_feature_dim(const tk_mm *mm);
 
 #endif

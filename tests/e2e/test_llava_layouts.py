@@ -135,6 +135,27 @@ def main():
                 same = sorted(dumps[name]) == names and all(np.array_equal(ref[k], dumps[name][k]) for k in names)
                 bad = [k for k in names if k in dumps[name] and not np.array_equal(ref[k], dumps[name][k])][:4]
                 chk.ok(same, "stage %s: %s layout's dump is bit-identical to the original layout's" % (stage, name), bad)
+        # the feature cache: the tower's F16 features stored at convert time train like the images
+        p = U.run(a.tspeft, ["convert", "--format", "llava", "--input", T("data.json"), "--image-folder", T("img"),
+                             "--tokenizer", T("tok.model"), "--image-tokens", 16, "--encoder", T("tower"),
+                             "--out", T("feat.shard"), "--quiet"])
+        chk.ok(p.returncode == 0, "convert --encoder (F16 feature cache)", p.stderr)
+        dd = {}
+        for name, data in (("images", T("data.shard")), ("features", T("feat.shard"))):
+            d = T("dump-cache-" + name)
+            p = U.run(a.tspeft, ["train", "--data", data, "--steps", 1, "--batch-size", 4, "--max-seq-len", 256,
+                                 "--threads", 1, "--seed", 3, "--model", T("plain"), "--vision-tower", T("tower"),
+                                 "--projector", T("original"), "--target-modules", "all", "--dump", d],
+                      env={"OMP_NUM_THREADS": "1"})
+            if chk.ok(p.returncode == 0, "one step on %s" % name, p.stderr):
+                dd[name] = st.load(os.path.join(d, "step1.safetensors"))
+        if len(dd) == 2:
+            l1, l2 = float(dd["images"]["loss"][0]), float(dd["features"]["loss"][0])
+            g = [k for k in dd["images"] if k.startswith("model.mm_projector") and k.endswith(".grad")]
+            gerr = max(float(np.max(np.abs(dd["images"][k] - dd["features"][k]))) / max(float(np.max(np.abs(dd["images"][k]))), 1e-30)
+                       for k in g)
+            chk.ok(abs(l1 - l2) <= 1e-3 * abs(l1) and gerr <= 1e-2,
+                   "cached F16 features: loss %.6f vs %.6f, projector gradients within %.1e (F16 rounding)" % (l1, l2, gerr))
     finally:
         if a.keep:
             print("kept", tmp)

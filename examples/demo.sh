@@ -65,7 +65,7 @@ for method in lora ts-lora; do
     stage "7/8 LLaVA stage 2, $method: projector + LoRA r 16 on all projections (gate $gate), images + text"
     "$TSPEFT" train --model "$RUN/base" --vision-tower "$RUN/tower" --projector "$RUN/stage1/mm_projector.safetensors" \
         --stage 2 --data "$RUN/shards/image_train.shard:2" --data "$RUN/shards/text_train.shard:1" \
-        --target-modules all --r 16 --alpha 32 --gate $gate --ts-lambda 0.3 --ts-warmup-steps 50 \
+        --target-modules all --r 16 --alpha 32 --gate $gate --ts-lambda 0.2 --ts-warmup-steps 50 \
         --steps "$STEPS" --batch-size 16 --lr 2e-3 --lr-scheduler cosine --warmup-steps 20 --shuffle --seed 1 \
         --max-seq-len 128 --out "$RUN/$method" --log-every 100 --threads "$THREADS"
 done
@@ -110,7 +110,7 @@ d_img = e2["image"].get("vqa_mc_acc", 0) - e1["image"].get("vqa_mc_acc", 0)
 d_txt = e2["text"].get("vqa_mc_acc", 0) - e1["text"].get("vqa_mc_acc", 0)
 verdict = lambda d: "better" if d > 0.005 else ("worse" if d < -0.005 else "the same")
 print("\nheadline: TS-LoRA skipped %.1f%% of token updates and was %s on images (%+.3f) and %s on text (%+.3f) "
-      "than dense LoRA in this run" % (100 * g["discarded_fraction_run"], verdict(d_img), d_img, verdict(d_txt), d_txt))
+      "compared with dense LoRA in this run" % (100 * g["discarded_fraction_run"], verdict(d_img), d_img, verdict(d_txt), d_txt))
 print("\nchance: image 0.100 (10 classes); mc = multiple choice by log-likelihood, em = exact match of greedy answers")
 print("the vision tower is random and frozen (no pretrained weights here): image accuracy comes from the projector"
       " and adapters learning on random features")

@@ -53,7 +53,7 @@ static char *move_image_tag(const char *s) {
 
 /* Copies segs into *out, splitting the text segment that holds "<image>" into text, an image run of
  * n_image tokens, and the rest as a fresh encode call. Texts keep pointing into the source. */
-static int split_image(tk_segment **out, size_t *n_out, const tk_segments *segs, size_t n_image, tk_err *err) {
+int tk_llava_split_image(tk_segment **out, size_t *n_out, const tk_segments *segs, size_t n_image, tk_err *err) {
     tk_segment *o = malloc((segs->n + 2) * sizeof *o);
     if (!o) return tk_fail(err, "out of memory");
     size_t k = 0, found = 0;
@@ -310,7 +310,7 @@ static int convert_record(shard_out *so, const cJSON *rec, size_t ri, const tk_t
     if (rc == 0 && image) {
         tk_segment *segs = NULL;
         size_t n_segs = 0;
-        rc = split_image(&segs, &n_segs, &sc->segs, o->image_tokens, err);
+        rc = tk_llava_split_image(&segs, &n_segs, &sc->segs, o->image_tokens, err);
         if (rc == 0) rc = tk_encode_segments(&sc->ex, NULL, tok, segs, n_segs, &topts, err);
         free(segs);
     } else if (rc == 0) {

@@ -39,6 +39,7 @@
 #define TK_DATASETS_CONVERT_LLAVA_H
 
 #include "../src/common.h"
+#include "../text/template.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -83,5 +84,10 @@ typedef struct {
 } tk_llava_convert_stats;
 
 int tk_convert_llava(const tk_llava_convert_opts *o, tk_llava_convert_stats *st, tk_err *err);
+
+/* A template's segments with the one "<image>" of a text segment replaced by an image segment of
+ * n_image positions (the text after it starts a new encode call, as LLaVA's tokenizer_image_token
+ * does). *out is malloc'd (free()); its texts point into segs. -1 when there is no "<image>". */
+int tk_llava_split_image(tk_segment **out, size_t *n_out, const tk_segments *segs, size_t n_image, tk_err *err);
 
 #endif

@@ -76,6 +76,11 @@ for method in lora ts-lora; do
         --task vqa --data "$RUN/shards/image_test.shard" --task vqa --data "$RUN/shards/text_test.shard" \
         --max-new-tokens 8 --threads "$THREADS" --out "$RUN/$method.eval.json" > "$RUN/$method.eval.txt" 2> "$RUN/$method.eval.log"
 done
+img=$($PY -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print(r['image'] + '\t' + r['conversations'][1]['value'])" \
+      "$RUN/fmnist/test.json")
+answer=$("$TSPEFT" generate --model "$RUN/base" --adapter "$RUN/ts-lora" --tokenizer "$TOK" --vision-tower "$RUN/tower" \
+         --image "$RUN/fmnist/${img%%$'\t'*}" --prompt "What item of clothing is this?" --max-new-tokens 8 --threads "$THREADS")
+echo "generate --image $RUN/fmnist/${img%%$'\t'*}: \"$answer\" (gold: ${img#*$'\t'})"
 "$TSPEFT" gates "$RUN/ts-lora" --format json > "$RUN/ts-lora.gates.json"
 "$TSPEFT" gates "$RUN/ts-lora" > "$RUN/ts-lora.gates.txt"
 

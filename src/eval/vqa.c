@@ -74,6 +74,7 @@ int tk_eval_vqa(const tk_eval_ctx *ctx, tk_mm *mm, const char *path, tk_eval_res
                 tk_err *err) {
     tk_llama *m = ctx->m;
     size_t C = (size_t)m->cfg.dim, V = (size_t)m->cfg.vocab_size, nt = tk_mm_tokens(mm);
+    size_t Vt = (size_t)tk_tok_vocab_size(ctx->tok) < V ? (size_t)tk_tok_vocab_size(ctx->tok) : V;
     tk_shard_reader *r = tk_shard_reader_open(path, err);
     if (!r) return -1;
     uint64_t n_all = tk_shard_reader_count(r), n = ctx->limit && ctx->limit < n_all ? ctx->limit : n_all;
@@ -164,8 +165,8 @@ int tk_eval_vqa(const tk_eval_ctx *ctx, tk_mm *mm, const char *path, tk_eval_res
         memcpy(logits, l0, V * sizeof *logits);
         size_t ng = 0;
         for (; ng < max_new; ng++) {
-            int32_t best = 0;
-            for (size_t v = 1; v < V; v++)
+            int32_t best = 0; /* among the ids the tokenizer can decode (llava-hf pads its vocabulary) */
+            for (size_t v = 1; v < Vt; v++)
                 if (logits[v] > logits[best]) best = (int32_t)v;
             if (ctx->eos >= 0 && best == ctx->eos) break;
             gen[ng] = best;

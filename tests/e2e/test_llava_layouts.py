@@ -156,6 +156,19 @@ def main():
                        for k in g)
             chk.ok(abs(l1 - l2) <= 1e-3 * abs(l1) and gerr <= 1e-2,
                    "cached F16 features: loss %.6f vs %.6f, projector gradients within %.1e (F16 rounding)" % (l1, l2, gerr))
+        # generate --image: the llava-hf directory as model, tower and projector
+        p = U.run(a.tspeft, ["generate", "--model", T("hf"), "--vision-tower", T("hf"), "--projector", T("hf"),
+                             "--tokenizer", T("tok.model"), "--image", T("img", "0.png"), "--prompt",
+                             "What colour dominates?", "--max-new-tokens", 4])
+        chk.ok(p.returncode == 0 and len(p.stdout.splitlines()) == 1, "generate --image prints one line of text: %r"
+               % p.stdout.strip()[:40], p.stderr)
+        p2 = U.run(a.tspeft, ["generate", "--model", T("original"), "--vision-tower", T("tower"), "--projector",
+                              T("original"), "--tokenizer", T("tok.model"), "--image", T("img", "0.png"), "--prompt",
+                              "What colour dominates?", "--max-new-tokens", 4])
+        chk.ok(p2.returncode == 0 and p2.stdout == p.stdout, "the original layout generates the same text", p2.stderr)
+        p = U.run(a.tspeft, ["generate", "--model", T("hf"), "--tokenizer", T("tok.model"), "--image", T("img", "0.png"),
+                             "--prompt", "x"])
+        chk.ok(p.returncode == 2 and "--vision-tower" in p.stderr, "--image without --vision-tower: usage error", p.stderr)
     finally:
         if a.keep:
             print("kept", tmp)

@@ -8,7 +8,12 @@
 
 #include <sentencepiece_processor.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -115,6 +120,34 @@ int check_model_framing(const unsigned char *b, size_t n, const char *path, tk_e
     return 0;
 }
 
+// libsentencepiece trusts the model's precompiled normalizer (a darts-clone trie it walks without bounds
+// checks): a corrupt one loads fine and then crashes the first encode (found by the tokenizer fuzz
+// target). A model from outside is therefore encoded once in a forked child first; a child killed
+// by a signal means the model would crash us, and it is refused. Returns 0 when the probe ran cleanly.
+int probe_in_child(sentencepiece::SentencePieceProcessor &sp, const char *path, tk_err *err) {
+    static const char probe[] = "Hello, world! 123  tabs\tand\nnewlines \xc3\xa9\xc3\xbc\xe4\xb8\xad\xe6\x96\x87 "
+                                "\xf0\x9f\x98\x80 \xef\xbc\xa1\xe2\x85\xa0 A\xcc\x8a ~!@#$%^&*() ";
+    fflush(nullptr);
+    pid_t pid = fork();
+    if (pid < 0) return 0; // cannot probe (no process left): load as before
+    if (pid == 0) {
+        std::vector<int> ids;
+        std::string back;
+        sp.Encode(absl::string_view(probe, sizeof probe - 1), &ids).IgnoreError();
+        sp.Decode(ids, &back).IgnoreError();
+        _exit(0);
+    }
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR) return 0;
+    if (WIFSIGNALED(status))
+        return tk_fail(err, "%s: corrupt sentencepiece model: encoding with it crashes libsentencepiece (signal %d; "
+                            "a damaged normalizer table?)", path, WTERMSIG(status));
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        return tk_fail(err, "%s: corrupt sentencepiece model: a test encode failed", path);
+    return 0;
+}
+
 } // namespace
 
 extern "C" {
@@ -146,6 +179,10 @@ tk_tokenizer *tk_tok_open(const char *path, tk_err *err) {
         int size = tok->sp.GetPieceSize();
         if (size <= 0) {
             tk_fail(err, "%s: cannot load sentencepiece model: it has no pieces", path);
+            delete tok;
+            return nullptr;
+        }
+        if (probe_in_child(tok->sp, path, err) != 0) {
             delete tok;
             return nullptr;
         }

@@ -369,10 +369,5 @@ def png_rows_tail():
 def pending_crashes():
     """Inputs that crash today, kept out of the corpus until the code is fixed (docs/bad-input.md,
     "Open defects"): name -> bytes; `make_corpus.py --pending DIR` writes them."""
-    jb = JPEGS["baseline"]
-    return {
-        # a DHT segment whose 16 code-length counts add up to more than 256 (here 16 x 255):
-        # stb_image 2.27 stbi__build_huffman writes h->size[k++] past size[257] (UBSan: index 257 out
-        # of bounds for type 'stbi_uc[257]'; without sanitizers it overwrites the decoder's state)
-        "crash_jpeg_dht_counts_over_256.jpg": jpeg_edit(jb, 0xC4, lambda body: body[:1] + b"\xff" * 16 + body[17:]),
-    }
+    # none today: the last one (crash_jpeg_dht_counts_over_256.jpg) is fixed and lives in the corpus as a crash_* file
+    return {}

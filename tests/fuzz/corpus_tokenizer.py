@@ -278,12 +278,6 @@ def corpus_tokenizer(rng, bit_flips, text_truncations):
 def pending_crashes():
     """Inputs that crash today, kept out of the corpus until the code is fixed (docs/bad-input.md,
     "Open defects"): name -> bytes; `make_corpus.py --pending DIR` writes them."""
-    small = train()["small"]
-    return {
-        # a precompiled_charsmap blob whose size prefix is consistent but whose double-array trie is
-        # garbage: sentencepiece loads the model, then Normalizer::NormalizePrefix reads out of
-        # bounds (SIGSEGV) on the first tk_tok_encode
-        "crash_normalizer_charsmap_garbage.model":
-            normalizer(small, 2, 2, b"\x10\x00\x00\x00" + bytes(range(40))),
-    }
+    # none today: the last one (crash_normalizer_charsmap_garbage.model) is fixed and lives in the corpus as a crash_* file
+    return {}
 

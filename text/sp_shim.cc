@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -131,6 +132,10 @@ int probe_in_child(sentencepiece::SentencePieceProcessor &sp, const char *path, 
     pid_t pid = fork();
     if (pid < 0) return 0; // cannot probe (no process left): load as before
     if (pid == 0) {
+        // the default action for crash signals: the kernel ends the child, the parent sees the signal
+        // (no inherited handler, a sanitizer's or a fuzzer's, may report it as this process's crash)
+        const int sigs[] = {SIGSEGV, SIGBUS, SIGABRT, SIGFPE, SIGILL};
+        for (int sg : sigs) signal(sg, SIG_DFL);
         std::vector<int> ids;
         std::string back;
         sp.Encode(absl::string_view(probe, sizeof probe - 1), &ids).IgnoreError();

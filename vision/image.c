@@ -314,6 +314,9 @@ int tk_image_info(tk_image_format *fmt, size_t *w, size_t *h, const void *data, 
     }
     const uint8_t *p = data;
     int x = 0, y = 0, comp = 0;
+    /* stbi_info already builds the Huffman tables that come before the frame header: walk the markers
+     * first (a DHT of more than 256 codes overflows stb's table; found by the image fuzz target) */
+    if (f == TK_IMAGE_FORMAT_JPEG && jpeg_check(p, len, name, 0, 0, err) != 0) return -1;
     if (f == TK_IMAGE_FORMAT_PNM) {
         size_t pw, ph, maxv, off;
         if (pnm_header(p, len, &pw, &ph, &maxv, &off, name, err) != 0) return -1;

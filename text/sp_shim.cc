@@ -121,6 +121,107 @@ int check_model_framing(const unsigned char *b, size_t n, const char *path, tk_e
     return 0;
 }
 
+// The length-delimited payloads of top-level field `want` of a protobuf message (the last one wins, as
+// protobuf merges). 0 when found (b, n set), 1 when absent, -1 on broken framing.
+int find_bytes_field(const unsigned char *m, size_t n, uint64_t want, const unsigned char **b, size_t *bn) {
+    size_t i = 0;
+    int found = 1;
+    while (i < n) {
+        uint64_t key, len;
+        if (read_varint(m, n, &i, &key) != 0) return -1;
+        unsigned wire = (unsigned)(key & 7);
+        if (wire == 0) {
+            if (read_varint(m, n, &i, &len) != 0) return -1;
+        } else if (wire == 1 || wire == 5) {
+            size_t w = wire == 1 ? 8 : 4;
+            if (n - i < w) return -1;
+            i += w;
+        } else if (wire == 2) {
+            if (read_varint(m, n, &i, &len) != 0 || len > n - i) return -1;
+            if ((key >> 3) == want) {
+                *b = m + i;
+                *bn = (size_t)len;
+                found = 0;
+            }
+            i += (size_t)len;
+        } else {
+            return -1;
+        }
+    }
+    return found;
+}
+
+// A precompiled normalization table (NormalizerSpec.precompiled_charsmap): a little-endian uint32 trie
+// size, a darts-clone double array of that many bytes, then the NUL-separated replacement strings.
+// sentencepiece walks the trie without bounds checks (commonPrefixSearch: from unit 0, for each byte c
+// it reads unit[base ^ c] with base = u ^ offset(unit[u]), accepts it when its label is c, and on a
+// leaf reads the value at unit[v ^ offset(unit[v])] as an offset into the strings). Every unit index
+// any input can reach must be inside the array and every leaf value inside the strings, NUL-terminated.
+// 0 when so (or the table is empty), else -1 with err.
+int check_charsmap(const unsigned char *b, size_t n, const char *path, const char *which, tk_err *err) {
+    if (n == 0) return 0;
+    if (n < 4) return tk_fail(err, "%s: corrupt sentencepiece model: %s normalization table of %zu bytes", path, which, n);
+    size_t trie = (size_t)b[0] | (size_t)b[1] << 8 | (size_t)b[2] << 16 | (size_t)b[3] << 24;
+    if (trie % 4 || trie == 0 || trie > n - 4)
+        return tk_fail(err, "%s: corrupt sentencepiece model: %s normalization trie of %zu bytes in a %zu-byte table",
+                       path, which, trie, n);
+    size_t nu = trie / 4, ns = n - 4 - trie;
+    const unsigned char *ub = b + 4, *strs = b + 4 + trie;
+    auto unit = [&](size_t k) -> uint32_t {
+        return (uint32_t)ub[4 * k] | (uint32_t)ub[4 * k + 1] << 8 | (uint32_t)ub[4 * k + 2] << 16 |
+               (uint32_t)ub[4 * k + 3] << 24;
+    };
+    auto offset = [](uint32_t u) -> size_t { return (size_t)((u >> 10) << ((u & (1u << 9)) >> 6)); };
+    std::vector<unsigned char> seen(nu, 0);
+    std::vector<size_t> todo(1, 0);
+    seen[0] = 1;
+    while (!todo.empty()) {
+        size_t u = todo.back();
+        todo.pop_back();
+        size_t base = u ^ offset(unit(u));
+        for (unsigned c = 0; c < 256; c++) {
+            size_t v = base ^ c;
+            if (v >= nu)
+                return tk_fail(err, "%s: corrupt sentencepiece model: %s normalization trie leads outside its %zu units",
+                               path, which, nu);
+            uint32_t uv = unit(v);
+            if ((uv & ((1u << 31) | 0xFFu)) != c || seen[v]) continue;
+            seen[v] = 1;
+            todo.push_back(v);
+            if ((uv >> 8) & 1u) { // a leaf: its value is an offset into the replacement strings
+                size_t leaf = v ^ offset(uv);
+                if (leaf >= nu)
+                    return tk_fail(err, "%s: corrupt sentencepiece model: %s normalization trie leads outside its %zu "
+                                        "units", path, which, nu);
+                size_t val = unit(leaf) & 0x7FFFFFFFu;
+                if (val >= ns || !memchr(strs + val, 0, ns - val))
+                    return tk_fail(err, "%s: corrupt sentencepiece model: %s normalization entry at %zu outside its "
+                                        "%zu bytes of strings", path, which, val, ns);
+            }
+        }
+    }
+    return 0;
+}
+
+// The normalizer (field 3) and denormalizer (field 5) tables of a ModelProto.
+int check_normalizers(const unsigned char *m, size_t n, const char *path, tk_err *err) {
+    static const struct {
+        uint64_t field;
+        const char *which;
+    } specs[] = {{3, "normalizer"}, {5, "denormalizer"}};
+    for (const auto &sp : specs) {
+        const unsigned char *spec, *map;
+        size_t sn, mn;
+        int r = find_bytes_field(m, n, sp.field, &spec, &sn);
+        if (r < 0) return tk_fail(err, "%s: not a sentencepiece model: corrupt framing", path);
+        if (r > 0) continue;
+        r = find_bytes_field(spec, sn, 2, &map, &mn); // NormalizerSpec.precompiled_charsmap
+        if (r < 0) return tk_fail(err, "%s: corrupt sentencepiece model: %s spec framing", path, sp.which);
+        if (r == 0 && check_charsmap(map, mn, path, sp.which, err) != 0) return -1;
+    }
+    return 0;
+}
+
 // libsentencepiece trusts the model's precompiled normalizer (a darts-clone trie it walks without bounds
 // checks): a corrupt one loads fine and then crashes the first encode (found by the tokenizer fuzz
 // target). A model from outside is therefore encoded once in a forked child first; a child killed
@@ -167,7 +268,8 @@ tk_tokenizer *tk_tok_open(const char *path, tk_err *err) {
     if (!bytes) return nullptr;
     tk_tokenizer *tok = nullptr;
     try {
-        if (check_model_framing(reinterpret_cast<const unsigned char *>(bytes), len, path, err) != 0) {
+        if (check_model_framing(reinterpret_cast<const unsigned char *>(bytes), len, path, err) != 0 ||
+            check_normalizers(reinterpret_cast<const unsigned char *>(bytes), len, path, err) != 0) {
             free(bytes);
             return nullptr;
         }

@@ -114,12 +114,16 @@ static int jpeg_check(const uint8_t *p, size_t len, const char *name, size_t w, 
         if (pos + 4 > len) break;
         size_t seg = ((size_t)p[pos + 2] << 8) | p[pos + 3];
         if (m == 0xC4 && seg >= 2 && pos + 2 + seg > len) {
-            /* a DHT running past the end: stb still reads its counts (0 past the end) */
-            size_t off = pos + 4, sum = 0;
-            for (size_t i = 1; i <= 16 && off + i < len; i++) sum += p[off + i];
-            if (sum > 256)
-                return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the Huffman table at byte "
-                               "%zu has %zu codes, at most 256)", name, w, h, off, sum);
+            /* a DHT running past the end: stb still reads every table of it (bytes past the end as 0) */
+            size_t off = pos + 4, end = pos + 2 + seg;
+            while (off + 17 <= end) {
+                size_t sum = 0;
+                for (size_t i = 1; i <= 16; i++) sum += off + i < len ? p[off + i] : 0;
+                if (sum > 256)
+                    return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the Huffman table at byte "
+                                   "%zu has %zu codes, at most 256)", name, w, h, off, sum);
+                off += 17 + sum;
+            }
         }
         if (seg < 2 || pos + 2 + seg > len) {
             if (!scan) return 0; /* a broken header: stb reports it */

@@ -95,7 +95,9 @@ void tk_image_free(tk_image *img) {
  * Structure it cannot follow (bad segment lengths) is left to stb. 0, or -1 with err set. */
 static int jpeg_check(const uint8_t *p, size_t len, const char *name, size_t w, size_t h, tk_err *err) {
     size_t pos = 2;
-    int scan = 0;
+    int scan = 0, progressive = 0;
+    uint8_t defined[2][16] = {{0}}; /* Huffman tables [DC/AC][id] defined so far: stb decodes a scan with
+                                       whatever uninitialised memory an undefined table holds */
     while (pos + 2 <= len) {
         if (p[pos] != 0xFF) { /* entropy-coded data (or junk stb will judge) */
             pos++;
@@ -138,11 +140,26 @@ static int jpeg_check(const uint8_t *p, size_t len, const char *name, size_t w, 
                     return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the Huffman table at byte "
                                    "%zu has %zu codes, at most 256)", name, w, h, off, sum);
                 if (off + 17 + sum > end) break;
+                defined[(p[off] >> 4) & 1][p[off] & 15] = 1;
                 off += 17 + sum;
             }
             if (off != end) /* stb would read the rest of a table from the next segment */
                 return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the Huffman table at byte %zu "
                                "runs past the end of its DHT segment at byte %zu)", name, w, h, off, end);
+        }
+        if (m == 0xC2) progressive = 1;
+        if (m == 0xDA && seg >= 6) { /* SOS: Ns, Ns x (component, Td << 4 | Ta), Ss, Se, Ah << 4 | Al */
+            size_t ns = p[pos + 4];
+            if (ns >= 1 && 2 * ns + 6 <= seg) {
+                size_t ss = p[pos + 5 + 2 * ns], ah = p[pos + 7 + 2 * ns] >> 4;
+                int dc = !progressive || (ss == 0 && ah == 0), ac = !progressive || ss > 0;
+                for (size_t i = 0; i < ns; i++) {
+                    uint8_t t = p[pos + 6 + 2 * i];
+                    if ((dc && !defined[0][t >> 4]) || (ac && !defined[1][t & 15]))
+                        return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the scan at byte %zu "
+                                       "uses a Huffman table that was never defined)", name, w, h, pos);
+                }
+            }
         }
         if (m == 0xDA) scan = 1;
         pos += 2 + seg;

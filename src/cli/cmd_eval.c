@@ -236,10 +236,12 @@ int tk_cmd_eval(int argc, char **argv) {
         goto done;
     }
     int any_vqa = 0;
-    for (int i = 0; i < nd; i++) any_vqa |= sets[i].vqa;
+    const char *vqa_data = NULL; /* the first visual-question dataset, named in errors */
+    for (int i = 0; i < nd; i++)
+        if (sets[i].vqa && !any_vqa++) vqa_data = sets[i].data;
     if (any_vqa) { /* the vision tower and projector, registered before the adapter is attached */
         if (!mo.tower) {
-            tk_fail(&err, "visual questions (a .shard or --task vqa) need --vision-tower DIR");
+            tk_fail(&err, "%s: visual questions (a .shard or --task vqa) need --vision-tower DIR", vqa_data);
             goto done;
         }
         if (!projector && adapter_dir) {

@@ -1,0 +1,236 @@
+#!/usr/bin/python3
+"""LLaVA-style training end to end on real images (issue 4): Debian's Fashion-MNIST (skipped with 77
+when /usr/share/datasets/fashion-mnist is absent) -> `convert --format fashion-mnist` (240 train / 40
+test PNGs + LLaVA JSON) -> a sentencepiece tokenizer on the conversations -> `convert --format llava
+--image-tokens 16` shards -> a tiny random CLIP tower (28 px, 7 px patches: 16 features) and LLaMA ->
+stage 1 (projector alone) -> stage 2 (projector + TS-LoRA on every projection) -> `eval` -> `generate
+--image`.
+
+Accuracy above chance is not asked for at this size. Checked instead: the shards' image runs (16
+TK_KIND_IMAGE positions per record, gold answers in the meta); what each stage trains and writes
+(stage 1: projector tensors only; stage 2: LoRA on all 14 projections + a projector that moved);
+the results JSON against its per-sample JSONL (n, metrics in [0,1] and equal to the samples' means,
+em = normalised exact match, mc_correct = choice is gold, gold answers in the data's order); the
+saved projector reloaded (re-written by Python) gives an identical eval and a bit-identical training
+step, the stage-1 projector a different step; `generate --image` prints the answer eval generated for
+the same image and question. Bad input (one-line error naming the file, non-zero exit, no crash): a
+text-only model on image shards, image runs of the wrong length (names the record), eval of a
+.shard without --vision-tower, generate with a missing image.
+
+    /usr/bin/python3 tests/e2e/test_multimodal.py --tspeft build/tspeft [--keep]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e_util as U  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import fixtures as FX  # noqa: E402
+import st  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+import make_random_vit as MV  # noqa: E402
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+N_TRAIN, N_TEST, IMG_TOK = 240, 40, 16
+HID, VOCAB, VH = 64, 400, 32
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+          "helpful, detailed, and polite answers to the user's questions.")
+PROJ = ["model.mm_projector.0.weight", "model.mm_projector.0.bias", "model.mm_projector.2.weight",
+        "model.mm_projector.2.bias"]
+KIND_IMAGE = 3
+
+
+def normalise(s):
+    """vqa.h's answer normalisation: ASCII whitespace trimmed, lower case, one trailing '.' removed."""
+    s = s.strip(" \t\n\r\f\v").lower()
+    return s[:-1] if s.endswith(".") else s
+
+
+def one_line_error(p, *needles):
+    """Non-zero exit (not a signal), a single 'tspeft VERB: ...' error line holding every needle."""
+    errs = [l for l in p.stderr.splitlines() if l.startswith("tspeft ") and ": " in l]
+    last = errs[-1] if errs else ""
+    return 0 < p.returncode < 128 and all(n in last for n in needles), last
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tspeft", required=True)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    if not os.path.isfile(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz")):
+        print("test_multimodal: skipped (%s absent)" % FMNIST)
+        return 77
+    if not shutil.which("spm_train"):
+        print("test_multimodal: skipped (spm_train absent)")
+        return 77
+    B = a.tspeft
+    chk = U.Checks("test_multimodal")
+    tmp = tempfile.mkdtemp(prefix="tk_mm_e2e_")
+    T = lambda *p: os.path.join(tmp, *p)  # noqa: E731
+    dump_tool = os.path.join(os.path.dirname(os.path.abspath(B)), "tests", "dump_shard")
+    TH = ["--threads", "2"]
+    try:
+        chk.section("data: Fashion-MNIST -> PNG + LLaVA JSON -> tokenizer -> shards")
+        for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+            p = U.run(B, ["convert", "--format", "fashion-mnist", "--input", FMNIST, "--out", T("fm"), "--split", split,
+                          "--limit", n, "--quiet"])
+            if not chk.ok(p.returncode == 0, "convert --format fashion-mnist --split %s" % split, p.stderr):
+                return chk.finish()
+        recs = {s: json.load(open(T("fm", "%s.json" % s))) for s in ("train", "test")}
+        chk.ok(len(recs["train"]) == N_TRAIN and len(recs["test"]) == N_TEST and
+               all(os.path.isfile(T("fm", r["image"])) for s in recs for r in recs[s]),
+               "%d + %d records, every image file present" % (N_TRAIN, N_TEST))
+        with open(T("corpus.txt"), "w") as f:
+            for s in recs:
+                for r in recs[s]:
+                    q = r["conversations"][0]["value"].replace("<image>\n", "")
+                    f.write("%s USER: %s ASSISTANT: %s\n" % (SYSTEM, q, r["conversations"][1]["value"]))
+        subprocess.run(["spm_train", "--input=" + T("corpus.txt"), "--model_prefix=" + T("tok"), "--vocab_size=%d" % VOCAB,
+                        "--model_type=bpe", "--byte_fallback=true", "--num_threads=1", "--minloglevel=2"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tok = T("tok.model")
+        for split in ("train", "test"):
+            p = U.run(B, ["convert", "--format", "llava", "--input", T("fm", "%s.json" % split), "--image-folder", T("fm"),
+                          "--tokenizer", tok, "--image-tokens", IMG_TOK, "--out", T("sh", "%s.shard" % split), "--quiet"])
+            if not chk.ok(p.returncode == 0, "convert --format llava %s.shard" % split, p.stderr):
+                return chk.finish()
+        rows = [json.loads(l) for l in subprocess.run([dump_tool, T("sh", "test.shard")], check=True,
+                                                       stdout=subprocess.PIPE, text=True).stdout.splitlines()]
+        runs_ok = True
+        for r in rows:
+            pos = [i for i, k in enumerate(r["kinds"]) if k == KIND_IMAGE]
+            runs_ok &= len(pos) == IMG_TOK and pos == list(range(pos[0], pos[0] + IMG_TOK)) and len(r["images"]) == 1
+        chk.ok(len(rows) == N_TEST and runs_ok, "test shard: %d records, each one image run of %d IMAGE positions" %
+               (N_TEST, IMG_TOK))
+        golds = [r["conversations"][1]["value"] for r in recs["test"]]
+        chk.ok([r["meta"].get("answer") for r in rows] == golds, "test shard meta answers are the JSON's answers, in order")
+
+        MV.make(T("tower"), kind="clip", hidden=VH, layers=2, heads=2, inter=64, image=28, patch=7, seed=1)
+        FX.make_model(T("model"), 5, hidden=HID, inter=128, layers=2, heads=4, kv_heads=2, vocab=VOCAB, max_pos=128)
+        common = ["--model", T("model"), "--vision-tower", T("tower"), "--data", T("sh", "train.shard"),
+                  "--batch-size", "8", "--max-seq-len", "128", "--lr", "3e-3", "--shuffle"] + TH
+
+        chk.section("stage 1: the projector alone")
+        p = U.run(B, ["train"] + common + ["--stage", "1", "--steps", "20", "--out", T("s1")])
+        prog = U.progress(p.stderr)
+        if not chk.ok(p.returncode == 0 and len(prog) > 0 and all(np.isfinite(x["loss"]) for x in prog),
+                      "stage 1 trains (20 steps, finite losses)", p.stderr):
+            return chk.finish()
+        s1p = st.load(T("s1", "mm_projector.safetensors"))
+        chk.ok(sorted(s1p) == sorted(PROJ) and s1p[PROJ[0]].shape == (HID, VH) and s1p[PROJ[2]].shape == (HID, HID),
+               "stage 1 wrote mm_projector.safetensors (mlp2x_gelu, [%d,%d] and [%d,%d])" % (HID, VH, HID, HID))
+        s1a = st.load(T("s1", "adapter_model.safetensors"))
+        chk.ok(not any("lora_" in k for k in s1a), "stage 1 trained no adapter tensors", sorted(s1a))
+
+        chk.section("stage 2: projector + TS-LoRA on every projection")
+        p = U.run(B, ["train"] + common + ["--stage", "2", "--projector", T("s1", "mm_projector.safetensors"),
+                                           "--target-modules", "all", "--steps", "20", "--out", T("s2")])
+        prog = U.progress(p.stderr)
+        if not chk.ok(p.returncode == 0 and len(prog) > 0 and all(np.isfinite(x["loss"]) for x in prog),
+                      "stage 2 trains (20 steps, finite losses)", p.stderr):
+            return chk.finish()
+        s2a = st.load(T("s2", "adapter_model.safetensors"))
+        mods = {k.split(".lora_")[0] for k in s2a if ".lora_A." in k}
+        chk.ok(len(mods) == 14, "stage 2 adapter: LoRA on all 7 projections of both layers (%d)" % len(mods), sorted(s2a))
+        s2p = st.load(T("s2", "mm_projector.safetensors"))
+        chk.ok(sorted(s2p) == sorted(PROJ) and any(not np.array_equal(s1p[k], s2p[k]) for k in PROJ),
+               "stage 2 wrote its projector, trained further from stage 1's")
+
+        chk.section("eval: results JSON against the per-sample JSONL")
+        ev = ["eval", "--model", T("model"), "--adapter", T("s2"), "--tokenizer", tok, "--vision-tower", T("tower"),
+              "--data", T("sh", "test.shard"), "--max-new-tokens", "8"] + TH
+        p = U.run(B, ev + ["--out", T("ev1.json")])
+        if not chk.ok(p.returncode == 0, "eval exits 0", p.stderr):
+            return chk.finish()
+        res = json.load(open(T("ev1.json")))
+        samples = [json.loads(l) for l in open(T("ev1.samples.jsonl"))]
+        task = res["tasks"][0]
+        m = task["metrics"]
+        chk.ok(len(res["tasks"]) == 1 and task["n"] == N_TEST == len(samples) and
+               [s["record"] for s in samples] == list(range(N_TEST)), "n = %d = samples, records 0..%d in order" %
+               (N_TEST, N_TEST - 1), task)
+        chk.ok(set(m) >= {"vqa_em", "vqa_mc_acc"} and all(0.0 <= m[k] <= 1.0 for k in ("vqa_em", "vqa_mc_acc")),
+               "vqa_em %.3f and vqa_mc_acc %.3f in [0,1]" % (m.get("vqa_em", -1), m.get("vqa_mc_acc", -1)), m)
+        chk.ok([s["gold"] for s in samples] == golds, "samples' gold answers are the test JSON's")
+        chk.ok(abs(np.mean([s["em"] for s in samples]) - m["vqa_em"]) < 1e-9 and
+               abs(np.mean([s["mc_correct"] for s in samples]) - m["vqa_mc_acc"]) < 1e-9,
+               "metrics are the samples' means")
+        chk.ok(all(s["em"] == (normalise(s["generation"]) == normalise(s["gold"])) for s in samples),
+               "em = normalised exact match of generation and gold")
+        answers = set(golds)
+        chk.ok(all(s["choice"] in answers and s["mc_correct"] == (s["choice"] == s["gold"]) for s in samples),
+               "every choice is one of the dataset's answers; mc_correct = (choice == gold)")
+
+        chk.section("the saved projector, reloaded")
+        os.makedirs(T("reload"))
+        st.save(T("reload", "proj.safetensors"), {k: np.ascontiguousarray(v) for k, v in s2p.items()})
+        p = U.run(B, ev + ["--projector", T("reload", "proj.safetensors"), "--out", T("ev2.json")])
+        same = p.returncode == 0 and open(T("ev2.samples.jsonl")).read() == open(T("ev1.samples.jsonl")).read() \
+            and json.load(open(T("ev2.json")))["tasks"][0]["metrics"] == m
+        chk.ok(same, "eval with the projector re-written by Python: identical samples and metrics", p.stderr)
+        losses = {}
+        for tag, proj in (("saved", T("s2", "mm_projector.safetensors")), ("reloaded", T("reload", "proj.safetensors")),
+                          ("stage1", T("s1", "mm_projector.safetensors"))):
+            p = U.run(B, ["train", "--model", T("model"), "--vision-tower", T("tower"), "--data", T("sh", "test.shard"),
+                          "--stage", "2", "--adapter", T("s2"), "--projector", proj, "--steps", "1", "--batch-size", "8",
+                          "--max-seq-len", "128", "--lr", "0", "--dump", T("dump_" + tag), "--out", T("o_" + tag)] + TH)
+            if chk.ok(p.returncode == 0, "one dumped step with the %s projector" % tag, p.stderr):
+                losses[tag] = float(st.load(T("dump_" + tag, "step1.safetensors"))["loss"][0])
+        if len(losses) == 3:
+            chk.ok(losses["saved"] == losses["reloaded"] and losses["stage1"] != losses["saved"],
+                   "step loss: saved %.7f == reloaded %.7f != stage-1 projector %.7f" %
+                   (losses["saved"], losses["reloaded"], losses["stage1"]))
+
+        chk.section("generate --image")
+        q0 = recs["test"][0]["conversations"][0]["value"].replace("<image>\n", "")
+        gen = ["generate", "--model", T("model"), "--adapter", T("s2"), "--tokenizer", tok, "--vision-tower", T("tower"),
+               "--prompt", q0, "--max-new-tokens", "8"] + TH
+        p = U.run(B, gen + ["--image", T("fm", recs["test"][0]["image"])])
+        chk.ok(p.returncode == 0 and p.stdout.strip() != "", "generate --image prints an answer: %r" % p.stdout.strip(),
+               p.stderr)
+        chk.ok(p.stdout.strip() == samples[0]["generation"].strip(),
+               "it is eval's generation for the same image and question (%r)" % samples[0]["generation"], p.stdout)
+        p1 = U.run(B, ["generate", "--model", T("model"), "--projector", T("s1", "mm_projector.safetensors"),
+                       "--tokenizer", tok, "--vision-tower", T("tower"), "--prompt", q0, "--max-new-tokens", "4",
+                       "--image", T("fm", recs["test"][1]["image"])] + TH)
+        chk.ok(p1.returncode == 0, "generate with the stage-1 projector and no adapter", p1.stderr)
+
+        chk.section("bad input")
+        ok, line = one_line_error(U.run(B, ["train", "--model", T("model"), "--data", T("sh", "train.shard"),
+                                            "--steps", "1", "--out", T("bad1")] + TH), T("sh", "train.shard"), "text-only")
+        chk.ok(ok, "text-only model on an image shard: error names the shard", line)
+        p = U.run(B, ["convert", "--format", "llava", "--input", T("fm", "test.json"), "--image-folder", T("fm"),
+                      "--tokenizer", tok, "--image-tokens", "9", "--out", T("sh", "bad9.shard"), "--quiet"])
+        chk.ok(p.returncode == 0, "convert with --image-tokens 9", p.stderr)
+        ok, line = one_line_error(U.run(B, ["train", "--model", T("model"), "--vision-tower", T("tower"), "--data",
+                                            T("sh", "bad9.shard"), "--stage", "1", "--steps", "1", "--out", T("bad2")] + TH),
+                                  T("sh", "bad9.shard"), "record 0", "9", "16")
+        chk.ok(ok, "train: image runs of 9 tokens for a 16-feature tower: error names shard and record", line)
+        ok, line = one_line_error(U.run(B, ev[:ev.index("--data")] + ["--data", T("sh", "bad9.shard"), "--out",
+                                                                      T("bad9.json")]), T("sh", "bad9.shard"), "record 0")
+        chk.ok(ok and not os.path.exists(T("bad9.json")), "eval: the same shard: error names shard and record", line)
+        noto = [x for i, x in enumerate(ev) if x != "--vision-tower" and (i == 0 or ev[i - 1] != "--vision-tower")]
+        ok, line = one_line_error(U.run(B, noto + ["--out", T("bad3.json")]), T("sh", "test.shard"), "--vision-tower")
+        chk.ok(ok and not os.path.exists(T("bad3.json")), "eval of a .shard without --vision-tower: error names it", line)
+        ok, line = one_line_error(U.run(B, gen + ["--image", T("fm", "no_such.png")]), T("fm", "no_such.png"))
+        chk.ok(ok, "generate with a missing image: error names the file", line)
+    finally:
+        if a.keep:
+            print("kept", tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return chk.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

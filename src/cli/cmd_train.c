@@ -156,7 +156,9 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         o.resume_dir = o.adapter_dir = resume_dir;
     }
     tk_peft_config *pc = &o.peft;
-    if (o.adapter_dir) {
+    /* LLaVA stage 1 trains no adapter: a stage-1 run or checkpoint has an adapter_config without targets */
+    const int stage1 = o.vision_tower && o.stage == 1;
+    if (o.adapter_dir && !(stage1 && resume)) {
         const char *fixed[] = {"adapter-type", "r", "alpha", "rslora", "target-modules", "layers", "train-tensors",
                                "bottleneck-act", "bottleneck-scaling"};
         for (size_t i = 0; i < sizeof fixed / sizeof fixed[0] && !resume; i++)

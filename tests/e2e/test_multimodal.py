@@ -146,6 +146,25 @@ def main():
         chk.ok(sorted(s2p) == sorted(PROJ) and any(not np.array_equal(s1p[k], s2p[k]) for k in PROJ),
                "stage 2 wrote its projector, trained further from stage 1's")
 
+        chk.section("exact --resume with a projector (stage 1 and stage 2)")
+        for stage, extra in (("1", []), ("2", ["--projector", T("s1", "mm_projector.safetensors"), "--target-modules",
+                                                "all"])):
+            base = ["train"] + common + ["--stage", stage, "--steps", "6"] + extra
+            ra, rb = T("ra%s" % stage), T("rb%s" % stage)
+            p1 = U.run(B, base + ["--out", ra])
+            p2 = U.run(B, base + ["--save-every", "3", "--out", rb])
+            shutil.rmtree(os.path.join(rb, "checkpoint-6"), ignore_errors=True)
+            for f in ("mm_projector.safetensors", "adapter_model.safetensors"):
+                if os.path.exists(os.path.join(rb, f)):
+                    os.remove(os.path.join(rb, f))
+            p3 = U.run(B, base + ["--save-every", "3", "--out", rb, "--resume", os.path.join(rb, "checkpoint-3")])
+            files = ["mm_projector.safetensors"] + (["adapter_model.safetensors"] if stage == "2" else [])
+            same = all(p.returncode == 0 for p in (p1, p2, p3)) and all(
+                os.path.exists(os.path.join(rb, f)) and
+                U.read_bytes(os.path.join(ra, f)) == U.read_bytes(os.path.join(rb, f)) for f in files)
+            chk.ok(same, "stage %s resumed from checkpoint-3 writes the uninterrupted run's %s bytes" %
+                   (stage, " and ".join(files)), p1.stderr + p2.stderr + p3.stderr)
+
         chk.section("eval: results JSON against the per-sample JSONL")
         ev = ["eval", "--model", T("model"), "--adapter", T("s2"), "--tokenizer", tok, "--vision-tower", T("tower"),
               "--data", T("sh", "test.shard"), "--max-new-tokens", "8"] + TH

@@ -1,10 +1,13 @@
-/* test_adapter_keep.c: the two ways the adapter backward skips gated-off tokens (peft/adapter.c
- * branch_backward): zeroing their rank-R rows when half or more are kept, gathering the kept
- * rows below that. For LoRA and bottleneck adapters at keep ratios 1, 0.9, 0.7, 0.6, 0.5 (zeroing),
- * 0.48, 0.3, 1/N and 0 (gathering), dA, dB and dx are compared with plain double loops of
+/* test_adapter_keep.c: how the adapter backward skips gated-off tokens (peft/adapter.c). LoRA runs
+ * the fused branch (rows in TK_BRANCH_LANES lanes of TK_BRANCH_CHUNK-row chunks, gated-off rows
+ * dropped per chunk); the bottleneck zeroes the rank-R rows of gated-off tokens when half or more
+ * are kept and gathers the kept rows below that. N = 300 gives each lane a full and a partial chunk.
+ * At keep ratios 1, 0.9, 0.7, 0.6, 0.5, 0.48, 0.3, 1/N and 0, dA, dB, dx and every c_i are compared
+ * with plain double loops of
  *   dB += s sum_{i kept} g_i code_i^T,   dA += sum_{i kept} (a_scale * d code_i) x_i^T,
- *   dx_i += W0^T g_i + S_i (dM/dx_i)^T g_i
- * (code = A x for LoRA, act(A x) for the bottleneck), and c_i must be pushed for every token.
+ *   dx_i += W0^T g_i + S_i (dM/dx_i)^T g_i,   c_i = <g_i, m_i> for every token
+ * (code = A x for LoRA, act(A x) for the bottleneck); LoRA also with dropout 0.3 (dx through the
+ * mask). Every result must be bitwise the same with 1 and 2 threads.
  * Exit status 1 on any error above 1e-5 (relative to the largest reference value).
  */
 #include "peft/adapter.h"
@@ -14,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { NN = 48, II = 24, OO = 40, RR = 4 };
+enum { NN = 300, II = 24, OO = 40, RR = 4 };
 
 static int fails = 0;
 
@@ -29,10 +32,16 @@ static double max_rel(const float *got, const double *ref, size_t n) {
     return num / (den > 1e-12 ? den : 1e-12);
 }
 
-static void check(tk_adapter_kind kind, size_t nkeep) {
+/* What one run produced, to compare across thread counts. */
+typedef struct {
+    float dA[RR * II], dB[OO * RR], dx[NN * II], c[NN];
+} result;
+
+static void check(tk_adapter_kind kind, size_t nkeep, float dropout, int threads, result *out) {
     tk_err err = {0};
     tk_rng rng;
     tk_rng_seed(&rng, 17 + nkeep);
+    tk_set_threads(threads);
     tk_adapter_ws ws;
     if (tk_adapter_ws_alloc(&ws, NN, OO, RR, 0, &err)) {
         printf("FAIL %s\n", err.msg);
@@ -65,6 +74,7 @@ static void check(tk_adapter_kind kind, size_t nkeep) {
     L.B = Bm;
     L.dA = dA;
     L.dB = dB;
+    L.dropout = dropout;
     if (tk_adapted_alloc(&L, NN, &err) || tk_adapted_forward(&L, &ws, y, x, NULL, NN, 1, &rng, &err)) {
         printf("FAIL %s\n", err.msg);
         fails++;
@@ -72,7 +82,7 @@ static void check(tk_adapter_kind kind, size_t nkeep) {
     }
     /* the gate as a fixed pattern: nkeep tokens kept, spread over the sequence */
     for (size_t i = 0; i < NN; i++) L.S[i] = 0;
-    for (size_t k = 0; k < nkeep; k++) L.S[(k * 7 + 3) % NN] = 1; /* 7 is coprime with 48 */
+    for (size_t k = 0; k < nkeep; k++) L.S[(k * 7 + 3) % NN] = 1; /* 7 is coprime with 300 */
     size_t kept = 0;
     for (size_t i = 0; i < NN; i++) kept += L.S[i];
     if (tk_adapted_backward(&L, &ws, dx, dy, x, NULL, NN, &err)) {
@@ -85,12 +95,16 @@ static void check(tk_adapter_kind kind, size_t nkeep) {
     memset(rdB, 0, sizeof rdB);
     memset(rdx, 0, sizeof rdx);
     double s = L.scale;
+    static double rc[NN];
+    float inv = dropout > 0.0f ? 1.0f / (1.0f - dropout) : 1.0f;
     for (size_t i = 0; i < NN; i++) {
-        const float *xi = x + i * II, *gi = dy + i * OO;
+        float xi[II]; /* x~_i: the dropped-out input the branch saw */
+        for (size_t j = 0; j < II; j++) xi[j] = dropout > 0.0f ? L.xd[i * II + j] : x[i * II + j];
+        const float *gi = dy + i * OO;
         for (size_t j = 0; j < II; j++)
             for (size_t o = 0; o < OO; o++) rdx[i * II + j] += (double)gi[o] * w0[o * II + j];
-        if (!L.S[i]) continue;
         double u[RR], code[RR], gr[RR], du[RR];
+        rc[i] = 0.0;
         for (size_t r = 0; r < RR; r++) {
             u[r] = 0.0;
             for (size_t j = 0; j < II; j++) u[r] += (double)A[r * II + j] * xi[j];
@@ -99,31 +113,52 @@ static void check(tk_adapter_kind kind, size_t nkeep) {
             for (size_t o = 0; o < OO; o++) gr[r] += (double)gi[o] * Bm[o * RR + r];
             double dact = kind == TK_ADAPTER_BOTTLENECK ? 1.0 - code[r] * code[r] : 1.0;
             du[r] = s * gr[r] * dact;
+            rc[i] += s * gr[r] * code[r]; /* <g_i, m_i> = s <B^T g_i, code_i> */
         }
+        if (!L.S[i]) continue;
         for (size_t o = 0; o < OO; o++)
             for (size_t r = 0; r < RR; r++) rdB[o * RR + r] += s * gi[o] * code[r];
         for (size_t r = 0; r < RR; r++)
             for (size_t j = 0; j < II; j++) {
                 rdA[r * II + j] += du[r] * xi[j];
-                rdx[i * II + j] += du[r] * A[r * II + j];
+                double mask = dropout > 0.0f ? (L.keepx[i * II + j] ? inv : 0.0) : 1.0;
+                rdx[i * II + j] += du[r] * A[r * II + j] * mask;
             }
     }
     double eA = max_rel(dA, rdA, RR * II), eB = max_rel(dB, rdB, OO * RR), ex = max_rel(dx, rdx, NN * II);
-    int ok = eA <= 1e-5 && eB <= 1e-5 && ex <= 1e-5 && L.stats.n_c == NN;
-    printf("%s %-10s keep %2zu/%d (%s)  dA %.2g  dB %.2g  dx %.2g  c pushed %zu\n", ok ? "ok  " : "FAIL",
-           kind == TK_ADAPTER_LORA ? "lora" : "bottleneck", kept, NN,
-           kept == 0 ? "branch skipped" : 2 * kept >= NN ? "zeroed rows" : "gathered rows", eA, eB, ex, L.stats.n_c);
+    double ec = L.stats.n_c == NN ? max_rel(L.stats.c, rc, NN) : INFINITY;
+    int ok = eA <= 1e-5 && eB <= 1e-5 && ex <= 1e-5 && ec <= 1e-5;
+    const char *how = kind == TK_ADAPTER_LORA ? (kept == 0 ? "c only" : "fused chunks")
+                      : kept == 0 ? "branch skipped" : 2 * kept >= NN ? "zeroed rows" : "gathered rows";
+    printf("%s %-10s dropout %.1f keep %3zu/%d (%s, %d threads)  dA %.2g  dB %.2g  dx %.2g  c %.2g (%zu pushed)\n",
+           ok ? "ok  " : "FAIL", kind == TK_ADAPTER_LORA ? "lora" : "bottleneck", dropout, kept, NN, how, threads,
+           eA, eB, ex, ec, L.stats.n_c);
     fails += !ok;
+    memcpy(out->dA, dA, sizeof dA);
+    memcpy(out->dB, dB, sizeof dB);
+    memcpy(out->dx, dx, sizeof dx);
+    for (size_t i = 0; i < NN; i++) out->c[i] = i < L.stats.n_c ? L.stats.c[i] : NAN;
     tk_adapted_free(&L);
     tk_adapter_ws_free(&ws);
 }
 
+/* Runs one case with 1 and 2 threads; the two must agree bit for bit. */
+static void check_threads(tk_adapter_kind kind, size_t nkeep, float dropout) {
+    static result r1, r2;
+    check(kind, nkeep, dropout, 1, &r1);
+    check(kind, nkeep, dropout, 2, &r2);
+    if (memcmp(&r1, &r2, sizeof r1) != 0) {
+        printf("FAIL results differ between 1 and 2 threads\n");
+        fails++;
+    }
+}
+
 int main(void) {
-    tk_set_threads(2);
     const size_t keeps[] = {NN, NN * 9 / 10, NN * 7 / 10, NN * 6 / 10, NN / 2, NN / 2 - 1, NN * 3 / 10, 1, 0};
     for (size_t k = 0; k < sizeof keeps / sizeof keeps[0]; k++) {
-        check(TK_ADAPTER_LORA, keeps[k]);
-        check(TK_ADAPTER_BOTTLENECK, keeps[k]);
+        check_threads(TK_ADAPTER_LORA, keeps[k], 0.0f);
+        check_threads(TK_ADAPTER_LORA, keeps[k], 0.3f);
+        check_threads(TK_ADAPTER_BOTTLENECK, keeps[k], 0.0f);
     }
     printf("%s\n", fails ? "FAILED" : "all passed");
     return fails ? 1 : 0;

@@ -28,8 +28,14 @@ int tk_adapter_ws_alloc(tk_adapter_ws *ws, size_t n_tok, size_t width, size_t ra
     ws->idx = tk_calloc(n_tok, sizeof(int32_t));
     if (ba_numel) ws->ba = tk_calloc(ba_numel, sizeof(float));
     ws->ba_cap = ba_numel;
+    /* per lane: two [CH,W] row blocks, two [CH,R] code blocks, the partial dA [R,W] and dB [W,R] */
+    size_t ch = TK_BRANCH_CHUNK, R = ws->rank;
+    ws->lane_n = 2 * ch * width + 2 * ch * R + 2 * R * width;
+    ws->lane = tk_calloc(TK_BRANCH_LANES * ws->lane_n, sizeof(float));
+    ws->lane_idx = tk_calloc(TK_BRANCH_LANES * ch, sizeof(int32_t));
+    ws->cval = tk_calloc(n_tok ? n_tok : 1, sizeof(float));
     if (!ws->m || !ws->t1 || !ws->t2 || !ws->t3 || !ws->r1 || !ws->r2 || !ws->idx ||
-        (ba_numel && !ws->ba)) {
+        (ba_numel && !ws->ba) || !ws->lane || !ws->lane_idx || !ws->cval) {
         tk_adapter_ws_free(ws);
         return tk_fail(err, "out of memory for the adapter workspace (%zu tokens x %zu)", n_tok,
                        width);
@@ -48,6 +54,9 @@ void tk_adapter_ws_free(tk_adapter_ws *ws) {
     tk_free(ws->idx);
     tk_free(ws->ba);
     tk_free(ws->wconv);
+    tk_free(ws->lane);
+    tk_free(ws->lane_idx);
+    tk_free(ws->cval);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -159,6 +168,151 @@ static void dora_scale(tk_adapted_linear *L, tk_adapter_ws *ws) {
     }
 }
 
+/* After a branch forward: r_i and S_i of the valid tokens to the statistics (training only). */
+static int record_r(tk_adapted_linear *L, tk_adapter_ws *ws, const uint8_t *valid, size_t N, int train,
+                    double t0, tk_err *err) {
+    if (train == TK_FWD_TRAIN)
+        for (size_t i = 0; i < N; i++)
+            if (!valid || valid[i])
+                if (tk_gate_stats_push_r(&L->stats, L->rr[i], L->S[i], err)) return -1;
+    ws->secs_branch_fwd += tk_time() - t0;
+    return 0;
+}
+
+/* ---- the fused LoRA branch ----------------------------------------------------------------------
+ * LoRA's branch is two rank-R products around the gate. Run as whole-matrix sgemm calls they are
+ * memory-bound and each is a threaded call with its own barrier (5 per module forward, 4 backward);
+ * m [N,O] also makes a round trip through memory. Here the N rows are split into TK_BRANCH_LANES
+ * lanes that run in parallel; each lane walks its rows in chunks of TK_BRANCH_CHUNK and calls
+ * cblas_sgemm from inside the parallel region, where OpenBLAS (OpenMP build) runs single-threaded.
+ * A chunk's m, dy and x rows stay in the core's cache between the products that read them, and in
+ * the backward a chunk's gated-off rows are dropped before the products (compacted in the cache, not
+ * gathered through memory), so they cost only the c_i that the threshold step needs. */
+
+/* A lane's buffers (see tk_adapter_ws_alloc). */
+typedef struct {
+    float *rows_a, *rows_b; /* [CH,W] */
+    float *gr, *code;       /* [CH,R] */
+    float *dA, *dB;         /* [R,W], [W,R] partial sums */
+    int32_t *idx;           /* [CH] */
+} lane_bufs;
+
+static lane_bufs lane_get(const tk_adapter_ws *ws, size_t l) {
+    size_t ch = TK_BRANCH_CHUNK, W = ws->width, R = ws->rank;
+    float *p = ws->lane + l * ws->lane_n;
+    lane_bufs b = {p, p + ch * W, p + 2 * ch * W, p + 2 * ch * W + ch * R,
+                   p + 2 * ch * W + 2 * ch * R, p + 2 * ch * W + 2 * ch * R + R * W, ws->lane_idx + l * ch};
+    return b;
+}
+
+/* Rows [*r0, *r1) of lane l of N. */
+static void lane_rows(size_t l, size_t N, size_t *r0, size_t *r1) {
+    *r0 = N * l / TK_BRANCH_LANES;
+    *r1 = N * (l + 1) / TK_BRANCH_LANES;
+}
+
+/* u = x~ A^T, m = s u B^T, and the gate on y (which holds b = W0 x): h_i = b_i + S_i m_i. */
+static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *xt, size_t N) {
+    size_t I = L->in, O = L->out, R = L->r;
+    float tau = L->tau, s = L->scale;
+    int gated = L->gated;
+#pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
+    for (size_t l = 0; l < TK_BRANCH_LANES; l++) {
+        lane_bufs lb = lane_get(ws, l);
+        size_t r0, r1;
+        lane_rows(l, N, &r0, &r1);
+        for (size_t c0 = r0; c0 < r1; c0 += TK_BRANCH_CHUNK) {
+            size_t n = r1 - c0 < TK_BRANCH_CHUNK ? r1 - c0 : TK_BRANCH_CHUNK;
+            float *m = lb.rows_a; /* [n,O] */
+            gemm(0, 1, n, R, I, 1.0f, xt + c0 * I, I, L->A, I, 0.0f, L->u + c0 * R, R);
+            gemm(0, 1, n, O, R, s, L->u + c0 * R, R, L->B, R, 0.0f, m, O);
+            for (size_t k = 0; k < n; k++) {
+                size_t i = c0 + k;
+                float *yi = y + i * O;
+                const float *mi = m + k * O;
+                double nm = 0.0, nb = 0.0;
+#pragma omp simd reduction(+ : nm, nb)
+                for (size_t o = 0; o < O; o++) {
+                    nm += (double)mi[o] * mi[o];
+                    nb += (double)yi[o] * yi[o];
+                }
+                double den = sqrt(nb);
+                float r = (float)(sqrt(nm) / (den > 1e-6 ? den : 1e-6));
+                uint8_t keep = gated ? (uint8_t)(r >= tau) : 1;
+                L->rr[i] = r;
+                L->S[i] = keep;
+                if (keep)
+                    for (size_t o = 0; o < O; o++) yi[o] += mi[o];
+            }
+        }
+    }
+}
+
+/* The LoRA branch's backward: c_i for every row; dB, dA and dx from the kept rows only. */
+static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
+                                const float *xt, size_t N) {
+    size_t I = L->in, O = L->out, R = L->r;
+    float s = L->scale, inv = L->dropout > 0.0f ? 1.0f / (1.0f - L->dropout) : 1.0f;
+#pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
+    for (size_t l = 0; l < TK_BRANCH_LANES; l++) {
+        lane_bufs lb = lane_get(ws, l);
+        memset(lb.dA, 0, R * I * sizeof(float));
+        memset(lb.dB, 0, O * R * sizeof(float));
+        size_t r0, r1;
+        lane_rows(l, N, &r0, &r1);
+        for (size_t c0 = r0; c0 < r1; c0 += TK_BRANCH_CHUNK) {
+            size_t n = r1 - c0 < TK_BRANCH_CHUNK ? r1 - c0 : TK_BRANCH_CHUNK;
+            const float *dyc = dy + c0 * O, *xc = xt + c0 * I, *uc = L->u + c0 * R;
+            gemm(0, 0, n, R, O, 1.0f, dyc, O, L->B, R, 0.0f, lb.gr, R); /* gr = dy B */
+            size_t nk = 0;
+            for (size_t k = 0; k < n; k++) {
+                const float *g = lb.gr + k * R, *u = uc + k * R;
+                double c = 0.0;
+                for (size_t j = 0; j < R; j++) c += (double)g[j] * u[j];
+                ws->cval[c0 + k] = (float)(c * s);
+                if (L->S[c0 + k]) lb.idx[nk++] = (int32_t)k;
+            }
+            if (nk == 0) continue;
+            const float *dyk = dyc, *xk = xc, *uk = uc;
+            if (nk < n) { /* compact the kept rows; gr in place (idx[j] >= j) */
+                for (size_t j = 0; j < nk; j++) {
+                    size_t k = (size_t)lb.idx[j];
+                    memcpy(lb.rows_a + j * O, dyc + k * O, O * sizeof(float));
+                    memcpy(lb.rows_b + j * I, xc + k * I, I * sizeof(float));
+                    memcpy(lb.code + j * R, uc + k * R, R * sizeof(float));
+                    memmove(lb.gr + j * R, lb.gr + k * R, R * sizeof(float));
+                }
+                dyk = lb.rows_a, xk = lb.rows_b, uk = lb.code;
+            }
+            gemm(1, 0, O, R, nk, s, dyk, O, uk, R, 1.0f, lb.dB, R); /* dB += s dy_k^T u_k */
+            gemm(1, 0, R, I, nk, s, lb.gr, R, xk, I, 1.0f, lb.dA, I); /* dA += s gr_k^T x~_k */
+            if (nk == n && L->dropout == 0.0f) { /* dx += s gr A, straight into the chunk's rows */
+                gemm(0, 0, n, I, R, s, lb.gr, R, L->A, I, 1.0f, dx + c0 * I, I);
+                continue;
+            }
+            float *dxk = lb.rows_b; /* x~_k is no longer needed */
+            gemm(0, 0, nk, I, R, s, lb.gr, R, L->A, I, 0.0f, dxk, I);
+            for (size_t j = 0; j < nk; j++) {
+                size_t i = c0 + (size_t)lb.idx[j];
+                float *dxi = dx + i * I;
+                const float *d = dxk + j * I;
+                if (L->dropout > 0.0f) {
+                    const uint8_t *kp = L->keepx + i * I;
+                    for (size_t q = 0; q < I; q++) dxi[q] += kp[q] ? d[q] * inv : 0.0f;
+                } else {
+                    for (size_t q = 0; q < I; q++) dxi[q] += d[q];
+                }
+            }
+        }
+    }
+    /* the lanes' partial sums, added in lane order */
+    for (size_t l = 0; l < TK_BRANCH_LANES; l++) {
+        lane_bufs lb = lane_get(ws, l);
+        for (size_t j = 0; j < R * I; j++) L->dA[j] += lb.dA[j];
+        for (size_t j = 0; j < O * R; j++) L->dB[j] += lb.dB[j];
+    }
+}
+
 int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x,
                        const uint8_t *valid, size_t N, int train, tk_rng *rng, tk_err *err) {
     size_t I = L->in, O = L->out, R = L->r;
@@ -173,11 +327,13 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
         if (train != TK_FWD_REPLAY) dropout_sample(L, x, N, rng); /* a replay reuses the mask */
         xt = L->xd;
     }
+    if (L->kind == TK_ADAPTER_LORA) {
+        lora_forward_fused(L, ws, y, xt, N);
+        return record_r(L, ws, valid, N, train, t0, err);
+    }
     float *m = ws->m; /* [N,O] */
     gemm(0, 1, N, R, I, 1.0f, xt, I, L->A, I, 0.0f, L->u, R); /* u = x~ A^T */
-    if (L->kind == TK_ADAPTER_LORA) {
-        gemm(0, 1, N, O, R, L->scale, L->u, R, L->B, R, 0.0f, m, O); /* m = s u B^T */
-    } else if (L->kind == TK_ADAPTER_BOTTLENECK) {
+    if (L->kind == TK_ADAPTER_BOTTLENECK) {
         float *a = ws->r1;
         for (size_t j = 0; j < N * R; j++) a[j] = act_f(L->act, L->u[j]);
         gemm(0, 1, N, O, R, L->scale, a, R, L->B, R, 0.0f, m, O); /* m = s act(u) Up^T */
@@ -216,12 +372,7 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
         if (s)
             for (size_t o = 0; o < O; o++) yi[o] += mi[o];
     }
-    if (train == TK_FWD_TRAIN)
-        for (size_t i = 0; i < N; i++)
-            if (!valid || valid[i])
-                if (tk_gate_stats_push_r(&L->stats, L->rr[i], L->S[i], err)) return -1;
-    ws->secs_branch_fwd += tk_time() - t0;
-    return 0;
+    return record_r(L, ws, valid, N, train, t0, err);
 }
 
 /* dx rows idx[k] += d [nk,I] (times the dropout mask / (1-p) when dropout was used). */
@@ -258,7 +409,14 @@ int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, cons
     if (L->kind == TK_ADAPTER_NONE) return 0;
     TK_ASSERT(N <= L->cap && N <= ws->n_tok);
     double t0 = tk_time();
-    int rc = branch_backward(L, ws, dx, dy, x, valid, N, err);
+    int rc = 0;
+    if (L->kind == TK_ADAPTER_LORA) {
+        lora_backward_fused(L, ws, dx, dy, L->dropout > 0.0f ? L->xd : x, N);
+        for (size_t i = 0; i < N && !rc; i++)
+            if (!valid || valid[i]) rc = tk_gate_stats_push_c(&L->stats, ws->cval[i], err);
+    } else {
+        rc = branch_backward(L, ws, dx, dy, x, valid, N, err);
+    }
     ws->secs_branch_bwd += tk_time() - t0;
     return rc;
 }

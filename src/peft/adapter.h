@@ -7,9 +7,10 @@
  *   Bottleneck: m_i = s Up act(Down x~_i)                 s = the adapter's scaling
  *   r_i = ||m_i|| / max(||b_i||, 1e-6);  S_i = [r_i >= tau] when gated, else 1
  *   h_i = b_i + S_i m_i,  x~ = dropout(x)
- * Backward: the branch's parameters and dx see only tokens with S_i = 1 (the others are skipped:
- * rows are gathered so the adapter's matmuls shrink with the keep ratio); c_i = <g_i, m_i> is
- * computed for every token, kept or not, because the threshold step needs it.
+ * Backward: the branch's parameters and dx see only tokens with S_i = 1 (the others are skipped,
+ * so the adapter's matmuls shrink with the keep ratio: LoRA drops them chunk by chunk in the fused
+ * branch, the others zero or gather rows); c_i = <g_i, m_i> is computed for every token, kept or
+ * not, because the threshold step needs it.
  *
  *   tk_adapted_linear L = {...};                // shapes, kind, parameter views set by the model
  *   tk_adapted_alloc(&L, N, &err);              // activations for N tokens
@@ -46,7 +47,17 @@ typedef struct {
     double secs_branch_fwd, secs_branch_bwd; /* time spent in the adapter branch (benchmarks read it) */
     float *wconv;  /* [wconv_n] BF16 -> fp32 conversion block for BF16-resident base weights */
     size_t wconv_n;
+    float *lane;   /* [TK_BRANCH_LANES, lane_n] the fused LoRA branch's per-lane buffers (adapter.c) */
+    size_t lane_n;
+    int32_t *lane_idx; /* [TK_BRANCH_LANES, TK_BRANCH_CHUNK] kept rows of a lane's current chunk */
+    float *cval;   /* [N]      c_i of the fused backward, pushed to the statistics in token order */
 } tk_adapter_ws;
+
+/* The fused LoRA branch splits the N rows into this many lanes of consecutive rows, run in parallel,
+ * each in chunks of TK_BRANCH_CHUNK rows. Fixed (not the thread count) so that the lanes' partial
+ * gradient sums, and so every result, are the same for any number of threads. */
+#define TK_BRANCH_LANES 4
+#define TK_BRANCH_CHUNK 64
 
 int tk_adapter_ws_alloc(tk_adapter_ws *ws, size_t n_tok, size_t width, size_t rank, size_t ba_numel,
                         tk_err *err);

@@ -27,6 +27,7 @@ static void check_targets(const int32_t *targets, size_t N, size_t V) {
 /* Row max and sum of exp(logit - max) of one row [V]. */
 static float row_max_sum(const float *row, size_t V, double *sum) {
     float m = -INFINITY;
+    #pragma omp simd reduction(max : m)
     for (size_t v = 0; v < V; v++) m = row[v] > m ? row[v] : m;
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
@@ -104,6 +105,7 @@ double tk_cross_entropy_fused(float *losses, float *dlogits, const float *logits
             continue;
         }
         float m = -INFINITY;
+#pragma omp simd reduction(max : m)
         for (size_t v = 0; v < V; v++) m = row[v] > m ? row[v] : m;
         float lt = row[t]; /* read before drow (which may be row) is overwritten */
         double sum = 0.0;

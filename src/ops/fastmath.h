@@ -14,9 +14,23 @@
 #include <stdint.h>
 #include <string.h>
 
+/* x clamped to [lo, hi] with bit masks: gcc keeps `x < lo ? lo : x` on floats as a branch (it may
+ * not treat it as a min/max without -ffast-math), and a branch stops the loop from vectorising.
+ * NaN compares false both times and passes through. */
+static inline float tk_clampf(float x, float lo, float hi) {
+    uint32_t xi, li, hi_i;
+    memcpy(&xi, &x, 4);
+    memcpy(&li, &lo, 4);
+    memcpy(&hi_i, &hi, 4);
+    uint32_t below = 0u - (uint32_t)(x < lo), above = 0u - (uint32_t)(x > hi);
+    xi = (xi & ~below) | (li & below);
+    xi = (xi & ~above) | (hi_i & above);
+    memcpy(&x, &xi, 4);
+    return x;
+}
+
 static inline float tk_expf(float x) {
-    x = x < -87.0f ? -87.0f : x; /* NaN compares false and passes through */
-    x = x > 88.0f ? 88.0f : x;
+    x = tk_clampf(x, -87.0f, 88.0f);
     const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
     float t = x * 1.44269504088896341f + magic;
     float n = t - magic;

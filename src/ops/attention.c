@@ -3,6 +3,7 @@
  * Shape legend (outermost first):
  *   B  sequences, T  query positions, S  key positions (S >= T; the first S-T are a KV cache)
  *   H  query heads, G  key/value heads (H % G == 0), D  head width
+ *   R  query rows per block (TK_ATTN_ROWS, or T when T is smaller), E  keys a block sees
  *
  * Per (b, h), with g = h / (H/G) the key/value head that query head h reads:
  *   Q = q[b, :, h, :]  [T,D] (row stride H*D),   K, V = k, v[b, :, g, :]  [S,D] (row stride G*D)
@@ -12,55 +13,141 @@
  * A row with no visible key has P = 0 and so outputs 0. Softmax rows subtract the row max; the
  * exponentials are float, their sum double.
  *
- * The matmuls are cblas_sgemm calls on the strided head views, made from serial code; only the
- * softmax row loops run under OpenMP.
+ * Causal blocks: the T queries of a head are taken R rows at a time. The block of rows t0..t0+R-1
+ * sees keys 0..E-1 only, E = S-T+t0+R (the causal limit of its last row), so every product of the
+ * block (scores, P V, and in the backward dV, dP, dQ, dK) runs over those E keys: at T = S the
+ * masked upper triangle, half the work, is skipped except inside the R x R diagonal blocks. probs
+ * keeps its [B,H,T,S] layout and is still written whole (softmax_row zeroes each row past its limit,
+ * so nothing that reads probs sees a difference).
+ *
+ * Threads: one OpenMP task per (b, h) in the forward and per (b, g) in the backward (all the query
+ * heads of one key/value group, so that each dk and dv column is written by one thread only). A
+ * thread runs its task's whole pipeline, cblas_sgemm calls included: this file is the one place
+ * where BLAS is called inside a parallel region, on purpose. The OpenMP build of OpenBLAS (0.3.21)
+ * runs single-threaded while omp_in_parallel() (measured: a 512^3 sgemm takes 1.8 ms inside a
+ * 2-thread region, the one-thread time, against 1.0 ms outside; two threads calling it at once each
+ * take 1.8 ms and get identical results), so the 16 forward and 32 backward block products of a
+ * head (T = 512) run with no pool barrier between them, on blocks hot in that core's L2. Each task
+ * runs on one thread in a fixed order, so the results are bitwise the same for any thread count
+ * (tests/test_attention_full.c checks 1 against 2). The backward's dP/dS block [R,E] lives in a
+ * per-thread slab of R*S floats of the caller's T*S scratch, so at most T/R threads (8 at T = 512)
+ * share the backward. Below TK_OMP_MIN_WORK score entries, or with a single task (B*G = 1 in the
+ * backward), the if clause leaves the region inactive (one thread, omp_in_parallel() false): the
+ * tasks run serially and BLAS threads each call itself.
+ * B=1 T=S=512 H=G=12 D=64 on 2 threads, forward + backward: 21-22 ms before this layout, 9.4-10 ms
+ * after (docs/performance.md, "What was changed for speed").
  */
+/* tk_expf's clamps are conditionals that GCC does not if-convert under its default -ftrapping-math,
+ * which left every exponential loop of this file scalar (softmax_row was 56% of the forward's cycles
+ * at T = S = 512). -fno-trapping-math only lets the compiler ignore floating-point exception flags:
+ * no value changes (no reassociation, NaN and infinities kept). */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "ops/ops.h"
 
 #include "blas.h"
 #include <limits.h>
 #include <math.h>
+#include <omp.h>
 
 #include "common.h"
 #include "fastmath.h"
 
-/* One softmax row in place: scores [S] (already scaled) become probabilities over the visible keys
- * (j <= last and mask_b[j] != 0, mask_b [S] or NULL), zero elsewhere. */
-static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last) {
-    float m = -INFINITY;
+/* Query rows per block: a [64,S] block of scores (128 KiB at S = 512) stays in L2 between its
+ * products. 32, 64 and 128 measured alike (forward + backward above, within noise), 256 about 5%
+ * slower (more of the triangle computed, fewer threads' slabs in the scratch). */
+#define TK_ATTN_ROWS 64
+
+static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
+
+/* Partial maxima and sums per row are kept in this many independent lanes, which the compiler holds
+ * in vector registers (a plain reduction loop is not vectorised without -ffast-math, and an omp simd
+ * max reduction kept its accumulator in memory: a store-to-load stall per vector). */
+#define TK_ATTN_LANES 8
+
+/* max over the visible entries of row[0..n-1] (mask_b[j] != 0, mask_b [n] or NULL); -INFINITY if none.
+ * Exact whatever the lane order (a max does not round). */
+static float row_max(const float *row, const uint8_t *mask_b, size_t n) {
+    float lane[TK_ATTN_LANES];
+    for (size_t l = 0; l < TK_ATTN_LANES; l++) lane[l] = -INFINITY;
+    size_t j = 0;
     if (mask_b) {
-#pragma omp simd reduction(max : m) /* branch-free, so it vectorises */
-        for (size_t j = 0; j <= last; j++) {
-            float v = mask_b[j] ? row[j] : -INFINITY;
-            m = v > m ? v : m;
-        }
+        for (; j + TK_ATTN_LANES <= n; j += TK_ATTN_LANES)
+            for (size_t l = 0; l < TK_ATTN_LANES; l++) {
+                float r = row[j + l], v = mask_b[j + l] ? r : -INFINITY; /* load first: branch-free */
+                lane[l] = v > lane[l] ? v : lane[l];
+            }
     } else {
-#pragma omp simd reduction(max : m)
-        for (size_t j = 0; j <= last; j++) m = row[j] > m ? row[j] : m;
+        for (; j + TK_ATTN_LANES <= n; j += TK_ATTN_LANES)
+            for (size_t l = 0; l < TK_ATTN_LANES; l++) lane[l] = row[j + l] > lane[l] ? row[j + l] : lane[l];
     }
+    float m = -INFINITY;
+    for (; j < n; j++) {
+        float v = !mask_b || mask_b[j] ? row[j] : -INFINITY;
+        m = v > m ? v : m;
+    }
+    for (size_t l = 0; l < TK_ATTN_LANES; l++) m = lane[l] > m ? lane[l] : m;
+    return m;
+}
+
+/* sum of row[0..n-1] in double. */
+static double row_sum(const float *row, size_t n) {
+    double lane[TK_ATTN_LANES] = {0};
+    size_t j = 0;
+    for (; j + TK_ATTN_LANES <= n; j += TK_ATTN_LANES)
+        for (size_t l = 0; l < TK_ATTN_LANES; l++) lane[l] += (double)row[j + l];
+    double sum = 0.0;
+    for (; j < n; j++) sum += (double)row[j];
+    for (size_t l = 0; l < TK_ATTN_LANES; l++) sum += lane[l];
+    return sum;
+}
+
+/* One softmax row in place: scores [S] (already scaled) become probabilities over the visible keys
+ * (j <= last and mask_b[j] != 0, mask_b [S] or NULL), zero elsewhere. Reads only row[0..last]. */
+static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last) {
+    size_t n = last + 1;
+    float m = row_max(row, mask_b, n);
     if (m == -INFINITY) { /* no visible key (or all scores -inf) */
         for (size_t j = 0; j < S; j++) row[j] = 0.0f;
         return;
     }
-    double sum = 0.0;
     if (mask_b) {
-#pragma omp simd reduction(+ : sum)
-        for (size_t j = 0; j <= last; j++) {
-            float e = mask_b[j] ? tk_expf(row[j] - m) : 0.0f;
-            row[j] = e;
-            sum += (double)e;
+#pragma omp simd
+        for (size_t j = 0; j < n; j++) {
+            float e = tk_expf(row[j] - m);
+            row[j] = mask_b[j] ? e : 0.0f;
         }
     } else {
-#pragma omp simd reduction(+ : sum)
-        for (size_t j = 0; j <= last; j++) {
-            float e = tk_expf(row[j] - m);
-            row[j] = e;
-            sum += (double)e;
-        }
+#pragma omp simd
+        for (size_t j = 0; j < n; j++) row[j] = tk_expf(row[j] - m);
     }
-    float inv = (float)(1.0 / sum);
-    for (size_t j = 0; j <= last; j++) row[j] *= inv;
-    for (size_t j = last + 1; j < S; j++) row[j] = 0.0f;
+    float inv = (float)(1.0 / row_sum(row, n));
+#pragma omp simd
+    for (size_t j = 0; j < n; j++) row[j] *= inv;
+    for (size_t j = n; j < S; j++) row[j] = 0.0f;
+}
+
+/* The forward of one (b, h), block by block.
+ * O [T rows, stride qs] (overwritten), P [T,S] (overwritten), Q [T rows, stride qs],
+ * K, V [S rows, stride ks], mask_b [S] or NULL. */
+static void head_forward(float *O, float *P, const float *Q, const float *K, const float *V,
+                         const uint8_t *mask_b, size_t T, size_t S, size_t D, size_t qs, size_t ks,
+                         float scale) {
+    size_t R = min_sz(TK_ATTN_ROWS, T);
+    for (size_t t0 = 0; t0 < T; t0 += R) {
+        size_t nr = min_sz(R, T - t0), E = S - T + t0 + nr;
+        float *Pb = &P[t0 * S];
+        /* scores [nr,E] = scale * Q_blk [nr,D] K_E^T */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(nr), tk_blas_dim(E),
+                    tk_blas_dim(D), scale, &Q[t0 * qs], tk_blas_dim(qs), K, tk_blas_dim(ks), 0.0f, Pb,
+                    tk_blas_dim(S));
+        for (size_t r = 0; r < nr; r++) softmax_row(&Pb[r * S], mask_b, S, S - T + t0 + r);
+        /* O_blk [nr,D] = P_blk [nr,E] V_E [E,D] (P is 0 past each row's limit) */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(nr), tk_blas_dim(D),
+                    tk_blas_dim(E), 1.0f, Pb, tk_blas_dim(S), V, tk_blas_dim(ks), 0.0f, &O[t0 * qs],
+                    tk_blas_dim(qs));
+    }
 }
 
 /* out [B,T,H*D] (overwritten), probs [B,H,T,S] (cached for backward; also holds the raw scores in
@@ -73,33 +160,68 @@ void tk_attention_forward(float *out, float *probs, const float *q, const float 
     size_t rep = H / G;
     size_t qs = H * D, ks = G * D; /* row strides of q/out and of k/v */
     float scale = (float)(1.0 / sqrt((double)D));
+    size_t tasks = B * H;
+    int threaded = tasks > 1 && omp_get_max_threads() > 1 && B * H * T * S >= TK_OMP_MIN_WORK;
 
-    /* scores: P_bh [T,S] = scale * Q [T,D] K^T */
-    for (size_t b = 0; b < B; b++) {
-        for (size_t h = 0; h < H; h++) {
-            size_t g = h / rep;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(T), tk_blas_dim(S),
-                        tk_blas_dim(D), scale, &q[b * T * qs + h * D], tk_blas_dim(qs),
-                        &k[b * S * ks + g * D], tk_blas_dim(ks), 0.0f, &probs[(b * H + h) * T * S],
-                        tk_blas_dim(S));
-        }
+#pragma omp parallel for schedule(dynamic, 1) if (threaded)
+    for (size_t i = 0; i < tasks; i++) {
+        size_t b = i / H, h = i % H, g = h / rep;
+        head_forward(&out[b * T * qs + h * D], &probs[i * T * S], &q[b * T * qs + h * D],
+                     &k[b * S * ks + g * D], &v[b * S * ks + g * D], key_mask ? &key_mask[b * S] : NULL,
+                     T, S, D, qs, ks, scale);
     }
+}
 
-    /* masked softmax over every row of every (b, h) */
-#pragma omp parallel for if (B * H * T * S >= TK_OMP_MIN_WORK)
-    for (size_t r = 0; r < B * H * T; r++) {
-        size_t b = r / (H * T), t = r % T;
-        softmax_row(&probs[r * S], key_mask ? &key_mask[b * S] : NULL, S, S - T + t);
-    }
+/* The backward of the query heads h0..h0+rep-1 of one (b, g), block by block (see
+ * tk_attention_backward for the formulas). dQ [T rows, stride qs] for head h0 (+= or NULL),
+ * dK, dV [S rows, stride ks] (+= or NULL), slab [R*S] for dP then dS of one block, dO, Q [T rows,
+ * stride qs] for head h0 (head h0+i starts i*D further), P [rep,T,S], K, V [S rows, stride ks]. */
+static void group_backward(float *dQ, float *dK, float *dV, float *slab, const float *dO,
+                           const float *P, const float *Q, const float *K, const float *V, size_t rep,
+                           size_t T, size_t S, size_t D, size_t qs, size_t ks, float scale) {
+    size_t R = min_sz(TK_ATTN_ROWS, T);
+    for (size_t i = 0; i < rep; i++) {
+        const float *Ph = &P[i * T * S], *dOh = &dO[i * D], *Qh = &Q[i * D];
+        float *dQh = dQ ? &dQ[i * D] : NULL;
+        for (size_t t0 = 0; t0 < T; t0 += R) {
+            size_t nr = min_sz(R, T - t0), E = S - T + t0 + nr;
+            const float *Pb = &Ph[t0 * S], *dOb = &dOh[t0 * qs], *Qb = &Qh[t0 * qs];
+            if (dV) { /* dV_E [E,D] += P_blk^T [E,nr] dO_blk [nr,D] */
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, tk_blas_dim(E), tk_blas_dim(D),
+                            tk_blas_dim(nr), 1.0f, Pb, tk_blas_dim(S), dOb, tk_blas_dim(qs), 1.0f, dV,
+                            tk_blas_dim(ks));
+            }
+            if (!dQh && !dK) continue;
 
-    /* out_bh [T,D] = P_bh [T,S] V [S,D] */
-    for (size_t b = 0; b < B; b++) {
-        for (size_t h = 0; h < H; h++) {
-            size_t g = h / rep;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(T), tk_blas_dim(D),
-                        tk_blas_dim(S), 1.0f, &probs[(b * H + h) * T * S], tk_blas_dim(S),
-                        &v[b * S * ks + g * D], tk_blas_dim(ks), 0.0f, &out[b * T * qs + h * D],
-                        tk_blas_dim(qs));
+            /* dP [nr,E] = dO_blk [nr,D] V_E^T, in the slab with row stride E */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(nr), tk_blas_dim(E),
+                        tk_blas_dim(D), 1.0f, dOb, tk_blas_dim(qs), V, tk_blas_dim(ks), 0.0f, slab,
+                        tk_blas_dim(E));
+
+            /* dS = P * (dP - sum_j P dP) * scale, row by row; 0 past the row's causal limit */
+            for (size_t r = 0; r < nr; r++) {
+                const float *pr = &Pb[r * S];
+                float *sr = &slab[r * E];
+                size_t n = S - T + t0 + r + 1; /* visible columns 0..n-1 */
+                double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
+                for (size_t j = 0; j < n; j++) dot += (double)pr[j] * (double)sr[j];
+                float fdot = (float)dot;
+#pragma omp simd
+                for (size_t j = 0; j < n; j++) sr[j] = pr[j] * (sr[j] - fdot) * scale;
+                for (size_t j = n; j < E; j++) sr[j] = 0.0f;
+            }
+
+            if (dQh) { /* dQ_blk [nr,D] += dS [nr,E] K_E [E,D] */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(nr), tk_blas_dim(D),
+                            tk_blas_dim(E), 1.0f, slab, tk_blas_dim(E), K, tk_blas_dim(ks), 1.0f,
+                            &dQh[t0 * qs], tk_blas_dim(qs));
+            }
+            if (dK) { /* dK_E [E,D] += dS^T [E,nr] Q_blk [nr,D] */
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, tk_blas_dim(E), tk_blas_dim(D),
+                            tk_blas_dim(nr), 1.0f, slab, tk_blas_dim(E), Qb, tk_blas_dim(qs), 1.0f, dK,
+                            tk_blas_dim(ks));
+            }
         }
     }
 }
@@ -108,8 +230,9 @@ void tk_attention_forward(float *out, float *probs, const float *q, const float 
  * O = P V.
  *   dV [S,D] += P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(P * dP)) * scale (P = 0 where masked);
  *   dQ [T,D] += dS K;    dK [S,D] += dS^T Q.
- * dq [B,T,H*D], dk, dv [B,S,G*D] (each += or NULL), scratch [T,S] holds dP then dS for one (b, h);
- * dout [B,T,H*D], probs [B,H,T,S] from the forward, q [B,T,H*D], k, v [B,S,G*D]. */
+ * dq [B,T,H*D], dk, dv [B,S,G*D] (each += or NULL), scratch [T,S] (slabs of R*S floats, one per
+ * thread, for dP then dS of one block); dout [B,T,H*D], probs [B,H,T,S] from the forward,
+ * q [B,T,H*D], k, v [B,S,G*D]. */
 void tk_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
                            const float *probs, const float *q, const float *k, const float *v,
                            size_t B, size_t T, size_t S, size_t H, size_t G, size_t D) {
@@ -118,49 +241,17 @@ void tk_attention_backward(float *dq, float *dk, float *dv, float *scratch, cons
     size_t rep = H / G;
     size_t qs = H * D, ks = G * D;
     float scale = (float)(1.0 / sqrt((double)D));
+    size_t tasks = B * G, R = min_sz(TK_ATTN_ROWS, T), slab = R * S;
+    size_t nthr = min_sz(min_sz((size_t)omp_get_max_threads(), tasks), T / R); /* slabs in scratch */
+    int threaded = nthr > 1 && B * H * T * S >= TK_OMP_MIN_WORK;
 
-    for (size_t b = 0; b < B; b++) {
-        for (size_t h = 0; h < H; h++) {
-            size_t g = h / rep;
-            const float *P = &probs[(b * H + h) * T * S];
-            const float *dO = &dout[b * T * qs + h * D];
-            const float *Q = &q[b * T * qs + h * D];
-            const float *K = &k[b * S * ks + g * D];
-            const float *Vh = &v[b * S * ks + g * D];
-
-            if (dv) { /* dV [S,D] += P^T [S,T] dO [T,D] */
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, tk_blas_dim(S), tk_blas_dim(D),
-                            tk_blas_dim(T), 1.0f, P, tk_blas_dim(S), dO, tk_blas_dim(qs), 1.0f,
-                            &dv[b * S * ks + g * D], tk_blas_dim(ks));
-            }
-            if (!dq && !dk) continue;
-
-            /* dP [T,S] = dO [T,D] V^T */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(T), tk_blas_dim(S),
-                        tk_blas_dim(D), 1.0f, dO, tk_blas_dim(qs), Vh, tk_blas_dim(ks), 0.0f, scratch,
-                        tk_blas_dim(S));
-
-            /* dS = P * (dP - sum_j P dP) * scale, row by row */
-#pragma omp parallel for if (T * S >= TK_OMP_MIN_WORK)
-            for (size_t t = 0; t < T; t++) {
-                const float *pr = &P[t * S];
-                float *sr = &scratch[t * S];
-                double dot = 0.0;
-                for (size_t j = 0; j < S; j++) dot += (double)pr[j] * (double)sr[j];
-                float fdot = (float)dot;
-                for (size_t j = 0; j < S; j++) sr[j] = pr[j] * (sr[j] - fdot) * scale;
-            }
-
-            if (dq) { /* dQ [T,D] += dS [T,S] K [S,D] */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(T), tk_blas_dim(D),
-                            tk_blas_dim(S), 1.0f, scratch, tk_blas_dim(S), K, tk_blas_dim(ks), 1.0f,
-                            &dq[b * T * qs + h * D], tk_blas_dim(qs));
-            }
-            if (dk) { /* dK [S,D] += dS^T [S,T] Q [T,D] */
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, tk_blas_dim(S), tk_blas_dim(D),
-                            tk_blas_dim(T), 1.0f, scratch, tk_blas_dim(S), Q, tk_blas_dim(qs), 1.0f,
-                            &dk[b * S * ks + g * D], tk_blas_dim(ks));
-            }
-        }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threaded ? (int)nthr : 1) if (threaded)
+    for (size_t i = 0; i < tasks; i++) {
+        size_t b = i / G, g = i % G, h0 = g * rep;
+        float *my_slab = &scratch[(size_t)omp_get_thread_num() * slab];
+        group_backward(dq ? &dq[b * T * qs + h0 * D] : NULL, dk ? &dk[b * S * ks + g * D] : NULL,
+                       dv ? &dv[b * S * ks + g * D] : NULL, my_slab, &dout[b * T * qs + h0 * D],
+                       &probs[(b * H + h0) * T * S], &q[b * T * qs + h0 * D], &k[b * S * ks + g * D],
+                       &v[b * S * ks + g * D], rep, T, S, D, qs, ks, scale);
     }
 }

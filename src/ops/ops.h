@@ -13,7 +13,9 @@
  * Any gradient pointer may be NULL when that gradient is not needed.
  *
  * Threads: kernels use OpenMP on outer loops with disjoint writes; matmuls call cblas_sgemm from
- * outside any parallel region. Thread counts are set by tk_set_threads (common.h).
+ * outside any parallel region, except tk_attention_forward/backward, which run one head (or
+ * key/value group) per thread with single-threaded sgemm calls inside the region (attention.c says
+ * why). Thread counts are set by tk_set_threads (common.h).
  */
 #ifndef TK_OPS_H
 #define TK_OPS_H
@@ -68,7 +70,8 @@ void tk_attention_forward(float *out, float *probs, const float *q, const float 
                           const uint8_t *key_mask, size_t B, size_t T, size_t S, size_t H, size_t G,
                           size_t D);
 /* forward: out = softmax(q k^T / sqrt(D) + mask) v.  dq [B,T,H*D] +=, dk, dv [B,S,G*D] +=.
- * scratch: at least T*S floats. */
+ * scratch: at least T*S floats (split into one slab per thread). Results do not depend on the
+ * thread count. */
 void tk_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
                            const float *probs, const float *q, const float *k, const float *v,
                            size_t B, size_t T, size_t S, size_t H, size_t G, size_t D);

@@ -34,22 +34,15 @@
  * share the backward. Below TK_OMP_MIN_WORK score entries, or with a single task (B*G = 1 in the
  * backward), the if clause leaves the region inactive (one thread, omp_in_parallel() false): the
  * tasks run serially and BLAS threads each call itself.
- * B=1 T=S=512 H=G=12 D=64 on 2 threads, forward + backward: 21-22 ms before this layout, 9.4-10 ms
+ * B=1 T=S=512 H=G=12 D=64 on 2 threads, forward + backward: about 22 ms before this layout, 10 ms
  * after (docs/performance.md, "What was changed for speed").
  */
-/* tk_expf's clamps are conditionals that GCC does not if-convert under its default -ftrapping-math,
- * which left every exponential loop of this file scalar (softmax_row was 56% of the forward's cycles
- * at T = S = 512). -fno-trapping-math only lets the compiler ignore floating-point exception flags:
- * no value changes (no reassociation, NaN and infinities kept). */
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
 #include "ops/ops.h"
 
 #include "blas.h"
-#include <limits.h>
 #include <math.h>
 #include <omp.h>
+#include <string.h>
 
 #include "common.h"
 #include "fastmath.h"
@@ -103,6 +96,17 @@ static double row_sum(const float *row, size_t n) {
     return sum;
 }
 
+/* x where keep != 0, else +0.0f, through a bit mask: `keep ? x : 0.0f` stays a branch around the
+ * exponential that computes x, which keeps the loop scalar (the same cure as tk_clampf in
+ * fastmath.h). */
+static inline float masked_zero(float x, uint8_t keep) {
+    uint32_t xi, m = 0u - (uint32_t)(keep != 0);
+    memcpy(&xi, &x, 4);
+    xi &= m;
+    memcpy(&x, &xi, 4);
+    return x;
+}
+
 /* One softmax row in place: scores [S] (already scaled) become probabilities over the visible keys
  * (j <= last and mask_b[j] != 0, mask_b [S] or NULL), zero elsewhere. Reads only row[0..last]. */
 static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last) {
@@ -115,8 +119,7 @@ static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last
     if (mask_b) {
 #pragma omp simd
         for (size_t j = 0; j < n; j++) {
-            float e = tk_expf(row[j] - m);
-            row[j] = mask_b[j] ? e : 0.0f;
+            row[j] = masked_zero(tk_expf(row[j] - m), mask_b[j]);
         }
     } else {
 #pragma omp simd

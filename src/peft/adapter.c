@@ -253,11 +253,11 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
                                 const float *xt, size_t N) {
     size_t I = L->in, O = L->out, R = L->r;
     float s = L->scale, inv = L->dropout > 0.0f ? 1.0f / (1.0f - L->dropout) : 1.0f;
+    int used[TK_BRANCH_LANES] = {0}; /* lanes whose partial dA, dB hold something (the first product
+                                      * writes them with beta 0: no zero-fill) */
 #pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
     for (size_t l = 0; l < TK_BRANCH_LANES; l++) {
         lane_bufs lb = lane_get(ws, l);
-        memset(lb.dA, 0, R * I * sizeof(float));
-        memset(lb.dB, 0, O * R * sizeof(float));
         size_t r0, r1;
         lane_rows(l, N, &r0, &r1);
         for (size_t c0 = r0; c0 < r1; c0 += TK_BRANCH_CHUNK) {
@@ -284,8 +284,10 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
                 }
                 dyk = lb.rows_a, xk = lb.rows_b, uk = lb.code;
             }
-            gemm(1, 0, O, R, nk, s, dyk, O, uk, R, 1.0f, lb.dB, R); /* dB += s dy_k^T u_k */
-            gemm(1, 0, R, I, nk, s, lb.gr, R, xk, I, 1.0f, lb.dA, I); /* dA += s gr_k^T x~_k */
+            float beta = used[l] ? 1.0f : 0.0f;
+            used[l] = 1;
+            gemm(1, 0, O, R, nk, s, dyk, O, uk, R, beta, lb.dB, R); /* dB += s dy_k^T u_k */
+            gemm(1, 0, R, I, nk, s, lb.gr, R, xk, I, beta, lb.dA, I); /* dA += s gr_k^T x~_k */
             if (nk == n && L->dropout == 0.0f) { /* dx += s gr A, straight into the chunk's rows */
                 gemm(0, 0, n, I, R, s, lb.gr, R, L->A, I, 1.0f, dx + c0 * I, I);
                 continue;
@@ -305,8 +307,10 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
             }
         }
     }
-    /* the lanes' partial sums, added in lane order */
+    /* the lanes' partial sums, added in lane order (serial: a few thousand values, and a parallel
+     * region here measured slower) */
     for (size_t l = 0; l < TK_BRANCH_LANES; l++) {
+        if (!used[l]) continue;
         lane_bufs lb = lane_get(ws, l);
         for (size_t j = 0; j < R * I; j++) L->dA[j] += lb.dA[j];
         for (size_t j = 0; j < O * R; j++) L->dB[j] += lb.dB[j];

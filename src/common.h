@@ -49,8 +49,9 @@ uint16_t tk_f32_to_f16(float f);
  * the work (it dominated the step time of tiny models, and spinning threads hurt a loaded machine). */
 #define TK_OMP_MIN_WORK 32768
 
-/* Sets the thread count for both OpenMP and OpenBLAS (never more than one pool at a time: BLAS is not
- * called from inside parallel regions). t <= 0 means the number of online CPUs. Returns the count. */
+/* Sets the thread count for both OpenMP and OpenBLAS (the OpenMP build of OpenBLAS shares our pool;
+ * the two kernels that call BLAS inside a parallel region, attention and the fused LoRA branch, rely
+ * on it running single-threaded there). t <= 0 means the number of online CPUs. Returns the count. */
 int tk_set_threads(int t);
 
 /* Reads a whole file into a NUL-terminated buffer; NULL with err set on failure. Caller frees. */

@@ -22,8 +22,9 @@
  *
  * Threads: one OpenMP task per (b, h) in the forward and per (b, g) in the backward (all the query
  * heads of one key/value group, so that each dk and dv column is written by one thread only). A
- * thread runs its task's whole pipeline, cblas_sgemm calls included: this file is the one place
- * where BLAS is called inside a parallel region, on purpose. The OpenMP build of OpenBLAS (0.3.21)
+ * thread runs its task's whole pipeline, cblas_sgemm calls included: BLAS inside a parallel region,
+ * on purpose (the other such place is the fused LoRA branch, peft/adapter.c). The OpenMP build of
+ * OpenBLAS (0.3.21)
  * runs single-threaded while omp_in_parallel() (measured: a 512^3 sgemm takes 1.8 ms inside a
  * 2-thread region, the one-thread time, against 1.0 ms outside; two threads calling it at once each
  * take 1.8 ms and get identical results), so the 16 forward and 32 backward block products of a

@@ -23,8 +23,9 @@
  * threads them); the per-row softmax loops of a block carry the usual TK_OMP_MIN_WORK if-clause,
  * which at BQ x BK = 16384 keeps them on one thread. Measured on the 2-core dev VM (Xeon with
  * AVX-512, OpenBLAS 0.3.21 openmp, this build's -O2 -march=x86-64-v2), B=1 H=12 T=S=512 D=64,
- * best of 60 runs, forward / backward in ms (tk_attention_forward/backward for comparison:
- * 9.5-13 / 12.6-55, varying with where the heap puts its 12 MiB probs and T x S scratch):
+ * best of 60 runs, forward / backward in ms (tk_attention_forward/backward for comparison, before
+ * its causal blocks and one-head-per-thread layout: 9.5-13 / 12.6-55; after: 4.6-4.9 / 5.6-5.7, so
+ * at these lengths this kernel buys memory, not speed):
  *   BQ x BK =  64 x 256: 11.1 / 16.0     32 x 256: 11.7 / 16.7     64 x 128: 11.6 / 16.8
  *             128 x 256:  9.6 / 17.3    256 x 256:  9.9 / 17.9   (these two run the row loops on
  *                                                                  both threads)

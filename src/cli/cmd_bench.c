@@ -284,7 +284,8 @@ int tk_cmd_bench(int argc, char **argv) {
             const tk_adapted_linear *L = &m->layers[l].proj[p];
             if (L->kind != TK_ADAPTER_NONE) ad_b += 4.0 * (double)N * (L->r + 1) + (double)N;
         }
-    ad_b += 4.0 * (4.0 * (double)m->ws.n_tok * m->ws.width + 2.0 * (double)m->ws.n_tok * m->ws.rank + m->ws.wconv_n);
+    ad_b += 4.0 * (4.0 * (double)m->ws.n_tok * m->ws.width + 2.0 * (double)m->ws.n_tok * m->ws.rank + m->ws.wconv_n +
+                   (double)TK_BRANCH_LANES * m->ws.lane_n + m->ws.n_tok);
     printf("bench: dim %d, %d layers, %d heads (kv %d), ffn %d, vocab %d, seq %d x batch %d, %s r=%d on %s, gate %s, "
            "%s weights, %d threads\n",
            c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, seq, batch, type, r, targets,

@@ -52,7 +52,7 @@ static double sgemm_peak(size_t n, int reps) {
  *   backward dV, dP, dQ, dK: 6 * 2 P D
  * Element-wise work (norms, RoPE, softmax, SiLU, the gate, cross-entropy, AdamW) is not counted;
  * neither is recomputation, nor the masked half of T x T that a full attention kernel computes. */
-static double step_flops(const tk_llama *m, size_t B, size_t T) {
+static double step_flops(const tk_llama *m, size_t B, size_t T, double *frozen, double *attention) {
     const tk_llama_config *c = &m->cfg;
     double N = (double)(B * T), lin = 0.0, ad = 0.0;
     for (int l = 0; l < c->n_layers; l++)
@@ -64,6 +64,8 @@ static double step_flops(const tk_llama *m, size_t B, size_t T) {
     lin += (double)c->vocab_size * c->dim; /* lm_head */
     double pairs = (double)B * (double)T * (double)(T + 1) / 2.0;
     double attn = 6.0 * 2.0 * pairs * c->head_dim * c->n_heads * c->n_layers;
+    *frozen = 2.0 * 2.0 * N * lin;
+    *attention = attn;
     return 2.0 * 2.0 * N * lin + attn + 3.0 * 2.0 * N * ad;
 }
 
@@ -232,13 +234,14 @@ int tk_cmd_bench(int argc, char **argv) {
     }
     for (size_t i = 0; i < N; i++) ids[i] = (int32_t)(tk_rng_u64(&rng) % (uint64_t)c.vocab_size);
     if (pc.gate.enabled && force_keep(m, a, ids, B, T, keep, !json_path, &err)) goto done;
-    double t_sum = 0.0, t_min = INFINITY, fwd = 0.0, bwd = 0.0, kept = 0.0, seen = 0.0;
+    double t_sum = 0.0, t_min = INFINITY, fwd = 0.0, bwd = 0.0, kept = 0.0, seen = 0.0, t_frozen = 0.0, t_attn = 0.0;
     double ph[4] = {0}; /* forward, loss, backward, optimizer (clipping + AdamW) */
     if (!json_path)
         fprintf(stderr, "bench: %d untimed + %d timed steps of %zu tokens...\n", warmup, steps, N);
     for (int s = 0; s < warmup + steps; s++) {
         if (pc.gate.enabled && keep < 1.0f && s > 0 && force_keep(m, a, ids, B, T, keep, 0, &err)) goto done;
-        m->ws.secs_branch_fwd = m->ws.secs_branch_bwd = 0.0;
+        m->ws.secs_branch_fwd = m->ws.secs_branch_bwd = m->ws.secs_base_fwd = m->ws.secs_base_bwd = 0.0;
+        m->ws.secs_attn_fwd = m->ws.secs_attn_bwd = 0.0;
         double t0 = tk_time();
         tk_params_zero_grad(&m->params);
         for (int l = 0; l < c.n_layers; l++)
@@ -266,6 +269,8 @@ int tk_cmd_bench(int argc, char **argv) {
         t_min = dt < t_min ? dt : t_min;
         fwd += m->ws.secs_branch_fwd;
         bwd += m->ws.secs_branch_bwd;
+        t_frozen += m->ws.secs_base_fwd + m->ws.secs_base_bwd;
+        t_attn += m->ws.secs_attn_fwd + m->ws.secs_attn_bwd;
         for (int l = 0; l < c.n_layers; l++)
             for (int p = 0; p < TK_NPROJ; p++) {
                 kept += (double)m->layers[l].proj[p].stats.kept;
@@ -274,7 +279,8 @@ int tk_cmd_bench(int argc, char **argv) {
     }
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    double mean = t_sum / steps, flops = step_flops(m, B, T);
+    double fl_frozen, fl_attn, mean = t_sum / steps, flops = step_flops(m, B, T, &fl_frozen, &fl_attn);
+    double tf = t_frozen / steps, ta = t_attn / steps, tb = (fwd + bwd) / steps;
     double rss_mib = (double)ru.ru_maxrss / 1024.0;
     /* memory model: weights + trainable block (data, grad, AdamW m, v) + activations + adapter state */
     double mib = 1024.0 * 1024.0, w_b = weight_bytes(m), p_b = 16.0 * (double)m->params.total;
@@ -296,6 +302,10 @@ int tk_cmd_bench(int argc, char **argv) {
            fwd / steps, bwd / steps);
     printf("  phases: forward %.3f s, loss %.3f s, backward %.3f s, optimizer %.3f s;  %.1f GFLOP per step\n",
            ph[0] / steps, ph[1] / steps, ph[2] / steps, ph[3] / steps, flops / 1e9);
+    /* where the step goes: the frozen matmuls alone bound what the whole step can reach */
+    printf("  time: frozen matmuls %.3f s (%.1f GFLOP at %.1f GFLOP/s), attention %.3f s (%.1f GFLOP), adapter branches "
+           "%.3f s, the rest %.3f s\n", tf, fl_frozen / 1e9, tf > 0 ? fl_frozen / tf / 1e9 : 0.0, ta, fl_attn / 1e9, tb,
+           mean - tf - ta - tb);
     printf("  memory model: weights %.0f MiB (%s) + trainable %.0f MiB + activations %.0f MiB (%s attention, %d of %d "
            "layers recomputed) + adapter state %.0f MiB = %.0f MiB; peak RSS %.0f MiB\n",
            w_b / mib, bf16 ? "BF16" : "fp32", p_b / mib, a_b / mib, a->tiled ? "tiled" : "full", a->recompute, c.n_layers,
@@ -329,6 +339,10 @@ int tk_cmd_bench(int argc, char **argv) {
         cJSON_AddNumberToObject(j, "backward_seconds", ph[2] / steps);
         cJSON_AddNumberToObject(j, "optimizer_seconds", ph[3] / steps);
         cJSON_AddNumberToObject(j, "flops_per_step", flops);
+        cJSON_AddNumberToObject(j, "frozen_matmul_seconds", tf);
+        cJSON_AddNumberToObject(j, "frozen_matmul_flops", fl_frozen);
+        cJSON_AddNumberToObject(j, "attention_seconds", ta);
+        cJSON_AddNumberToObject(j, "attention_flops", fl_attn);
         cJSON_AddStringToObject(j, "attention", a->tiled ? "tiled" : "full");
         cJSON_AddNumberToObject(j, "recompute_layers", a->recompute);
         cJSON_AddNumberToObject(j, "model_weights_mib", w_b / mib);

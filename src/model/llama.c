@@ -770,8 +770,10 @@ static void splice_image_rows(const tk_llama_acts *a, float *x, size_t N, size_t
 /* logits [N,V] = xn lm_head^T */
 static void head_forward(tk_llama *m, float *logits, const float *xn, size_t N) {
     size_t C = (size_t)m->cfg.dim, V = (size_t)m->cfg.vocab_size;
+    double t0 = tk_time();
     if (m->lm_head) tk_linear_forward(logits, xn, m->lm_head, N, C, V, 0.0f);
     else tk_linear_bf16_forward(logits, xn, m->lm_head_bf16, N, C, V, 0.0f, m->ws.wconv, m->ws.wconv_n);
+    m->ws.secs_base_fwd += tk_time() - t0;
 }
 
 /* Layer l from its saved input a->saved[l].x, filling what backward reads; out [N,C] receives the
@@ -792,10 +794,12 @@ static int layer_forward(tk_llama *m, tk_llama_acts *a, int l, float *out, size_
         return -1;
     tk_rope_forward(s->q, m->rope_cos, m->rope_sin, B, T, H, D, 0);
     tk_rope_forward(s->k, m->rope_cos, m->rope_sin, B, T, G, D, 0);
+    double t0 = tk_time();
     if (a->tiled)
         tk_attention_tiled_forward(s->att, s->lse, s->q, s->k, s->v, a->valid, B, T, T, H, G, D, a->attn_scratch);
     else
         tk_attention_forward(s->att, s->probs, s->q, s->k, s->v, a->valid, B, T, T, H, G, D);
+    ws->secs_attn_fwd += tk_time() - t0;
     if (tk_adapted_forward(&P[TK_PROJ_O], ws, a->tmp, s->att, a->valid, N, mode, rng, err)) return -1;
     for (size_t i = 0; i < N * C; i++) s->x2[i] = s->x[i] + a->tmp[i];
     tk_rmsnorm_forward(s->xn2, s->rstd2, s->x2, m->layers[l].ffn_norm, N, C, c->norm_eps);
@@ -854,8 +858,10 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
     tk_adapter_ws *ws = &m->ws;
     /* logits = xn_f lm_head^T;  xn_f = rmsnorm(x_L) */
     memset(a->dxn, 0, N * C * sizeof(float));
+    double t0 = tk_time();
     if (m->lm_head) tk_linear_backward(a->dxn, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
     else tk_linear_bf16_backward(a->dxn, a->logits, m->lm_head_bf16, N, C, V, m->ws.wconv, m->ws.wconv_n);
+    ws->secs_base_bwd += tk_time() - t0;
     memset(a->dres, 0, N * C * sizeof(float));
     tk_rmsnorm_backward(a->dres, m->d_final_norm, a->dxn, a->x_final, m->final_norm, a->rstd_final, N, C);
     for (int l = c->n_layers - 1; l >= 0; l--) {
@@ -884,12 +890,14 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
         memset(a->dq, 0, N * HD * sizeof(float));
         memset(a->dk, 0, N * GD * sizeof(float));
         memset(a->dv, 0, N * GD * sizeof(float));
+        t0 = tk_time();
         if (a->tiled)
             tk_attention_tiled_backward(a->dq, a->dk, a->dv, a->attn_scratch, a->datt, s->att, s->lse, s->q, s->k,
                                         s->v, a->valid, B, T, T, H, G, D);
         else
             tk_attention_backward(a->dq, a->dk, a->dv, a->attn_scratch, a->datt, s->probs, s->q, s->k, s->v,
                                   B, T, T, H, G, D);
+        ws->secs_attn_bwd += tk_time() - t0;
         tk_rope_backward(a->dq, m->rope_cos, m->rope_sin, B, T, H, D, 0);
         tk_rope_backward(a->dk, m->rope_cos, m->rope_sin, B, T, G, D, 0);
         memset(a->dxn, 0, N * C * sizeof(float));

@@ -320,8 +320,10 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
 int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x,
                        const uint8_t *valid, size_t N, int train, tk_rng *rng, tk_err *err) {
     size_t I = L->in, O = L->out, R = L->r;
+    double tb = tk_time();
     if (L->w0) tk_linear_forward(y, x, L->w0, N, I, O, 0.0f);
     else tk_linear_bf16_forward(y, x, L->w0_bf16, N, I, O, 0.0f, ws->wconv, ws->wconv_n);
+    ws->secs_base_fwd += tk_time() - tb;
     if (L->kind == TK_ADAPTER_NONE) return 0;
     TK_ASSERT(N <= L->cap && N <= ws->n_tok && O <= ws->width && I <= ws->width && R <= ws->rank);
     double t0 = tk_time();
@@ -404,12 +406,14 @@ int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, cons
                         const float *x, const uint8_t *valid, size_t N, tk_err *err) {
     size_t I = L->in, O = L->out;
     /* forward: b = x W0^T.  dx += dy W0;  dW0 += dy^T x */
+    double tb = tk_time();
     if (L->w0) {
         tk_linear_backward(dx, L->dw0, dy, x, L->w0, N, I, O);
     } else {
         TK_ASSERT(!L->dw0); /* trainable base weights are fp32 copies */
         tk_linear_bf16_backward(dx, dy, L->w0_bf16, N, I, O, ws->wconv, ws->wconv_n);
     }
+    ws->secs_base_bwd += tk_time() - tb;
     if (L->kind == TK_ADAPTER_NONE) return 0;
     TK_ASSERT(N <= L->cap && N <= ws->n_tok);
     double t0 = tk_time();

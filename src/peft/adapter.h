@@ -44,7 +44,11 @@ typedef struct {
     int32_t *idx;  /* [N]      kept rows */
     float *ba;     /* [W, W]   DoRA's B A product, O x I (allocated only when DoRA is used) */
     size_t ba_cap;
-    double secs_branch_fwd, secs_branch_bwd; /* time spent in the adapter branch (benchmarks read it) */
+    /* Time spent (benchmarks read these): in the adapter branches; in the frozen matmuls (the base
+     * weights' sgemm, and the model's lm_head); in attention (the model adds it). */
+    double secs_branch_fwd, secs_branch_bwd;
+    double secs_base_fwd, secs_base_bwd;
+    double secs_attn_fwd, secs_attn_bwd;
     float *wconv;  /* [wconv_n] BF16 -> fp32 conversion block for BF16-resident base weights */
     size_t wconv_n;
     float *lane;   /* [TK_BRANCH_LANES, lane_n] the fused LoRA branch's per-lane buffers (adapter.c) */

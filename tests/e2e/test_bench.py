@@ -1,0 +1,119 @@
+#!/usr/bin/python3
+"""`tspeft bench` on a tiny random LLaMA (docs/performance.md). No timing is asserted: only what the
+figures must satisfy whatever the machine's speed.
+
+    /usr/bin/python3 tests/e2e/test_bench.py --tspeft build/tspeft
+
+(a) --json holds every figure; flops_per_step, frozen_matmul_flops and attention_flops equal the
+    dense-step count recomputed here from the shapes (frozen linears 4 N I O, adapters 6 N R (I + O),
+    causal attention 12 P D per head and layer with P = B T (T + 1) / 2).
+(b) --keep K: the keep ratio measured over the timed steps is K to within two tokens per module
+    (thresholds are re-set before every step), for K = 1, 0.5 and 0.25; keep 0 keeps nothing.
+(c) the time parts (frozen matmuls, attention, adapter branches) are non-negative and sum to no
+    more than the step; the phases sum to no more than the step either.
+(d) the memory model adds up and peak RSS is at least the weights it holds; the printed report names
+    the shape.
+(e) bad options (--keep 1.5, --seq 1, dim not divisible by heads) exit non-zero with one line.
+Exit status 0 when every check passed, 1 otherwise.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e_util as U  # noqa: E402
+
+SHAPE = {"dim": 64, "layers": 2, "heads": 4, "ffn": 96, "vocab": 300, "seq": 48, "batch": 2, "r": 4}
+fails = 0
+
+
+def check(ok, what):
+    global fails
+    print("%s %s" % ("ok  " if ok else "FAIL", what))
+    fails += not ok
+
+
+def bench(tspeft, tmp, keep, extra=()):
+    out = os.path.join(tmp, "bench-%s.json" % keep)
+    args = ["bench", "--steps", 2, "--warmup", 1, "--threads", 2, "--keep", keep, "--json", out]
+    for k, v in SHAPE.items():
+        args += ["--" + k, v]
+    p = U.run(tspeft, args + list(extra), timeout=120)
+    if p.returncode != 0:
+        check(False, "bench --keep %s exits 0 (got %d: %s)" % (keep, p.returncode, p.stderr.strip()))
+        return None, p
+    with open(out) as f:
+        return json.load(f), p
+
+
+def dense_flops():
+    C, L, H, F, V, T, B, R = (SHAPE[k] for k in ("dim", "layers", "heads", "ffn", "vocab", "seq", "batch", "r"))
+    N, D = B * T, C // H
+    shapes = [(C, C)] * 4 + [(C, F)] * 2 + [(F, C)]  # (in, out) of q k v o gate up down
+    lin = L * sum(i * o for i, o in shapes) + V * C
+    ad = L * sum(R * (i + o) for i, o in shapes)
+    pairs = B * T * (T + 1) / 2
+    attn = 12.0 * pairs * D * H * L
+    return 4.0 * N * lin + attn + 6.0 * N * ad, 4.0 * N * lin, attn
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tspeft", required=True)
+    a = ap.parse_args()
+    N = SHAPE["seq"] * SHAPE["batch"]
+    total, frozen, attn = dense_flops()
+    with tempfile.TemporaryDirectory() as tmp:
+        for keep in (1.0, 0.5, 0.25, 0.0):
+            j, p = bench(a.tspeft, tmp, keep)
+            if j is None:
+                continue
+            need = ["step_seconds", "tokens_per_second", "gflops", "sgemm_peak_gflops", "peak_rss_mib", "keep_ratio",
+                    "adapter_forward_seconds", "adapter_backward_seconds", "frozen_matmul_seconds",
+                    "attention_seconds", "forward_seconds", "loss_seconds", "backward_seconds",
+                    "optimizer_seconds", "model_weights_mib", "model_trainable_mib", "model_activations_mib",
+                    "model_adapter_state_mib"]
+            missing = [k for k in need if k not in j]
+            check(not missing, "keep %.2f: --json has every figure (missing: %s)" % (keep, missing))
+            if missing:
+                continue
+            if keep == 1.0:
+                check(abs(j["flops_per_step"] - total) <= 1e-9 * total,
+                      "flops_per_step %.6g == dense count %.6g" % (j["flops_per_step"], total))
+                check(abs(j["frozen_matmul_flops"] - frozen) <= 1e-9 * frozen and
+                      abs(j["attention_flops"] - attn) <= 1e-9 * attn,
+                      "frozen %.6g / attention %.6g FLOPs == %.6g / %.6g" %
+                      (j["frozen_matmul_flops"], j["attention_flops"], frozen, attn))
+                check(abs(j["gflops"] - total / j["step_seconds"] / 1e9) <= 1e-6 * j["gflops"],
+                      "gflops == FLOPs / step time")
+                check("dim 64, 2 layers, 4 heads" in p.stdout and "time: frozen matmuls" in p.stdout,
+                      "the report names the shape and where the step goes")
+            tol = 2.0 / N  # thresholds re-set before each step: at most a token or two off per module
+            check(abs(j["keep_ratio"] - keep) <= tol, "keep %.2f forced: measured %.4f (tolerance %.4f)" %
+                  (keep, j["keep_ratio"], tol))
+            parts = [j["frozen_matmul_seconds"], j["attention_seconds"], j["adapter_forward_seconds"],
+                     j["adapter_backward_seconds"]]
+            step = j["step_seconds"]
+            check(all(x >= 0 for x in parts) and sum(parts) <= step * 1.001 + 1e-4,
+                  "keep %.2f: time parts %.4f s fit in the step %.4f s" % (keep, sum(parts), step))
+            phases = j["forward_seconds"] + j["loss_seconds"] + j["backward_seconds"] + j["optimizer_seconds"]
+            check(phases <= step * 1.001 + 1e-4, "keep %.2f: phases %.4f s fit in the step" % (keep, phases))
+            model = (j["model_weights_mib"] + j["model_trainable_mib"] + j["model_activations_mib"] +
+                     j["model_adapter_state_mib"])
+            check(model > 0 and j["peak_rss_mib"] >= j["model_weights_mib"],
+                  "keep %.2f: memory model %.1f MiB, peak RSS %.1f MiB >= weights" %
+                  (keep, model, j["peak_rss_mib"]))
+        for bad, what in ((["--keep", "1.5"], "--keep 1.5"), (["--seq", "1"], "--seq 1"),
+                          (["--dim", "66", "--heads", "4"], "dim 66 with 4 heads")):
+            p = U.run(a.tspeft, ["bench", "--steps", 1, "--warmup", 0] + bad, timeout=60)
+            lines = [x for x in p.stderr.splitlines() if x.strip()]
+            check(p.returncode != 0 and len(lines) == 1, "%s refused with one line: %s" %
+                  (what, lines[0] if lines else "(nothing)"))
+    print("all passed" if not fails else "FAILED (%d)" % fails)
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -168,6 +168,25 @@ static void dora_scale(tk_adapted_linear *L, tk_adapter_ws *ws) {
     }
 }
 
+/* The gate on token i: r_i = ||m_i|| / max(||b_i||, 1e-6), S_i = [r_i >= tau]; y_i (holding b_i)
+ * becomes b_i + S_i m_i. The two norms are double sums, vectorised by `omp simd` (a plain loop stays
+ * scalar). */
+static void gate_row(tk_adapted_linear *L, float *yi, const float *mi, size_t O, size_t i, float tau, int gated) {
+    double nm = 0.0, nb = 0.0;
+#pragma omp simd reduction(+ : nm, nb)
+    for (size_t o = 0; o < O; o++) {
+        nm += (double)mi[o] * mi[o];
+        nb += (double)yi[o] * yi[o];
+    }
+    double den = sqrt(nb);
+    float r = (float)(sqrt(nm) / (den > 1e-6 ? den : 1e-6));
+    uint8_t keep = gated ? (uint8_t)(r >= tau) : 1;
+    L->rr[i] = r;
+    L->S[i] = keep;
+    if (keep)
+        for (size_t o = 0; o < O; o++) yi[o] += mi[o];
+}
+
 /* After a branch forward: r_i and S_i of the valid tokens to the statistics (training only). */
 static int record_r(tk_adapted_linear *L, tk_adapter_ws *ws, const uint8_t *valid, size_t N, int train,
                     double t0, tk_err *err) {
@@ -226,24 +245,7 @@ static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y
             float *m = lb.rows_a; /* [n,O] */
             gemm(0, 1, n, R, I, 1.0f, xt + c0 * I, I, L->A, I, 0.0f, L->u + c0 * R, R);
             gemm(0, 1, n, O, R, s, L->u + c0 * R, R, L->B, R, 0.0f, m, O);
-            for (size_t k = 0; k < n; k++) {
-                size_t i = c0 + k;
-                float *yi = y + i * O;
-                const float *mi = m + k * O;
-                double nm = 0.0, nb = 0.0;
-#pragma omp simd reduction(+ : nm, nb)
-                for (size_t o = 0; o < O; o++) {
-                    nm += (double)mi[o] * mi[o];
-                    nb += (double)yi[o] * yi[o];
-                }
-                double den = sqrt(nb);
-                float r = (float)(sqrt(nm) / (den > 1e-6 ? den : 1e-6));
-                uint8_t keep = gated ? (uint8_t)(r >= tau) : 1;
-                L->rr[i] = r;
-                L->S[i] = keep;
-                if (keep)
-                    for (size_t o = 0; o < O; o++) yi[o] += mi[o];
-            }
+            for (size_t k = 0; k < n; k++) gate_row(L, y + (c0 + k) * O, m + k * O, O, c0 + k, tau, gated);
         }
     }
 }
@@ -361,23 +363,7 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
     float tau = L->tau;
     int gated = L->gated;
 #pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
-    for (size_t i = 0; i < N; i++) {
-        float *yi = y + i * O;
-        const float *mi = m + i * O;
-        double nm = 0.0, nb = 0.0;
-#pragma omp simd reduction(+ : nm, nb) /* vectorised double sums (a plain loop stays scalar) */
-        for (size_t o = 0; o < O; o++) {
-            nm += (double)mi[o] * mi[o];
-            nb += (double)yi[o] * yi[o];
-        }
-        double den = sqrt(nb);
-        float r = (float)(sqrt(nm) / (den > 1e-6 ? den : 1e-6));
-        uint8_t s = gated ? (uint8_t)(r >= tau) : 1;
-        L->rr[i] = r;
-        L->S[i] = s;
-        if (s)
-            for (size_t o = 0; o < O; o++) yi[o] += mi[o];
-    }
+    for (size_t i = 0; i < N; i++) gate_row(L, y + i * O, m + i * O, O, i, tau, gated);
     return record_r(L, ws, valid, N, train, t0, err);
 }
 

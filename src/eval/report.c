@@ -76,8 +76,14 @@ char *tk_eval_results_json(const tk_eval_run *run, const tk_eval_result *r, size
     cJSON *p = cJSON_AddObjectToObject(root, "protocol");
     if (!p) goto oom;
     cJSON_AddStringToObject(p, "mode", run->mode);
-    cJSON_AddStringToObject(p, "prompt", "LLM-Adapters commonsense_evaluate.py generate_prompt (template alpaca, "
-                                         "EVAL), ids [bos] + encode(prompt)");
+    cJSON_AddStringToObject(p, "prompt", "CSR and GLUE generation: LLM-Adapters commonsense_evaluate.py "
+                                         "generate_prompt (template alpaca, EVAL), ids [bos] + encode(prompt)");
+    int has_vqa = 0;
+    for (size_t i = 0; i < n; i++) has_vqa |= strcmp(r[i].kind, "vqa") == 0;
+    if (has_vqa)
+        cJSON_AddStringToObject(p, "vqa_prompt", "each shard record's own prompt: its tokens up to the first response "
+                                                 "token, as `convert` wrote them with the conversation template, the "
+                                                 "image placeholders replaced by the projector's embeddings");
     cJSON_AddStringToObject(p, "decoding", run->beams > 1 ? "beam search (Hugging Face transformers 4.28 semantics)"
                                                           : "greedy");
     cJSON_AddNumberToObject(p, "beams", (double)run->beams);

@@ -180,6 +180,8 @@ def main():
                (N_TEST, N_TEST - 1), task)
         chk.ok(set(m) >= {"vqa_em", "vqa_mc_acc"} and all(0.0 <= m[k] <= 1.0 for k in ("vqa_em", "vqa_mc_acc")),
                "vqa_em %.3f and vqa_mc_acc %.3f in [0,1]" % (m.get("vqa_em", -1), m.get("vqa_mc_acc", -1)), m)
+        chk.ok("conversation template" in res["protocol"].get("vqa_prompt", ""),
+               "the results' protocol says how visual questions were prompted", res["protocol"])
         chk.ok([s["gold"] for s in samples] == golds, "samples' gold answers are the test JSON's")
         chk.ok(abs(np.mean([s["em"] for s in samples]) - m["vqa_em"]) < 1e-9 and
                abs(np.mean([s["mc_correct"] for s in samples]) - m["vqa_mc_acc"]) < 1e-9,

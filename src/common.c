@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,13 +53,26 @@ void tk_assert_fail(const char *cond, const char *file, int line) {
     abort();
 }
 
+/* Blocks from this size up are 2 MiB aligned and asked to be backed by transparent huge pages. The
+ * frozen weights are read once per matmul by OpenBLAS's packing, whose strided reads across weight
+ * rows each touch another 4 KiB page: with huge pages the same cold-weight sgemm ran 8-10% faster
+ * (2048 x 768 weights cycled through, 2 threads: 198-240 -> 237-273 GFLOP/s). The advice is made
+ * before the zero-fill faults the pages in; where THP is off it does nothing. */
+#define TK_HUGE_MIN ((size_t)4 << 20)
+#define TK_HUGE_ALIGN ((size_t)2 << 20)
+
 void *tk_calloc(size_t n, size_t size) {
     size_t bytes;
     if (n == 0 || size == 0 || tk_mul_size(n, size, &bytes) != 0) return NULL;
-    size_t rounded = (bytes + 63) & ~(size_t)63;
+    size_t align = bytes >= TK_HUGE_MIN ? TK_HUGE_ALIGN : 64;
+    size_t rounded = (bytes + align - 1) & ~(align - 1);
     if (rounded < bytes) return NULL;
-    void *p = aligned_alloc(64, rounded);
-    if (p) memset(p, 0, rounded);
+    void *p = aligned_alloc(align, rounded);
+    if (!p) return NULL;
+#ifdef MADV_HUGEPAGE
+    if (align == TK_HUGE_ALIGN) (void)madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+    memset(p, 0, rounded);
     return p;
 }
 

@@ -78,6 +78,19 @@ void *tk_calloc(size_t n, size_t size) {
 
 void tk_free(void *p) { free(p); }
 
+void tk_zero_floats(float *p, size_t n) {
+    if (n < ((size_t)1 << 18)) { /* 1 MiB: below it, waking the pool costs more than it saves */
+        memset(p, 0, n * sizeof *p);
+        return;
+    }
+#pragma omp parallel
+    {
+        size_t t = (size_t)omp_get_thread_num(), nt = (size_t)omp_get_num_threads();
+        size_t a = n * t / nt, b = n * (t + 1) / nt;
+        memset(p + a, 0, (b - a) * sizeof *p);
+    }
+}
+
 int tk_mul_size(size_t a, size_t b, size_t *out) {
     if (a != 0 && b > SIZE_MAX / a) return -1;
     *out = a * b;

@@ -776,6 +776,12 @@ static void head_forward(tk_llama *m, float *logits, const float *xn, size_t N) 
     m->ws.secs_base_fwd += tk_time() - t0;
 }
 
+/* out [n] = x + y: the residual stream. */
+static void residual_add(float *out, const float *x, const float *y, size_t n) {
+#pragma omp parallel for simd if (n >= TK_OMP_MIN_WORK)
+    for (size_t i = 0; i < n; i++) out[i] = x[i] + y[i];
+}
+
 /* Layer l from its saved input a->saved[l].x, filling what backward reads; out [N,C] receives the
  * layer's output (NULL: stop before the MLP's down projection, which backward does not need: a
  * recomputation). mode: TK_FWD_* (adapter.h), REPLAY when recomputing a training forward. */
@@ -801,7 +807,7 @@ static int layer_forward(tk_llama *m, tk_llama_acts *a, int l, float *out, size_
         tk_attention_forward(s->att, s->probs, s->q, s->k, s->v, a->valid, B, T, T, H, G, D);
     ws->secs_attn_fwd += tk_time() - t0;
     if (tk_adapted_forward(&P[TK_PROJ_O], ws, a->tmp, s->att, a->valid, N, mode, rng, err)) return -1;
-    for (size_t i = 0; i < N * C; i++) s->x2[i] = s->x[i] + a->tmp[i];
+    residual_add(s->x2, s->x, a->tmp, N * C);
     tk_rmsnorm_forward(s->xn2, s->rstd2, s->x2, m->layers[l].ffn_norm, N, C, c->norm_eps);
     if (tk_adapted_forward(&P[TK_PROJ_GATE], ws, s->g, s->xn2, a->valid, N, mode, rng, err) ||
         tk_adapted_forward(&P[TK_PROJ_UP], ws, s->u, s->xn2, a->valid, N, mode, rng, err))
@@ -809,7 +815,7 @@ static int layer_forward(tk_llama *m, tk_llama_acts *a, int l, float *out, size_
     tk_swiglu_forward(s->h, s->g, s->u, N * F);
     if (!out) return 0;
     if (tk_adapted_forward(&P[TK_PROJ_DOWN], ws, a->tmp, s->h, a->valid, N, mode, rng, err)) return -1;
-    for (size_t i = 0; i < N * C; i++) out[i] = s->x2[i] + a->tmp[i];
+    residual_add(out, s->x2, a->tmp, N * C);
     return 0;
 }
 
@@ -857,12 +863,12 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
     size_t HD = H * D, GD = G * D;
     tk_adapter_ws *ws = &m->ws;
     /* logits = xn_f lm_head^T;  xn_f = rmsnorm(x_L) */
-    memset(a->dxn, 0, N * C * sizeof(float));
+    tk_zero_floats(a->dxn, N * C);
     double t0 = tk_time();
     if (m->lm_head) tk_linear_backward(a->dxn, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
     else tk_linear_bf16_backward(a->dxn, a->logits, m->lm_head_bf16, N, C, V, m->ws.wconv, m->ws.wconv_n);
     ws->secs_base_bwd += tk_time() - t0;
-    memset(a->dres, 0, N * C * sizeof(float));
+    tk_zero_floats(a->dres, N * C);
     tk_rmsnorm_backward(a->dres, m->d_final_norm, a->dxn, a->x_final, m->final_norm, a->rstd_final, N, C);
     for (int l = c->n_layers - 1; l >= 0; l--) {
         struct tk_llama_saved *s = &a->saved[l];
@@ -874,22 +880,22 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
                                                   NULL, err))
             return -1;
         /* x' = x2 + down(h): dres is dx' and, through the residual, part of dx2 */
-        memset(a->dh, 0, N * F * sizeof(float));
+        tk_zero_floats(a->dh, N * F);
         if (tk_adapted_backward(&P[TK_PROJ_DOWN], ws, a->dh, a->dres, s->h, a->valid, N, err)) return -1;
-        memset(a->dg, 0, N * F * sizeof(float));
-        memset(a->du, 0, N * F * sizeof(float));
+        tk_zero_floats(a->dg, N * F);
+        tk_zero_floats(a->du, N * F);
         tk_swiglu_backward(a->dg, a->du, a->dh, s->g, s->u, N * F);
-        memset(a->dxn, 0, N * C * sizeof(float));
+        tk_zero_floats(a->dxn, N * C);
         if (tk_adapted_backward(&P[TK_PROJ_GATE], ws, a->dxn, a->dg, s->xn2, a->valid, N, err) ||
             tk_adapted_backward(&P[TK_PROJ_UP], ws, a->dxn, a->du, s->xn2, a->valid, N, err))
             return -1;
         tk_rmsnorm_backward(a->dres, ly->d_ffn_norm, a->dxn, s->x2, ly->ffn_norm, s->rstd2, N, C);
         /* x2 = x + o(att): dres is now dx2 */
-        memset(a->datt, 0, N * HD * sizeof(float));
+        tk_zero_floats(a->datt, N * HD);
         if (tk_adapted_backward(&P[TK_PROJ_O], ws, a->datt, a->dres, s->att, a->valid, N, err)) return -1;
-        memset(a->dq, 0, N * HD * sizeof(float));
-        memset(a->dk, 0, N * GD * sizeof(float));
-        memset(a->dv, 0, N * GD * sizeof(float));
+        tk_zero_floats(a->dq, N * HD);
+        tk_zero_floats(a->dk, N * GD);
+        tk_zero_floats(a->dv, N * GD);
         t0 = tk_time();
         if (a->tiled)
             tk_attention_tiled_backward(a->dq, a->dk, a->dv, a->attn_scratch, a->datt, s->att, s->lse, s->q, s->k,
@@ -900,7 +906,7 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
         ws->secs_attn_bwd += tk_time() - t0;
         tk_rope_backward(a->dq, m->rope_cos, m->rope_sin, B, T, H, D, 0);
         tk_rope_backward(a->dk, m->rope_cos, m->rope_sin, B, T, G, D, 0);
-        memset(a->dxn, 0, N * C * sizeof(float));
+        tk_zero_floats(a->dxn, N * C);
         if (tk_adapted_backward(&P[TK_PROJ_Q], ws, a->dxn, a->dq, s->xn1, a->valid, N, err) ||
             tk_adapted_backward(&P[TK_PROJ_K], ws, a->dxn, a->dk, s->xn1, a->valid, N, err) ||
             tk_adapted_backward(&P[TK_PROJ_V], ws, a->dxn, a->dv, s->xn1, a->valid, N, err))

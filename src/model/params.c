@@ -62,7 +62,7 @@ const tk_param *tk_params_find(const tk_params *P, const char *name) {
 }
 
 void tk_params_zero_grad(tk_params *P) {
-    if (P->grad) memset(P->grad, 0, P->total * sizeof(float));
+    if (P->grad) tk_zero_floats(P->grad, P->total);
 }
 
 void tk_params_free(tk_params *P) {

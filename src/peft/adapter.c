@@ -171,7 +171,8 @@ static void dora_scale(tk_adapted_linear *L, tk_adapter_ws *ws) {
 /* The gate on token i: r_i = ||m_i|| / max(||b_i||, 1e-6), S_i = [r_i >= tau]; y_i (holding b_i)
  * becomes b_i + S_i m_i. The two norms are double sums, vectorised by `omp simd` (a plain loop stays
  * scalar). */
-static void gate_row(tk_adapted_linear *L, float *yi, const float *mi, size_t O, size_t i, float tau, int gated) {
+TK_HOT_CLONES static void gate_row(tk_adapted_linear *L, float *yi, const float *mi, size_t O, size_t i, float tau,
+                                  int gated) {
     double nm = 0.0, nb = 0.0;
 #pragma omp simd reduction(+ : nm, nb)
     for (size_t o = 0; o < O; o++) {

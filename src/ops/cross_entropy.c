@@ -90,6 +90,28 @@ void tk_cross_entropy_backward(float *dlogits, const float *logits, const int32_
  * tk_cross_entropy_forward followed by tk_cross_entropy_backward (bit-identical results) with one
  * exponential per logit instead of three and no second max pass.
  * losses [N], dlogits [N,V] (may alias logits), logits [N,V], targets [N]. Returns the loss sum. */
+/* One row of tk_cross_entropy_fused: drow (may be row) gets the gradient, returns the loss. Built for
+ * AVX2 as well as the baseline (TK_HOT_CLONES, common.h). */
+TK_HOT_CLONES static float fused_row(float *drow, const float *row, size_t t, size_t V, float scale) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (size_t v = 0; v < V; v++) m = row[v] > m ? row[v] : m;
+    float lt = row[t]; /* read before drow (which may be row) is overwritten */
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (size_t v = 0; v < V; v++) {
+        float e = tk_expf(row[v] - m);
+        drow[v] = e;
+        sum += (double)e;
+    }
+    float inv = (float)(1.0 / sum);
+    float p_t = drow[t] * inv;
+#pragma omp simd
+    for (size_t v = 0; v < V; v++) drow[v] = scale * (drow[v] * inv);
+    drow[t] = scale * (p_t - 1.0f);
+    return (float)((double)m + log(sum) - (double)lt);
+}
+
 double tk_cross_entropy_fused(float *losses, float *dlogits, const float *logits, const int32_t *targets,
                               size_t N, size_t V, float scale) {
     TK_ASSERT(V > 0);
@@ -104,23 +126,7 @@ double tk_cross_entropy_fused(float *losses, float *dlogits, const float *logits
             for (size_t v = 0; v < V; v++) drow[v] = 0.0f;
             continue;
         }
-        float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-        for (size_t v = 0; v < V; v++) m = row[v] > m ? row[v] : m;
-        float lt = row[t]; /* read before drow (which may be row) is overwritten */
-        double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-        for (size_t v = 0; v < V; v++) {
-            float e = tk_expf(row[v] - m);
-            drow[v] = e;
-            sum += (double)e;
-        }
-        losses[n] = (float)((double)m + log(sum) - (double)lt);
-        float inv = (float)(1.0 / sum);
-        float p_t = drow[t] * inv;
-#pragma omp simd
-        for (size_t v = 0; v < V; v++) drow[v] = scale * (drow[v] * inv);
-        drow[t] = scale * (p_t - 1.0f);
+        losses[n] = fused_row(drow, row, (size_t)t, V, scale);
     }
     double total = 0.0;
     for (size_t n = 0; n < N; n++) total += (double)losses[n];

@@ -1,4 +1,5 @@
 /* cmd_train.c: `tspeft train`: options -> tk_train_opts (trainer.h). */
+#include "../../vision/projector.h"
 #include "../model/llama.h"
 #include "../train/checkpoint.h"
 #include "../train/train_data.h"
@@ -158,6 +159,25 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     tk_peft_config *pc = &o.peft;
     /* LLaVA stage 1 trains no adapter: a stage-1 run or checkpoint has an adapter_config without targets */
     const int stage1 = o.vision_tower && o.stage == 1;
+    if (stage1 && o.adapter_dir && !resume) {
+        tk_fail(&err, "--stage 1 trains the projector alone: --adapter %s would not be used (start stage 2 from it)",
+                o.adapter_dir);
+        goto fail;
+    }
+    /* the projector's type comes from its file unless given; a given type must match the file */
+    char detected_type[32];
+    if (o.projector && !resume) {
+        tk_proj_kind pk;
+        size_t pin, pout;
+        if (tk_projector_detect(o.projector, &pk, &pin, &pout, &err)) goto fail;
+        if (o.projector_type && strcmp(o.projector_type, tk_proj_kind_name(pk)) != 0) {
+            tk_fail(&err, "%s: holds a %s projector, not the --projector-type %s", o.projector, tk_proj_kind_name(pk),
+                    o.projector_type);
+            goto fail;
+        }
+        snprintf(detected_type, sizeof detected_type, "%s", tk_proj_kind_name(pk));
+        o.projector_type = detected_type;
+    }
     if (o.adapter_dir && !(stage1 && resume)) {
         const char *fixed[] = {"adapter-type", "r", "alpha", "rslora", "target-modules", "layers", "train-tensors",
                                "bottleneck-act", "bottleneck-scaling"};

@@ -245,6 +245,25 @@ def main():
         chk.ok(ok and not os.path.exists(T("bad3.json")), "eval of a .shard without --vision-tower: error names it", line)
         ok, line = one_line_error(U.run(B, gen + ["--image", T("fm", "no_such.png")]), T("fm", "no_such.png"))
         chk.ok(ok, "generate with a missing image: error names the file", line)
+        ok, line = one_line_error(U.run(B, ["train"] + common + ["--stage", "1", "--adapter", T("s2"), "--steps", "1",
+                                                                 "--out", T("bad4")]), T("s2"), "stage 1")
+        chk.ok(ok and not os.path.exists(T("bad4")), "stage 1 with --adapter: refused, names the adapter", line)
+        s1proj = T("s1", "mm_projector.safetensors")
+        ok, line = one_line_error(U.run(B, ["train"] + common + ["--projector", s1proj, "--projector-type", "linear",
+                                                                 "--steps", "1", "--out", T("bad5")]),
+                                  s1proj, "mlp2x_gelu", "linear")
+        chk.ok(ok and not os.path.exists(T("bad5")), "--projector-type contradicting the file: error names both", line)
+
+        chk.section("train takes the projector's type from its file")
+        p = U.run(B, ["train"] + common + ["--stage", "1", "--projector-type", "linear", "--steps", "2", "--out",
+                                           T("lin1")])
+        chk.ok(p.returncode == 0, "stage 1 with a linear projector", p.stderr)
+        p = U.run(B, ["train"] + common + ["--stage", "2", "--projector", T("lin1", "mm_projector.safetensors"),
+                                           "--steps", "2", "--out", T("lin2")])
+        lin = st.load(T("lin2", "mm_projector.safetensors")) if p.returncode == 0 else {}
+        chk.ok(p.returncode == 0 and sorted(lin) == ["model.mm_projector.bias", "model.mm_projector.weight"],
+               "stage 2 from a linear projector without --projector-type trains a linear projector (%s)" % sorted(lin),
+               p.stderr)
     finally:
         if a.keep:
             print("kept", tmp)

@@ -45,6 +45,11 @@
 #include "ops/ops.h"
 #include "peft/adapter.h"
 
+#define TEST_NAME "test_adapter_grad"
+#define TEST_SEED 0x243f6a8885a308d3ull
+#define TEST_COL 68
+#include "test_util.h"
+
 /* Tolerances. FD_TOL: the fp32 forward differenced with step FD_EPS (as in test_ops_grad.c).
  * TIGHT_TOL: fp32 library against the double reference (a few fp32 roundings of O(1) values).
  * REF_FD_TOL: the double reference's own formulas against its double central differences. */
@@ -55,59 +60,11 @@
 #define REF_FD_TOL 1e-7
 #define FLIP_RETRIES 3 /* smaller steps (each /8) tried when a perturbation flips a gate decision */
 
-static int g_failures;
-
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
-static uint64_t g_rng = 0x243f6a8885a308d3ull;
-
-/* splitmix64 -> uniform float in [lo, hi). */
-static float rnd(float lo, float hi) {
-    uint64_t z = (g_rng += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (float)((double)(z >> 40) / (double)(1ull << 24));
-}
-
-static void fill(float *a, size_t n, float lo, float hi) {
-    for (size_t i = 0; i < n; i++) a[i] = rnd(lo, hi);
-}
-
-static void *xalloc(size_t n, size_t size) {
-    void *p = tk_calloc(n ? n : 1, size);
-    if (!p) {
-        fprintf(stderr, "test_adapter_grad: out of memory (%zu x %zu)\n", n, size);
-        exit(1);
-    }
-    return p;
-}
 #define FALLOC(n) ((float *)xalloc((n), sizeof(float)))
 #define DALLOC(n) ((double *)xalloc((n), sizeof(double)))
 #define BALLOC(n) ((uint8_t *)xalloc((n), 1))
-
-static void report(const char *name, double err, double tol) {
-    int ok = err <= tol; /* false for NaN */
-    printf("  %-66s max err %.3e  (tol %.0e)  %s\n", name, err, tol, ok ? "ok" : "FAIL");
-    if (!ok) g_failures++;
-}
-
-static void report_bool(const char *name, int ok) {
-    printf("  %-66s %s\n", name, ok ? "ok" : "FAIL");
-    if (!ok) g_failures++;
-}
-
-/* max|a - ref| / max(max|ref|, 1e-3); +inf when either holds a NaN or inf. */
-static double rel_err_d(const float *a, const double *ref, size_t n) {
-    double maxd = 0.0, maxr = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]) || !isfinite(ref[i])) return INFINITY;
-        double d = fabs((double)a[i] - ref[i]);
-        maxd = d > maxd ? d : maxd;
-        maxr = fabs(ref[i]) > maxr ? fabs(ref[i]) : maxr;
-    }
-    return maxd / (maxr > 1e-3 ? maxr : 1e-3);
-}
 
 static double rel_err_dd(const double *a, const double *ref, size_t n) {
     double maxd = 0.0, maxr = 0.0;
@@ -116,17 +73,6 @@ static double rel_err_dd(const double *a, const double *ref, size_t n) {
         double d = fabs(a[i] - ref[i]);
         maxd = d > maxd ? d : maxd;
         maxr = fabs(ref[i]) > maxr ? fabs(ref[i]) : maxr;
-    }
-    return maxd / (maxr > 1e-3 ? maxr : 1e-3);
-}
-
-static double rel_err_f(const float *a, const float *ref, size_t n) {
-    double maxd = 0.0, maxr = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]) || !isfinite(ref[i])) return INFINITY;
-        double d = fabs((double)a[i] - (double)ref[i]);
-        maxd = d > maxd ? d : maxd;
-        maxr = fabs((double)ref[i]) > maxr ? fabs((double)ref[i]) : maxr;
     }
     return maxd / (maxr > 1e-3 ? maxr : 1e-3);
 }

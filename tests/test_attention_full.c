@@ -27,61 +27,17 @@
 #include "common.h"
 #include "ops/ops.h"
 
+#define TEST_NAME "test_attention_full"
+#define TEST_SEED 0x6a09e667f3bcc909ull
+#define TEST_COL 78
+#include "test_util.h"
+
 /* TOL: fp32 kernel against double loops over sums of up to 200 terms (measured 0.5-4e-7). */
 #define TOL 2e-6
 #define GUARD 256 /* sentinel floats after the scratch (more than one row of S) */
 #define SENTINEL 12345.0f
 
-static int g_failures;
-
 /* ---- helpers ---------------------------------------------------------------------------------- */
-
-static uint64_t g_rng = 0x6a09e667f3bcc909ull;
-
-/* splitmix64 -> uniform float in [lo, hi). */
-static float rnd(float lo, float hi) {
-    uint64_t z = (g_rng += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (float)((double)(z >> 40) / (double)(1ull << 24));
-}
-
-static void fill(float *a, size_t n, float lo, float hi) {
-    for (size_t i = 0; i < n; i++) a[i] = rnd(lo, hi);
-}
-
-static void *xalloc(size_t n, size_t size) {
-    void *p = tk_calloc(n ? n : 1, size);
-    if (!p) {
-        fprintf(stderr, "test_attention_full: out of memory (%zu x %zu bytes)\n", n, size);
-        exit(1);
-    }
-    return p;
-}
-
-static void report(const char *name, double err, double tol) {
-    int ok = err <= tol; /* false for NaN */
-    printf("%-78s max err %.3e  (tol %.0e)  %s\n", name, err, tol, ok ? "ok" : "FAIL");
-    if (!ok) g_failures++;
-}
-
-static void report_bool(const char *name, int ok) {
-    printf("%-78s %s\n", name, ok ? "ok" : "FAIL");
-    if (!ok) g_failures++;
-}
-
-/* max|a - ref| / max(max|ref|, 1e-3); +inf when either holds a NaN or inf. */
-static double rel_err_d(const float *a, const double *ref, size_t n) {
-    double maxd = 0.0, maxr = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]) || !isfinite(ref[i])) return INFINITY;
-        double d = fabs((double)a[i] - ref[i]);
-        maxd = d > maxd ? d : maxd;
-        maxr = fabs(ref[i]) > maxr ? fabs(ref[i]) : maxr;
-    }
-    return maxd / (maxr > 1e-3 ? maxr : 1e-3);
-}
 
 static int same_bits(const float *a, const float *b, size_t n) {
     return memcmp(a, b, n * sizeof(float)) == 0;

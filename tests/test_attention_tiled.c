@@ -25,6 +25,11 @@
 #include "common.h"
 #include "ops/ops.h"
 
+#define TEST_NAME "test_attention_tiled"
+#define TEST_SEED 0x2545f4914f6cdd1dull
+#define TEST_COL 66
+#include "test_util.h"
+
 /* Tolerances. FWD_TOL: the same fp32 softmax-weighted sum in two orders (online rescaling against
  * normalize-then-multiply); BWD_TOL: the same for the gradients (Di from dout*out instead of P*dP).
  * FD_EPS / FD_TOL as in test_ops_grad.c. */
@@ -34,70 +39,7 @@
 #define FD_TOL 5e-3
 #define GUARD 64 /* sentinel floats after the scratch */
 
-static int g_failures;
-
 /* ---- helpers ---------------------------------------------------------------------------------- */
-
-static uint64_t g_rng = 0x2545f4914f6cdd1dull;
-
-/* splitmix64 -> uniform float in [lo, hi). */
-static float rnd(float lo, float hi) {
-    uint64_t z = (g_rng += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (float)((double)(z >> 40) / (double)(1ull << 24));
-}
-
-static void fill(float *a, size_t n, float lo, float hi) {
-    for (size_t i = 0; i < n; i++) a[i] = rnd(lo, hi);
-}
-
-static void *xalloc(size_t n, size_t size) {
-    void *p = tk_calloc(n ? n : 1, size);
-    if (!p) {
-        fprintf(stderr, "test_attention_tiled: out of memory (%zu x %zu bytes)\n", n, size);
-        exit(1);
-    }
-    return p;
-}
-
-static float *falloc(size_t n) { return xalloc(n, sizeof(float)); }
-static double *dalloc(size_t n) { return xalloc(n, sizeof(double)); }
-
-static void report(const char *name, double err, double tol) {
-    int ok = err <= tol; /* false for NaN */
-    printf("%-66s max err %.3e  (tol %.0e)  %s\n", name, err, tol, ok ? "ok" : "FAIL");
-    if (!ok) g_failures++;
-}
-
-static void report_bool(const char *name, int ok) {
-    printf("%-66s %s\n", name, ok ? "ok" : "FAIL");
-    if (!ok) g_failures++;
-}
-
-/* max|a - ref| / max(max|ref|, 1e-3); +inf when either holds a NaN or inf. */
-static double rel_err_d(const float *a, const double *ref, size_t n) {
-    double maxd = 0.0, maxr = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]) || !isfinite(ref[i])) return INFINITY;
-        double d = fabs((double)a[i] - ref[i]);
-        maxd = d > maxd ? d : maxd;
-        maxr = fabs(ref[i]) > maxr ? fabs(ref[i]) : maxr;
-    }
-    return maxd / (maxr > 1e-3 ? maxr : 1e-3);
-}
-
-static double rel_err_f(const float *a, const float *ref, size_t n) {
-    double maxd = 0.0, maxr = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]) || !isfinite(ref[i])) return INFINITY;
-        double d = fabs((double)a[i] - (double)ref[i]);
-        maxd = d > maxd ? d : maxd;
-        maxr = fabs((double)ref[i]) > maxr ? fabs((double)ref[i]) : maxr;
-    }
-    return maxd / (maxr > 1e-3 ? maxr : 1e-3);
-}
 
 /* second [n] must be exactly twice first [n] up to one rounding: the backward added twice. */
 static void check_adds(const char *name, const float *first, const float *second, size_t n) {

@@ -23,6 +23,11 @@
 #include "common.h"
 #include "ops/ops.h"
 
+#define TEST_NAME "test_ops_grad"
+#define TEST_SEED 0x9e3779b97f4a7c15ull
+#define TEST_COL 58
+#include "test_util.h"
+
 /* Tolerances. FD_TOL: fp32 forward differenced with step FD_EPS (rounding noise ~1e-7*|L|/FD_EPS,
  * truncation ~FD_EPS^2); measured errors are ~3e-4 or below. Cross-entropy differences a loss of
  * size ~40 (one large logit), so it takes the larger step FD_EPS_CE to keep the rounding noise down.
@@ -32,76 +37,7 @@
 #define FD_TOL 5e-3
 #define TIGHT_TOL 1e-5
 
-static int g_failures;
-
 /* ---- helpers ---------------------------------------------------------------------------------- */
-
-static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
-
-/* splitmix64 -> uniform float in [lo, hi). */
-static float rnd(float lo, float hi) {
-    uint64_t z = (g_rng += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (float)((double)(z >> 40) / (double)(1ull << 24));
-}
-
-static void fill(float *a, size_t n, float lo, float hi) {
-    for (size_t i = 0; i < n; i++) a[i] = rnd(lo, hi);
-}
-
-static float *falloc(size_t n) {
-    float *p = tk_calloc(n, sizeof(float));
-    if (!p) {
-        fprintf(stderr, "test_ops_grad: out of memory (%zu floats)\n", n);
-        exit(1);
-    }
-    return p;
-}
-
-static double *dalloc(size_t n) {
-    double *p = tk_calloc(n, sizeof(double));
-    if (!p) {
-        fprintf(stderr, "test_ops_grad: out of memory (%zu doubles)\n", n);
-        exit(1);
-    }
-    return p;
-}
-
-static void report(const char *name, double err, double tol) {
-    int ok = err <= tol; /* false for NaN */
-    printf("%-58s max err %.3e  (tol %.0e)  %s\n", name, err, tol, ok ? "ok" : "FAIL");
-    if (!ok) g_failures++;
-}
-
-static void report_bool(const char *name, int ok) {
-    printf("%-58s %s\n", name, ok ? "ok" : "FAIL");
-    if (!ok) g_failures++;
-}
-
-/* max|a - ref| / max(max|ref|, 1e-3); +inf when either holds a NaN or inf. */
-static double rel_err_d(const float *a, const double *ref, size_t n) {
-    double maxd = 0.0, maxr = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]) || !isfinite(ref[i])) return INFINITY;
-        double d = fabs((double)a[i] - ref[i]);
-        maxd = d > maxd ? d : maxd;
-        maxr = fabs(ref[i]) > maxr ? fabs(ref[i]) : maxr;
-    }
-    return maxd / (maxr > 1e-3 ? maxr : 1e-3);
-}
-
-static double rel_err_f(const float *a, const float *ref, size_t n) {
-    double maxd = 0.0, maxr = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]) || !isfinite(ref[i])) return INFINITY;
-        double d = fabs((double)a[i] - (double)ref[i]);
-        maxd = d > maxd ? d : maxd;
-        maxr = fabs((double)ref[i]) > maxr ? fabs((double)ref[i]) : maxr;
-    }
-    return maxd / (maxr > 1e-3 ? maxr : 1e-3);
-}
 
 /* sum(out * R) in double. */
 static double dot_r(const float *out, const float *R, size_t n) {

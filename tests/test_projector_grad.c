@@ -17,55 +17,14 @@
 #include "io/safetensors.h"
 #include "vision/projector.h"
 
+#define TEST_NAME "test_projector_grad"
+#define TEST_SEED 0x13198a2e03707344ull
+#define TEST_COL 62
+#include "test_util.h"
+
 #define FD_EPS 1e-3f
 #define FD_TOL 5e-3
 #define TIGHT_TOL 1e-5
-
-static int g_failures;
-static uint64_t g_rng = 0x13198a2e03707344ull;
-
-static float rnd(float lo, float hi) {
-    uint64_t z = (g_rng += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * (float)((double)(z >> 40) / (double)(1ull << 24));
-}
-
-static float *falloc(size_t n) {
-    float *p = tk_calloc(n ? n : 1, sizeof(float));
-    if (!p) {
-        fprintf(stderr, "test_projector_grad: out of memory\n");
-        exit(1);
-    }
-    return p;
-}
-
-static void fill(float *a, size_t n, float lo, float hi) {
-    for (size_t i = 0; i < n; i++) a[i] = rnd(lo, hi);
-}
-
-static void report(const char *name, double err, double tol) {
-    int ok = err <= tol;
-    printf("%-62s max err %.3e  (tol %.0e)  %s\n", name, err, tol, ok ? "ok" : "FAIL");
-    if (!ok) g_failures++;
-}
-
-static void report_bool(const char *name, int ok) {
-    printf("%-62s %s\n", name, ok ? "ok" : "FAIL");
-    if (!ok) g_failures++;
-}
-
-static double rel_err_d(const float *a, const double *ref, size_t n) {
-    double maxd = 0.0, maxr = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]) || !isfinite(ref[i])) return INFINITY;
-        double d = fabs((double)a[i] - ref[i]);
-        maxd = d > maxd ? d : maxd;
-        maxr = fabs(ref[i]) > maxr ? fabs(ref[i]) : maxr;
-    }
-    return maxd / (maxr > 1e-3 ? maxr : 1e-3);
-}
 
 typedef struct {
     tk_projector *p;

@@ -155,6 +155,15 @@ int tk_projector_detect(const char *path, tk_proj_kind *kind, size_t *in, size_t
     return L ? 0 : -1;
 }
 
+int tk_projector_kind_of(const char *path, const char *given, tk_proj_kind *kind, tk_err *err) {
+    size_t in, out;
+    if (tk_projector_detect(path, kind, &in, &out, err)) return -1;
+    if (given && strcmp(given, tk_proj_kind_name(*kind)) != 0)
+        return tk_fail(err, "%s: holds a %s projector, not the --projector-type %s", path, tk_proj_kind_name(*kind),
+                       given);
+    return 0;
+}
+
 static int read_tensor(const source *s, const char *path, const char *name, int ndim, int64_t d0,
                        int64_t d1, float *dst, tk_err *err) {
     const tk_st_file *f;

@@ -68,6 +68,9 @@ void tk_projector_random(tk_projector *p, uint64_t seed);
 /* Finds the projector in path (a .safetensors file, or a directory with model.safetensors or a
  * sharded index) and reports its kind and shapes without loading. -1 when absent. */
 int tk_projector_detect(const char *path, tk_proj_kind *kind, size_t *in, size_t *out, tk_err *err);
+/* The kind of the projector in path; given (a kind's name, or NULL) must agree with it, else an error
+ * naming path and both kinds. */
+int tk_projector_kind_of(const char *path, const char *given, tk_proj_kind *kind, tk_err *err);
 /* Reads the weights into the bound pointers; kind and every shape must match. */
 int tk_projector_load(tk_projector *p, const char *path, tk_err *err);
 /* Writes path (conventionally mm_projector.safetensors) with the original LLaVA key names, F32. */

@@ -421,8 +421,7 @@ static int batch(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, size_
     return 0;
 }
 
-/* The element of rank k of x[0..n) (Wirth's selection; x is reordered). */
-static float select_rank(float *x, size_t n, size_t k) {
+float tk_select_rank(float *x, size_t n, size_t k) {
     ptrdiff_t l = 0, r = (ptrdiff_t)n - 1, kk = (ptrdiff_t)k;
     while (l < r) {
         float pivot = x[kk];
@@ -469,7 +468,7 @@ static int put_quantiles(tk_gatelog *g, const tk_gate_stats *st, const uint64_t 
         memcpy(g->scratch, st->r, n * sizeof(float));
         size_t from = 0;
         for (int j = 0; j < 3; j++) { /* a selection leaves every larger value above its rank */
-            v[j] = select_rank(g->scratch + from, n - from, rank[j] - from);
+            v[j] = tk_select_rank(g->scratch + from, n - from, rank[j] - from);
             from = rank[j];
         }
     } else {
@@ -503,7 +502,7 @@ static int put_quantiles(tk_gatelog *g, const tk_gate_stats *st, const uint64_t 
         }
         for (int j = 0; j < 3; j++) {
             int w = which[j];
-            v[j] = select_rank(g->scratch + start[w], (size_t)hist[bin[w]], within[j]);
+            v[j] = tk_select_rank(g->scratch + start[w], (size_t)hist[bin[w]], within[j]);
         }
     }
     put_s(g, "[");

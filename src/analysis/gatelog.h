@@ -73,6 +73,8 @@ double tk_gatelog_seconds(const tk_gatelog *g);
 
 /* The histogram bin of r (shared with the reader). */
 int tk_gatelog_bin(float r);
+/* The element of rank k (0-based, ascending) of x[0..n), k < n: Wirth's selection, x is reordered. */
+float tk_select_rank(float *x, size_t n, size_t k);
 /* Lower edge of bin j >= 1 (10^(-4+(j-1)/4)); 0 for bin 0. */
 double tk_gatelog_bin_lo(int j);
 

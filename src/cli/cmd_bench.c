@@ -1,6 +1,7 @@
 /* cmd_bench.c: `tspeft bench`: training-step speed and memory of a synthetic LLaMA of any shape
  * (random weights, nothing read from disk), beside this machine's cblas_sgemm peak measured in the
  * same run at the same thread count. */
+#include "../analysis/gatelog.h"
 #include "../model/llama.h"
 #include "../ops/blas.h"
 #include "../train/optim.h"
@@ -66,7 +67,7 @@ static double step_flops(const tk_llama *m, size_t B, size_t T, double *frozen, 
     double attn = 6.0 * 2.0 * pairs * c->head_dim * c->n_heads * c->n_layers;
     *frozen = 2.0 * 2.0 * N * lin;
     *attention = attn;
-    return 2.0 * 2.0 * N * lin + attn + 3.0 * 2.0 * N * ad;
+    return *frozen + attn + 3.0 * 2.0 * N * ad;
 }
 
 /* Bytes of the model's frozen weights (fp32, or 2 per element when BF16-resident). */
@@ -109,15 +110,9 @@ static int force_keep(tk_llama *m, tk_llama_acts *a, const int32_t *ids, size_t 
                 worst = off > worst ? off : worst;
                 kept += got;
                 seen += N;
-                memcpy(r, L->rr, N * sizeof *r);
-                for (size_t i = 1; i < N; i++) /* insertion sort: N is a few thousand at most */
-                    for (size_t j = i; j > 0 && r[j - 1] > r[j]; j--) {
-                        float t = r[j];
-                        r[j] = r[j - 1];
-                        r[j - 1] = t;
-                    }
-                size_t drop = N - want;
-                L->tau = drop == 0 ? 0.0f : (drop >= N ? INFINITY : r[drop]);
+                size_t drop = N - want; /* tau = the r of rank drop: the drop smallest fall below it */
+                if (drop > 0 && drop < N) memcpy(r, L->rr, N * sizeof *r);
+                L->tau = drop == 0 ? 0.0f : (drop >= N ? INFINITY : tk_select_rank(r, N, drop));
             }
     } while (worst > 1 && ++pass < 12);
     free(r);

@@ -252,10 +252,7 @@ int tk_cmd_eval(int argc, char **argv) {
             tk_fail(&err, "visual questions need --projector FILE (or an --adapter directory holding mm_projector.safetensors)");
             goto done;
         }
-        tk_proj_kind pk;
-        size_t pin, pout;
-        if (tk_projector_detect(projector, &pk, &pin, &pout, &err)) goto done;
-        mo.projector_type = tk_proj_kind_name(pk);
+        mo.projector = projector;
         if (!(mm = tk_mm_open(&mo, (size_t)m->cfg.dim, &err))) goto done;
         m->extra_params = tk_mm_register;
         m->extra_ctx = mm;

@@ -164,20 +164,8 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
                 o.adapter_dir);
         goto fail;
     }
-    /* the projector's type comes from its file unless given; a given type must match the file */
-    char detected_type[32];
-    if (o.projector && !resume) {
-        tk_proj_kind pk;
-        size_t pin, pout;
-        if (tk_projector_detect(o.projector, &pk, &pin, &pout, &err)) goto fail;
-        if (o.projector_type && strcmp(o.projector_type, tk_proj_kind_name(pk)) != 0) {
-            tk_fail(&err, "%s: holds a %s projector, not the --projector-type %s", o.projector, tk_proj_kind_name(pk),
-                    o.projector_type);
-            goto fail;
-        }
-        snprintf(detected_type, sizeof detected_type, "%s", tk_proj_kind_name(pk));
-        o.projector_type = detected_type;
-    }
+    tk_proj_kind pk; /* checked here so that a contradicting --projector-type fails before --out is made */
+    if (o.projector && !resume && tk_projector_kind_of(o.projector, o.projector_type, &pk, &err)) goto fail;
     if (o.adapter_dir && !(stage1 && resume)) {
         const char *fixed[] = {"adapter-type", "r", "alpha", "rslora", "target-modules", "layers", "train-tensors",
                                "bottleneck-act", "bottleneck-scaling"};

@@ -188,6 +188,24 @@ TK_HOT_CLONES static void gate_row(tk_adapted_linear *L, float *yi, const float 
         for (size_t o = 0; o < O; o++) yi[o] += mi[o];
 }
 
+/* dx rows idx[k] += d [nk,I] (times the dropout mask / (1-p) when dropout was used). */
+static void scatter_dx(const tk_adapted_linear *L, float *dx, const float *d, const int32_t *idx,
+                       size_t nk) {
+    size_t I = L->in;
+    float inv = L->dropout > 0.0f ? 1.0f / (1.0f - L->dropout) : 1.0f;
+    for (size_t k = 0; k < nk; k++) { /* serial: see gather_rows */
+        size_t i = (size_t)idx[k];
+        float *dxi = dx + i * I;
+        const float *dk = d + k * I;
+        if (L->dropout > 0.0f) {
+            const uint8_t *kp = L->keepx + i * I;
+            for (size_t j = 0; j < I; j++) dxi[j] += kp[j] ? dk[j] * inv : 0.0f;
+        } else {
+            for (size_t j = 0; j < I; j++) dxi[j] += dk[j];
+        }
+    }
+}
+
 /* After a branch forward: r_i and S_i of the valid tokens to the statistics (training only). */
 static int record_r(tk_adapted_linear *L, tk_adapter_ws *ws, const uint8_t *valid, size_t N, int train,
                     double t0, tk_err *err) {
@@ -255,7 +273,7 @@ static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y
 static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
                                 const float *xt, size_t N) {
     size_t I = L->in, O = L->out, R = L->r;
-    float s = L->scale, inv = L->dropout > 0.0f ? 1.0f / (1.0f - L->dropout) : 1.0f;
+    float s = L->scale;
     int used[TK_BRANCH_LANES] = {0}; /* lanes whose partial dA, dB hold something (the first product
                                       * writes them with beta 0: no zero-fill) */
 #pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
@@ -273,13 +291,13 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
                 double c = 0.0;
                 for (size_t j = 0; j < R; j++) c += (double)g[j] * u[j];
                 ws->cval[c0 + k] = (float)(c * s);
-                if (L->S[c0 + k]) lb.idx[nk++] = (int32_t)k;
+                if (L->S[c0 + k]) lb.idx[nk++] = (int32_t)(c0 + k);
             }
             if (nk == 0) continue;
             const float *dyk = dyc, *xk = xc, *uk = uc;
-            if (nk < n) { /* compact the kept rows; gr in place (idx[j] >= j) */
+            if (nk < n) { /* compact the kept rows; gr in place (idx[j] - c0 >= j) */
                 for (size_t j = 0; j < nk; j++) {
-                    size_t k = (size_t)lb.idx[j];
+                    size_t k = (size_t)lb.idx[j] - c0;
                     memcpy(lb.rows_a + j * O, dyc + k * O, O * sizeof(float));
                     memcpy(lb.rows_b + j * I, xc + k * I, I * sizeof(float));
                     memcpy(lb.code + j * R, uc + k * R, R * sizeof(float));
@@ -297,17 +315,7 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
             }
             float *dxk = lb.rows_b; /* x~_k is no longer needed */
             gemm(0, 0, nk, I, R, s, lb.gr, R, L->A, I, 0.0f, dxk, I);
-            for (size_t j = 0; j < nk; j++) {
-                size_t i = c0 + (size_t)lb.idx[j];
-                float *dxi = dx + i * I;
-                const float *d = dxk + j * I;
-                if (L->dropout > 0.0f) {
-                    const uint8_t *kp = L->keepx + i * I;
-                    for (size_t q = 0; q < I; q++) dxi[q] += kp[q] ? d[q] * inv : 0.0f;
-                } else {
-                    for (size_t q = 0; q < I; q++) dxi[q] += d[q];
-                }
-            }
+            scatter_dx(L, dx, dxk, lb.idx, nk);
         }
     }
     /* the lanes' partial sums, added in lane order (serial: a few thousand values, and a parallel
@@ -368,24 +376,6 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
     return record_r(L, ws, valid, N, train, t0, err);
 }
 
-/* dx rows idx[k] += d [nk,I] (times the dropout mask / (1-p) when dropout was used). */
-static void scatter_dx(const tk_adapted_linear *L, float *dx, const float *d, const int32_t *idx,
-                       size_t nk) {
-    size_t I = L->in;
-    float inv = L->dropout > 0.0f ? 1.0f / (1.0f - L->dropout) : 1.0f;
-    for (size_t k = 0; k < nk; k++) { /* serial: see gather_rows */
-        size_t i = (size_t)idx[k];
-        float *dxi = dx + i * I;
-        const float *dk = d + k * I;
-        if (L->dropout > 0.0f) {
-            const uint8_t *kp = L->keepx + i * I;
-            for (size_t j = 0; j < I; j++) dxi[j] += kp[j] ? dk[j] * inv : 0.0f;
-        } else {
-            for (size_t j = 0; j < I; j++) dxi[j] += dk[j];
-        }
-    }
-}
-
 static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy, const float *x,
                            const uint8_t *valid, size_t N, tk_err *err);
 
@@ -416,7 +406,7 @@ int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, cons
     return rc;
 }
 
-/* The adapter branch's share of the backward (everything but the base weight's dx). */
+/* The branch's share of the backward for DoRA and the bottleneck adapter (LoRA runs lora_backward_fused). */
 static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy, const float *x,
                            const uint8_t *valid, size_t N, tk_err *err) {
     size_t I = L->in, O = L->out, R = L->r;
@@ -428,7 +418,7 @@ static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, c
         if (L->S[i]) ws->idx[nk++] = (int32_t)i;
     int all = nk == N;
 
-    /* gr [N,R]: the gradient arriving at the rank-R code: dy B (LoRA, bottleneck) or (dy*c) B (DoRA).
+    /* gr [N,R]: the gradient arriving at the rank-R code: dy B (bottleneck) or (dy*c) B (DoRA).
      * c_i = <g_i, m_i> for every token, from the same products. */
     float *gr = ws->r1;
     float *gc = ws->m; /* DoRA: g * c [N,O] */
@@ -458,7 +448,7 @@ static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, c
     }
     if (nk == 0) return 0;
 
-    /* Half the rows kept or more (LoRA, bottleneck; no dropout): zero the rank-R rows of the gated-off
+    /* Half the rows kept or more (bottleneck, no dropout): zero the rank-R rows of the gated-off
      * tokens (the code and gr, R wide) instead of gathering the wide ones (dy, x, dx). The products then
      * run over all N rows, reading dy and x once and copying nothing. Gated-off rows contribute exact
      * zeros to dB, dA and dx. Measured at r = 16, N = 512 (one module repeated, one thread, per layer of
@@ -466,9 +456,8 @@ static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, c
      * at any keep (8.5 with every row kept). Inside the model (dy and x no longer in cache) gathering at
      * keep 0.56 cost 0.11-0.21 s per step against 0.095 for zeroing and 0.097 at keep 1: the gathers'
      * memory traffic outweighs the FLOPs they save down to about half (docs/performance.md). */
-    if (!all && 2 * nk >= N && L->kind != TK_ADAPTER_DORA && L->dropout == 0.0f) {
-        float *cm = ws->r2; /* the bottleneck's act(u) is already there */
-        if (L->kind != TK_ADAPTER_BOTTLENECK) memcpy(cm, L->u, N * R * sizeof(float));
+    if (!all && 2 * nk >= N && L->kind == TK_ADAPTER_BOTTLENECK && L->dropout == 0.0f) {
+        float *cm = ws->r2; /* act(u), computed above */
         for (size_t i = 0; i < N; i++)
             if (!L->S[i]) {
                 memset(cm + i * R, 0, R * sizeof(float));

@@ -42,6 +42,7 @@ tk_mm *tk_mm_open(const tk_mm_opts *o, size_t llm_dim, tk_err *err) {
         tk_fail(err, "--projector-type must be linear or mlp2x_gelu, not \"%s\"", o->projector_type);
         goto fail;
     }
+    if (o->projector && tk_projector_kind_of(o->projector, o->projector_type, &pk, err)) goto fail;
     if (o->feature && tk_vit_feature_parse(o->feature, &feat)) {
         tk_fail(err, "--vision-feature must be patch or cls_patch, not \"%s\"", o->feature);
         goto fail;

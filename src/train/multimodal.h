@@ -25,7 +25,9 @@
 typedef struct {
     const char *tower;          /* HF CLIP/SigLIP vision tower directory (or a checkpoint holding one) */
     const char *prefix;         /* tensor name prefix; NULL: found (vit.h) */
-    const char *projector_type; /* "linear" | "mlp2x_gelu" (NULL: mlp2x_gelu) */
+    const char *projector;      /* the file the projector's weights will come from, or NULL: its type is
+                                 * read from its tensors (a projector_type given too must agree) */
+    const char *projector_type; /* "linear" | "mlp2x_gelu" (NULL: from projector, else mlp2x_gelu) */
     int layer;                  /* hidden-state index (LLaVA's mm_vision_select_layer; 0 = -2) */
     const char *feature;        /* "patch" (default) | "cls_patch" */
     const char *preprocess;     /* "clip" (default) | "llava-pad" | "siglip" */

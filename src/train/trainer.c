@@ -389,8 +389,14 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         tk_fail(err, "--stage must be 1 (projector only) or 2 (projector and adapter)");
         goto done;
     }
+    /* the projector's weights (and type): a resumed run continues from the checkpoint's projector, saved
+     * with the adapter, not from --projector */
+    char ck_proj[4200];
+    if (o->resume_dir) snprintf(ck_proj, sizeof ck_proj, "%s/adapter_model.safetensors", o->resume_dir);
+    const char *proj_file = o->resume_dir ? ck_proj : o->projector;
     if (o->vision_tower) {
-        tk_mm_opts mo = {o->vision_tower, NULL, o->projector_type, o->vision_layer, o->vision_feature, o->image_preprocess};
+        tk_mm_opts mo = {o->vision_tower, NULL, proj_file, o->projector_type, o->vision_layer, o->vision_feature,
+                         o->image_preprocess};
         if (!(mm = tk_mm_open(&mo, (size_t)m->cfg.dim, err))) goto done;
         m->extra_params = tk_mm_register;
         m->extra_ctx = mm;
@@ -406,11 +412,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     /* a stage-1 checkpoint holds no adapter (its config has no targets): only the projector, loaded below */
     const char *attach_dir = mm && o->stage == 1 && o->resume_dir ? NULL : o->adapter_dir;
     if (tk_llama_attach(m, &pc, attach_dir, o->seed, err)) goto done;
-    if (mm) { /* a resumed run continues from the checkpoint's projector (saved with the adapter), not --projector */
-        char ck_proj[4200];
-        if (o->resume_dir) snprintf(ck_proj, sizeof ck_proj, "%s/adapter_model.safetensors", o->resume_dir);
-        if (tk_mm_init_weights(mm, o->resume_dir ? ck_proj : o->projector, o->seed ^ 0x9e0u, err)) goto done;
-    }
+    if (mm && tk_mm_init_weights(mm, proj_file, o->seed ^ 0x9e0u, err)) goto done;
     snprintf(m->peft.base_model, sizeof m->peft.base_model, "%s", o->model_dir);
     size_t max_len = o->max_seq_len > 0 ? (size_t)o->max_seq_len : (size_t)m->cfg.max_seq_len;
     if (o->shuffle_window < 0 || o->prefetch < 0) {

@@ -251,11 +251,7 @@ int tk_cmd_bench(int argc, char **argv) {
         if (tk_llama_backward(m, a, B, T, &err)) goto done;
         tp[3] = tk_time();
         tk_clip_grad_norm(m->params.grad, m->params.total, 1.0);
-        for (size_t i = 0; i < m->params.n; i++) {
-            const tk_param *p = &m->params.items[i];
-            tk_adamw_update(m->params.data + p->offset, m->params.grad + p->offset, m->params.m + p->offset,
-                            m->params.v + p->offset, p->numel, 1e-4f, 0.9f, 0.999f, 1e-8f, 0.0f, s + 1);
-        }
+        tk_params_adamw(&m->params, 1e-4f, 0.9f, 0.999f, 1e-8f, 0.0f, s + 1);
         tp[4] = tk_time();
         double dt = tk_time() - t0;
         if (s < warmup) continue;

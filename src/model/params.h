@@ -29,7 +29,7 @@ typedef struct {
     const float *init; /* optional initial values (copied at alloc), else zeros */
 } tk_param;
 
-typedef struct {
+typedef struct tk_params {
     tk_param *items;
     size_t n, cap;
     size_t total;

@@ -10,9 +10,11 @@
 #include "train/optim.h"
 
 #include "common.h"
+#include "model/params.h"
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifndef M_PI
@@ -21,6 +23,8 @@
 
 /* Below this many elements the update runs on one thread: forking costs more than it saves. */
 #define TK_OPTIM_PARALLEL_MIN 65536
+
+static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
 /* ---- learning-rate schedules ------------------------------------------------------------------ */
 
@@ -133,13 +137,52 @@ void tk_adamw_update(float *p, const float *g, float *m, float *v, size_t n, flo
     }
 }
 
+/* Every tensor of P, one per task: most are smaller than TK_OPTIM_PARALLEL_MIN, so one call each
+ * would run them all on one thread. The update is element-wise, so the result does not depend on
+ * how tensors are shared out (tk_adamw_update's own loop is nested here and runs on one thread). */
+void tk_params_adamw(tk_params *P, float lr, float b1, float b2, float eps, float wd, int t) {
+#pragma omp parallel for schedule(dynamic, 1) if (P->total >= TK_OPTIM_PARALLEL_MIN)
+    for (size_t i = 0; i < P->n; i++) {
+        const tk_param *p = &P->items[i];
+        tk_adamw_update(P->data + p->offset, P->grad + p->offset, P->m + p->offset, P->v + p->offset,
+                        p->numel, lr, b1, b2, eps, p->decay ? wd : 0.0f, t);
+    }
+}
+
 /* ---- gradient clipping ------------------------------------------------------------------------ */
 
-/* One thread, fixed order: the norm (and so every clipped step) does not depend on the thread
- * count. The loop is memory-bound; the trainable block is small next to a forward pass. */
-double tk_grad_norm(const float *g, size_t n) {
+/* Fixed blocks of TK_NORM_BLOCK values, each summed in TK_NORM_LANES interleaved lanes (independent
+ * chains the compiler keeps in vector registers), and the block sums added in block order: the order
+ * depends on n only, so the norm (and every clipped step) is the same for any thread count. */
+#define TK_NORM_BLOCK 16384
+#define TK_NORM_LANES 8
+
+static double block_sumsq(const float *g, size_t n) {
+    double lane[TK_NORM_LANES] = {0};
+    size_t i = 0;
+    for (; i + TK_NORM_LANES <= n; i += TK_NORM_LANES)
+        for (size_t l = 0; l < TK_NORM_LANES; l++) lane[l] += (double)g[i + l] * (double)g[i + l];
     double sum = 0.0;
-    for (size_t i = 0; i < n; i++) sum += (double)g[i] * (double)g[i];
+    for (; i < n; i++) sum += (double)g[i] * (double)g[i];
+    for (size_t l = 0; l < TK_NORM_LANES; l++) sum += lane[l];
+    return sum;
+}
+
+double tk_grad_norm(const float *g, size_t n) {
+    size_t nb = (n + TK_NORM_BLOCK - 1) / TK_NORM_BLOCK;
+    double stack[64], *part = nb <= 64 ? stack : malloc(nb * sizeof *part);
+    if (!part) { /* out of memory: the same blocks, one after another */
+        double sum = 0.0;
+        for (size_t b = 0; b < nb; b++)
+            sum += block_sumsq(&g[b * TK_NORM_BLOCK], min_size(TK_NORM_BLOCK, n - b * TK_NORM_BLOCK));
+        return sqrt(sum);
+    }
+#pragma omp parallel for schedule(static) if (n >= TK_OPTIM_PARALLEL_MIN)
+    for (size_t b = 0; b < nb; b++)
+        part[b] = block_sumsq(&g[b * TK_NORM_BLOCK], min_size(TK_NORM_BLOCK, n - b * TK_NORM_BLOCK));
+    double sum = 0.0;
+    for (size_t b = 0; b < nb; b++) sum += part[b];
+    if (part != stack) free(part);
     return sqrt(sum);
 }
 

@@ -37,6 +37,11 @@ const char *tk_sched_name(tk_sched_kind k);
 void tk_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
                      float b2, float eps, float wd, int t);
 
+/* tk_adamw_update on every tensor of P (weight decay wd where the tensor's decay flag is set, else
+ * 0), tensors shared out over the threads. */
+struct tk_params;
+void tk_params_adamw(struct tk_params *P, float lr, float b1, float b2, float eps, float wd, int t);
+
 /* Global L2 norm of g [n] (accumulated in double). */
 double tk_grad_norm(const float *g, size_t n);
 /* torch.nn.utils.clip_grad_norm_: when norm > max_norm, scales g by max_norm / (norm + 1e-6).

@@ -572,12 +572,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             }
             tk_clip_grad_norm(m->params.grad, m->params.total, o->max_grad_norm);
             float lr = tk_sched_lr(&sch, step - 1);
-            for (size_t i = 0; i < m->params.n; i++) {
-                const tk_param *p = &m->params.items[i];
-                size_t off = p->offset;
-                tk_adamw_update(m->params.data + off, m->params.grad + off, m->params.m + off, m->params.v + off,
-                                p->numel, lr, 0.9f, 0.999f, 1e-8f, p->decay ? o->weight_decay : 0.0f, step);
-            }
+            tk_params_adamw(&m->params, lr, 0.9f, 0.999f, 1e-8f, o->weight_decay, step);
             st.tokens += (double)sb.tokens;
             if (step == 1) st.first_loss = loss;
             st.last_loss = loss;

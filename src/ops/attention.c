@@ -43,6 +43,7 @@
 #include "blas.h"
 #include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
@@ -132,26 +133,63 @@ static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last
     for (size_t j = n; j < S; j++) row[j] = 0.0f;
 }
 
+/* K [S rows, stride ks] -> KT [D, ldt], for the products that need K^T or V^T row-major. In blocks
+ * of 16 keys: the 16 source rows stay in L1 while each of the D destination rows gets 16 contiguous
+ * values (column by column, every store went to another line: 0.13 ms a head). */
+static void transpose_keys(float *KT, size_t ldt, const float *K, size_t S, size_t D, size_t ks) {
+    size_t j0 = 0;
+    for (; j0 + 16 <= S; j0 += 16)
+        for (size_t d = 0; d < D; d++)
+            for (size_t j = 0; j < 16; j++) KT[d * ldt + j0 + j] = K[(j0 + j) * ks + d];
+    for (size_t d = 0; d < D; d++)
+        for (size_t j = j0; j < S; j++) KT[d * ldt + j] = K[j * ks + d];
+}
+
+/* K [S rows, stride ks] -> Kc [S, D] without gaps: as the B of a product, rows 3 KiB apart (H*D =
+ * 768) fell into a few L1 sets and did not stay in L1 between row tiles. */
+static void pack_rows(float *Kc, const float *K, size_t S, size_t D, size_t ks) {
+    for (size_t j = 0; j < S; j++) memcpy(&Kc[j * D], &K[j * ks], D * sizeof(float));
+}
+
 /* The forward of one (b, h), block by block.
  * O [T rows, stride qs] (overwritten), P [T,S] (overwritten), Q [T rows, stride qs],
- * K, V [S rows, stride ks], mask_b [S] or NULL. */
+ * K, V [S rows, stride ks], mask_b [S] or NULL, KT [D, ldt] and Vc [S, D] scratch for K^T and a
+ * gapless V, or NULL: then the scores are one cblas_sgemm per block (Q K^T with K read transposed)
+ * and V is read in place, the path without AVX-512. */
 static void head_forward(float *O, float *P, const float *Q, const float *K, const float *V,
                          const uint8_t *mask_b, size_t T, size_t S, size_t D, size_t qs, size_t ks,
-                         float scale) {
+                         float scale, float *KT, float *Vc, size_t ldt) {
     size_t R = min_sz(TK_ATTN_ROWS, T);
+    if (KT) {
+        transpose_keys(KT, ldt, K, S, D, ks);
+        pack_rows(Vc, V, S, D, ks);
+        V = Vc, ks = D;
+    }
     for (size_t t0 = 0; t0 < T; t0 += R) {
         size_t nr = min_sz(R, T - t0), E = S - T + t0 + nr;
         float *Pb = &P[t0 * S];
         /* scores [nr,E] = scale * Q_blk [nr,D] K_E^T */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(nr), tk_blas_dim(E),
-                    tk_blas_dim(D), scale, &Q[t0 * qs], tk_blas_dim(qs), K, tk_blas_dim(ks), 0.0f, Pb,
-                    tk_blas_dim(S));
+        if (KT)
+            tk_gemm_small(nr, E, D, scale, &Q[t0 * qs], qs, KT, ldt, 0, Pb, S);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(nr), tk_blas_dim(E),
+                        tk_blas_dim(D), scale, &Q[t0 * qs], tk_blas_dim(qs), K, tk_blas_dim(ks), 0.0f, Pb,
+                        tk_blas_dim(S));
         for (size_t r = 0; r < nr; r++) softmax_row(&Pb[r * S], mask_b, S, S - T + t0 + r);
         /* O_blk [nr,D] = P_blk [nr,E] V_E [E,D] (P is 0 past each row's limit) */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(nr), tk_blas_dim(D),
-                    tk_blas_dim(E), 1.0f, Pb, tk_blas_dim(S), V, tk_blas_dim(ks), 0.0f, &O[t0 * qs],
-                    tk_blas_dim(qs));
+        tk_gemm_small(nr, D, E, 1.0f, Pb, S, V, ks, 0, &O[t0 * qs], qs);
     }
+}
+
+/* Row stride of the transposed K or V: S rounded up to 16, plus 16, so that the D rows of a panel do
+ * not all fall in the same L1 sets (a stride of 2 KiB at S = 512 did: scores 98 -> 128 GFLOP/s). */
+static size_t transposed_stride(size_t S) { return ((S + 15) & ~(size_t)15) + 16; }
+
+/* Two [D, ldt] buffers per thread (a transposed K or V, and a gapless V or K) for the AVX-512
+ * kernel, or NULL: no AVX-512, or no memory (the cblas_sgemm form needs neither). */
+static float *panel_buffers(size_t threads, size_t D, size_t S) {
+    if (!tk_gemm_small_avx512()) return NULL;
+    return malloc(threads * 2 * D * transposed_stride(S) * sizeof(float));
 }
 
 /* out [B,T,H*D] (overwritten), probs [B,H,T,S] (cached for backward; also holds the raw scores in
@@ -166,31 +204,45 @@ void tk_attention_forward(float *out, float *probs, const float *q, const float 
     float scale = (float)(1.0 / sqrt((double)D));
     size_t tasks = B * H;
     int threaded = tasks > 1 && omp_get_max_threads() > 1 && B * H * T * S >= TK_OMP_MIN_WORK;
+    size_t ldt = transposed_stride(S);
+    float *kt = panel_buffers(threaded ? (size_t)omp_get_max_threads() : 1, D, S);
 
 #pragma omp parallel for schedule(dynamic, 1) if (threaded)
     for (size_t i = 0; i < tasks; i++) {
         size_t b = i / H, h = i % H, g = h / rep;
+        float *my_kt = kt ? &kt[(size_t)omp_get_thread_num() * 2 * D * ldt] : NULL;
         head_forward(&out[b * T * qs + h * D], &probs[i * T * S], &q[b * T * qs + h * D],
                      &k[b * S * ks + g * D], &v[b * S * ks + g * D], key_mask ? &key_mask[b * S] : NULL,
-                     T, S, D, qs, ks, scale);
+                     T, S, D, qs, ks, scale, my_kt, my_kt ? my_kt + D * ldt : NULL, ldt);
     }
+    free(kt);
 }
 
 /* The backward of the query heads h0..h0+rep-1 of one (b, g), block by block (see
  * tk_attention_backward for the formulas). dQ [T rows, stride qs] for head h0 (+= or NULL),
  * dK, dV [S rows, stride ks] (+= or NULL), slab [R*S] for dP then dS of one block, dO, Q [T rows,
- * stride qs] for head h0 (head h0+i starts i*D further), P [rep,T,S], K, V [S rows, stride ks]. */
+ * stride qs] for head h0 (head h0+i starts i*D further), P [rep,T,S], K, V [S rows, stride ks],
+ * VT [D, ldt] and Kc [S, D] scratch for V^T and a gapless K, or NULL (dP is then one cblas_sgemm
+ * per block and K is read in place). */
 static void group_backward(float *dQ, float *dK, float *dV, float *slab, const float *dO,
                            const float *P, const float *Q, const float *K, const float *V, size_t rep,
-                           size_t T, size_t S, size_t D, size_t qs, size_t ks, float scale) {
+                           size_t T, size_t S, size_t D, size_t qs, size_t ks, float scale, float *VT,
+                           float *Kc, size_t ldt) {
     size_t R = min_sz(TK_ATTN_ROWS, T);
+    const float *Kq = K; /* the K that dQ reads, and its row stride */
+    size_t kqs = ks;
+    if (VT && (dQ || dK)) transpose_keys(VT, ldt, V, S, D, ks);
+    if (VT && dQ) {
+        pack_rows(Kc, K, S, D, ks);
+        Kq = Kc, kqs = D;
+    }
     for (size_t i = 0; i < rep; i++) {
         const float *Ph = &P[i * T * S], *dOh = &dO[i * D], *Qh = &Q[i * D];
         float *dQh = dQ ? &dQ[i * D] : NULL;
         for (size_t t0 = 0; t0 < T; t0 += R) {
             size_t nr = min_sz(R, T - t0), E = S - T + t0 + nr;
             const float *Pb = &Ph[t0 * S], *dOb = &dOh[t0 * qs], *Qb = &Qh[t0 * qs];
-            if (dV) { /* dV_E [E,D] += P_blk^T [E,nr] dO_blk [nr,D] */
+            if (dV) { /* dV_E [E,D] += P_blk^T [E,nr] dO_blk [nr,D] (cblas: see gemm_small.c) */
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, tk_blas_dim(E), tk_blas_dim(D),
                             tk_blas_dim(nr), 1.0f, Pb, tk_blas_dim(S), dOb, tk_blas_dim(qs), 1.0f, dV,
                             tk_blas_dim(ks));
@@ -198,9 +250,12 @@ static void group_backward(float *dQ, float *dK, float *dV, float *slab, const f
             if (!dQh && !dK) continue;
 
             /* dP [nr,E] = dO_blk [nr,D] V_E^T, in the slab with row stride E */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(nr), tk_blas_dim(E),
-                        tk_blas_dim(D), 1.0f, dOb, tk_blas_dim(qs), V, tk_blas_dim(ks), 0.0f, slab,
-                        tk_blas_dim(E));
+            if (VT)
+                tk_gemm_small(nr, E, D, 1.0f, dOb, qs, VT, ldt, 0, slab, E);
+            else
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(nr), tk_blas_dim(E),
+                            tk_blas_dim(D), 1.0f, dOb, tk_blas_dim(qs), V, tk_blas_dim(ks), 0.0f, slab,
+                            tk_blas_dim(E));
 
             /* dS = P * (dP - sum_j P dP) * scale, row by row; 0 past the row's causal limit */
             for (size_t r = 0; r < nr; r++) {
@@ -216,12 +271,9 @@ static void group_backward(float *dQ, float *dK, float *dV, float *slab, const f
                 for (size_t j = n; j < E; j++) sr[j] = 0.0f;
             }
 
-            if (dQh) { /* dQ_blk [nr,D] += dS [nr,E] K_E [E,D] */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(nr), tk_blas_dim(D),
-                            tk_blas_dim(E), 1.0f, slab, tk_blas_dim(E), K, tk_blas_dim(ks), 1.0f,
-                            &dQh[t0 * qs], tk_blas_dim(qs));
-            }
-            if (dK) { /* dK_E [E,D] += dS^T [E,nr] Q_blk [nr,D] */
+            /* dQ_blk [nr,D] += dS [nr,E] K_E [E,D] */
+            if (dQh) tk_gemm_small(nr, D, E, 1.0f, slab, E, Kq, kqs, 1, &dQh[t0 * qs], qs);
+            if (dK) { /* dK_E [E,D] += dS^T [E,nr] Q_blk [nr,D] (cblas: see gemm_small.c) */
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, tk_blas_dim(E), tk_blas_dim(D),
                             tk_blas_dim(nr), 1.0f, slab, tk_blas_dim(E), Qb, tk_blas_dim(qs), 1.0f, dK,
                             tk_blas_dim(ks));
@@ -248,14 +300,19 @@ void tk_attention_backward(float *dq, float *dk, float *dv, float *scratch, cons
     size_t tasks = B * G, R = min_sz(TK_ATTN_ROWS, T), slab = R * S;
     size_t nthr = min_sz(min_sz((size_t)omp_get_max_threads(), tasks), T / R); /* slabs in scratch */
     int threaded = nthr > 1 && B * H * T * S >= TK_OMP_MIN_WORK;
+    size_t ldt = transposed_stride(S);
+    float *vt = panel_buffers(threaded ? nthr : 1, D, S);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threaded ? (int)nthr : 1) if (threaded)
     for (size_t i = 0; i < tasks; i++) {
         size_t b = i / G, g = i % G, h0 = g * rep;
         float *my_slab = &scratch[(size_t)omp_get_thread_num() * slab];
+        float *my_vt = vt ? &vt[(size_t)omp_get_thread_num() * 2 * D * ldt] : NULL;
         group_backward(dq ? &dq[b * T * qs + h0 * D] : NULL, dk ? &dk[b * S * ks + g * D] : NULL,
                        dv ? &dv[b * S * ks + g * D] : NULL, my_slab, &dout[b * T * qs + h0 * D],
                        &probs[(b * H + h0) * T * S], &q[b * T * qs + h0 * D], &k[b * S * ks + g * D],
-                       &v[b * S * ks + g * D], rep, T, S, D, qs, ks, scale);
+                       &v[b * S * ks + g * D], rep, T, S, D, qs, ks, scale, my_vt, my_vt ? my_vt + D * ldt : NULL,
+                       ldt);
     }
+    free(vt);
 }

@@ -62,6 +62,17 @@ void tk_rope_forward(float *x, const float *cos_t, const float *sin_t, size_t B,
 void tk_rope_backward(float *dx, const float *cos_t, const float *sin_t, size_t B, size_t T, size_t H,
                       size_t D, size_t pos0);
 
+/* ---- small single-thread products (attention's pieces) ------------------------------------------ */
+/* C [M,N] = alpha * A B (+ C when acc), A [M rows, stride lda], B [K rows, stride ldb], C [M rows,
+ * stride ldc], row-major. An AVX-512 kernel where the CPU has it, else cblas_sgemm
+ * (also with TSPEFT_GEMM_SMALL=blas); either way one thread, results independent of the thread count.
+ * tk_gemm_small_kernel names the path taken ("avx512" or "blas"), tk_gemm_small_avx512 is 1 on the
+ * first. gemm_small.c */
+void tk_gemm_small(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda, const float *B,
+                   size_t ldb, int acc, float *C, size_t ldc);
+const char *tk_gemm_small_kernel(void);
+int tk_gemm_small_avx512(void);
+
 /* ---- causal self-attention with grouped-query heads and a key padding mask --------------------- */
 /* out [B,T,H*D], probs [B,H,T,S] (softmax weights cached for backward), q [B,T,H*D],
  * k,v [B,S,G*D], key_mask [B,S] (1 = real token, NULL = all real). Query t sits at absolute position

@@ -1,0 +1,145 @@
+/* gemm_small.c: the small products inside attention, one thread each.
+ *
+ *   C [M,N] = alpha * A B  (+ C when acc),  A [M rows, stride lda],  B [K rows, stride ldb],
+ *   C [M rows, stride ldc], all row-major.
+ *
+ * Why not cblas_sgemm: inside attention each call is one thread's [64,64] x [64,E] or [64,E] x
+ * [E,64] piece (E <= S keys), and OpenBLAS packs both operands for every such call. Measured on one
+ * thread, the per-block products of one head at T = S = 512, D = 64 (docs/performance.md):
+ * scores (K^T stored) 118 -> 178 GFLOP/s, dP = dO V^T (V^T stored) 115 -> 174, dQ += dS K 137 -> 156.
+ * The products that read an operand down its columns (dV += P^T dO, dK += dS^T Q) stay with
+ * cblas_sgemm, which packs such operands faster than a copy here did (150-163 against 99-106).
+ *
+ * The AVX-512 kernel keeps a 4 x 64 tile of C in 16 zmm registers: per k it loads 4 vectors of B's
+ * row k and broadcasts 4 values of A (8 loads for 16 FMAs). K runs in blocks of TK_GEMM_KB so that
+ * B's [KB, 64] panel stays in L1 across the row tiles. Column tails use masked loads and stores, so
+ * nothing outside C [M,N] is read from C or written. Each element of C is summed in k order within
+ * a block, blocks in order: the result depends on the shapes only, never on the thread count.
+ *
+ * Machines without AVX-512F (checked once, at the first call) take cblas_sgemm instead;
+ * TSPEFT_GEMM_SMALL=blas forces that path (tests/test_gemm_small.c runs both).
+ */
+#include "ops/ops.h"
+
+#include "blas.h"
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TK_GEMM_AVX512 1
+#include <immintrin.h>
+#endif
+
+#define TK_GEMM_KB 128 /* k block: B's [128, 64] panel is 32 KiB, L1-resident across the row tiles */
+
+static void gemm_blas(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda,
+                      const float *B, size_t ldb, int acc, float *C, size_t ldc) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(M), tk_blas_dim(N), tk_blas_dim(K),
+                alpha, A, tk_blas_dim(lda), B, tk_blas_dim(ldb), acc ? 1.0f : 0.0f, C, tk_blas_dim(ldc));
+}
+
+#ifdef TK_GEMM_AVX512
+/* One tile of mr rows x nv vectors of 16 columns (the last masked by `last`), k = 0..K-1. mr and nv
+ * are constants in every instance below, so the loops unroll and acc stays in registers. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+tile(size_t mr, size_t nv, __mmask16 last, size_t K, float alpha, const float *A, size_t lda,
+     const float *B, size_t ldb, int acc_c, float *C, size_t ldc) {
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (size_t i = 0; i < mr; i++)
+#pragma GCC unroll 4
+        for (size_t v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
+    for (size_t k = 0; k < K; k++) {
+        const float *b = B + k * ldb;
+        __m512 bv[4];
+#pragma GCC unroll 4
+        for (size_t v = 0; v < nv; v++)
+            bv[v] = v + 1 == nv ? _mm512_maskz_loadu_ps(last, b + 16 * v) : _mm512_loadu_ps(b + 16 * v);
+#pragma GCC unroll 4
+        for (size_t i = 0; i < mr; i++) {
+            __m512 a = _mm512_set1_ps(A[i * lda + k]);
+#pragma GCC unroll 4
+            for (size_t v = 0; v < nv; v++) acc[i][v] = _mm512_fmadd_ps(a, bv[v], acc[i][v]);
+        }
+    }
+    __m512 al = _mm512_set1_ps(alpha);
+#pragma GCC unroll 4
+    for (size_t i = 0; i < mr; i++)
+#pragma GCC unroll 4
+        for (size_t v = 0; v < nv; v++) {
+            __mmask16 m = v + 1 == nv ? last : (__mmask16)0xffff;
+            float *c = C + i * ldc + 16 * v;
+            __m512 r = _mm512_mul_ps(al, acc[i][v]);
+            if (acc_c) r = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), r);
+            _mm512_mask_storeu_ps(c, m, r);
+        }
+}
+
+typedef void (*tile_fn)(__mmask16, size_t, float, const float *, size_t, const float *, size_t, int, float *,
+                        size_t);
+#define TK_TILE(MR, NV)                                                                                      \
+    __attribute__((target("avx512f"))) static void tile_##MR##_##NV(                                       \
+        __mmask16 last, size_t K, float alpha, const float *A, size_t lda, const float *B, size_t ldb,       \
+        int acc, float *C, size_t ldc) {                                                                     \
+        tile(MR, NV, last, K, alpha, A, lda, B, ldb, acc, C, ldc);                                           \
+    }
+TK_TILE(1, 1) TK_TILE(1, 2) TK_TILE(1, 3) TK_TILE(1, 4)
+TK_TILE(2, 1) TK_TILE(2, 2) TK_TILE(2, 3) TK_TILE(2, 4)
+TK_TILE(3, 1) TK_TILE(3, 2) TK_TILE(3, 3) TK_TILE(3, 4)
+TK_TILE(4, 1) TK_TILE(4, 2) TK_TILE(4, 3) TK_TILE(4, 4)
+static const tile_fn tiles[4][4] = {{tile_1_1, tile_1_2, tile_1_3, tile_1_4},
+                                    {tile_2_1, tile_2_2, tile_2_3, tile_2_4},
+                                    {tile_3_1, tile_3_2, tile_3_3, tile_3_4},
+                                    {tile_4_1, tile_4_2, tile_4_3, tile_4_4}};
+
+static void gemm_avx512(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda,
+                        const float *B, size_t ldb, int acc, float *C, size_t ldc) {
+    for (size_t k0 = 0; k0 < K; k0 += TK_GEMM_KB) {
+        size_t kb = K - k0 < TK_GEMM_KB ? K - k0 : TK_GEMM_KB;
+        int acc_c = acc || k0 > 0;
+        for (size_t n0 = 0; n0 < N; n0 += 64) {
+            size_t nn = N - n0 < 64 ? N - n0 : 64, nv = (nn + 15) / 16, rem = nn - 16 * (nv - 1);
+            __mmask16 last = (__mmask16)((1u << rem) - 1u);
+            for (size_t m0 = 0; m0 < M; m0 += 4) {
+                size_t mr = M - m0 < 4 ? M - m0 : 4;
+                tiles[mr - 1][nv - 1](last, kb, alpha, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, acc_c,
+                                      C + m0 * ldc + n0, ldc);
+            }
+        }
+    }
+}
+#endif
+
+/* 1: AVX-512 kernel, 0: cblas_sgemm; decided once (racing first calls decide the same). */
+static int use_avx512(void) {
+#ifdef TK_GEMM_AVX512
+    static int state = -1;
+    if (state < 0) {
+        const char *force = getenv("TSPEFT_GEMM_SMALL");
+        state = !(force && strcmp(force, "blas") == 0) && __builtin_cpu_supports("avx512f");
+    }
+    return state;
+#else
+    return 0;
+#endif
+}
+
+int tk_gemm_small_avx512(void) { return use_avx512(); }
+const char *tk_gemm_small_kernel(void) { return use_avx512() ? "avx512" : "blas"; }
+
+void tk_gemm_small(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda, const float *B,
+                   size_t ldb, int acc, float *C, size_t ldc) {
+    if (M == 0 || N == 0) return;
+    if (K == 0) { /* an empty sum: C = 0, or C unchanged */
+        if (!acc)
+            for (size_t m = 0; m < M; m++) memset(&C[m * ldc], 0, N * sizeof(float));
+        return;
+    }
+#ifdef TK_GEMM_AVX512
+    if (use_avx512()) {
+        gemm_avx512(M, N, K, alpha, A, lda, B, ldb, acc, C, ldc);
+        return;
+    }
+#endif
+    gemm_blas(M, N, K, alpha, A, lda, B, ldb, acc, C, ldc);
+}

@@ -71,7 +71,7 @@ int main(void) {
     report_bool("the path taken is the one this CPU and environment call for", strcmp(kernel, want) == 0);
 #endif
 
-    const size_t Ms[] = {1, 3, 4, 7, 64};
+    const size_t Ms[] = {1, 3, 4, 7, 13, 64};
     const size_t Ns[] = {1, 15, 16, 17, 64, 70, 130};
     const size_t Ks[] = {1, 5, 64, 129, 300};
     for (size_t i = 0; i < sizeof Ms / sizeof *Ms; i++)
@@ -83,6 +83,12 @@ int main(void) {
     one_case(64, 512, 64, 0, 0.125f); /* scores = scale Q K^T (K^T stored) */
     one_case(64, 64, 512, 0, 1.0f);   /* O = P V */
     one_case(64, 64, 512, 1, 1.0f);   /* dQ += dS K */
+    /* LoRA's rank-16 pieces on a 64-row chunk (r = 16, width 768 or 2048) */
+    one_case(64, 16, 768, 0, 1.0f);    /* u = x A^T (A^T stored) */
+    one_case(64, 768, 16, 0, 2.0f);    /* m = s u B^T (B^T stored) */
+    one_case(64, 16, 2048, 0, 1.0f);   /* gr = dy B */
+    one_case(16, 2048, 64, 1, 2.0f);   /* dA += s gr^T x (gr^T stored) */
+    one_case(64, 2048, 16, 1, 2.0f);   /* dx += s gr A */
 
     /* K = 0: an empty sum */
     float c[4] = {1, 2, 3, 4};

@@ -11,7 +11,8 @@
  * cblas_sgemm, which packs such operands faster than a copy here did (150-163 against 99-106).
  *
  * The AVX-512 kernel keeps a 4 x 64 tile of C in 16 zmm registers: per k it loads 4 vectors of B's
- * row k and broadcasts 4 values of A (8 loads for 16 FMAs). K runs in blocks of TK_GEMM_KB so that
+ * row k and broadcasts 4 values of A (8 loads for 16 FMAs); where C is one vector wide (N <= 16) the
+ * tile is 12 x 16 (13 loads for 12 FMAs). K runs in blocks of TK_GEMM_KB so that
  * B's [KB, 64] panel stays in L1 across the row tiles. Column tails use masked loads and stores, so
  * nothing outside C [M,N] is read from C or written. Each element of C is summed in k order within
  * a block, blocks in order: the result depends on the shapes only, never on the thread count.
@@ -44,8 +45,8 @@ static void gemm_blas(size_t M, size_t N, size_t K, float alpha, const float *A,
 __attribute__((target("avx512f"), always_inline)) static inline void
 tile(size_t mr, size_t nv, __mmask16 last, size_t K, float alpha, const float *A, size_t lda,
      const float *B, size_t ldb, int acc_c, float *C, size_t ldc) {
-    __m512 acc[4][4];
-#pragma GCC unroll 4
+    __m512 acc[12][4];
+#pragma GCC unroll 12
     for (size_t i = 0; i < mr; i++)
 #pragma GCC unroll 4
         for (size_t v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
@@ -55,7 +56,7 @@ tile(size_t mr, size_t nv, __mmask16 last, size_t K, float alpha, const float *A
 #pragma GCC unroll 4
         for (size_t v = 0; v < nv; v++)
             bv[v] = v + 1 == nv ? _mm512_maskz_loadu_ps(last, b + 16 * v) : _mm512_loadu_ps(b + 16 * v);
-#pragma GCC unroll 4
+#pragma GCC unroll 12
         for (size_t i = 0; i < mr; i++) {
             __m512 a = _mm512_set1_ps(A[i * lda + k]);
 #pragma GCC unroll 4
@@ -63,7 +64,7 @@ tile(size_t mr, size_t nv, __mmask16 last, size_t K, float alpha, const float *A
         }
     }
     __m512 al = _mm512_set1_ps(alpha);
-#pragma GCC unroll 4
+#pragma GCC unroll 12
     for (size_t i = 0; i < mr; i++)
 #pragma GCC unroll 4
         for (size_t v = 0; v < nv; v++) {
@@ -87,6 +88,7 @@ TK_TILE(1, 1) TK_TILE(1, 2) TK_TILE(1, 3) TK_TILE(1, 4)
 TK_TILE(2, 1) TK_TILE(2, 2) TK_TILE(2, 3) TK_TILE(2, 4)
 TK_TILE(3, 1) TK_TILE(3, 2) TK_TILE(3, 3) TK_TILE(3, 4)
 TK_TILE(4, 1) TK_TILE(4, 2) TK_TILE(4, 3) TK_TILE(4, 4)
+TK_TILE(12, 1)
 static const tile_fn tiles[4][4] = {{tile_1_1, tile_1_2, tile_1_3, tile_1_4},
                                     {tile_2_1, tile_2_2, tile_2_3, tile_2_4},
                                     {tile_3_1, tile_3_2, tile_3_3, tile_3_4},
@@ -100,7 +102,12 @@ static void gemm_avx512(size_t M, size_t N, size_t K, float alpha, const float *
         for (size_t n0 = 0; n0 < N; n0 += 64) {
             size_t nn = N - n0 < 64 ? N - n0 : 64, nv = (nn + 15) / 16, rem = nn - 16 * (nv - 1);
             __mmask16 last = (__mmask16)((1u << rem) - 1u);
-            for (size_t m0 = 0; m0 < M; m0 += 4) {
+            size_t m0 = 0;
+            if (nv == 1) /* one vector wide (rank-16 LoRA products): 12 rows a tile, 13 loads per 12 FMAs */
+                for (; m0 + 12 <= M; m0 += 12)
+                    tile_12_1(last, kb, alpha, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, acc_c,
+                              C + m0 * ldc + n0, ldc);
+            for (; m0 < M; m0 += 4) {
                 size_t mr = M - m0 < 4 ? M - m0 : 4;
                 tiles[mr - 1][nv - 1](last, kb, alpha, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, acc_c,
                                       C + m0 * ldc + n0, ldc);

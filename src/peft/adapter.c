@@ -34,7 +34,8 @@ int tk_adapter_ws_alloc(tk_adapter_ws *ws, size_t n_tok, size_t width, size_t ra
     ws->lane = tk_calloc(TK_BRANCH_LANES * ws->lane_n, sizeof(float));
     ws->lane_idx = tk_calloc(TK_BRANCH_LANES * ch, sizeof(int32_t));
     ws->cval = tk_calloc(n_tok ? n_tok : 1, sizeof(float));
-    if (!ws->m || !ws->t1 || !ws->t2 || !ws->t3 || !ws->r1 || !ws->r2 || !ws->idx ||
+    ws->bt = tk_calloc(R * (width ? width : 1), sizeof(float));
+    if (!ws->bt || !ws->m || !ws->t1 || !ws->t2 || !ws->t3 || !ws->r1 || !ws->r2 || !ws->idx ||
         (ba_numel && !ws->ba) || !ws->lane || !ws->lane_idx || !ws->cval) {
         tk_adapter_ws_free(ws);
         return tk_fail(err, "out of memory for the adapter workspace (%zu tokens x %zu)", n_tok,
@@ -57,6 +58,7 @@ void tk_adapter_ws_free(tk_adapter_ws *ws) {
     tk_free(ws->lane);
     tk_free(ws->lane_idx);
     tk_free(ws->cval);
+    tk_free(ws->bt);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -249,11 +251,14 @@ static void lane_rows(size_t l, size_t N, size_t *r0, size_t *r1) {
     *r1 = N * (l + 1) / TK_BRANCH_LANES;
 }
 
-/* u = x~ A^T, m = s u B^T, and the gate on y (which holds b = W0 x): h_i = b_i + S_i m_i. */
+/* u = x~ A^T, m = s u B^T, and the gate on y (which holds b = W0 x): h_i = b_i + S_i m_i.
+ * m's product runs on B^T [R,O] (ws->bt), so that tk_gemm_small reads its B row-major. */
 static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *xt, size_t N) {
     size_t I = L->in, O = L->out, R = L->r;
     float tau = L->tau, s = L->scale;
     int gated = L->gated;
+    for (size_t o = 0; o < O; o++)
+        for (size_t j = 0; j < R; j++) ws->bt[j * O + o] = L->B[o * R + j];
 #pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
     for (size_t l = 0; l < TK_BRANCH_LANES; l++) {
         lane_bufs lb = lane_get(ws, l);
@@ -263,7 +268,7 @@ static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y
             size_t n = r1 - c0 < TK_BRANCH_CHUNK ? r1 - c0 : TK_BRANCH_CHUNK;
             float *m = lb.rows_a; /* [n,O] */
             gemm(0, 1, n, R, I, 1.0f, xt + c0 * I, I, L->A, I, 0.0f, L->u + c0 * R, R);
-            gemm(0, 1, n, O, R, s, L->u + c0 * R, R, L->B, R, 0.0f, m, O);
+            tk_gemm_small(n, O, R, s, L->u + c0 * R, R, ws->bt, O, 0, m, O);
             for (size_t k = 0; k < n; k++) gate_row(L, y + (c0 + k) * O, m + k * O, O, c0 + k, tau, gated);
         }
     }
@@ -284,7 +289,7 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
         for (size_t c0 = r0; c0 < r1; c0 += TK_BRANCH_CHUNK) {
             size_t n = r1 - c0 < TK_BRANCH_CHUNK ? r1 - c0 : TK_BRANCH_CHUNK;
             const float *dyc = dy + c0 * O, *xc = xt + c0 * I, *uc = L->u + c0 * R;
-            gemm(0, 0, n, R, O, 1.0f, dyc, O, L->B, R, 0.0f, lb.gr, R); /* gr = dy B */
+            tk_gemm_small(n, R, O, 1.0f, dyc, O, L->B, R, 0, lb.gr, R); /* gr = dy B */
             size_t nk = 0;
             for (size_t k = 0; k < n; k++) {
                 const float *g = lb.gr + k * R, *u = uc + k * R;

@@ -55,6 +55,7 @@ typedef struct {
     size_t lane_n;
     int32_t *lane_idx; /* [TK_BRANCH_LANES, TK_BRANCH_CHUNK] kept rows of a lane's current chunk */
     float *cval;   /* [N]      c_i of the fused backward, pushed to the statistics in token order */
+    float *bt;     /* [R, W]   B^T of the module whose fused LoRA forward is running */
 } tk_adapter_ws;
 
 /* The fused LoRA branch splits the N rows into this many lanes of consecutive rows, run in parallel,

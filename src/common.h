@@ -48,11 +48,13 @@ float tk_bf16_to_f32(uint16_t b);
 uint16_t tk_f32_to_bf16(float f);
 uint16_t tk_f32_to_f16(float f);
 
-/* On a hot element-wise function: gcc builds it for AVX2 and for the baseline (x86-64-v2) and picks
- * one when the program loads (an ifunc). Its double sums then run 4 lanes wide instead of 2 (gate
- * norms, softmax rows). Results can differ in the last bits between the two builds (the sums' order
- * follows the vector width), never between runs on one machine. Off for clang and the sanitizers. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+/* On a hot element-wise function of the portable build (-DTSPEFT_NATIVE=OFF): gcc builds it for AVX2
+ * and for the baseline (x86-64-v2) and picks one when the program loads (an ifunc). Its double sums
+ * then run 4 lanes wide instead of 2 (gate norms, softmax rows). Results can differ in the last bits
+ * between the two builds (the sums' order follows the vector width), never between runs on one
+ * machine. Off in the native build (already built for this CPU), for clang and the sanitizers. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) &&             \
+    !defined(TK_NATIVE_BUILD)
 #define TK_HOT_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define TK_HOT_CLONES

@@ -22,10 +22,11 @@
  *
  * Threads: one OpenMP task per (b, h) in the forward and per (b, g) in the backward (all the query
  * heads of one key/value group, so that each dk and dv column is written by one thread only). A
- * thread runs its task's whole pipeline, cblas_sgemm calls included: BLAS inside a parallel region,
- * on purpose (the other such place is the fused LoRA branch, peft/adapter.c). The OpenMP build of
- * OpenBLAS (0.3.21)
- * runs single-threaded while omp_in_parallel() (measured: a 512^3 sgemm takes 1.8 ms inside a
+ * thread runs its task's whole pipeline, products included: scores, P V, dP and dQ on tk_gemm_small
+ * (gemm_small.c: an AVX-512 kernel over copies of K^T, V, V^T and K made once per task, or
+ * cblas_sgemm without AVX-512), dV and dK on cblas_sgemm: BLAS inside a parallel region, on purpose
+ * (the other such place is the fused LoRA branch, peft/adapter.c). The OpenMP build of OpenBLAS
+ * (0.3.21) runs single-threaded while omp_in_parallel() (measured: a 512^3 sgemm takes 1.8 ms inside a
  * 2-thread region, the one-thread time, against 1.0 ms outside; two threads calling it at once each
  * take 1.8 ms and get identical results), so the 16 forward and 32 backward block products of a
  * head (T = 512) run with no pool barrier between them, on blocks hot in that core's L2. Each task
@@ -36,7 +37,7 @@
  * backward), the if clause leaves the region inactive (one thread, omp_in_parallel() false): the
  * tasks run serially and BLAS threads each call itself.
  * B=1 T=S=512 H=G=12 D=64 on 2 threads, forward + backward: about 22 ms before this layout, 10 ms
- * after (docs/performance.md, "What was changed for speed").
+ * after, 7.9 ms with tk_gemm_small (docs/performance.md, "What was changed for speed").
  */
 #include "ops/ops.h"
 

@@ -14,9 +14,9 @@
  *
  * Threads: kernels use OpenMP on outer loops with disjoint writes; matmuls call cblas_sgemm from
  * outside any parallel region, except tk_attention_forward/backward, which run one head (or
- * key/value group) per thread with single-threaded sgemm calls inside the region (attention.c says
- * why; the fused LoRA branch in peft/adapter.c does the same with row lanes). Thread counts are set
- * by tk_set_threads (common.h).
+ * key/value group) per thread with single-threaded products inside the region (tk_gemm_small, or
+ * cblas_sgemm, which runs single-threaded there: attention.c says why; the fused LoRA branch in
+ * peft/adapter.c does the same with row lanes). Thread counts are set by tk_set_threads (common.h).
  */
 #ifndef TK_OPS_H
 #define TK_OPS_H

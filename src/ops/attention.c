@@ -186,10 +186,16 @@ static void head_forward(float *O, float *P, const float *Q, const float *K, con
  * not all fall in the same L1 sets (a stride of 2 KiB at S = 512 did: scores 98 -> 128 GFLOP/s). */
 static size_t transposed_stride(size_t S) { return ((S + 15) & ~(size_t)15) + 16; }
 
+/* The copies of K and V cost S*D per head, the products T*S*D: below this many query rows (decoding
+ * a token or a few) the copies would cost as much as they save, and the products read K and V in
+ * place. */
+#define TK_ATTN_COPY_MIN_ROWS 16
+
 /* Two [D, ldt] buffers per thread (a transposed K or V, and a gapless V or K) for the AVX-512
- * kernel, or NULL: no AVX-512, or no memory (the cblas_sgemm form needs neither). */
-static float *panel_buffers(size_t threads, size_t D, size_t S) {
-    if (!tk_gemm_small_avx512()) return NULL;
+ * kernel, or NULL: no AVX-512, fewer than TK_ATTN_COPY_MIN_ROWS query rows, or no memory (the
+ * cblas_sgemm form needs neither). */
+static float *panel_buffers(size_t threads, size_t T, size_t D, size_t S) {
+    if (!tk_gemm_small_avx512() || T < TK_ATTN_COPY_MIN_ROWS) return NULL;
     return malloc(threads * 2 * D * transposed_stride(S) * sizeof(float));
 }
 
@@ -206,7 +212,7 @@ void tk_attention_forward(float *out, float *probs, const float *q, const float 
     size_t tasks = B * H;
     int threaded = tasks > 1 && omp_get_max_threads() > 1 && B * H * T * S >= TK_OMP_MIN_WORK;
     size_t ldt = transposed_stride(S);
-    float *kt = panel_buffers(threaded ? (size_t)omp_get_max_threads() : 1, D, S);
+    float *kt = panel_buffers(threaded ? (size_t)omp_get_max_threads() : 1, T, D, S);
 
 #pragma omp parallel for schedule(dynamic, 1) if (threaded)
     for (size_t i = 0; i < tasks; i++) {
@@ -302,7 +308,7 @@ void tk_attention_backward(float *dq, float *dk, float *dv, float *scratch, cons
     size_t nthr = min_sz(min_sz((size_t)omp_get_max_threads(), tasks), T / R); /* slabs in scratch */
     int threaded = nthr > 1 && B * H * T * S >= TK_OMP_MIN_WORK;
     size_t ldt = transposed_stride(S);
-    float *vt = panel_buffers(threaded ? nthr : 1, D, S);
+    float *vt = panel_buffers(threaded ? nthr : 1, T, D, S);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threaded ? (int)nthr : 1) if (threaded)
     for (size_t i = 0; i < tasks; i++) {

@@ -2,7 +2,8 @@
  *
  * Shapes cover every row tail (M % 4) and column tail (N % 16, N % 64), K across several k blocks,
  * strides wider than the rows, overwrite and accumulate, alpha != 1.
- * C sits inside a larger buffer whose other cells hold a sentinel that must survive. ctest runs this
+ * C sits inside a larger buffer whose other cells hold a sentinel that must survive. Also
+ * tk_gemm_small_rows (rows of B and C by pointer) where the AVX-512 kernel runs. ctest runs this
  * twice: as is (the AVX-512 kernel where the CPU has it, which is then required) and with
  * TSPEFT_GEMM_SMALL=blas (the cblas_sgemm path). Exits 1 on any failure.
  */
@@ -89,6 +90,42 @@ int main(void) {
     one_case(64, 16, 2048, 0, 1.0f);   /* gr = dy B */
     one_case(16, 2048, 64, 1, 2.0f);   /* dA += s gr^T x (gr^T stored) */
     one_case(64, 2048, 16, 1, 2.0f);   /* dx += s gr A */
+
+    /* tk_gemm_small_rows: B's and C's rows by pointer (gathered, out of order), AVX-512 only */
+    if (tk_gemm_small_avx512()) {
+        const size_t M = 13, N = 70, K = 37, ldb = 80, ldc = 75;
+        float *A = falloc(M * K), *B = falloc(2 * K * ldb), *C = falloc(2 * M * ldc), *C0 = falloc(2 * M * ldc);
+        fill(A, M * K, -1.0f, 1.0f);
+        fill(B, 2 * K * ldb, -1.0f, 1.0f);
+        fill(C0, 2 * M * ldc, -1.0f, 1.0f);
+        memcpy(C, C0, 2 * M * ldc * sizeof(float));
+        const float *brows[37];
+        float *crows[13];
+        for (size_t k = 0; k < K; k++) brows[k] = B + ((k * 7) % (2 * K)) * ldb; /* every 7th row, wrapped */
+        for (size_t m = 0; m < M; m++) crows[m] = C + ((m * 5 + 3) % (2 * M)) * ldc;
+        tk_gemm_small_rows(M, N, K, 0.5f, A, K, brows, 1, crows);
+        double maxd = 0.0, maxr = 1e-3;
+        size_t touched = 0;
+        for (size_t m = 0; m < M; m++)
+            for (size_t n = 0; n < N; n++) {
+                double ref = C0[crows[m] - C + n];
+                for (size_t k = 0; k < K; k++) ref += 0.5 * (double)A[m * K + k] * (double)brows[k][n];
+                double d = fabs((double)crows[m][n] - ref);
+                maxd = d > maxd ? d : maxd;
+                maxr = fabs(ref) > maxr ? fabs(ref) : maxr;
+            }
+        for (size_t i = 0; i < 2 * M * ldc; i++) {
+            size_t row = i / ldc, col = i % ldc;
+            int target = 0;
+            for (size_t m = 0; m < M; m++) target |= (size_t)(crows[m] - C) == row * ldc && col < N;
+            touched += !target && C[i] != C0[i];
+        }
+        report("rows by pointer: M 13 N 70 K 37, += , alpha 0.5", maxd / maxr, 2e-6);
+        report_bool("rows by pointer: nothing else in C changed", touched == 0);
+        tk_free(A), tk_free(B), tk_free(C), tk_free(C0);
+    } else {
+        printf("tk_gemm_small_rows: not run (no AVX-512 kernel on this path)\n");
+    }
 
     /* K = 0: an empty sum */
     float c[4] = {1, 2, 3, 4};

@@ -40,18 +40,20 @@ static void gemm_blas(size_t M, size_t N, size_t K, float alpha, const float *A,
 }
 
 #ifdef TK_GEMM_AVX512
-/* One tile of mr rows x nv vectors of 16 columns (the last masked by `last`), k = 0..K-1. mr and nv
- * are constants in every instance below, so the loops unroll and acc stays in registers. */
+/* One tile of mr rows x nv vectors of 16 columns (the last masked by `last`), k = 0..K-1, with B's
+ * row k at Bp[k] + off and C's row i at Cp[i] + off (the strided form builds these pointers per
+ * block; tk_gemm_small_rows passes gathered rows). mr and nv are constants in every instance below,
+ * so the loops unroll and acc stays in registers. */
 __attribute__((target("avx512f"), always_inline)) static inline void
 tile(size_t mr, size_t nv, __mmask16 last, size_t K, float alpha, const float *A, size_t lda,
-     const float *B, size_t ldb, int acc_c, float *C, size_t ldc) {
+     const float *const *Bp, float *const *Cp, size_t off, int acc_c) {
     __m512 acc[12][4];
 #pragma GCC unroll 12
     for (size_t i = 0; i < mr; i++)
 #pragma GCC unroll 4
         for (size_t v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
     for (size_t k = 0; k < K; k++) {
-        const float *b = B + k * ldb;
+        const float *b = Bp[k] + off;
         __m512 bv[4];
 #pragma GCC unroll 4
         for (size_t v = 0; v < nv; v++)
@@ -69,20 +71,20 @@ tile(size_t mr, size_t nv, __mmask16 last, size_t K, float alpha, const float *A
 #pragma GCC unroll 4
         for (size_t v = 0; v < nv; v++) {
             __mmask16 m = v + 1 == nv ? last : (__mmask16)0xffff;
-            float *c = C + i * ldc + 16 * v;
+            float *c = Cp[i] + off + 16 * v;
             __m512 r = _mm512_mul_ps(al, acc[i][v]);
             if (acc_c) r = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), r);
             _mm512_mask_storeu_ps(c, m, r);
         }
 }
 
-typedef void (*tile_fn)(__mmask16, size_t, float, const float *, size_t, const float *, size_t, int, float *,
-                        size_t);
+typedef void (*tile_fn)(__mmask16, size_t, float, const float *, size_t, const float *const *, float *const *,
+                        size_t, int);
 #define TK_TILE(MR, NV)                                                                                      \
     __attribute__((target("avx512f"))) static void tile_##MR##_##NV(                                       \
-        __mmask16 last, size_t K, float alpha, const float *A, size_t lda, const float *B, size_t ldb,       \
-        int acc, float *C, size_t ldc) {                                                                     \
-        tile(MR, NV, last, K, alpha, A, lda, B, ldb, acc, C, ldc);                                           \
+        __mmask16 last, size_t K, float alpha, const float *A, size_t lda, const float *const *Bp,           \
+        float *const *Cp, size_t off, int acc) {                                                             \
+        tile(MR, NV, last, K, alpha, A, lda, Bp, Cp, off, acc);                                              \
     }
 TK_TILE(1, 1) TK_TILE(1, 2) TK_TILE(1, 3) TK_TILE(1, 4)
 TK_TILE(2, 1) TK_TILE(2, 2) TK_TILE(2, 3) TK_TILE(2, 4)
@@ -94,25 +96,46 @@ static const tile_fn tiles[4][4] = {{tile_1_1, tile_1_2, tile_1_3, tile_1_4},
                                     {tile_3_1, tile_3_2, tile_3_3, tile_3_4},
                                     {tile_4_1, tile_4_2, tile_4_3, tile_4_4}};
 
+/* C rows Cp[0..M-1] (= or +=) alpha * A B over one k block of kb rows of B (Bp[0..kb-1]), all N
+ * columns. */
+static void kblock_avx512(size_t M, size_t N, size_t kb, float alpha, const float *A, size_t lda,
+                          const float *const *Bp, float *const *Cp, int acc_c) {
+    for (size_t n0 = 0; n0 < N; n0 += 64) {
+        size_t nn = N - n0 < 64 ? N - n0 : 64, nv = (nn + 15) / 16, rem = nn - 16 * (nv - 1);
+        __mmask16 last = (__mmask16)((1u << rem) - 1u);
+        size_t m0 = 0;
+        if (nv == 1) /* one vector wide (rank-16 LoRA products): 12 rows a tile, 13 loads per 12 FMAs */
+            for (; m0 + 12 <= M; m0 += 12) tile_12_1(last, kb, alpha, A + m0 * lda, lda, Bp, Cp + m0, n0, acc_c);
+        for (; m0 < M; m0 += 4) {
+            size_t mr = M - m0 < 4 ? M - m0 : 4;
+            tiles[mr - 1][nv - 1](last, kb, alpha, A + m0 * lda, lda, Bp, Cp + m0, n0, acc_c);
+        }
+    }
+}
+
+/* Rows per C-pointer block of the strided form (its pointers live on the stack). */
+#define TK_GEMM_MB 256
+
 static void gemm_avx512(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda,
                         const float *B, size_t ldb, int acc, float *C, size_t ldc) {
+    const float *bp[TK_GEMM_KB];
+    float *cp[TK_GEMM_MB];
+    for (size_t m0 = 0; m0 < M; m0 += TK_GEMM_MB) {
+        size_t mb = M - m0 < TK_GEMM_MB ? M - m0 : TK_GEMM_MB;
+        for (size_t i = 0; i < mb; i++) cp[i] = C + (m0 + i) * ldc;
+        for (size_t k0 = 0; k0 < K; k0 += TK_GEMM_KB) {
+            size_t kb = K - k0 < TK_GEMM_KB ? K - k0 : TK_GEMM_KB;
+            for (size_t k = 0; k < kb; k++) bp[k] = B + (k0 + k) * ldb;
+            kblock_avx512(mb, N, kb, alpha, A + m0 * lda + k0, lda, bp, cp, acc || k0 > 0);
+        }
+    }
+}
+
+static void gemm_rows_avx512(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda,
+                             const float *const *Brows, int acc, float *const *Crows) {
     for (size_t k0 = 0; k0 < K; k0 += TK_GEMM_KB) {
         size_t kb = K - k0 < TK_GEMM_KB ? K - k0 : TK_GEMM_KB;
-        int acc_c = acc || k0 > 0;
-        for (size_t n0 = 0; n0 < N; n0 += 64) {
-            size_t nn = N - n0 < 64 ? N - n0 : 64, nv = (nn + 15) / 16, rem = nn - 16 * (nv - 1);
-            __mmask16 last = (__mmask16)((1u << rem) - 1u);
-            size_t m0 = 0;
-            if (nv == 1) /* one vector wide (rank-16 LoRA products): 12 rows a tile, 13 loads per 12 FMAs */
-                for (; m0 + 12 <= M; m0 += 12)
-                    tile_12_1(last, kb, alpha, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, acc_c,
-                              C + m0 * ldc + n0, ldc);
-            for (; m0 < M; m0 += 4) {
-                size_t mr = M - m0 < 4 ? M - m0 : 4;
-                tiles[mr - 1][nv - 1](last, kb, alpha, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, acc_c,
-                                      C + m0 * ldc + n0, ldc);
-            }
-        }
+        kblock_avx512(M, N, kb, alpha, A + k0, lda, Brows + k0, Crows, acc || k0 > 0);
     }
 }
 #endif
@@ -133,6 +156,20 @@ static int use_avx512(void) {
 
 int tk_gemm_small_avx512(void) { return use_avx512(); }
 const char *tk_gemm_small_kernel(void) { return use_avx512() ? "avx512" : "blas"; }
+
+void tk_gemm_small_rows(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda,
+                        const float *const *Brows, int acc, float *const *Crows) {
+    TK_ASSERT(use_avx512());
+    if (M == 0 || N == 0) return;
+    if (K == 0) {
+        if (!acc)
+            for (size_t m = 0; m < M; m++) memset(Crows[m], 0, N * sizeof(float));
+        return;
+    }
+#ifdef TK_GEMM_AVX512
+    gemm_rows_avx512(M, N, K, alpha, A, lda, Brows, acc, Crows);
+#endif
+}
 
 void tk_gemm_small(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda, const float *B,
                    size_t ldb, int acc, float *C, size_t ldc) {

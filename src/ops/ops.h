@@ -72,6 +72,10 @@ void tk_gemm_small(size_t M, size_t N, size_t K, float alpha, const float *A, si
                    size_t ldb, int acc, float *C, size_t ldc);
 const char *tk_gemm_small_kernel(void);
 int tk_gemm_small_avx512(void);
+/* The same product with B's row k at Brows[k] and C's row m at Crows[m] (N columns each): rows
+ * gathered by pointer instead of copied. AVX-512 kernel only (call when tk_gemm_small_avx512()). */
+void tk_gemm_small_rows(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda,
+                        const float *const *Brows, int acc, float *const *Crows);
 
 /* ---- causal self-attention with grouped-query heads and a key padding mask --------------------- */
 /* out [B,T,H*D], probs [B,H,T,S] (softmax weights cached for backward), q [B,T,H*D],

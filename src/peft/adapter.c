@@ -276,6 +276,39 @@ static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y
     }
 }
 
+/* A chunk's dB, dA and dx from its nk kept rows (lb->idx, absolute row numbers), on tk_gemm_small's
+ * AVX-512 kernel with the rows of dy, x~ and dx read and written in place through row pointers: a
+ * partly kept chunk costs no copies of its O- and I-wide rows (only the R-wide gr and u are
+ * rearranged). The lane's dB partial is kept transposed: dB^T [R,O] += s u_k^T dy_k. acc: the lane's
+ * partials already hold something (else they are written). gr [n,R] in lb->gr is compacted in place. */
+static void kept_rows_backward(const tk_adapted_linear *L, const lane_bufs *lb, float *dx, const float *dyc,
+                               const float *xc, const float *uc, size_t c0, size_t nk, int acc) {
+    size_t I = L->in, O = L->out, R = L->r;
+    float s = L->scale;
+    const float *dyr[TK_BRANCH_CHUNK], *xr[TK_BRANCH_CHUNK], *ar[TK_BRANCH_CHUNK];
+    float *dxr[TK_BRANCH_CHUNK], *dbr[TK_BRANCH_CHUNK], *dar[TK_BRANCH_CHUNK];
+    float *uT = lb->code, *grT = lb->rows_b; /* [R,nk] each (R <= width, checked by the caller) */
+    for (size_t j = 0; j < nk; j++) {
+        size_t k = (size_t)lb->idx[j] - c0;
+        dyr[j] = dyc + k * O, xr[j] = xc + k * I, dxr[j] = dx + (c0 + k) * I;
+        for (size_t r = 0; r < R; r++) {
+            uT[r * nk + j] = uc[k * R + r];
+            grT[r * nk + j] = lb->gr[k * R + r];
+        }
+        if (k != j) memmove(lb->gr + j * R, lb->gr + k * R, R * sizeof(float)); /* idx[j] - c0 >= j */
+    }
+    for (size_t r = 0; r < R; r++) dbr[r] = lb->dB + r * O, dar[r] = lb->dA + r * I, ar[r] = L->A + r * I;
+    tk_gemm_small_rows(R, O, nk, s, uT, nk, dyr, acc, dbr); /* dB^T += s u_k^T dy_k */
+    tk_gemm_small_rows(R, I, nk, s, grT, nk, xr, acc, dar); /* dA += s gr_k^T x~_k */
+    if (L->dropout == 0.0f) { /* dx_k += s gr_k A, straight into the kept rows */
+        tk_gemm_small_rows(nk, I, R, s, lb->gr, R, ar, 1, dxr);
+    } else { /* through the dropout mask */
+        float *dxk = lb->rows_a;
+        tk_gemm_small(nk, I, R, s, lb->gr, R, L->A, I, 0, dxk, I);
+        scatter_dx(L, dx, dxk, lb->idx, nk);
+    }
+}
+
 /* The LoRA branch's backward: c_i for every row; dB, dA and dx from the kept rows only. */
 static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
                                 const float *xt, size_t N) {
@@ -283,6 +316,9 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
     float s = L->scale;
     int used[TK_BRANCH_LANES] = {0}; /* lanes whose partial dA, dB hold something (the first product
                                       * writes them with beta 0: no zero-fill) */
+    /* With the AVX-512 kernel the kept rows of dy, x~ and dx are used in place through row pointers
+     * (kept_rows_backward) and the lanes' dB partials are kept transposed, [R,O]. */
+    int gathered = tk_gemm_small_avx512() && R <= ws->width && R <= TK_BRANCH_CHUNK;
 #pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
     for (size_t l = 0; l < TK_BRANCH_LANES; l++) {
         lane_bufs lb = lane_get(ws, l);
@@ -301,6 +337,11 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
                 if (L->S[c0 + k]) lb.idx[nk++] = (int32_t)(c0 + k);
             }
             if (nk == 0) continue;
+            if (gathered) {
+                kept_rows_backward(L, &lb, dx, dyc, xc, uc, c0, nk, used[l]);
+                used[l] = 1;
+                continue;
+            }
             const float *dyk = dyc, *xk = xc, *uk = uc;
             if (nk < n) { /* compact the kept rows; gr in place (idx[j] - c0 >= j) */
                 for (size_t j = 0; j < nk; j++) {
@@ -331,7 +372,11 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
         if (!used[l]) continue;
         lane_bufs lb = lane_get(ws, l);
         for (size_t j = 0; j < R * I; j++) L->dA[j] += lb.dA[j];
-        for (size_t j = 0; j < O * R; j++) L->dB[j] += lb.dB[j];
+        if (gathered)
+            for (size_t o = 0; o < O; o++)
+                for (size_t j = 0; j < R; j++) L->dB[o * R + j] += lb.dB[j * O + o];
+        else
+            for (size_t j = 0; j < O * R; j++) L->dB[j] += lb.dB[j];
     }
 }
 

@@ -32,6 +32,8 @@
 #define TEST_COL 78
 #include "test_util.h"
 
+#include "attention_ref.h"
+
 /* TOL: fp32 kernel against double loops over sums of up to 200 terms (measured 0.5-4e-7). */
 #define TOL 2e-6
 #define GUARD 256 /* sentinel floats after the scratch (more than one row of S) */
@@ -62,57 +64,12 @@ static int visible(const shape *c, size_t b, size_t t, size_t j) {
     return j <= c->S - c->T + t && (!c->mask || c->mask[b * c->S + j]);
 }
 
-/* Forward and backward in double with the definitions of attention.c, straight from the formulas. */
+/* The double reference (attention_ref.h), gradients starting from the same values as the kernel's. */
 static void reference(problem *p, const shape *c) {
-    size_t B = c->B, T = c->T, S = c->S, H = c->H, G = c->G, D = c->D, qs = H * D, ks = G * D;
-    double scale = 1.0 / sqrt((double)D);
-    double *dp = xalloc(S, sizeof(double));
-    for (size_t i = 0; i < B * T * qs; i++) p->dq[i] = p->dq0[i];
-    for (size_t i = 0; i < B * S * ks; i++) p->dk[i] = p->dk0[i], p->dv[i] = p->dv0[i];
-    for (size_t b = 0; b < B; b++)
-        for (size_t h = 0; h < H; h++) {
-            size_t g = h / (H / G);
-            for (size_t t = 0; t < T; t++) {
-                const float *qt = &p->q[(b * T + t) * qs + h * D], *dOt = &p->dout[(b * T + t) * qs + h * D];
-                double *pr = &p->probs[((b * H + h) * T + t) * S];
-                double m = -INFINITY, sum = 0.0;
-                for (size_t j = 0; j < S; j++) {
-                    const float *kj = &p->k[(b * S + j) * ks + g * D];
-                    double s = 0.0;
-                    for (size_t d = 0; d < D; d++) s += (double)qt[d] * kj[d];
-                    pr[j] = visible(c, b, t, j) ? s * scale : -INFINITY;
-                    m = pr[j] > m ? pr[j] : m;
-                }
-                for (size_t j = 0; j < S; j++) {
-                    pr[j] = m == -INFINITY ? 0.0 : exp(pr[j] - m);
-                    sum += pr[j];
-                }
-                for (size_t j = 0; j < S; j++) pr[j] = sum > 0.0 ? pr[j] / sum : 0.0;
-                for (size_t d = 0; d < D; d++) {
-                    double o = 0.0;
-                    for (size_t j = 0; j < S; j++) o += pr[j] * p->v[(b * S + j) * ks + g * D + d];
-                    p->out[(b * T + t) * qs + h * D + d] = o;
-                }
-                /* backward of this row: dP_j = dO . V_j, dS = P (dP - P.dP) scale */
-                double pdp = 0.0;
-                for (size_t j = 0; j < S; j++) {
-                    const float *vj = &p->v[(b * S + j) * ks + g * D];
-                    double s = 0.0;
-                    for (size_t d = 0; d < D; d++) s += (double)dOt[d] * vj[d];
-                    dp[j] = s;
-                    pdp += pr[j] * s;
-                }
-                for (size_t j = 0; j < S; j++) {
-                    double ds = pr[j] * (dp[j] - pdp) * scale;
-                    for (size_t d = 0; d < D; d++) {
-                        p->dv[(b * S + j) * ks + g * D + d] += pr[j] * dOt[d];
-                        p->dq[(b * T + t) * qs + h * D + d] += ds * p->k[(b * S + j) * ks + g * D + d];
-                        p->dk[(b * S + j) * ks + g * D + d] += ds * qt[d];
-                    }
-                }
-            }
-        }
-    tk_free(dp);
+    size_t B = c->B, T = c->T, S = c->S, H = c->H, G = c->G, D = c->D;
+    for (size_t i = 0; i < B * T * H * D; i++) p->dq[i] = p->dq0[i];
+    for (size_t i = 0; i < B * S * G * D; i++) p->dk[i] = p->dk0[i], p->dv[i] = p->dv0[i];
+    attention_ref(p->q, p->k, p->v, c->mask, B, T, S, H, G, D, p->out, p->probs, p->dout, p->dq, p->dk, p->dv);
 }
 
 /* ---- one shape --------------------------------------------------------------------------------- */

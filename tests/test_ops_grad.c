@@ -27,6 +27,7 @@
 #define TEST_SEED 0x9e3779b97f4a7c15ull
 #define TEST_COL 58
 #include "test_util.h"
+#include "attention_ref.h"
 
 /* Tolerances. FD_TOL: fp32 forward differenced with step FD_EPS (rounding noise ~1e-7*|L|/FD_EPS,
  * truncation ~FD_EPS^2); measured errors are ~3e-4 or below. Cross-entropy differences a loss of
@@ -365,41 +366,6 @@ static double attn_loss(void *p) {
     return dot_r(c->out, c->R, c->B * c->T * c->H * c->D);
 }
 
-/* Plain double reference: out [B,T,H*D], probs [B,H,T,S]. */
-static void attn_reference(double *out, double *probs, const attn_ctx *c) {
-    size_t B = c->B, T = c->T, S = c->S, H = c->H, G = c->G, D = c->D;
-    for (size_t b = 0; b < B; b++) {
-        for (size_t h = 0; h < H; h++) {
-            size_t g = h / (H / G);
-            for (size_t t = 0; t < T; t++) {
-                double *pr = &probs[((b * H + h) * T + t) * S];
-                double m = -INFINITY;
-                for (size_t j = 0; j < S; j++) {
-                    int visible = j <= S - T + t && (!c->mask || c->mask[b * S + j]);
-                    double s = 0.0;
-                    for (size_t d = 0; d < D; d++)
-                        s += (double)c->q[(b * T + t) * H * D + h * D + d] *
-                             c->k[(b * S + j) * G * D + g * D + d];
-                    pr[j] = visible ? s / sqrt((double)D) : -INFINITY;
-                    m = pr[j] > m ? pr[j] : m;
-                }
-                double sum = 0.0;
-                for (size_t j = 0; j < S; j++) {
-                    pr[j] = m == -INFINITY ? 0.0 : exp(pr[j] - m);
-                    sum += pr[j];
-                }
-                for (size_t j = 0; j < S; j++) pr[j] = sum > 0.0 ? pr[j] / sum : 0.0;
-                for (size_t d = 0; d < D; d++) {
-                    double o = 0.0;
-                    for (size_t j = 0; j < S; j++)
-                        o += pr[j] * c->v[(b * S + j) * G * D + g * D + d];
-                    out[(b * T + t) * H * D + h * D + d] = o;
-                }
-            }
-        }
-    }
-}
-
 /* dead_b, dead_t: a (b, t) whose query sees no real key (SIZE_MAX when the case has none). */
 static void test_attention(const char *label, size_t B, size_t T, size_t S, size_t H, size_t G,
                            size_t D, const uint8_t *mask, size_t dead_b, size_t dead_t) {
@@ -418,7 +384,7 @@ static void test_attention(const char *label, size_t B, size_t T, size_t S, size
 
     for (size_t i = 0; i < nq; i++) c.out[i] = NAN; /* forward must overwrite out */
     tk_attention_forward(c.out, c.probs, c.q, c.k, c.v, mask, B, T, S, H, G, D);
-    attn_reference(oref, pref, &c);
+    attention_ref(c.q, c.k, c.v, c.mask, B, T, S, H, G, D, oref, pref, NULL, NULL, NULL, NULL);
     snprintf(name, sizeof name, "attention %s: forward out vs double reference", label);
     report(name, rel_err_d(c.out, oref, nq), TIGHT_TOL);
     snprintf(name, sizeof name, "attention %s: forward probs vs double reference", label);

@@ -247,10 +247,14 @@ static lane_bufs lane_get(const tk_adapter_ws *ws, size_t l) {
     return b;
 }
 
-/* Rows [*r0, *r1) of lane l of N. */
-static void lane_rows(size_t l, size_t N, size_t *r0, size_t *r1) {
-    *r0 = N * l / TK_BRANCH_LANES;
-    *r1 = N * (l + 1) / TK_BRANCH_LANES;
+/* Chunk j of lane l of N rows (the lane holds rows N*l/LANES .. N*(l+1)/LANES - 1): rows
+ * [*c0, *c0 + *n); 0 when the lane has no chunk j. */
+static int lane_chunk(size_t l, size_t N, size_t j, size_t *c0, size_t *n) {
+    size_t r0 = N * l / TK_BRANCH_LANES, r1 = N * (l + 1) / TK_BRANCH_LANES;
+    *c0 = r0 + j * TK_BRANCH_CHUNK;
+    if (*c0 >= r1) return 0;
+    *n = r1 - *c0 < TK_BRANCH_CHUNK ? r1 - *c0 : TK_BRANCH_CHUNK;
+    return 1;
 }
 
 /* u = x~ A^T, m = s u B^T, and the gate on y (which holds b = W0 x): h_i = b_i + S_i m_i.
@@ -264,10 +268,8 @@ static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y
 #pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
     for (size_t l = 0; l < TK_BRANCH_LANES; l++) {
         lane_bufs lb = lane_get(ws, l);
-        size_t r0, r1;
-        lane_rows(l, N, &r0, &r1);
-        for (size_t c0 = r0; c0 < r1; c0 += TK_BRANCH_CHUNK) {
-            size_t n = r1 - c0 < TK_BRANCH_CHUNK ? r1 - c0 : TK_BRANCH_CHUNK;
+        size_t c0, n;
+        for (size_t ci = 0; lane_chunk(l, N, ci, &c0, &n); ci++) {
             float *m = lb.rows_a; /* [n,O] */
             gemm(0, 1, n, R, I, 1.0f, xt + c0 * I, I, L->A, I, 0.0f, L->u + c0 * R, R);
             tk_gemm_small(n, O, R, s, L->u + c0 * R, R, ws->bt, O, 0, m, O);
@@ -322,10 +324,8 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
 #pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
     for (size_t l = 0; l < TK_BRANCH_LANES; l++) {
         lane_bufs lb = lane_get(ws, l);
-        size_t r0, r1;
-        lane_rows(l, N, &r0, &r1);
-        for (size_t c0 = r0; c0 < r1; c0 += TK_BRANCH_CHUNK) {
-            size_t n = r1 - c0 < TK_BRANCH_CHUNK ? r1 - c0 : TK_BRANCH_CHUNK;
+        size_t c0, n;
+        for (size_t ci = 0; lane_chunk(l, N, ci, &c0, &n); ci++) {
             const float *dyc = dy + c0 * O, *xc = xt + c0 * I, *uc = L->u + c0 * R;
             tk_gemm_small(n, R, O, 1.0f, dyc, O, L->B, R, 0, lb.gr, R); /* gr = dy B */
             size_t nk = 0;

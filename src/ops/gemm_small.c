@@ -1,7 +1,8 @@
-/* gemm_small.c: the small products inside attention, one thread each.
+/* gemm_small.c: the small products inside attention and the fused LoRA branch, one thread each.
  *
  *   C [M,N] = alpha * A B  (+ C when acc),  A [M rows, stride lda],  B [K rows, stride ldb],
- *   C [M rows, stride ldc], all row-major.
+ *   C [M rows, stride ldc], all row-major; tk_gemm_small_rows takes B's and C's rows by pointer
+ *   (the LoRA backward's kept tokens, used where they are instead of copied).
  *
  * Why not cblas_sgemm: inside attention each call is one thread's [64,64] x [64,E] or [64,E] x
  * [E,64] piece (E <= S keys), and OpenBLAS packs both operands for every such call. Measured on one
@@ -9,6 +10,7 @@
  * scores (K^T stored) 118 -> 178 GFLOP/s, dP = dO V^T (V^T stored) 115 -> 174, dQ += dS K 137 -> 156.
  * The products that read an operand down its columns (dV += P^T dO, dK += dS^T Q) stay with
  * cblas_sgemm, which packs such operands faster than a copy here did (150-163 against 99-106).
+ * In the LoRA branch (64-row chunks, r = 16): m = s u B^T 89 -> 139, gr = dy B 88 -> 127 GFLOP/s.
  *
  * The AVX-512 kernel keeps a 4 x 64 tile of C in 16 zmm registers: per k it loads 4 vectors of B's
  * row k and broadcasts 4 values of A (8 loads for 16 FMAs); where C is one vector wide (N <= 16) the

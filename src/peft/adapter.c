@@ -257,14 +257,21 @@ static int lane_chunk(size_t l, size_t N, size_t j, size_t *c0, size_t *n) {
     return 1;
 }
 
+/* Below this many rows (decoding a token or a few) the fused forward does not transpose B: the copy
+ * costs O*R per module call, the product N*O*R. */
+#define TK_BT_MIN_ROWS 16
+
 /* u = x~ A^T, m = s u B^T, and the gate on y (which holds b = W0 x): h_i = b_i + S_i m_i.
- * m's product runs on B^T [R,O] (ws->bt), so that tk_gemm_small reads its B row-major. */
+ * With the AVX-512 kernel and enough rows, m's product runs on B^T [R,O] (ws->bt, transposed here),
+ * so that tk_gemm_small reads its B row-major; otherwise cblas_sgemm reads B transposed itself. */
 static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *xt, size_t N) {
     size_t I = L->in, O = L->out, R = L->r;
     float tau = L->tau, s = L->scale;
     int gated = L->gated;
-    for (size_t o = 0; o < O; o++)
-        for (size_t j = 0; j < R; j++) ws->bt[j * O + o] = L->B[o * R + j];
+    int use_bt = tk_gemm_small_avx512() && N >= TK_BT_MIN_ROWS;
+    if (use_bt)
+        for (size_t o = 0; o < O; o++)
+            for (size_t j = 0; j < R; j++) ws->bt[j * O + o] = L->B[o * R + j];
 #pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
     for (size_t l = 0; l < TK_BRANCH_LANES; l++) {
         lane_bufs lb = lane_get(ws, l);
@@ -272,7 +279,8 @@ static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y
         for (size_t ci = 0; lane_chunk(l, N, ci, &c0, &n); ci++) {
             float *m = lb.rows_a; /* [n,O] */
             gemm(0, 1, n, R, I, 1.0f, xt + c0 * I, I, L->A, I, 0.0f, L->u + c0 * R, R);
-            tk_gemm_small(n, O, R, s, L->u + c0 * R, R, ws->bt, O, 0, m, O);
+            if (use_bt) tk_gemm_small(n, O, R, s, L->u + c0 * R, R, ws->bt, O, 0, m, O);
+            else gemm(0, 1, n, O, R, s, L->u + c0 * R, R, L->B, R, 0.0f, m, O);
             for (size_t k = 0; k < n; k++) gate_row(L, y + (c0 + k) * O, m + k * O, O, c0 + k, tau, gated);
         }
     }

@@ -14,7 +14,6 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #ifndef M_PI
@@ -137,15 +136,23 @@ void tk_adamw_update(float *p, const float *g, float *m, float *v, size_t n, flo
     }
 }
 
-/* Every tensor of P, one per task: most are smaller than TK_OPTIM_PARALLEL_MIN, so one call each
- * would run them all on one thread. The update is element-wise, so the result does not depend on
- * how tensors are shared out (tk_adamw_update's own loop is nested here and runs on one thread). */
+/* Every tensor of P: tensors below TK_OPTIM_PARALLEL_MIN (every LoRA tensor) one per task, since one
+ * call each would run them all on one thread; larger ones (full fine-tuning) each over all threads
+ * with tk_adamw_update's own loop. The update is element-wise, so the result does not depend on how
+ * the work is shared out. */
 void tk_params_adamw(tk_params *P, float lr, float b1, float b2, float eps, float wd, int t) {
 #pragma omp parallel for schedule(dynamic, 1) if (P->total >= TK_OPTIM_PARALLEL_MIN)
     for (size_t i = 0; i < P->n; i++) {
         const tk_param *p = &P->items[i];
-        tk_adamw_update(P->data + p->offset, P->grad + p->offset, P->m + p->offset, P->v + p->offset,
-                        p->numel, lr, b1, b2, eps, p->decay ? wd : 0.0f, t);
+        if (p->numel < TK_OPTIM_PARALLEL_MIN)
+            tk_adamw_update(P->data + p->offset, P->grad + p->offset, P->m + p->offset, P->v + p->offset,
+                            p->numel, lr, b1, b2, eps, p->decay ? wd : 0.0f, t);
+    }
+    for (size_t i = 0; i < P->n; i++) {
+        const tk_param *p = &P->items[i];
+        if (p->numel >= TK_OPTIM_PARALLEL_MIN)
+            tk_adamw_update(P->data + p->offset, P->grad + p->offset, P->m + p->offset, P->v + p->offset,
+                            p->numel, lr, b1, b2, eps, p->decay ? wd : 0.0f, t);
     }
 }
 
@@ -156,6 +163,7 @@ void tk_params_adamw(tk_params *P, float lr, float b1, float b2, float eps, floa
  * depends on n only, so the norm (and every clipped step) is the same for any thread count. */
 #define TK_NORM_BLOCK 16384
 #define TK_NORM_LANES 8
+#define TK_NORM_GROUP 64 /* block sums held at once */
 
 static double block_sumsq(const float *g, size_t n) {
     double lane[TK_NORM_LANES] = {0};
@@ -170,34 +178,34 @@ static double block_sumsq(const float *g, size_t n) {
 
 double tk_grad_norm(const float *g, size_t n) {
     size_t nb = (n + TK_NORM_BLOCK - 1) / TK_NORM_BLOCK;
-    double stack[64], *part = nb <= 64 ? stack : malloc(nb * sizeof *part);
-    if (!part) { /* out of memory: the same blocks, one after another */
-        double sum = 0.0;
-        for (size_t b = 0; b < nb; b++)
-            sum += block_sumsq(&g[b * TK_NORM_BLOCK], min_size(TK_NORM_BLOCK, n - b * TK_NORM_BLOCK));
-        return sqrt(sum);
-    }
-#pragma omp parallel for schedule(static) if (n >= TK_OPTIM_PARALLEL_MIN)
-    for (size_t b = 0; b < nb; b++)
-        part[b] = block_sumsq(&g[b * TK_NORM_BLOCK], min_size(TK_NORM_BLOCK, n - b * TK_NORM_BLOCK));
     double sum = 0.0;
-    for (size_t b = 0; b < nb; b++) sum += part[b];
-    if (part != stack) free(part);
+    for (size_t b0 = 0; b0 < nb; b0 += TK_NORM_GROUP) { /* a group of blocks at a time: no allocation */
+        size_t cnt = min_size(TK_NORM_GROUP, nb - b0);
+        double part[TK_NORM_GROUP];
+#pragma omp parallel for schedule(static) if (n >= TK_OPTIM_PARALLEL_MIN)
+        for (size_t b = b0; b < b0 + cnt; b++)
+            part[b - b0] = block_sumsq(&g[b * TK_NORM_BLOCK], min_size(TK_NORM_BLOCK, n - b * TK_NORM_BLOCK));
+        for (size_t j = 0; j < cnt; j++) sum += part[j];
+    }
     return sqrt(sum);
 }
 
 /* torch: clip_coef = max_norm / (total_norm + 1e-6); g *= clamp(clip_coef, max=1). Multiplying by
  * exactly 1 changes nothing, so the scaling is skipped when clip_coef >= 1. A NaN or infinite norm
  * leaves g unscaled and is returned for the caller to report. */
-double tk_clip_grad_norm(float *g, size_t n, double max_norm) {
-    double norm = tk_grad_norm(g, n);
-    if (!(max_norm > 0.0) || !isfinite(norm)) return norm;
+void tk_clip_grad_to(float *g, size_t n, double norm, double max_norm) {
+    if (!(max_norm > 0.0) || !isfinite(norm)) return;
     double clip_coef = max_norm / (norm + 1e-6);
     if (clip_coef < 1.0) {
         const float c = (float)clip_coef;
 #pragma omp parallel for schedule(static) if (n >= TK_OPTIM_PARALLEL_MIN)
         for (size_t i = 0; i < n; i++) g[i] *= c;
     }
+}
+
+double tk_clip_grad_norm(float *g, size_t n, double max_norm) {
+    double norm = tk_grad_norm(g, n);
+    tk_clip_grad_to(g, n, norm, max_norm);
     return norm;
 }
 

@@ -47,6 +47,8 @@ double tk_grad_norm(const float *g, size_t n);
 /* torch.nn.utils.clip_grad_norm_: when norm > max_norm, scales g by max_norm / (norm + 1e-6).
  * max_norm <= 0 disables clipping. Returns the norm before clipping. */
 double tk_clip_grad_norm(float *g, size_t n, double max_norm);
+/* The same scaling with the norm already computed (tk_grad_norm): g is read once, not twice. */
+void tk_clip_grad_to(float *g, size_t n, double norm, double max_norm);
 
 /* Deterministic RNG (splitmix64-seeded xoshiro128+ style), state is plain data so it checkpoints. */
 typedef struct {

@@ -570,7 +570,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
                     tk_st_write(path, dump.e, dump.n, meta, err))
                     goto done;
             }
-            tk_clip_grad_norm(m->params.grad, m->params.total, o->max_grad_norm);
+            tk_clip_grad_to(m->params.grad, m->params.total, gnorm, o->max_grad_norm);
             float lr = tk_sched_lr(&sch, step - 1);
             tk_params_adamw(&m->params, lr, 0.9f, 0.999f, 1e-8f, o->weight_decay, step);
             st.tokens += (double)sb.tokens;

@@ -222,6 +222,8 @@ int tk_cmd_bench(int argc, char **argv) {
     if (pc.kind == TK_ADAPTER_NONE) tk_peft_parse_save(&pc, "model.norm.weight", &err);
     double sg_peak = sgemm_peak(2048, TK_PEAK_REPS);
     if (!(m = tk_llama_random(&c, seed, bf16, &err)) || tk_llama_attach(m, &pc, NULL, seed, &err)) goto done;
+    int n_packed = tk_llama_pack_frozen(m, &err);
+    if (n_packed < 0) goto done;
     /* LoRA B starts at zero, which makes every r_i zero: give the branches a random state so the gate
      * has something to decide on. */
     tk_rng rng;
@@ -303,8 +305,8 @@ int tk_cmd_bench(int argc, char **argv) {
     printf("  phases: forward %.3f s, loss %.3f s, backward %.3f s, optimizer %.3f s;  %.1f GFLOP per step\n",
            ph[0] / steps, ph[1] / steps, ph[2] / steps, ph[3] / steps, flops / 1e9);
     /* where the step goes: the frozen matmuls alone bound what the whole step can reach */
-    printf("  time: frozen matmuls %.3f s (%.1f GFLOP at %.1f GFLOP/s), attention %.3f s (%.1f GFLOP), adapter branches "
-           "%.3f s, the rest %.3f s\n", tf, fl_frozen / 1e9, tf > 0 ? fl_frozen / tf / 1e9 : 0.0, ta, fl_attn / 1e9, tb,
+    printf("  time: frozen matmuls (%s) %.3f s (%.1f GFLOP at %.1f GFLOP/s), attention %.3f s (%.1f GFLOP), adapter branches "
+           "%.3f s, the rest %.3f s\n", n_packed ? "packed" : "OpenBLAS", tf, fl_frozen / 1e9, tf > 0 ? fl_frozen / tf / 1e9 : 0.0, ta, fl_attn / 1e9, tb,
            mean - tf - ta - tb);
     printf("  memory model: weights %.0f MiB (%s) + trainable %.0f MiB + activations %.0f MiB (%s attention, %d of %d "
            "layers recomputed) + adapter state %.0f MiB = %.0f MiB; peak RSS %.0f MiB\n",
@@ -325,6 +327,7 @@ int tk_cmd_bench(int argc, char **argv) {
         cJSON_AddBoolToObject(j, "gate", pc.gate.enabled);
         cJSON_AddNumberToObject(j, "threads", threads);
         cJSON_AddBoolToObject(j, "bf16_weights", bf16);
+        cJSON_AddNumberToObject(j, "packed_matrices", n_packed);
         cJSON_AddNumberToObject(j, "keep_ratio", seen ? kept / seen : 1.0);
         cJSON_AddNumberToObject(j, "step_seconds", mean);
         cJSON_AddNumberToObject(j, "step_seconds_min", t_min);

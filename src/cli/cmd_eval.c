@@ -267,7 +267,7 @@ int tk_cmd_eval(int argc, char **argv) {
     }
     int rc = tk_llama_attach(m, &pc, adapter_dir, 0, &err);
     tk_peft_config_free(&pc);
-    if (rc) goto done;
+    if (rc || tk_llama_pack_frozen(m, &err) < 0) goto done;
     if (mm && tk_mm_init_weights(mm, projector, 0, &err)) goto done;
     int do_gen = strcmp(mode, "ll") != 0, do_ll = strcmp(mode, "gen") != 0, any_glue = 0;
     for (int i = 0; i < nd; i++) any_glue |= sets[i].glue != NULL;

@@ -206,7 +206,7 @@ int tk_cmd_generate(int argc, char **argv) {
     }
     int rc = tk_llama_attach(m, &pc, adapter_dir, 0, &err);
     tk_peft_config_free(&pc);
-    if (rc) goto done;
+    if (rc || tk_llama_pack_frozen(m, &err) < 0) goto done;
     if (mm && tk_mm_init_weights(mm, projector, 0, &err)) goto done;
     if (prompt) {
         if (generate_text(m, tok, mm, prompt, image, template_name, (size_t)max_new,

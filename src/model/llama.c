@@ -162,6 +162,7 @@ tk_llama *tk_llama_open_ex(const char *dir, int keep_bf16, tk_err *err) {
         if (keep_bf16 && slots[i].bf16 && ts[i]->dtype == TK_DT_BF16 && !((uintptr_t)p & 1u)) continue;
         if (ts[i]->dtype != TK_DT_F32 || ((uintptr_t)p & 3u)) owned += ts[i]->numel;
     }
+    m->owned_n = owned;
     if (owned && !(m->owned = tk_calloc(owned, sizeof(float)))) {
         tk_fail(err, "%s: out of memory converting %zu weights to fp32", dir, owned);
         goto fail;
@@ -231,6 +232,7 @@ tk_llama *tk_llama_random(const tk_llama_config *cfg, uint64_t seed, int bf16, t
         size_t n = slots[i].rows * (slots[i].cols ? slots[i].cols : 1);
         total += bf16 && slots[i].bf16 ? (n + 1) / 2 : n;
     }
+    m->owned_n = total;
     if (!(m->owned = tk_calloc(total, sizeof(float)))) {
         tk_fail(err, "out of memory for random weights (%.1f GiB)", total * 4.0 / (1u << 30));
         goto fail;
@@ -772,6 +774,7 @@ static void head_forward(tk_llama *m, float *logits, const float *xn, size_t N) 
     size_t C = (size_t)m->cfg.dim, V = (size_t)m->cfg.vocab_size;
     double t0 = tk_time();
     if (m->lm_head) tk_linear_forward(logits, xn, m->lm_head, N, C, V, 0.0f);
+    else if (m->lm_head_packed) tk_linear_packed_forward(logits, xn, m->lm_head_packed, N, C, V);
     else tk_linear_bf16_forward(logits, xn, m->lm_head_bf16, N, C, V, 0.0f, m->ws.wconv, m->ws.wconv_n);
     m->ws.secs_base_fwd += tk_time() - t0;
 }
@@ -866,6 +869,7 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
     tk_zero_floats(a->dxn, N * C);
     double t0 = tk_time();
     if (m->lm_head) tk_linear_backward(a->dxn, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
+    else if (m->lm_head_packed) tk_linear_packed_backward(a->dxn, a->logits, m->lm_head_packed, N, C, V);
     else tk_linear_bf16_backward(a->dxn, a->logits, m->lm_head_bf16, N, C, V, m->ws.wconv, m->ws.wconv_n);
     ws->secs_base_bwd += tk_time() - t0;
     tk_zero_floats(a->dres, N * C);
@@ -1104,6 +1108,37 @@ long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size
     return produced;
 }
 
+/* ---- frozen weights in the packed kernel's layout -------------------------------------------- */
+
+/* w is one of this model's own writable fp32 copies (not a read-only F32 mapping of a checkpoint). */
+static int owns(const tk_llama *m, const float *w) {
+    return m->owned && w >= m->owned && w < m->owned + m->owned_n;
+}
+
+int tk_llama_pack_frozen(tk_llama *m, tk_err *err) {
+    if (!tk_linear_packed_available()) return 0;
+    int n = 0;
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (!L->w0 || L->dw0 || L->kind == TK_ADAPTER_DORA || !owns(m, L->w0)) continue;
+            if (tk_linear_pack(L->w0, L->out, L->in)) return tk_fail(err, "out of memory packing the frozen weights");
+            L->w0_packed = L->w0;
+            L->w0 = NULL;
+            m->packed = 1;
+            n++;
+        }
+    size_t C = (size_t)m->cfg.dim, V = (size_t)m->cfg.vocab_size;
+    if (m->lm_head && m->lm_head != m->embed && !m->d_lm_head && owns(m, m->lm_head)) {
+        if (tk_linear_pack(m->lm_head, V, C)) return tk_fail(err, "out of memory packing the frozen weights");
+        m->lm_head_packed = m->lm_head;
+        m->lm_head = NULL;
+        m->packed = 1;
+        n++;
+    }
+    return n;
+}
+
 /* ---- merging ---------------------------------------------------------------------------------- */
 
 void tk_llama_set_gated(tk_llama *m, int gated) {
@@ -1134,6 +1169,7 @@ int tk_llama_merge(const tk_llama *mc, const char *model_dir, const char *out_di
     if (m->peft.kind == TK_ADAPTER_BOTTLENECK)
         return tk_fail(err, "a bottleneck adapter adds a non-linear branch and cannot be merged into the weights");
     if (m->bf16) return tk_fail(err, "merging needs fp32 weights: load the model without BF16-resident weights");
+    if (m->packed) return tk_fail(err, "merging needs the weights in their stored layout: merge a model that was not packed for training");
     size_t cap = slot_capacity(&m->cfg);
     tk_llama_slot *slots = calloc(cap, sizeof *slots);
     tk_st_entry *e = calloc(cap, sizeof *e);

@@ -34,11 +34,14 @@ typedef struct {
     tk_llama_config cfg;
     tk_st_set *files;  /* kept open: F32 weights point into the mapping */
     float *owned;      /* fp32 copies of tensors stored as F16/BF16 or unaligned */
+    size_t owned_n;    /* floats in owned */
     float *embed, *d_embed;          /* [V,C] */
     float *final_norm, *d_final_norm;/* [C] */
     float *lm_head, *d_lm_head;      /* [V,C] (the embedding when tied) */
     const uint16_t *embed_bf16, *lm_head_bf16; /* [V,C] when kept BF16 (then embed/lm_head are NULL) */
+    const float *lm_head_packed;     /* [V,C] in tk_linear_pack's panels (then lm_head is NULL) */
     int bf16;                        /* some frozen weights are BF16-resident */
+    int packed;                      /* frozen matrices packed by tk_llama_pack_frozen */
     tk_llama_layer *layers;          /* [n_layers] */
     float *inv_freq;                 /* [D/2] */
     float *rope_cos, *rope_sin;      /* [rope_len, D/2], grown on demand */
@@ -80,6 +83,12 @@ size_t tk_llama_slots(tk_llama *m, tk_llama_slot *slots);
  * drawn from seed. A trainable base tensor that is also adapted is an error. */
 int tk_llama_attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir, uint64_t seed,
                     tk_err *err);
+/* Puts every frozen fp32 matrix this model owns (the base weights of LoRA, bottleneck and unadapted
+ * projections, and an untied lm_head; not DoRA's, not trainable ones, not F32 tensors read in place
+ * from a checkpoint's mapping) into tk_linear_pack's panels, in place, where
+ * tk_linear_packed_available(). Call after tk_llama_attach; afterwards the model cannot be merged.
+ * Returns how many matrices were packed, or -1 (err set) when out of memory. */
+int tk_llama_pack_frozen(tk_llama *m, tk_err *err);
 /* Writes out_dir/adapter_config.json and out_dir/adapter_model.safetensors (PEFT keys plus ts_tau,
  * and ts_lambda with a target keep ratio). out_dir must exist. */
 int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err);

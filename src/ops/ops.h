@@ -145,6 +145,17 @@ void tk_linear_bf16_backward(float *dx, const float *dy, const uint16_t *w, size
 /* out [N,C] = fp32(table[ids[n]]), table [V,C] BF16. */
 void tk_embedding_bf16_forward(float *out, const int32_t *ids, const uint16_t *table, size_t N, size_t C);
 
+/* ---- frozen weights in panels for an AVX-512 kernel (linear_packed.c) ------------------------- */
+/* 1 where the packed kernel runs (AVX-512F, and TSPEFT_PACKED is not 0): only then pack weights. */
+int tk_linear_packed_available(void);
+/* w [O,I] -> the same O I floats in panels of 64 rows, each transposed: w[64p I + k w_p + j] = old
+ * w[64p + j][k], w_p = min(64, O - 64p). In place; -1 when out of memory (w then unchanged). */
+int tk_linear_pack(float *w, size_t O, size_t I);
+/* y [N,O] = x [N,I] w^T, w packed by tk_linear_pack (y is overwritten, never read). */
+void tk_linear_packed_forward(float *y, const float *x, const float *wp, size_t N, size_t I, size_t O);
+/* forward: y = x w^T.  dx [N,I] += dy [N,O] w, w packed. */
+void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size_t N, size_t I, size_t O);
+
 /* ---- LayerNorm (torch.nn.LayerNorm over the last dimension; layernorm.c) ---------------------- */
 /* y [N,C] = (x - mean) * rstd * w + b; mean, rstd [N] cached for backward (NULL when not needed),
  * x [N,C], w [C], b [C] or NULL. y may alias x. */

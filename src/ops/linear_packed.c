@@ -1,0 +1,234 @@
+/* linear_packed.c: the frozen linear layers on an AVX-512 kernel, with each frozen weight w [O,I] kept
+ * in the layout that kernel reads (tk_llama_pack_frozen), so that no call packs it again.
+ *
+ * Shape legend (outermost first):
+ *   N  rows (tokens), I  input width, O  output width
+ *
+ * Layout: panels of 64 output rows. Panel p holds rows 64p .. 64p+w-1 of w (w = min(64, O - 64p)),
+ * transposed to [I][w], at the offset where those rows were: wp[64p I + k w + j] = w[64p + j][k].
+ * It is the same O I floats, so tk_linear_pack works in place.
+ *
+ * Why: cblas_sgemm packs both operands on every call. At 512 rows, packing every weight for only
+ * 512 uses (the transposed weight copy of y = x w^T above all) and zero-filling y for beta 0 cost
+ * OpenBLAS about 13% of a LoRA training step (docs/performance.md). Here the forward reads the
+ * panels as they are and broadcasts x from its rows; the backward (dx += dy w) transposes one
+ * [384, 64] block of panels at a time into a per-thread buffer, L1/L2-resident while every row of dy
+ * passes over it, and broadcasts dy from its rows. Neither x nor dy is copied.
+ *
+ * The register tile is 6 rows x 64 columns of the output (24 zmm accumulators, 4 loads of the
+ * weight panel and 6 broadcasts per k). Threads split the output's 64-column panels; each output
+ * element is summed in k order, blocks in order, so results do not depend on the thread count.
+ * Only for machines with AVX-512F: tk_linear_packed_available says whether to pack at all.
+ */
+#include "ops/ops.h"
+
+#include "common.h"
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TK_PACKED_AVX512 1
+#include <immintrin.h>
+#endif
+
+#define TK_PANEL 64  /* output columns per panel (4 zmm) */
+#define TK_PK_MR 6   /* rows per register tile */
+#define TK_PK_KC 384 /* forward k block: a [384, 64] panel block is 96 KiB, L2-resident across the rows */
+#define TK_PK_OC 384 /* backward depth block (a multiple of TK_PANEL): the thread's transposed block */
+#define TK_PK_MIN_WORK 65536 /* N I O below this: one thread */
+
+int tk_linear_packed_available(void) {
+#ifdef TK_PACKED_AVX512
+    static int state = -1;
+    if (state < 0) {
+        const char *env = getenv("TSPEFT_PACKED");
+        state = !(env && strcmp(env, "0") == 0) && __builtin_cpu_supports("avx512f");
+    }
+    return state;
+#else
+    return 0;
+#endif
+}
+
+int tk_linear_pack(float *w, size_t O, size_t I) {
+    size_t np = (O + TK_PANEL - 1) / TK_PANEL;
+    int rc = 0;
+#pragma omp parallel reduction(| : rc) if (O * I >= TK_PK_MIN_WORK)
+    {
+        float *tmp = malloc(TK_PANEL * I * sizeof(float));
+        if (!tmp) rc = 1;
+#pragma omp for schedule(static)
+        for (size_t p = 0; p < np; p++) {
+            if (!tmp) continue;
+            size_t w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
+            float *blk = w + p * TK_PANEL * I;
+            memcpy(tmp, blk, w_ * I * sizeof(float));
+            for (size_t j = 0; j < w_; j++)
+                for (size_t k = 0; k < I; k++) blk[k * w_ + j] = tmp[j * I + k];
+        }
+        free(tmp);
+    }
+    return rc ? -1 : 0;
+}
+
+#ifdef TK_PACKED_AVX512
+/* C rows 0..mr-1 (cols 0..16 nv - 1, the last vector masked by `last`) = or += A [mr, kc] B [kc, 16 nv];
+ * A's rows at stride lda (broadcast), B's rows at stride ldb, C's at stride ldc. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+tile(int mr, int nv, __mmask16 last, size_t kc, const float *A, size_t lda, const float *B, size_t ldb,
+     float *C, size_t ldc, int acc_c) {
+    __m512 acc[TK_PK_MR][4];
+#pragma GCC unroll 6
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
+    for (size_t k = 0; k < kc; k++) {
+        const float *b = B + k * ldb;
+        __m512 bv[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++)
+            bv[v] = v + 1 == nv ? _mm512_maskz_loadu_ps(last, b + 16 * v) : _mm512_loadu_ps(b + 16 * v);
+#pragma GCC unroll 6
+        for (int i = 0; i < mr; i++) {
+            __m512 a = _mm512_set1_ps(A[i * lda + k]);
+#pragma GCC unroll 4
+            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_fmadd_ps(a, bv[v], acc[i][v]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++) {
+            __mmask16 m = v + 1 == nv ? last : (__mmask16)0xffff;
+            float *c = C + i * ldc + 16 * v;
+            __m512 r = acc[i][v];
+            if (acc_c) r = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), r);
+            _mm512_mask_storeu_ps(c, m, r);
+        }
+}
+
+typedef void (*tile_fn)(__mmask16, size_t, const float *, size_t, const float *, size_t, float *, size_t, int);
+#define TK_PK_TILE(MR, NV)                                                                                 \
+    __attribute__((target("avx512f"))) static void tile_##MR##_##NV(__mmask16 last, size_t kc, const float *A, \
+                                                                   size_t lda, const float *B, size_t ldb,  \
+                                                                   float *C, size_t ldc, int acc_c) {      \
+        tile(MR, NV, last, kc, A, lda, B, ldb, C, ldc, acc_c);                                             \
+    }
+#define TK_PK_TILES(MR) TK_PK_TILE(MR, 1) TK_PK_TILE(MR, 2) TK_PK_TILE(MR, 3) TK_PK_TILE(MR, 4)
+TK_PK_TILES(1)
+TK_PK_TILES(2)
+TK_PK_TILES(3)
+TK_PK_TILES(4)
+TK_PK_TILES(5)
+TK_PK_TILES(6)
+#define TK_PK_ROW(MR) {tile_##MR##_1, tile_##MR##_2, tile_##MR##_3, tile_##MR##_4}
+static const tile_fn tiles[TK_PK_MR][4] = {TK_PK_ROW(1), TK_PK_ROW(2), TK_PK_ROW(3),
+                                           TK_PK_ROW(4), TK_PK_ROW(5), TK_PK_ROW(6)};
+
+/* C [N, cols] (+)= A [N, kc] B [kc, cols] over all N rows, cols <= 64. */
+static void rows_pass(size_t N, size_t cols, size_t kc, const float *A, size_t lda, const float *B, size_t ldb,
+                      float *C, size_t ldc, int acc_c) {
+    int nv = (int)((cols + 15) / 16);
+    size_t tail = cols - 16 * (size_t)(nv - 1);
+    __mmask16 last = (__mmask16)(tail == 16 ? 0xffffu : (1u << tail) - 1u);
+    for (size_t t = 0; t < N; t += TK_PK_MR) {
+        int mr = N - t < TK_PK_MR ? (int)(N - t) : TK_PK_MR;
+        tiles[mr - 1][nv - 1](last, kc, A + t * lda, lda, B, ldb, C + t * ldc, ldc, acc_c);
+    }
+}
+
+/* out [16 rows, stride lout] = in [16 rows, stride lin]^T */
+__attribute__((target("avx512f"))) static void transpose16(const float *in, size_t lin, float *out, size_t lout) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(in + i * lin);
+    for (int i = 0; i < 8; i++) { /* pairs of rows, interleaved by element */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* quads of rows: r[4i + c] holds columns c, c+4, c+8, c+12 of rows 4i..4i+3 */
+        __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int c = 0; c < 4; c++) { /* gather the 128-bit lanes of the four quads */
+        __m512 a = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), b = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+        __m512 d = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88), e = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+        t[c] = _mm512_shuffle_f32x4(a, d, 0x88);
+        t[c + 8] = _mm512_shuffle_f32x4(a, d, 0xdd);
+        t[c + 4] = _mm512_shuffle_f32x4(b, e, 0x88);
+        t[c + 12] = _mm512_shuffle_f32x4(b, e, 0xdd);
+    }
+    for (int j = 0; j < 16; j++) _mm512_storeu_ps(out + j * lout, t[j]);
+}
+
+/* buf [oc, 64] (row o - o0, column kk) = w [o][64 q + kk] for o in o0 .. o0+oc-1, kk < kw, read from
+ * the panels; columns kw..63 are left as they are (the tile never stores them). */
+static void transpose_block(float *buf, const float *wp, size_t I, size_t O, size_t o0, size_t oc, size_t q,
+                            size_t kw) {
+    for (size_t ob = 0; ob < oc; ob += TK_PANEL) {
+        size_t p = (o0 + ob) / TK_PANEL, w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
+        const float *src = wp + p * TK_PANEL * I + q * TK_PANEL * w_; /* [kw rows, stride w_] */
+        float *dst = buf + ob * TK_PANEL;
+        if (w_ == TK_PANEL && kw == TK_PANEL) {
+            for (size_t a = 0; a < 4; a++)
+                for (size_t b = 0; b < 4; b++)
+                    transpose16(src + 16 * a * TK_PANEL + 16 * b, TK_PANEL, dst + 16 * b * TK_PANEL + 16 * a,
+                                TK_PANEL);
+        } else {
+            for (size_t kk = 0; kk < kw; kk++)
+                for (size_t j = 0; j < w_; j++) dst[j * TK_PANEL + kk] = src[kk * w_ + j];
+        }
+    }
+}
+#endif
+
+void tk_linear_packed_forward(float *y, const float *x, const float *wp, size_t N, size_t I, size_t O) {
+    TK_ASSERT(tk_linear_packed_available());
+    if (N == 0 || O == 0) return;
+    if (I == 0) {
+        memset(y, 0, N * O * sizeof(float));
+        return;
+    }
+#ifdef TK_PACKED_AVX512
+    size_t np = (O + TK_PANEL - 1) / TK_PANEL;
+#pragma omp parallel if (N * I * O >= TK_PK_MIN_WORK)
+    {
+        size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+        size_t p0 = np * id / nt, p1 = np * (id + 1) / nt;
+        for (size_t k0 = 0; k0 < I; k0 += TK_PK_KC) {
+            size_t kc = I - k0 < TK_PK_KC ? I - k0 : TK_PK_KC;
+            for (size_t p = p0; p < p1; p++) {
+                size_t w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
+                rows_pass(N, w_, kc, x + k0, I, wp + p * TK_PANEL * I + k0 * w_, w_, y + p * TK_PANEL, O, k0 > 0);
+            }
+        }
+    }
+#endif
+}
+
+void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size_t N, size_t I, size_t O) {
+    TK_ASSERT(tk_linear_packed_available());
+    if (N == 0 || I == 0 || O == 0) return;
+#ifdef TK_PACKED_AVX512
+    size_t nq = (I + TK_PANEL - 1) / TK_PANEL;
+#pragma omp parallel if (N * I * O >= TK_PK_MIN_WORK)
+    {
+        /* 96 KiB on each thread's stack: the transposed [oc, 64] block of w */
+        float buf[TK_PK_OC * TK_PANEL] __attribute__((aligned(64)));
+        size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+        size_t q0 = nq * id / nt, q1 = nq * (id + 1) / nt;
+        for (size_t o0 = 0; o0 < O; o0 += TK_PK_OC) {
+            size_t oc = O - o0 < TK_PK_OC ? O - o0 : TK_PK_OC;
+            for (size_t q = q0; q < q1; q++) {
+                size_t kw = I - q * TK_PANEL < TK_PANEL ? I - q * TK_PANEL : TK_PANEL;
+                transpose_block(buf, wp, I, O, o0, oc, q, kw);
+                rows_pass(N, kw, oc, dy + o0, O, buf, TK_PANEL, dx + q * TK_PANEL, I, 1);
+            }
+        }
+    }
+#endif
+}

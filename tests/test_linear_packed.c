@@ -2,8 +2,9 @@
  *
  * tk_linear_pack must place w[64p + j][k] at w[64p I + k w_p + j]; tk_linear_packed_forward must give
  * y = x w^T and tk_linear_packed_backward dx += dy w, for shapes that cover every row tail (N % 6),
- * partial panels on both sides (O % 64, I % 64, widths under 16), several k blocks (I > 384) and depth
- * blocks (O > 384), single-threaded sizes and the issue's own shapes at N = 512. The backward must be
+ * partial panels on both sides (O % 64, I % 64, widths under 16), several forward k blocks (I > 1024)
+ * and backward depth blocks (O > 768), each also with a partial last block and panel, single-threaded
+ * sizes and the issue's own shapes at N = 512. The backward must be
  * the forward's adjoint: <dy, x w^T> = <dy w, x>. Both must match for 1 and 2 threads bit for bit.
  * Skipped (77) where the CPU has no AVX-512F or TSPEFT_PACKED=0, since then nothing is packed.
  */
@@ -93,6 +94,8 @@ int main(void) {
     one_case(512, 768, 2048);
     one_case(512, 2048, 768);
     one_case(37, 768, 5000);
+    one_case(13, 1100, 100); /* a partial second k block, a partial panel */
+    one_case(7, 100, 900);   /* a partial second depth block ending in a 4-row panel */
     printf("%s: %s\n", TEST_NAME, g_failures ? "FAILED" : "all passed");
     return g_failures ? 1 : 0;
 }

@@ -12,7 +12,7 @@
  * 512 uses (the transposed weight copy of y = x w^T above all) and zero-filling y for beta 0 cost
  * OpenBLAS about 13% of a LoRA training step (docs/performance.md). Here the forward reads the
  * panels as they are and broadcasts x from its rows; the backward (dx += dy w) transposes one
- * [384, 64] block of panels at a time into a per-thread buffer, L1/L2-resident while every row of dy
+ * [768, 64] block of panels at a time into a per-thread buffer, L2-resident while every row of dy
  * passes over it, and broadcasts dy from its rows. Neither x nor dy is copied.
  *
  * The register tile is 6 rows x 64 columns of the output (24 zmm accumulators, 4 loads of the
@@ -34,8 +34,16 @@
 
 #define TK_PANEL 64  /* output columns per panel (4 zmm) */
 #define TK_PK_MR 6   /* rows per register tile */
-#define TK_PK_KC 384 /* forward k block: a [384, 64] panel block is 96 KiB, L2-resident across the rows */
-#define TK_PK_OC 384 /* backward depth block (a multiple of TK_PANEL): the thread's transposed block */
+/* Forward k block: a [1024, 64] panel block is 256 KiB, L2-resident while all rows pass (K = 768 in
+ * one block, 2048 in two). Backward depth block (a multiple of TK_PANEL): the thread's transposed
+ * [768, 64] block, 192 KiB. Measured on the issue-7 sequence against 384/384 and 256/256 (docs/
+ * performance.md); -D overrides them, for tuning. */
+#ifndef TK_PK_KC
+#define TK_PK_KC 1024
+#endif
+#ifndef TK_PK_OC
+#define TK_PK_OC 768
+#endif
 #define TK_PK_MIN_WORK 65536 /* N I O below this: one thread */
 
 int tk_linear_packed_available(void) {
@@ -217,7 +225,7 @@ void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size
     size_t nq = (I + TK_PANEL - 1) / TK_PANEL;
 #pragma omp parallel if (N * I * O >= TK_PK_MIN_WORK)
     {
-        /* 96 KiB on each thread's stack: the transposed [oc, 64] block of w */
+        /* 192 KiB on each thread's stack: the transposed [oc, 64] block of w */
         float buf[TK_PK_OC * TK_PANEL] __attribute__((aligned(64)));
         size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
         size_t q0 = nq * id / nt, q1 = nq * (id + 1) / nt;

@@ -134,15 +134,30 @@ TK_PK_TILES(6)
 static const tile_fn tiles[TK_PK_MR][4] = {TK_PK_ROW(1), TK_PK_ROW(2), TK_PK_ROW(3),
                                            TK_PK_ROW(4), TK_PK_ROW(5), TK_PK_ROW(6)};
 
-/* C [N, cols] (+)= A [N, kc] B [kc, cols] over all N rows, cols <= 64. */
+/* Memory to bring into L2 while a pass computes: n_chunks chunks of TK_PANEL^2 floats, chunk c at
+ * base + c * stride (the backward's next block of panels; a prefetch never faults, so a partial last
+ * panel's chunk may reach past it). */
+typedef struct {
+    const float *base;
+    size_t stride, n_chunks;
+} prefetch_plan;
+
+#define TK_PK_CHUNK_LINES (TK_PANEL * TK_PANEL / 16) /* 64-byte lines per chunk */
+
+/* C [N, cols] (+)= A [N, kc] B [kc, cols] over all N rows, cols <= 64; pf (or NULL) is prefetched
+ * in even slices between the row tiles. */
 static void rows_pass(size_t N, size_t cols, size_t kc, const float *A, size_t lda, const float *B, size_t ldb,
-                      float *C, size_t ldc, int acc_c) {
+                      float *C, size_t ldc, int acc_c, const prefetch_plan *pf) {
     int nv = (int)((cols + 15) / 16);
     size_t tail = cols - 16 * (size_t)(nv - 1);
     __mmask16 last = (__mmask16)(tail == 16 ? 0xffffu : (1u << tail) - 1u);
-    for (size_t t = 0; t < N; t += TK_PK_MR) {
+    size_t n_tiles = (N + TK_PK_MR - 1) / TK_PK_MR, lines = pf ? pf->n_chunks * TK_PK_CHUNK_LINES : 0;
+    for (size_t i = 0, t = 0; t < N; i++, t += TK_PK_MR) {
         int mr = N - t < TK_PK_MR ? (int)(N - t) : TK_PK_MR;
         tiles[mr - 1][nv - 1](last, kc, A + t * lda, lda, B, ldb, C + t * ldc, ldc, acc_c);
+        for (size_t l = lines * i / n_tiles; l < lines * (i + 1) / n_tiles; l++)
+            _mm_prefetch((const char *)(pf->base + l / TK_PK_CHUNK_LINES * pf->stride + l % TK_PK_CHUNK_LINES * 16),
+                         _MM_HINT_T1);
     }
 }
 
@@ -211,7 +226,8 @@ void tk_linear_packed_forward(float *y, const float *x, const float *wp, size_t 
             size_t kc = I - k0 < TK_PK_KC ? I - k0 : TK_PK_KC;
             for (size_t p = p0; p < p1; p++) {
                 size_t w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
-                rows_pass(N, w_, kc, x + k0, I, wp + p * TK_PANEL * I + k0 * w_, w_, y + p * TK_PANEL, O, k0 > 0);
+                rows_pass(N, w_, kc, x + k0, I, wp + p * TK_PANEL * I + k0 * w_, w_, y + p * TK_PANEL, O, k0 > 0,
+                          NULL);
             }
         }
     }
@@ -234,7 +250,13 @@ void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size
             for (size_t q = q0; q < q1; q++) {
                 size_t kw = I - q * TK_PANEL < TK_PANEL ? I - q * TK_PANEL : TK_PANEL;
                 transpose_block(buf, wp, I, O, o0, oc, q, kw);
-                rows_pass(N, kw, oc, dy + o0, O, buf, TK_PANEL, dx + q * TK_PANEL, I, 1);
+                /* the transpose alone would wait on memory: the next block's panels are fetched
+                 * while this one's rows run (next q, else the first q of the next depth block) */
+                size_t on = q + 1 < q1 ? o0 : o0 + TK_PK_OC, qn = q + 1 < q1 ? q + 1 : q0;
+                size_t ocn = on < O ? (O - on < TK_PK_OC ? O - on : TK_PK_OC) : 0;
+                prefetch_plan pf = {wp + on * I + qn * TK_PANEL * TK_PANEL, TK_PANEL * I,
+                                    (ocn + TK_PANEL - 1) / TK_PANEL};
+                rows_pass(N, kw, oc, dy + o0, O, buf, TK_PANEL, dx + q * TK_PANEL, I, 1, ocn ? &pf : NULL);
             }
         }
     }

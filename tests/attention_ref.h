@@ -7,7 +7,8 @@
  *   With dout [B,T,H*D] given, also the backward, added to dq [B,T,H*D], dk, dv [B,S,G*D] (double):
  *   dP_j = dO . V_j, dS = P (dP - P.dP) scale, dV += P^T dO, dQ += dS K, dK += dS^T Q.
  *
- * Static (one copy per test program); include after test_util.h (xalloc).
+ * probs_expand lays tk_attention_forward's probs out as [B,H,T,S], the reference's layout.
+ * Static (one copy per test program); include after test_util.h (xalloc) and ops/ops.h.
  */
 #ifndef TK_TEST_ATTENTION_REF_H
 #define TK_TEST_ATTENTION_REF_H
@@ -15,6 +16,19 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* probs as tk_attention_forward stores them (tk_attention_probs_row's blocks, BH heads) ->
+ * full [BH,T,S] with 0 past each row's stored width, to compare with the reference's probs. */
+static float *probs_expand(const float *probs, size_t BH, size_t T, size_t S) {
+    float *full = xalloc(BH * T * S, sizeof(float));
+    size_t ph = tk_attention_probs_head(T, S);
+    for (size_t i = 0; i < BH; i++)
+        for (size_t t = 0; t < T; t++) {
+            size_t w, at = tk_attention_probs_row(T, S, t, &w);
+            for (size_t j = 0; j < S; j++) full[(i * T + t) * S + j] = j < w ? probs[i * ph + at + j] : 0.0f;
+        }
+    return full;
+}
 
 static void attention_ref(const float *q, const float *k, const float *v, const uint8_t *mask, size_t B, size_t T,
                           size_t S, size_t H, size_t G, size_t D, double *out, double *probs, const float *dout,

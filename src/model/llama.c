@@ -28,7 +28,7 @@ struct tk_llama_saved {
     float *q;     /* [N,H*D] after rope */
     float *k, *v; /* [N,G*D] (k after rope) */
     float *att;   /* [N,H*D] */
-    float *probs; /* [B,H,T,T] (full attention) */
+    float *probs; /* [B*H, tk_attention_probs_head(T,T)] (full attention) */
     float *lse;   /* [B,H,T] row log-sum-exp (tiled attention) */
     float *x2;    /* [N,C] */
     float *xn2;   /* [N,C] */
@@ -597,7 +597,7 @@ static void carve_layer(const tk_llama *m, const tk_llama_acts *a, struct tk_lla
     s->k = carve(base, off, N * GD);
     s->v = carve(base, off, N * GD);
     s->att = carve(base, off, N * HD);
-    s->probs = a->tiled ? NULL : carve(base, off, BHT * a->Tmax);
+    s->probs = a->tiled ? NULL : carve(base, off, a->Bmax * (size_t)c->n_heads * tk_attention_probs_head(a->Tmax, a->Tmax));
     s->lse = a->tiled ? carve(base, off, BHT) : NULL;
     s->x2 = carve(base, off, N * C);
     s->xn2 = carve(base, off, N * C);
@@ -939,7 +939,7 @@ struct tk_llama_kv {
     float *x, *xn, *tmp, *rstd; /* [n,C], [n,C], [n,C], [n] */
     float *q, *att;             /* [n,H*D] */
     float *g, *u, *h;           /* [n,F] */
-    float *probs;               /* [H, n, S] */
+    float *probs;               /* [H, n*S]: H * tk_attention_probs_head(T, S) used */
 };
 
 tk_llama_kv *tk_llama_kv_alloc(tk_llama *m, size_t max_len, size_t max_chunk, tk_err *err) {

@@ -17,8 +17,10 @@
  * sees keys 0..E-1 only, E = S-T+t0+R (the causal limit of its last row), so every product of the
  * block (scores, P V, and in the backward dV, dP, dQ, dK) runs over those E keys: at T = S the
  * masked upper triangle, half the work, is skipped except inside the R x R diagonal blocks. probs
- * keeps its [B,H,T,S] layout and is still written whole (softmax_row zeroes each row past its limit,
- * so nothing that reads probs sees a difference).
+ * is stored the same way: per (b, h), block after block, each block [nr, E] with row stride E
+ * (tk_attention_probs_row says where row t is), entries past a row's own limit 0. At T = S = 512 that
+ * is 56% of a [T,S] matrix, and the forward writes (the backward reads) no all-zero upper triangle:
+ * at 12 MiB a layer that was memory traffic, not arithmetic (docs/performance.md).
  *
  * Threads: one OpenMP task per (b, h) in the forward and per (b, g) in the backward (all the query
  * heads of one key/value group, so that each dk and dv column is written by one thread only). A
@@ -54,6 +56,22 @@
  * products. 32, 64 and 128 measured alike (forward + backward above, within noise), 256 about 5%
  * slower (more of the triangle computed, fewer threads' slabs in the scratch). */
 #define TK_ATTN_ROWS 64
+
+/* probs of one (b, h): blocks of R = min(TK_ATTN_ROWS, T) rows, block i holding nr rows of E keys. */
+size_t tk_attention_probs_row(size_t T, size_t S, size_t t, size_t *width) {
+    size_t R = T < TK_ATTN_ROWS ? T : TK_ATTN_ROWS, i = t / R, t0 = i * R, nr = T - t0 < R ? T - t0 : R;
+    size_t E = S - T + t0 + nr;
+    if (width) *width = E;
+    /* blocks 0..i-1 are full (R rows) and see S-T+R, S-T+2R, ... keys */
+    return R * (i * (S - T) + R * i * (i + 1) / 2) + (t - t0) * E;
+}
+
+size_t tk_attention_probs_head(size_t T, size_t S) {
+    if (T == 0) return 0;
+    size_t E;
+    size_t last = tk_attention_probs_row(T, S, T - 1, &E);
+    return last + E;
+}
 
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
@@ -112,7 +130,7 @@ static inline float masked_zero(float x, uint8_t keep) {
 
 /* One softmax row in place: scores [S] (already scaled) become probabilities over the visible keys
  * (j <= last and mask_b[j] != 0, mask_b [S] or NULL), zero elsewhere. Reads only row[0..last]. */
-static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last) {
+static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last) { /* S: the row's width */
     size_t n = last + 1;
     float m = row_max(row, mask_b, n);
     if (m == -INFINITY) { /* no visible key (or all scores -inf) */
@@ -153,7 +171,7 @@ static void pack_rows(float *Kc, const float *K, size_t S, size_t D, size_t ks) 
 }
 
 /* The forward of one (b, h), block by block.
- * O [T rows, stride qs] (overwritten), P [T,S] (overwritten), Q [T rows, stride qs],
+ * O [T rows, stride qs] (overwritten), P this head's probs (overwritten), Q [T rows, stride qs],
  * K, V [S rows, stride ks], mask_b [S] or NULL, KT [D, ldt] and Vc [S, D] scratch for K^T and a
  * gapless V, or NULL: then the scores are one cblas_sgemm per block (Q K^T with K read transposed)
  * and V is read in place, the path without AVX-512. */
@@ -167,18 +185,18 @@ static void head_forward(float *O, float *P, const float *Q, const float *K, con
         V = Vc, ks = D;
     }
     for (size_t t0 = 0; t0 < T; t0 += R) {
-        size_t nr = min_sz(R, T - t0), E = S - T + t0 + nr;
-        float *Pb = &P[t0 * S];
+        size_t nr = min_sz(R, T - t0), E;
+        float *Pb = &P[tk_attention_probs_row(T, S, t0, &E)];
         /* scores [nr,E] = scale * Q_blk [nr,D] K_E^T */
         if (KT)
-            tk_gemm_small(nr, E, D, scale, &Q[t0 * qs], qs, KT, ldt, 0, Pb, S);
+            tk_gemm_small(nr, E, D, scale, &Q[t0 * qs], qs, KT, ldt, 0, Pb, E);
         else
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(nr), tk_blas_dim(E),
                         tk_blas_dim(D), scale, &Q[t0 * qs], tk_blas_dim(qs), K, tk_blas_dim(ks), 0.0f, Pb,
-                        tk_blas_dim(S));
-        for (size_t r = 0; r < nr; r++) softmax_row(&Pb[r * S], mask_b, S, S - T + t0 + r);
+                        tk_blas_dim(E));
+        for (size_t r = 0; r < nr; r++) softmax_row(&Pb[r * E], mask_b, E, S - T + t0 + r);
         /* O_blk [nr,D] = P_blk [nr,E] V_E [E,D] (P is 0 past each row's limit) */
-        tk_gemm_small(nr, D, E, 1.0f, Pb, S, V, ks, 0, &O[t0 * qs], qs);
+        tk_gemm_small(nr, D, E, 1.0f, Pb, E, V, ks, 0, &O[t0 * qs], qs);
     }
 }
 
@@ -199,8 +217,8 @@ static float *panel_buffers(size_t threads, size_t T, size_t D, size_t S) {
     return malloc(threads * 2 * D * transposed_stride(S) * sizeof(float));
 }
 
-/* out [B,T,H*D] (overwritten), probs [B,H,T,S] (cached for backward; also holds the raw scores in
- * between), q [B,T,H*D], k, v [B,S,G*D], key_mask [B,S] or NULL. */
+/* out [B,T,H*D] (overwritten), probs [B*H, tk_attention_probs_head(T, S)] (cached for backward; also
+ * holds the raw scores in between), q [B,T,H*D], k, v [B,S,G*D], key_mask [B,S] or NULL. */
 void tk_attention_forward(float *out, float *probs, const float *q, const float *k, const float *v,
                           const uint8_t *key_mask, size_t B, size_t T, size_t S, size_t H, size_t G,
                           size_t D) {
@@ -209,7 +227,7 @@ void tk_attention_forward(float *out, float *probs, const float *q, const float 
     size_t rep = H / G;
     size_t qs = H * D, ks = G * D; /* row strides of q/out and of k/v */
     float scale = (float)(1.0 / sqrt((double)D));
-    size_t tasks = B * H;
+    size_t tasks = B * H, ph = tk_attention_probs_head(T, S);
     int threaded = tasks > 1 && omp_get_max_threads() > 1 && B * H * T * S >= TK_OMP_MIN_WORK;
     size_t ldt = transposed_stride(S);
     float *kt = panel_buffers(threaded ? (size_t)omp_get_max_threads() : 1, T, D, S);
@@ -218,7 +236,7 @@ void tk_attention_forward(float *out, float *probs, const float *q, const float 
     for (size_t i = 0; i < tasks; i++) {
         size_t b = i / H, h = i % H, g = h / rep;
         float *my_kt = kt ? &kt[(size_t)omp_get_thread_num() * 2 * D * ldt] : NULL;
-        head_forward(&out[b * T * qs + h * D], &probs[i * T * S], &q[b * T * qs + h * D],
+        head_forward(&out[b * T * qs + h * D], &probs[i * ph], &q[b * T * qs + h * D],
                      &k[b * S * ks + g * D], &v[b * S * ks + g * D], key_mask ? &key_mask[b * S] : NULL,
                      T, S, D, qs, ks, scale, my_kt, my_kt ? my_kt + D * ldt : NULL, ldt);
     }
@@ -228,11 +246,12 @@ void tk_attention_forward(float *out, float *probs, const float *q, const float 
 /* The backward of the query heads h0..h0+rep-1 of one (b, g), block by block (see
  * tk_attention_backward for the formulas). dQ [T rows, stride qs] for head h0 (+= or NULL),
  * dK, dV [S rows, stride ks] (+= or NULL), slab [R*S] for dP then dS of one block, dO, Q [T rows,
- * stride qs] for head h0 (head h0+i starts i*D further), P [rep,T,S], K, V [S rows, stride ks],
+ * stride qs] for head h0 (head h0+i starts i*D further), P the rep heads' probs (ph floats each), K, V
+ * [S rows, stride ks],
  * VT [D, ldt] and Kc [S, D] scratch for V^T and a gapless K, or NULL (dP is then one cblas_sgemm
  * per block and K is read in place). */
 static void group_backward(float *dQ, float *dK, float *dV, float *slab, const float *dO,
-                           const float *P, const float *Q, const float *K, const float *V, size_t rep,
+                           const float *P, size_t ph, const float *Q, const float *K, const float *V, size_t rep,
                            size_t T, size_t S, size_t D, size_t qs, size_t ks, float scale, float *VT,
                            float *Kc, size_t ldt) {
     size_t R = min_sz(TK_ATTN_ROWS, T);
@@ -244,14 +263,14 @@ static void group_backward(float *dQ, float *dK, float *dV, float *slab, const f
         Kq = Kc, kqs = D;
     }
     for (size_t i = 0; i < rep; i++) {
-        const float *Ph = &P[i * T * S], *dOh = &dO[i * D], *Qh = &Q[i * D];
+        const float *Ph = &P[i * ph], *dOh = &dO[i * D], *Qh = &Q[i * D];
         float *dQh = dQ ? &dQ[i * D] : NULL;
         for (size_t t0 = 0; t0 < T; t0 += R) {
-            size_t nr = min_sz(R, T - t0), E = S - T + t0 + nr;
-            const float *Pb = &Ph[t0 * S], *dOb = &dOh[t0 * qs], *Qb = &Qh[t0 * qs];
+            size_t nr = min_sz(R, T - t0), E;
+            const float *Pb = &Ph[tk_attention_probs_row(T, S, t0, &E)], *dOb = &dOh[t0 * qs], *Qb = &Qh[t0 * qs];
             if (dV) { /* dV_E [E,D] += P_blk^T [E,nr] dO_blk [nr,D] (cblas: see gemm_small.c) */
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, tk_blas_dim(E), tk_blas_dim(D),
-                            tk_blas_dim(nr), 1.0f, Pb, tk_blas_dim(S), dOb, tk_blas_dim(qs), 1.0f, dV,
+                            tk_blas_dim(nr), 1.0f, Pb, tk_blas_dim(E), dOb, tk_blas_dim(qs), 1.0f, dV,
                             tk_blas_dim(ks));
             }
             if (!dQh && !dK) continue;
@@ -266,7 +285,7 @@ static void group_backward(float *dQ, float *dK, float *dV, float *slab, const f
 
             /* dS = P * (dP - sum_j P dP) * scale, row by row; 0 past the row's causal limit */
             for (size_t r = 0; r < nr; r++) {
-                const float *pr = &Pb[r * S];
+                const float *pr = &Pb[r * E];
                 float *sr = &slab[r * E];
                 size_t n = S - T + t0 + r + 1; /* visible columns 0..n-1 */
                 double dot = 0.0;
@@ -294,7 +313,7 @@ static void group_backward(float *dQ, float *dK, float *dV, float *slab, const f
  *   dV [S,D] += P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(P * dP)) * scale (P = 0 where masked);
  *   dQ [T,D] += dS K;    dK [S,D] += dS^T Q.
  * dq [B,T,H*D], dk, dv [B,S,G*D] (each += or NULL), scratch [T,S] (slabs of R*S floats, one per
- * thread, for dP then dS of one block); dout [B,T,H*D], probs [B,H,T,S] from the forward,
+ * thread, for dP then dS of one block); dout [B,T,H*D], probs from the forward,
  * q [B,T,H*D], k, v [B,S,G*D]. */
 void tk_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
                            const float *probs, const float *q, const float *k, const float *v,
@@ -304,7 +323,7 @@ void tk_attention_backward(float *dq, float *dk, float *dv, float *scratch, cons
     size_t rep = H / G;
     size_t qs = H * D, ks = G * D;
     float scale = (float)(1.0 / sqrt((double)D));
-    size_t tasks = B * G, R = min_sz(TK_ATTN_ROWS, T), slab = R * S;
+    size_t tasks = B * G, R = min_sz(TK_ATTN_ROWS, T), slab = R * S, ph = tk_attention_probs_head(T, S);
     size_t nthr = min_sz(min_sz((size_t)omp_get_max_threads(), tasks), T / R); /* slabs in scratch */
     int threaded = nthr > 1 && B * H * T * S >= TK_OMP_MIN_WORK;
     size_t ldt = transposed_stride(S);
@@ -317,7 +336,7 @@ void tk_attention_backward(float *dq, float *dk, float *dv, float *scratch, cons
         float *my_vt = vt ? &vt[(size_t)omp_get_thread_num() * 2 * D * ldt] : NULL;
         group_backward(dq ? &dq[b * T * qs + h0 * D] : NULL, dk ? &dk[b * S * ks + g * D] : NULL,
                        dv ? &dv[b * S * ks + g * D] : NULL, my_slab, &dout[b * T * qs + h0 * D],
-                       &probs[(b * H + h0) * T * S], &q[b * T * qs + h0 * D], &k[b * S * ks + g * D],
+                       &probs[(b * H + h0) * ph], ph, &q[b * T * qs + h0 * D], &k[b * S * ks + g * D],
                        &v[b * S * ks + g * D], rep, T, S, D, qs, ks, scale, my_vt, my_vt ? my_vt + D * ldt : NULL,
                        ldt);
     }

@@ -78,10 +78,16 @@ void tk_gemm_small_rows(size_t M, size_t N, size_t K, float alpha, const float *
                         const float *const *Brows, int acc, float *const *Crows);
 
 /* ---- causal self-attention with grouped-query heads and a key padding mask --------------------- */
-/* out [B,T,H*D], probs [B,H,T,S] (softmax weights cached for backward), q [B,T,H*D],
- * k,v [B,S,G*D], key_mask [B,S] (1 = real token, NULL = all real). Query t sits at absolute position
- * (S - T) + t and sees keys 0..(S-T)+t that are real. A query that sees no real key outputs zeros.
- * Scores are scaled by 1/sqrt(D). probs holds the raw scores in between (no scratch needed). */
+/* out [B,T,H*D], probs [B*H, tk_attention_probs_head(T,S)] (softmax weights cached for backward),
+ * q [B,T,H*D], k,v [B,S,G*D], key_mask [B,S] (1 = real token, NULL = all real). Query t sits at
+ * absolute position (S - T) + t and sees keys 0..(S-T)+t that are real. A query that sees no real key
+ * outputs zeros. Scores are scaled by 1/sqrt(D). probs holds the raw scores in between (no scratch
+ * needed). */
+/* probs of one (b, h) holds only the keys each block of query rows can see: row t starts at the
+ * returned offset and holds *width (>= its own S-T+t+1) probabilities of keys 0..*width-1, those
+ * past the row's causal limit 0; tk_attention_probs_head is its size (<= T*S). */
+size_t tk_attention_probs_row(size_t T, size_t S, size_t t, size_t *width);
+size_t tk_attention_probs_head(size_t T, size_t S);
 void tk_attention_forward(float *out, float *probs, const float *q, const float *k, const float *v,
                           const uint8_t *key_mask, size_t B, size_t T, size_t S, size_t H, size_t G,
                           size_t D);

@@ -152,16 +152,10 @@ static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last
     for (size_t j = n; j < S; j++) row[j] = 0.0f;
 }
 
-/* K [S rows, stride ks] -> KT [D, ldt], for the products that need K^T or V^T row-major. In blocks
- * of 16 keys: the 16 source rows stay in L1 while each of the D destination rows gets 16 contiguous
- * values (column by column, every store went to another line: 0.13 ms a head). */
+/* K [S rows, stride ks] -> KT [D, ldt], for the products that need K^T or V^T row-major
+ * (tk_transpose: 16 x 16 register blocks where AVX-512 is there). */
 static void transpose_keys(float *KT, size_t ldt, const float *K, size_t S, size_t D, size_t ks) {
-    size_t j0 = 0;
-    for (; j0 + 16 <= S; j0 += 16)
-        for (size_t d = 0; d < D; d++)
-            for (size_t j = 0; j < 16; j++) KT[d * ldt + j0 + j] = K[(j0 + j) * ks + d];
-    for (size_t d = 0; d < D; d++)
-        for (size_t j = j0; j < S; j++) KT[d * ldt + j] = K[j * ks + d];
+    tk_transpose(KT, ldt, K, ks, S, D);
 }
 
 /* K [S rows, stride ks] -> Kc [S, D] without gaps: as the B of a product, rows 3 KiB apart (H*D =

@@ -161,33 +161,6 @@ static void rows_pass(size_t N, size_t cols, size_t kc, const float *A, size_t l
     }
 }
 
-/* out [16 rows, stride lout] = in [16 rows, stride lin]^T */
-__attribute__((target("avx512f"))) static void transpose16(const float *in, size_t lin, float *out, size_t lout) {
-    __m512 r[16], t[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(in + i * lin);
-    for (int i = 0; i < 8; i++) { /* pairs of rows, interleaved by element */
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) { /* quads of rows: r[4i + c] holds columns c, c+4, c+8, c+12 of rows 4i..4i+3 */
-        __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-        __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-        r[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-    }
-    for (int c = 0; c < 4; c++) { /* gather the 128-bit lanes of the four quads */
-        __m512 a = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), b = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
-        __m512 d = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88), e = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
-        t[c] = _mm512_shuffle_f32x4(a, d, 0x88);
-        t[c + 8] = _mm512_shuffle_f32x4(a, d, 0xdd);
-        t[c + 4] = _mm512_shuffle_f32x4(b, e, 0x88);
-        t[c + 12] = _mm512_shuffle_f32x4(b, e, 0xdd);
-    }
-    for (int j = 0; j < 16; j++) _mm512_storeu_ps(out + j * lout, t[j]);
-}
-
 /* buf [oc, 64] (row o - o0, column kk) = w [o][64 q + kk] for o in o0 .. o0+oc-1, kk < kw, read from
  * the panels; columns kw..63 are left as they are (the tile never stores them). */
 static void transpose_block(float *buf, const float *wp, size_t I, size_t O, size_t o0, size_t oc, size_t q,
@@ -195,16 +168,7 @@ static void transpose_block(float *buf, const float *wp, size_t I, size_t O, siz
     for (size_t ob = 0; ob < oc; ob += TK_PANEL) {
         size_t p = (o0 + ob) / TK_PANEL, w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
         const float *src = wp + p * TK_PANEL * I + q * TK_PANEL * w_; /* [kw rows, stride w_] */
-        float *dst = buf + ob * TK_PANEL;
-        if (w_ == TK_PANEL && kw == TK_PANEL) {
-            for (size_t a = 0; a < 4; a++)
-                for (size_t b = 0; b < 4; b++)
-                    transpose16(src + 16 * a * TK_PANEL + 16 * b, TK_PANEL, dst + 16 * b * TK_PANEL + 16 * a,
-                                TK_PANEL);
-        } else {
-            for (size_t kk = 0; kk < kw; kk++)
-                for (size_t j = 0; j < w_; j++) dst[j * TK_PANEL + kk] = src[kk * w_ + j];
-        }
+        tk_transpose(buf + ob * TK_PANEL, TK_PANEL, src, w_, kw, w_);
     }
 }
 #endif

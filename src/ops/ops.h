@@ -151,6 +151,10 @@ void tk_linear_bf16_backward(float *dx, const float *dy, const uint16_t *w, size
 /* out [N,C] = fp32(table[ids[n]]), table [V,C] BF16. */
 void tk_embedding_bf16_forward(float *out, const int32_t *ids, const uint16_t *table, size_t N, size_t C);
 
+/* ---- transpose (transpose.c) ------------------------------------------------------------------ */
+/* out [cols rows, stride ldo] = in [rows rows, stride ldi]^T: out[c ldo + r] = in[r ldi + c]. */
+void tk_transpose(float *out, size_t ldo, const float *in, size_t ldi, size_t rows, size_t cols);
+
 /* ---- frozen weights in panels for an AVX-512 kernel (linear_packed.c) ------------------------- */
 /* 1 where the packed kernel runs (AVX-512F, and TSPEFT_PACKED is not 0): only then pack weights. */
 int tk_linear_packed_available(void);

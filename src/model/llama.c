@@ -16,9 +16,13 @@
 #include "../../datasets/shard.h" /* TK_KIND_IMAGE */
 
 #include <math.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 /* Saved tensors of one layer for backward. */
 struct tk_llama_saved {
@@ -280,6 +284,7 @@ void tk_llama_close(tk_llama *m) {
     tk_peft_config_free(&m->peft);
     tk_st_set_close(m->files);
     tk_free(m->owned);
+    tk_free(m->packed_copies);
     free(m->inv_freq);
     free(m->rope_cos);
     free(m->rope_sin);
@@ -1115,28 +1120,68 @@ static int owns(const tk_llama *m, const float *w) {
     return m->owned && w >= m->owned && w < m->owned + m->owned_n;
 }
 
-int tk_llama_pack_frozen(tk_llama *m, tk_err *err) {
-    if (!tk_linear_packed_available()) return 0;
-    int n = 0;
+/* The frozen matrices tk_llama_pack_frozen packs: (weight slot, O, I) for each, in a fixed order. */
+static size_t packable(tk_llama *m, float ***slot, size_t *rows, size_t *cols) {
+    size_t n = 0;
     for (int l = 0; l < m->cfg.n_layers; l++)
         for (int p = 0; p < TK_NPROJ; p++) {
             tk_adapted_linear *L = &m->layers[l].proj[p];
-            if (!L->w0 || L->dw0 || L->kind == TK_ADAPTER_DORA || !owns(m, L->w0)) continue;
-            if (tk_linear_pack(L->w0, L->out, L->in)) return tk_fail(err, "out of memory packing the frozen weights");
-            L->w0_packed = L->w0;
-            L->w0 = NULL;
-            m->packed = 1;
-            n++;
+            if (!L->w0 || L->dw0 || L->kind == TK_ADAPTER_DORA) continue;
+            slot[n] = &L->w0, rows[n] = L->out, cols[n] = L->in, n++;
         }
-    size_t C = (size_t)m->cfg.dim, V = (size_t)m->cfg.vocab_size;
-    if (m->lm_head && m->lm_head != m->embed && !m->d_lm_head && owns(m, m->lm_head)) {
-        if (tk_linear_pack(m->lm_head, V, C)) return tk_fail(err, "out of memory packing the frozen weights");
-        m->lm_head_packed = m->lm_head;
-        m->lm_head = NULL;
-        m->packed = 1;
-        n++;
-    }
+    if (m->lm_head && m->lm_head != m->embed && !m->d_lm_head)
+        slot[n] = &m->lm_head, rows[n] = (size_t)m->cfg.vocab_size, cols[n] = (size_t)m->cfg.dim, n++;
     return n;
+}
+
+/* Drops the whole pages of a read-only F32 mapping that a packed copy replaced from this process's
+ * resident set (the file stays mapped; nothing reads those pages again). */
+static void drop_mapped(const float *w, size_t n) {
+    uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), a = ((uintptr_t)w + pg - 1) & ~(pg - 1);
+    uintptr_t b = ((uintptr_t)(w + n)) & ~(pg - 1);
+    if (b > a) (void)madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+int tk_llama_pack_frozen(tk_llama *m, tk_err *err) {
+    if (!tk_linear_packed_available() || m->packed) return 0;
+    size_t cap = slot_capacity(&m->cfg), *rows = calloc(cap, sizeof *rows), *cols = calloc(cap, sizeof *cols);
+    float ***slot = calloc(cap, sizeof *slot);
+    int rc = -1;
+    if (!rows || !cols || !slot) {
+        tk_fail(err, "out of memory packing the frozen weights");
+        goto done;
+    }
+    size_t n = packable(m, slot, rows, cols), copied = 0;
+    /* F32 tensors read in place from a checkpoint's mapping are read-only: they get fp32 copies */
+    for (size_t i = 0; i < n; i++)
+        if (!owns(m, *slot[i])) copied += rows[i] * cols[i];
+    if (copied && !(m->packed_copies = tk_calloc(copied, sizeof(float)))) {
+        tk_fail(err, "out of memory packing the frozen weights (%.1f GiB of F32 copies)", copied * 4.0 / (1u << 30));
+        goto done;
+    }
+    size_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        float *w = *slot[i];
+        size_t numel = rows[i] * cols[i];
+        if (!owns(m, w)) {
+            memcpy(m->packed_copies + off, w, numel * sizeof(float));
+            drop_mapped(w, numel);
+            w = m->packed_copies + off;
+            off += numel;
+        }
+        if (tk_linear_pack(w, rows[i], cols[i])) {
+            tk_fail(err, "out of memory packing the frozen weights");
+            goto done;
+        }
+        *slot[i] = NULL;
+        if (slot[i] == &m->lm_head) m->lm_head_packed = w;
+        else ((tk_adapted_linear *)((char *)slot[i] - offsetof(tk_adapted_linear, w0)))->w0_packed = w;
+        m->packed = 1;
+    }
+    rc = (int)n;
+done:
+    free(rows), free(cols), free(slot);
+    return rc;
 }
 
 /* ---- merging ---------------------------------------------------------------------------------- */

@@ -35,6 +35,7 @@ typedef struct {
     tk_st_set *files;  /* kept open: F32 weights point into the mapping */
     float *owned;      /* fp32 copies of tensors stored as F16/BF16 or unaligned */
     size_t owned_n;    /* floats in owned */
+    float *packed_copies; /* packed copies of F32 matrices that were read in place (tk_llama_pack_frozen) */
     float *embed, *d_embed;          /* [V,C] */
     float *final_norm, *d_final_norm;/* [C] */
     float *lm_head, *d_lm_head;      /* [V,C] (the embedding when tied) */
@@ -83,11 +84,13 @@ size_t tk_llama_slots(tk_llama *m, tk_llama_slot *slots);
  * drawn from seed. A trainable base tensor that is also adapted is an error. */
 int tk_llama_attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir, uint64_t seed,
                     tk_err *err);
-/* Puts every frozen fp32 matrix this model owns (the base weights of LoRA, bottleneck and unadapted
- * projections, and an untied lm_head; not DoRA's, not trainable ones, not F32 tensors read in place
- * from a checkpoint's mapping) into tk_linear_pack's panels, in place, where
- * tk_linear_packed_available(). Call after tk_llama_attach; afterwards the model cannot be merged.
- * Returns how many matrices were packed, or -1 (err set) when out of memory. */
+/* Puts every frozen fp32 matrix (the base weights of LoRA, bottleneck and unadapted projections, and
+ * an untied lm_head; not DoRA's, not trainable ones, not BF16-resident ones) into tk_linear_pack's
+ * panels where tk_linear_packed_available(): in place where the model holds an fp32 copy (F16/BF16
+ * checkpoints, random models), else (F32 read in place from the mapping) in a copy, whose mapped
+ * pages are then dropped from the resident set. Call after tk_llama_attach; afterwards the model
+ * cannot be merged. Returns how many matrices were packed (0 on a second call), or -1 (err set)
+ * when out of memory. */
 int tk_llama_pack_frozen(tk_llama *m, tk_err *err);
 /* Writes out_dir/adapter_config.json and out_dir/adapter_model.safetensors (PEFT keys plus ts_tau,
  * and ts_lambda with a target keep ratio). out_dir must exist. */

@@ -411,7 +411,9 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     }
     /* a stage-1 checkpoint holds no adapter (its config has no targets): only the projector, loaded below */
     const char *attach_dir = mm && o->stage == 1 && o->resume_dir ? NULL : o->adapter_dir;
-    if (tk_llama_attach(m, &pc, attach_dir, o->seed, err) || tk_llama_pack_frozen(m, err) < 0) goto done;
+    if (tk_llama_attach(m, &pc, attach_dir, o->seed, err)) goto done;
+    int n_packed = tk_llama_pack_frozen(m, err);
+    if (n_packed < 0) goto done;
     if (mm && tk_mm_init_weights(mm, proj_file, o->seed ^ 0x9e0u, err)) goto done;
     snprintf(m->peft.base_model, sizeof m->peft.base_model, "%s", o->model_dir);
     size_t max_len = o->max_seq_len > 0 ? (size_t)o->max_seq_len : (size_t)m->cfg.max_seq_len;
@@ -445,6 +447,9 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
                 m->peft.kind == TK_ADAPTER_NONE ? "no gate" : m->peft.gate.enabled ? "TS-gated" : "dense",
                 mm ? " + projector" : "",
                 m->params.total, tk_train_data_describe(data), o->steps, o->grad_accum, o->batch_size, threads);
+    if (!quiet && n_packed > 0)
+        fprintf(stderr, "tspeft train: %d frozen matrices packed for the AVX-512 kernel (TSPEFT_PACKED=0: OpenBLAS)\n",
+                n_packed);
     if (m->params.total == 0) {
         tk_fail(err, "nothing to train: no adapter targets and no modules_to_save");
         goto done;

@@ -442,14 +442,12 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     tk_rng_seed(&rng, o->seed ^ 0xd40u);
     tk_sched sch = {o->sched, o->lr, o->warmup_steps, o->steps};
     if (!quiet)
-        fprintf(stderr, "tspeft train: %s adapter (%s)%s, %zu trainable parameters, %s, %d steps x %d x %d, %d threads\n",
+        fprintf(stderr, "tspeft train: %s adapter (%s)%s, %zu trainable parameters, %s, %d steps x %d x %d, %d threads%s\n",
                 tk_adapter_kind_name(m->peft.kind),
                 m->peft.kind == TK_ADAPTER_NONE ? "no gate" : m->peft.gate.enabled ? "TS-gated" : "dense",
                 mm ? " + projector" : "",
-                m->params.total, tk_train_data_describe(data), o->steps, o->grad_accum, o->batch_size, threads);
-    if (!quiet && n_packed > 0)
-        fprintf(stderr, "tspeft train: %d frozen matrices packed for the AVX-512 kernel (TSPEFT_PACKED=0: OpenBLAS)\n",
-                n_packed);
+                m->params.total, tk_train_data_describe(data), o->steps, o->grad_accum, o->batch_size, threads,
+                n_packed > 0 ? ", frozen weights packed for the AVX-512 kernel" : "");
     if (m->params.total == 0) {
         tk_fail(err, "nothing to train: no adapter targets and no modules_to_save");
         goto done;

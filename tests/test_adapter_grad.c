@@ -622,6 +622,21 @@ static void run_case(case_cfg cfg) {
         tk_gate_stats_reset(&L->stats);
     }
 
+    /* --- (g) backward_into writes dx: from NaN it gives the += result from zero, bit for bit --- */
+    {
+        float *dx3 = FALLOC(N * I);
+        for (size_t i = 0; i < N * I; i++) dx3[i] = NAN;
+        tk_err err = {{0}};
+        if (tk_adapted_backward_into(L, &c.ws, dx3, c.Rnd, c.x, c.valid, N, &err)) {
+            fprintf(stderr, "test_adapter_grad: backward_into failed: %s\n", err.msg);
+            exit(1);
+        }
+        snprintf(name, sizeof name, "%s: backward_into writes dx (= the += result from zero)", cfg.name);
+        report_bool(name, memcmp(dx3, dx, N * I * sizeof(float)) == 0);
+        tk_free(dx3);
+        tk_gate_stats_reset(&L->stats);
+    }
+
     /* --- finite differences of the library forward with the gate held --- */
     c.S_hold = S;
     check_fd(&c, "dx", dx, c.x, N * I);

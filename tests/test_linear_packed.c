@@ -21,6 +21,7 @@
 static void one_case(size_t N, size_t I, size_t O) {
     float *w = falloc(O * I), *wp = falloc(O * I), *x = falloc(N * I), *dy = falloc(N * O);
     float *y = falloc(N * O), *y1 = falloc(N * O), *dx = falloc(N * I), *dx1 = falloc(N * I), *dx0 = falloc(N * I);
+    float *dxw = falloc(N * I);
     double *yr = dalloc(N * O), *dxr = dalloc(N * I);
     fill(w, O * I, -1.0f, 1.0f);
     fill(x, N * I, -1.0f, 1.0f);
@@ -53,10 +54,15 @@ static void one_case(size_t N, size_t I, size_t O) {
     memcpy(dx1, dx0, N * I * sizeof(float));
     omp_set_num_threads(2);
     tk_linear_packed_forward(y, x, wp, N, I, O);
-    tk_linear_packed_backward(dx, dy, wp, N, I, O);
+    tk_linear_packed_backward(dx, dy, wp, N, I, O, 1.0f);
+    for (size_t i = 0; i < N * I; i++) dxw[i] = NAN; /* beta 0: the old contents are never read */
+    tk_linear_packed_backward(dxw, dy, wp, N, I, O, 0.0f);
     omp_set_num_threads(1);
     tk_linear_packed_forward(y1, x, wp, N, I, O);
-    tk_linear_packed_backward(dx1, dy, wp, N, I, O);
+    tk_linear_packed_backward(dx1, dy, wp, N, I, O, 1.0f);
+    /* beta 0 gives dy w alone: dx - dx0 from the accumulating call, to the same reference */
+    double *dwr = dalloc(N * I);
+    for (size_t i = 0; i < N * I; i++) dwr[i] = dxr[i] - dx0[i];
 
     /* adjoint: <dy, y> against <dx - dx0, x>, both in double from the kernels' float outputs */
     double lhs = 0.0, rhs = 0.0, scale = 1e-3;
@@ -70,12 +76,14 @@ static void one_case(size_t N, size_t I, size_t O) {
     report(name, rel_err_d(y, yr, N * O), 2e-6);
     snprintf(name, sizeof name, "N %3zu I %4zu O %5zu dx += dy w", N, I, O);
     report(name, rel_err_d(dx, dxr, N * I), 2e-6);
+    snprintf(name, sizeof name, "N %3zu I %4zu O %5zu dx = dy w (beta 0, dx NaN before)", N, I, O);
+    report(name, rel_err_d(dxw, dwr, N * I), 2e-6);
     snprintf(name, sizeof name, "N %3zu I %4zu O %5zu <dy, x w^T> = <dy w, x>", N, I, O);
     report(name, fabs(lhs - rhs) / scale, 1e-6);
     snprintf(name, sizeof name, "N %3zu I %4zu O %5zu 1 thread = 2 threads", N, I, O);
     report_bool(name, memcmp(y, y1, N * O * sizeof(float)) == 0 && memcmp(dx, dx1, N * I * sizeof(float)) == 0);
     tk_free(w), tk_free(wp), tk_free(x), tk_free(dy), tk_free(y), tk_free(y1);
-    tk_free(dx), tk_free(dx1), tk_free(dx0), tk_free(yr), tk_free(dxr);
+    tk_free(dx), tk_free(dx1), tk_free(dx0), tk_free(yr), tk_free(dxr), tk_free(dxw), tk_free(dwr);
 }
 
 int main(void) {

@@ -474,6 +474,11 @@ static void test_swiglu(void) {
     tk_swiglu_backward(dg2, du2, c.R, c.gate, c.up, n);
     check_adds("swiglu: backward adds (dgate twice)", dg, dg2, n);
     check_adds("swiglu: backward adds (dup twice)", du, du2, n);
+    /* _into writes: from NaN it gives what the accumulating call gave from zero (dg, du above) */
+    for (size_t i = 0; i < n; i++) dg2[i] = du2[i] = NAN;
+    tk_swiglu_backward_into(dg2, du2, c.R, c.gate, c.up, n);
+    report_bool("swiglu: backward_into writes (= the += result from zero, bitwise)",
+                memcmp(dg2, dg, n * sizeof(float)) == 0 && memcmp(du2, du, n * sizeof(float)) == 0);
 
     tk_free(c.gate), tk_free(c.up), tk_free(c.out), tk_free(c.R);
     tk_free(dg), tk_free(du), tk_free(dg2), tk_free(du2), tk_free(ref);

@@ -870,12 +870,17 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
     size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, V = (size_t)c->vocab_size;
     size_t HD = H * D, GD = G * D;
     tk_adapter_ws *ws = &m->ws;
-    /* logits = xn_f lm_head^T;  xn_f = rmsnorm(x_L) */
-    tk_zero_floats(a->dxn, N * C);
+    /* logits = xn_f lm_head^T;  xn_f = rmsnorm(x_L). dxn is written, not added to (no zero-fill) */
     double t0 = tk_time();
-    if (m->lm_head) tk_linear_backward(a->dxn, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
-    else if (m->lm_head_packed) tk_linear_packed_backward(a->dxn, a->logits, m->lm_head_packed, N, C, V);
-    else tk_linear_bf16_backward(a->dxn, a->logits, m->lm_head_bf16, N, C, V, m->ws.wconv, m->ws.wconv_n);
+    if (m->lm_head) {
+        tk_linear_backward_dx(a->dxn, a->logits, m->lm_head, N, C, V, 0.0f);
+        if (m->d_lm_head) tk_linear_backward(NULL, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
+    } else if (m->lm_head_packed) {
+        tk_linear_packed_backward(a->dxn, a->logits, m->lm_head_packed, N, C, V, 0.0f);
+    } else {
+        tk_zero_floats(a->dxn, N * C);
+        tk_linear_bf16_backward(a->dxn, a->logits, m->lm_head_bf16, N, C, V, m->ws.wconv, m->ws.wconv_n);
+    }
     ws->secs_base_bwd += tk_time() - t0;
     tk_zero_floats(a->dres, N * C);
     tk_rmsnorm_backward(a->dres, m->d_final_norm, a->dxn, a->x_final, m->final_norm, a->rstd_final, N, C);
@@ -888,20 +893,16 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
         if (l + 1 < a->recompute && layer_forward(m, a, l, NULL, B, T, a->fwd_mode ? TK_FWD_REPLAY : TK_FWD_EVAL,
                                                   NULL, err))
             return -1;
-        /* x' = x2 + down(h): dres is dx' and, through the residual, part of dx2 */
-        tk_zero_floats(a->dh, N * F);
-        if (tk_adapted_backward(&P[TK_PROJ_DOWN], ws, a->dh, a->dres, s->h, a->valid, N, err)) return -1;
-        tk_zero_floats(a->dg, N * F);
-        tk_zero_floats(a->du, N * F);
-        tk_swiglu_backward(a->dg, a->du, a->dh, s->g, s->u, N * F);
-        tk_zero_floats(a->dxn, N * C);
-        if (tk_adapted_backward(&P[TK_PROJ_GATE], ws, a->dxn, a->dg, s->xn2, a->valid, N, err) ||
+        /* x' = x2 + down(h): dres is dx' and, through the residual, part of dx2. The first gradient
+         * into each buffer writes it (the _into calls): no zero-fills. */
+        if (tk_adapted_backward_into(&P[TK_PROJ_DOWN], ws, a->dh, a->dres, s->h, a->valid, N, err)) return -1;
+        tk_swiglu_backward_into(a->dg, a->du, a->dh, s->g, s->u, N * F);
+        if (tk_adapted_backward_into(&P[TK_PROJ_GATE], ws, a->dxn, a->dg, s->xn2, a->valid, N, err) ||
             tk_adapted_backward(&P[TK_PROJ_UP], ws, a->dxn, a->du, s->xn2, a->valid, N, err))
             return -1;
         tk_rmsnorm_backward(a->dres, ly->d_ffn_norm, a->dxn, s->x2, ly->ffn_norm, s->rstd2, N, C);
         /* x2 = x + o(att): dres is now dx2 */
-        tk_zero_floats(a->datt, N * HD);
-        if (tk_adapted_backward(&P[TK_PROJ_O], ws, a->datt, a->dres, s->att, a->valid, N, err)) return -1;
+        if (tk_adapted_backward_into(&P[TK_PROJ_O], ws, a->datt, a->dres, s->att, a->valid, N, err)) return -1;
         tk_zero_floats(a->dq, N * HD);
         tk_zero_floats(a->dk, N * GD);
         tk_zero_floats(a->dv, N * GD);
@@ -915,8 +916,7 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
         ws->secs_attn_bwd += tk_time() - t0;
         tk_rope_backward(a->dq, m->rope_cos, m->rope_sin, B, T, H, D, 0);
         tk_rope_backward(a->dk, m->rope_cos, m->rope_sin, B, T, G, D, 0);
-        tk_zero_floats(a->dxn, N * C);
-        if (tk_adapted_backward(&P[TK_PROJ_Q], ws, a->dxn, a->dq, s->xn1, a->valid, N, err) ||
+        if (tk_adapted_backward_into(&P[TK_PROJ_Q], ws, a->dxn, a->dq, s->xn1, a->valid, N, err) ||
             tk_adapted_backward(&P[TK_PROJ_K], ws, a->dxn, a->dk, s->xn1, a->valid, N, err) ||
             tk_adapted_backward(&P[TK_PROJ_V], ws, a->dxn, a->dv, s->xn1, a->valid, N, err))
             return -1;

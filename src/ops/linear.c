@@ -27,14 +27,22 @@ void tk_linear_forward(float *y, const float *x, const float *w, size_t N, size_
                 x, tk_blas_dim(I), w, tk_blas_dim(I), beta, y, tk_blas_dim(O));
 }
 
+/* dx [N,I] = dy [N,O] w [O,I] + beta * dx (beta 0: dx is overwritten, never read). */
+void tk_linear_backward_dx(float *dx, const float *dy, const float *w, size_t N, size_t I, size_t O, float beta) {
+    if (N == 0 || I == 0) return;
+    if (O == 0) { /* empty sum */
+        for (size_t i = 0; i < N * I; i++) dx[i] = beta == 0.0f ? 0.0f : beta * dx[i];
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(N), tk_blas_dim(I), tk_blas_dim(O), 1.0f,
+                dy, tk_blas_dim(O), w, tk_blas_dim(I), beta, dx, tk_blas_dim(I));
+}
+
 /* forward: y = x w^T.  dx [N,I] += dy [N,O] w [O,I];  dw [O,I] += dy^T x [N,I]. */
 void tk_linear_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
                         size_t N, size_t I, size_t O) {
     if (N == 0 || I == 0 || O == 0) return;
-    if (dx) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(N), tk_blas_dim(I), tk_blas_dim(O),
-                    1.0f, dy, tk_blas_dim(O), w, tk_blas_dim(I), 1.0f, dx, tk_blas_dim(I));
-    }
+    if (dx) tk_linear_backward_dx(dx, dy, w, N, I, O, 1.0f);
     if (dw) {
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, tk_blas_dim(O), tk_blas_dim(I), tk_blas_dim(N),
                     1.0f, dy, tk_blas_dim(O), x, tk_blas_dim(I), 1.0f, dw, tk_blas_dim(I));

@@ -198,9 +198,14 @@ void tk_linear_packed_forward(float *y, const float *x, const float *wp, size_t 
 #endif
 }
 
-void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size_t N, size_t I, size_t O) {
-    TK_ASSERT(tk_linear_packed_available());
-    if (N == 0 || I == 0 || O == 0) return;
+void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size_t N, size_t I, size_t O,
+                               float beta) {
+    TK_ASSERT(tk_linear_packed_available() && (beta == 0.0f || beta == 1.0f));
+    if (N == 0 || I == 0) return;
+    if (O == 0) {
+        if (beta == 0.0f) memset(dx, 0, N * I * sizeof(float));
+        return;
+    }
 #ifdef TK_PACKED_AVX512
     size_t nq = (I + TK_PANEL - 1) / TK_PANEL;
 #pragma omp parallel if (N * I * O >= TK_PK_MIN_WORK)
@@ -220,7 +225,8 @@ void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size
                 size_t ocn = on < O ? (O - on < TK_PK_OC ? O - on : TK_PK_OC) : 0;
                 prefetch_plan pf = {wp + on * I + qn * TK_PANEL * TK_PANEL, TK_PANEL * I,
                                     (ocn + TK_PANEL - 1) / TK_PANEL};
-                rows_pass(N, kw, oc, dy + o0, O, buf, TK_PANEL, dx + q * TK_PANEL, I, 1, ocn ? &pf : NULL);
+                rows_pass(N, kw, oc, dy + o0, O, buf, TK_PANEL, dx + q * TK_PANEL, I, o0 > 0 || beta != 0.0f,
+                          ocn ? &pf : NULL);
             }
         }
     }

@@ -31,6 +31,8 @@ void tk_linear_forward(float *y, const float *x, const float *w, size_t N, size_
 /* forward: y = x w^T.  dx [N,I] += dy w;  dw [O,I] += dy^T x. */
 void tk_linear_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
                         size_t N, size_t I, size_t O);
+/* dx [N,I] = dy [N,O] w + beta * dx; beta 0 overwrites dx (its old contents are never read). */
+void tk_linear_backward_dx(float *dx, const float *dy, const float *w, size_t N, size_t I, size_t O, float beta);
 /* Plain-loop references of the two above, for tests. */
 void tk_linear_forward_ref(float *y, const float *x, const float *w, size_t N, size_t I, size_t O,
                            float beta);
@@ -104,6 +106,10 @@ void tk_swiglu_forward(float *out, const float *gate, const float *up, size_t n)
 /* forward: out = silu(gate) * up.  dgate +=, dup +=. */
 void tk_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                         const float *up, size_t n);
+/* As tk_swiglu_backward, with dgate and dup (both non-NULL) written instead of added to: their old
+ * contents are never read, so they need no zero-fill. */
+void tk_swiglu_backward_into(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                             size_t n);
 
 /* ---- shifted cross-entropy -------------------------------------------------------------------- */
 /* targets [N]: the label each row predicts, -100 = ignored (the model shifts labels beforehand).
@@ -163,8 +169,10 @@ int tk_linear_packed_available(void);
 int tk_linear_pack(float *w, size_t O, size_t I);
 /* y [N,O] = x [N,I] w^T, w packed by tk_linear_pack (y is overwritten, never read). */
 void tk_linear_packed_forward(float *y, const float *x, const float *wp, size_t N, size_t I, size_t O);
-/* forward: y = x w^T.  dx [N,I] += dy [N,O] w, w packed. */
-void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size_t N, size_t I, size_t O);
+/* forward: y = x w^T.  dx [N,I] = dy [N,O] w + beta * dx, w packed; beta 0 or 1 (0: dx is overwritten,
+ * never read). */
+void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size_t N, size_t I, size_t O,
+                               float beta);
 
 /* ---- LayerNorm (torch.nn.LayerNorm over the last dimension; layernorm.c) ---------------------- */
 /* y [N,C] = (x - mean) * rstd * w + b; mean, rstd [N] cached for backward (NULL when not needed),

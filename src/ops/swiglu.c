@@ -25,10 +25,19 @@ TK_HOT_CLONES static void forward_span(float *out, const float *gate, const floa
     }
 }
 
-/* One loop per case, so that none has a branch inside (which would keep it scalar). */
+/* One loop per case, so that none has a branch inside (which would keep it scalar). write: both
+ * gradients are written (tk_swiglu_backward_into), else added to. */
 TK_HOT_CLONES static void backward_span(float *dgate, float *dup, const float *dout, const float *gate,
-                                        const float *up, size_t n) {
-    if (dgate && dup) {
+                                        const float *up, size_t n, int write) {
+    if (write) {
+#pragma omp simd
+        for (size_t i = 0; i < n; i++) {
+            float g = gate[i];
+            float sig = 1.0f / (1.0f + tk_expf(-g));
+            dgate[i] = dout[i] * up[i] * sig * (1.0f + g * (1.0f - sig));
+            dup[i] = dout[i] * g * sig;
+        }
+    } else if (dgate && dup) {
 #pragma omp simd
         for (size_t i = 0; i < n; i++) {
             float g = gate[i];
@@ -65,12 +74,22 @@ void tk_swiglu_forward(float *out, const float *gate, const float *up, size_t n)
 
 /* forward: out = silu(gate) * up.
  *   dgate [n] += dout * up * silu'(gate);  dup [n] += dout * silu(gate). */
-void tk_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
-                        const float *up, size_t n) {
+static void backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n,
+                     int write) {
     size_t spans = (n + TK_SWIGLU_SPAN - 1) / TK_SWIGLU_SPAN;
 #pragma omp parallel for if (n >= TK_OMP_MIN_WORK)
     for (size_t b = 0; b < spans; b++) {
         size_t a = b * TK_SWIGLU_SPAN, len = n - a < TK_SWIGLU_SPAN ? n - a : TK_SWIGLU_SPAN;
-        backward_span(dgate ? dgate + a : NULL, dup ? dup + a : NULL, dout + a, gate + a, up + a, len);
+        backward_span(dgate ? dgate + a : NULL, dup ? dup + a : NULL, dout + a, gate + a, up + a, len, write);
     }
+}
+
+void tk_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                        const float *up, size_t n) {
+    backward(dgate, dup, dout, gate, up, n, 0);
+}
+
+void tk_swiglu_backward_into(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                             size_t n) {
+    backward(dgate, dup, dout, gate, up, n, 1);
 }

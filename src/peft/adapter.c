@@ -440,18 +440,22 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
 static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy, const float *x,
                            const uint8_t *valid, size_t N, tk_err *err);
 
-int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
-                        const float *x, const uint8_t *valid, size_t N, tk_err *err) {
+/* write: dx is overwritten by the base weight's product (tk_adapted_backward_into), else added to. */
+static int adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy, const float *x,
+                            const uint8_t *valid, size_t N, int write, tk_err *err) {
     size_t I = L->in, O = L->out;
-    /* forward: b = x W0^T.  dx += dy W0;  dW0 += dy^T x */
+    /* forward: b = x W0^T.  dx (+)= dy W0;  dW0 += dy^T x */
     double tb = tk_time();
+    float beta = write ? 0.0f : 1.0f;
     if (L->w0) {
-        tk_linear_backward(dx, L->dw0, dy, x, L->w0, N, I, O);
+        tk_linear_backward_dx(dx, dy, L->w0, N, I, O, beta);
+        if (L->dw0) tk_linear_backward(NULL, L->dw0, dy, x, L->w0, N, I, O);
     } else if (L->w0_packed) {
         TK_ASSERT(!L->dw0); /* only frozen weights are packed */
-        tk_linear_packed_backward(dx, dy, L->w0_packed, N, I, O);
+        tk_linear_packed_backward(dx, dy, L->w0_packed, N, I, O, beta);
     } else {
         TK_ASSERT(!L->dw0); /* trainable base weights are fp32 copies */
+        if (write) tk_zero_floats(dx, N * I);
         tk_linear_bf16_backward(dx, dy, L->w0_bf16, N, I, O, ws->wconv, ws->wconv_n);
     }
     ws->secs_base_bwd += tk_time() - tb;
@@ -468,6 +472,16 @@ int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, cons
     }
     ws->secs_branch_bwd += tk_time() - t0;
     return rc;
+}
+
+int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
+                        const float *x, const uint8_t *valid, size_t N, tk_err *err) {
+    return adapted_backward(L, ws, dx, dy, x, valid, N, 0, err);
+}
+
+int tk_adapted_backward_into(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
+                             const float *x, const uint8_t *valid, size_t N, tk_err *err) {
+    return adapted_backward(L, ws, dx, dy, x, valid, N, 1, err);
 }
 
 /* The branch's share of the backward for DoRA and the bottleneck adapter (LoRA runs lora_backward_fused). */

@@ -117,6 +117,10 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
  * c_i of valid tokens pushed to L->stats. dy is not modified. */
 int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
                         const float *x, const uint8_t *valid, size_t N, tk_err *err);
+/* As tk_adapted_backward, with dx written (dh W0 + the branch's part) instead of added to: its old
+ * contents are never read, so the first module that feeds a gradient needs no zero-fill before it. */
+int tk_adapted_backward_into(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
+                             const float *x, const uint8_t *valid, size_t N, tk_err *err);
 
 /* The number of parameters of the branch (A, B and magnitude). */
 size_t tk_adapted_numel(const tk_adapted_linear *L);

@@ -154,6 +154,9 @@ static void rows_pass(size_t N, size_t cols, size_t kc, const float *A, size_t l
     size_t n_tiles = (N + TK_PK_MR - 1) / TK_PK_MR, lines = pf ? pf->n_chunks * TK_PK_CHUNK_LINES : 0;
     for (size_t i = 0, t = 0; t < N; i++, t += TK_PK_MR) {
         int mr = N - t < TK_PK_MR ? (int)(N - t) : TK_PK_MR;
+        /* the next tile's rows of C (cold: written or read once per pass) are requested now */
+        for (size_t r = t + TK_PK_MR; r < t + 2 * TK_PK_MR && r < N; r++)
+            for (size_t v = 0; v < (size_t)nv; v++) _mm_prefetch((const char *)(C + r * ldc + 16 * v), _MM_HINT_T0);
         tiles[mr - 1][nv - 1](last, kc, A + t * lda, lda, B, ldb, C + t * ldc, ldc, acc_c);
         for (size_t l = lines * i / n_tiles; l < lines * (i + 1) / n_tiles; l++)
             _mm_prefetch((const char *)(pf->base + l / TK_PK_CHUNK_LINES * pf->stride + l % TK_PK_CHUNK_LINES * 16),

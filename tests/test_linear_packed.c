@@ -5,7 +5,8 @@
  * partial panels on both sides (O % 64, I % 64, widths under 16), several forward k blocks (I > 1024)
  * and backward depth blocks (O > 768), each also with a partial last block and panel, single-threaded
  * sizes and the issue's own shapes at N = 512. The backward must be
- * the forward's adjoint: <dy, x w^T> = <dy w, x>. Both must match for 1 and 2 threads bit for bit.
+ * the forward's adjoint: <dy, x w^T> = <dy w, x>. Both must match for 1 and 2 threads bit for bit, and
+ * BF16 panels (tk_linear_pack_bf16) must give exactly the fp32 kernel's results on the same values.
  * Skipped (77) where the CPU has no AVX-512F or TSPEFT_PACKED=0, since then nothing is packed.
  */
 #define TEST_NAME "test_linear_packed"
@@ -82,6 +83,30 @@ static void one_case(size_t N, size_t I, size_t O) {
     report(name, fabs(lhs - rhs) / scale, 1e-6);
     snprintf(name, sizeof name, "N %3zu I %4zu O %5zu 1 thread = 2 threads", N, I, O);
     report_bool(name, memcmp(y, y1, N * O * sizeof(float)) == 0 && memcmp(dx, dx1, N * I * sizeof(float)) == 0);
+    /* BF16-resident: the weight rounded to BF16 and packed as BF16 must give exactly what the fp32
+     * kernel gives on the same values (blocks are converted exactly before the same kernel) */
+    uint16_t *wh = xalloc(O * I, sizeof(uint16_t));
+    float *whf = falloc(O * I), *yh = falloc(N * O), *yf = falloc(N * O), *dxh = falloc(N * I), *dxf = falloc(N * I);
+    for (size_t i = 0; i < O * I; i++) wh[i] = tk_f32_to_bf16(w[i]), whf[i] = tk_bf16_to_f32(wh[i]);
+    if (tk_linear_pack_bf16(wh, O, I) || tk_linear_pack(whf, O, I)) {
+        report_bool("tk_linear_pack_bf16 allocates its panel buffer", 0);
+    } else {
+        omp_set_num_threads(2);
+        tk_linear_packed_forward_bf16(yh, x, wh, N, I, O);
+        tk_linear_packed_forward(yf, x, whf, N, I, O);
+        memcpy(dxh, dx0, N * I * sizeof(float));
+        memcpy(dxf, dx0, N * I * sizeof(float));
+        tk_linear_packed_backward_bf16(dxh, dy, wh, N, I, O, 1.0f);
+        tk_linear_packed_backward(dxf, dy, whf, N, I, O, 1.0f);
+        int same = memcmp(yh, yf, N * O * sizeof(float)) == 0 && memcmp(dxh, dxf, N * I * sizeof(float)) == 0;
+        for (size_t i = 0; i < N * I; i++) dxh[i] = NAN;
+        tk_linear_packed_backward_bf16(dxh, dy, wh, N, I, O, 0.0f);
+        tk_linear_packed_backward(dxf, dy, whf, N, I, O, 0.0f);
+        same = same && memcmp(dxh, dxf, N * I * sizeof(float)) == 0;
+        snprintf(name, sizeof name, "N %3zu I %4zu O %5zu BF16 panels = fp32 kernel, bitwise", N, I, O);
+        report_bool(name, same);
+    }
+    tk_free(wh), tk_free(whf), tk_free(yh), tk_free(yf), tk_free(dxh), tk_free(dxf);
     tk_free(w), tk_free(wp), tk_free(x), tk_free(dy), tk_free(y), tk_free(y1);
     tk_free(dx), tk_free(dx1), tk_free(dx0), tk_free(yr), tk_free(dxr), tk_free(dxw), tk_free(dwr);
 }

@@ -7,7 +7,9 @@
  *     statistics (r, c, kept) must be BIT-identical to the run that stores everything (the replayed
  *     forward reuses the dropout masks and records no statistics twice);
  *   * with tiled instead of full attention: the same to 2e-5 relative (a different summation order);
- *   * the activation block must shrink with recomputation and with the tiled kernel.
+ *   * the activation block must shrink with recomputation and with the tiled kernel;
+ *   * with the frozen weights packed (tk_llama_pack_frozen, AVX-512 only), fp32 and BF16-resident: the
+ *     same step to 2e-5, recomputation still bit-identical, and merging refused.
  * Exit status 1 on any mismatch, with the largest error printed.
  */
 #include "model/llama.h"
@@ -32,7 +34,7 @@ typedef struct {
 
 static int fails = 0;
 
-static tk_llama *make_model(tk_err *err) {
+static tk_llama *make_model(int bf16, tk_err *err) {
     tk_llama_config c = {0};
     c.dim = 32;
     c.hidden_dim = 48;
@@ -44,7 +46,7 @@ static tk_llama *make_model(tk_err *err) {
     c.norm_eps = 1e-5f;
     c.rope_theta = 10000.0f;
     c.max_seq_len = NT;
-    tk_llama *m = tk_llama_random(&c, 7, 0, err);
+    tk_llama *m = tk_llama_random(&c, 7, bf16, err);
     if (!m) return NULL;
     tk_peft_config pc;
     tk_peft_config_default(&pc);
@@ -166,7 +168,7 @@ static void compare(const char *what, const run_out *got, const run_out *ref, si
 int main(void) {
     tk_set_threads(2);
     tk_err err = {0};
-    tk_llama *m = make_model(&err);
+    tk_llama *m = make_model(0, &err);
     if (!m) {
         fprintf(stderr, "test_recompute: %s\n", err.msg);
         return 1;
@@ -248,6 +250,21 @@ int main(void) {
         int refused = tk_llama_merge(m, ".", "/nonexistent", &me) == -1 && strstr(me.msg, "layout");
         printf("%s merge refused after packing: %s\n", refused ? "ok  " : "FAIL", me.msg);
         fails += !refused;
+        /* BF16-resident weights packed as BF16: the same step as the unpacked BF16 path, to 2e-5 */
+        tk_llama *mb = make_model(1, &err);
+        if (!mb || set_thresholds(mb, ids, mask, &err) || run(mb, &opts[0], ids, mask, &r[3], &err)) {
+            fprintf(stderr, "test_recompute: BF16 model: %s\n", err.msg);
+            return 1;
+        }
+        int nb = tk_llama_pack_frozen(mb, &err);
+        printf("%s packed %d frozen BF16 matrices (expect %d)\n", nb == n_expect ? "ok  " : "FAIL", nb, n_expect);
+        fails += nb != n_expect;
+        if (nb > 0 && run(mb, &opts[0], ids, mask, &r[4], &err)) {
+            fprintf(stderr, "test_recompute: packed BF16 run: %s\n", err.msg);
+            return 1;
+        }
+        compare("packed BF16 frozen weights", &r[4], &r[3], ng, nl, 0, 2e-5);
+        tk_llama_close(mb);
     } else {
         printf("skip packed frozen weights: no AVX-512F or TSPEFT_PACKED=0\n");
     }

@@ -780,6 +780,7 @@ static void head_forward(tk_llama *m, float *logits, const float *xn, size_t N) 
     double t0 = tk_time();
     if (m->lm_head) tk_linear_forward(logits, xn, m->lm_head, N, C, V, 0.0f);
     else if (m->lm_head_packed) tk_linear_packed_forward(logits, xn, m->lm_head_packed, N, C, V);
+    else if (m->lm_head_packed_bf16) tk_linear_packed_forward_bf16(logits, xn, m->lm_head_packed_bf16, N, C, V);
     else tk_linear_bf16_forward(logits, xn, m->lm_head_bf16, N, C, V, 0.0f, m->ws.wconv, m->ws.wconv_n);
     m->ws.secs_base_fwd += tk_time() - t0;
 }
@@ -877,6 +878,8 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
         if (m->d_lm_head) tk_linear_backward(NULL, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
     } else if (m->lm_head_packed) {
         tk_linear_packed_backward(a->dxn, a->logits, m->lm_head_packed, N, C, V, 0.0f);
+    } else if (m->lm_head_packed_bf16) {
+        tk_linear_packed_backward_bf16(a->dxn, a->logits, m->lm_head_packed_bf16, N, C, V, 0.0f);
     } else {
         tk_zero_floats(a->dxn, N * C);
         tk_linear_bf16_backward(a->dxn, a->logits, m->lm_head_bf16, N, C, V, m->ws.wconv, m->ws.wconv_n);
@@ -1115,72 +1118,87 @@ long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size
 
 /* ---- frozen weights in the packed kernel's layout -------------------------------------------- */
 
-/* w is one of this model's own writable fp32 copies (not a read-only F32 mapping of a checkpoint). */
-static int owns(const tk_llama *m, const float *w) {
-    return m->owned && w >= m->owned && w < m->owned + m->owned_n;
+/* p lies in one of this model's own writable blocks (not a read-only mapping of a checkpoint). */
+static int owns(const tk_llama *m, const void *p) {
+    const char *c = p, *o = (const char *)m->owned;
+    return m->owned && c >= o && c < o + m->owned_n * sizeof(float);
 }
 
-/* The frozen matrices tk_llama_pack_frozen packs: (weight slot, O, I) for each, in a fixed order. */
-static size_t packable(tk_llama *m, float ***slot, size_t *rows, size_t *cols) {
+/* One matrix tk_llama_pack_frozen packs: its fp32 slot (f) or BF16 slot (h), where the packed
+ * pointer goes (pf or ph), and its shape. */
+typedef struct {
+    float **f;
+    const uint16_t **h;
+    const float **pf;
+    const uint16_t **ph;
+    size_t rows, cols;
+} pack_entry;
+
+static size_t packable(tk_llama *m, pack_entry *e) {
     size_t n = 0;
     for (int l = 0; l < m->cfg.n_layers; l++)
         for (int p = 0; p < TK_NPROJ; p++) {
             tk_adapted_linear *L = &m->layers[l].proj[p];
-            if (!L->w0 || L->dw0 || L->kind == TK_ADAPTER_DORA) continue;
-            slot[n] = &L->w0, rows[n] = L->out, cols[n] = L->in, n++;
+            if (L->dw0 || L->kind == TK_ADAPTER_DORA) continue;
+            if (L->w0) e[n++] = (pack_entry){&L->w0, NULL, &L->w0_packed, NULL, L->out, L->in};
+            else if (L->w0_bf16) e[n++] = (pack_entry){NULL, &L->w0_bf16, NULL, &L->w0_packed_bf16, L->out, L->in};
         }
-    if (m->lm_head && m->lm_head != m->embed && !m->d_lm_head)
-        slot[n] = &m->lm_head, rows[n] = (size_t)m->cfg.vocab_size, cols[n] = (size_t)m->cfg.dim, n++;
+    size_t V = (size_t)m->cfg.vocab_size, C = (size_t)m->cfg.dim;
+    if (!m->d_lm_head && m->lm_head && m->lm_head != m->embed)
+        e[n++] = (pack_entry){&m->lm_head, NULL, &m->lm_head_packed, NULL, V, C};
+    else if (!m->d_lm_head && !m->lm_head && m->lm_head_bf16 && m->lm_head_bf16 != m->embed_bf16)
+        e[n++] = (pack_entry){NULL, &m->lm_head_bf16, NULL, &m->lm_head_packed_bf16, V, C};
     return n;
 }
 
-/* Drops the whole pages of a read-only F32 mapping that a packed copy replaced from this process's
+static size_t entry_bytes(const pack_entry *e) {
+    size_t b = e->rows * e->cols * (e->f ? sizeof(float) : sizeof(uint16_t));
+    return (b + 63) & ~(size_t)63; /* copies stay 64-byte aligned */
+}
+
+/* Drops the whole pages of a read-only mapping that a packed copy replaced from this process's
  * resident set (the file stays mapped; nothing reads those pages again). */
-static void drop_mapped(const float *w, size_t n) {
+static void drop_mapped(const void *w, size_t bytes) {
     uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), a = ((uintptr_t)w + pg - 1) & ~(pg - 1);
-    uintptr_t b = ((uintptr_t)(w + n)) & ~(pg - 1);
+    uintptr_t b = ((uintptr_t)w + bytes) & ~(pg - 1);
     if (b > a) (void)madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
 int tk_llama_pack_frozen(tk_llama *m, tk_err *err) {
     if (!tk_linear_packed_available() || m->packed) return 0;
-    size_t cap = slot_capacity(&m->cfg), *rows = calloc(cap, sizeof *rows), *cols = calloc(cap, sizeof *cols);
-    float ***slot = calloc(cap, sizeof *slot);
+    pack_entry *e = calloc(slot_capacity(&m->cfg), sizeof *e);
+    if (!e) return tk_fail(err, "out of memory packing the frozen weights");
     int rc = -1;
-    if (!rows || !cols || !slot) {
-        tk_fail(err, "out of memory packing the frozen weights");
-        goto done;
-    }
-    size_t n = packable(m, slot, rows, cols), copied = 0;
-    /* F32 tensors read in place from a checkpoint's mapping are read-only: they get fp32 copies */
+    size_t n = packable(m, e), copied = 0;
+    /* tensors read in place from a checkpoint's mapping are read-only: they get copies */
     for (size_t i = 0; i < n; i++)
-        if (!owns(m, *slot[i])) copied += rows[i] * cols[i];
-    if (copied && !(m->packed_copies = tk_calloc(copied, sizeof(float)))) {
-        tk_fail(err, "out of memory packing the frozen weights (%.1f GiB of F32 copies)", copied * 4.0 / (1u << 30));
+        if (!owns(m, e[i].f ? (const void *)*e[i].f : (const void *)*e[i].h)) copied += entry_bytes(&e[i]);
+    if (copied && !(m->packed_copies = tk_calloc(copied, 1))) {
+        tk_fail(err, "out of memory packing the frozen weights (%.1f GiB of copies)", copied / (double)(1u << 30));
         goto done;
     }
     size_t off = 0;
     for (size_t i = 0; i < n; i++) {
-        float *w = *slot[i];
-        size_t numel = rows[i] * cols[i];
+        void *w = e[i].f ? (void *)*e[i].f : (void *)(uintptr_t)*e[i].h; /* writable once owned */
+        size_t bytes = e[i].rows * e[i].cols * (e[i].f ? sizeof(float) : sizeof(uint16_t));
         if (!owns(m, w)) {
-            memcpy(m->packed_copies + off, w, numel * sizeof(float));
-            drop_mapped(w, numel);
-            w = m->packed_copies + off;
-            off += numel;
+            char *dst = (char *)m->packed_copies + off;
+            memcpy(dst, w, bytes);
+            drop_mapped(w, bytes);
+            w = dst;
+            off += entry_bytes(&e[i]);
         }
-        if (tk_linear_pack(w, rows[i], cols[i])) {
+        if (e[i].f ? tk_linear_pack(w, e[i].rows, e[i].cols) : tk_linear_pack_bf16(w, e[i].rows, e[i].cols)) {
             tk_fail(err, "out of memory packing the frozen weights");
             goto done;
         }
-        *slot[i] = NULL;
-        if (slot[i] == &m->lm_head) m->lm_head_packed = w;
-        else ((tk_adapted_linear *)((char *)slot[i] - offsetof(tk_adapted_linear, w0)))->w0_packed = w;
+        if (e[i].f) *e[i].f = NULL, *e[i].pf = w;
+        else *e[i].h = NULL, *e[i].ph = w;
         m->packed = 1;
     }
     rc = (int)n;
 done:
-    free(rows), free(cols), free(slot);
+    free(e);
     return rc;
 }
 

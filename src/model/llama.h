@@ -35,12 +35,13 @@ typedef struct {
     tk_st_set *files;  /* kept open: F32 weights point into the mapping */
     float *owned;      /* fp32 copies of tensors stored as F16/BF16 or unaligned */
     size_t owned_n;    /* floats in owned */
-    float *packed_copies; /* packed copies of F32 matrices that were read in place (tk_llama_pack_frozen) */
+    void *packed_copies; /* packed copies of matrices that were read in place (tk_llama_pack_frozen) */
     float *embed, *d_embed;          /* [V,C] */
     float *final_norm, *d_final_norm;/* [C] */
     float *lm_head, *d_lm_head;      /* [V,C] (the embedding when tied) */
     const uint16_t *embed_bf16, *lm_head_bf16; /* [V,C] when kept BF16 (then embed/lm_head are NULL) */
     const float *lm_head_packed;     /* [V,C] in tk_linear_pack's panels (then lm_head is NULL) */
+    const uint16_t *lm_head_packed_bf16; /* [V,C] the same panels of a BF16-resident lm_head */
     int bf16;                        /* some frozen weights are BF16-resident */
     int packed;                      /* frozen matrices packed by tk_llama_pack_frozen */
     tk_llama_layer *layers;          /* [n_layers] */
@@ -84,10 +85,10 @@ size_t tk_llama_slots(tk_llama *m, tk_llama_slot *slots);
  * drawn from seed. A trainable base tensor that is also adapted is an error. */
 int tk_llama_attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir, uint64_t seed,
                     tk_err *err);
-/* Puts every frozen fp32 matrix (the base weights of LoRA, bottleneck and unadapted projections, and
- * an untied lm_head; not DoRA's, not trainable ones, not BF16-resident ones) into tk_linear_pack's
- * panels where tk_linear_packed_available(): in place where the model holds an fp32 copy (F16/BF16
- * checkpoints, random models), else (F32 read in place from the mapping) in a copy, whose mapped
+/* Puts every frozen matrix (the base weights of LoRA, bottleneck and unadapted projections, and an
+ * untied lm_head; not DoRA's, not trainable ones), fp32 or BF16-resident, into tk_linear_pack's
+ * panels where tk_linear_packed_available(): in place where the model holds its own copy (converted
+ * F16/BF16 checkpoints, random models), else (read in place from the mapping) in a copy, whose mapped
  * pages are then dropped from the resident set. Call after tk_llama_attach; afterwards the model
  * cannot be merged. Returns how many matrices were packed (0 on a second call), or -1 (err set)
  * when out of memory. */

@@ -59,25 +59,59 @@ int tk_linear_packed_available(void) {
 #endif
 }
 
-int tk_linear_pack(float *w, size_t O, size_t I) {
+/* The panel rearrangement, for 4-byte (fp32) or 2-byte (BF16) elements. */
+static int pack_panels(void *w, size_t elem, size_t O, size_t I) {
     size_t np = (O + TK_PANEL - 1) / TK_PANEL;
     int rc = 0;
 #pragma omp parallel reduction(| : rc) if (O * I >= TK_PK_MIN_WORK)
     {
-        float *tmp = malloc(TK_PANEL * I * sizeof(float));
+        void *tmp = malloc(TK_PANEL * I * elem);
         if (!tmp) rc = 1;
 #pragma omp for schedule(static)
         for (size_t p = 0; p < np; p++) {
             if (!tmp) continue;
             size_t w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
-            float *blk = w + p * TK_PANEL * I;
-            memcpy(tmp, blk, w_ * I * sizeof(float));
-            for (size_t j = 0; j < w_; j++)
-                for (size_t k = 0; k < I; k++) blk[k * w_ + j] = tmp[j * I + k];
+            char *blk = (char *)w + p * TK_PANEL * I * elem;
+            memcpy(tmp, blk, w_ * I * elem);
+            if (elem == sizeof(float)) {
+                const float *t = tmp;
+                float *b = (float *)blk;
+                for (size_t j = 0; j < w_; j++)
+                    for (size_t k = 0; k < I; k++) b[k * w_ + j] = t[j * I + k];
+            } else {
+                const uint16_t *t = tmp;
+                uint16_t *b = (uint16_t *)blk;
+                for (size_t j = 0; j < w_; j++)
+                    for (size_t k = 0; k < I; k++) b[k * w_ + j] = t[j * I + k];
+            }
         }
         free(tmp);
     }
     return rc ? -1 : 0;
+}
+
+int tk_linear_pack(float *w, size_t O, size_t I) { return pack_panels(w, sizeof(float), O, I); }
+int tk_linear_pack_bf16(uint16_t *w, size_t O, size_t I) { return pack_panels(w, sizeof(uint16_t), O, I); }
+
+/* The packed weight: fp32 (f) or BF16 (h), the other NULL. BF16 blocks are converted (exactly) into
+ * an fp32 buffer before the same kernel reads them. */
+typedef struct {
+    const float *f;
+    const uint16_t *h;
+} packed_src;
+
+static size_t src_elem(packed_src w) { return w.f ? sizeof(float) : sizeof(uint16_t); }
+
+/* n values of the packed weight from element off, as fp32: in place, or converted into tmp. */
+static const float *src_floats(packed_src w, size_t off, size_t n, float *tmp) {
+    if (w.f) return w.f + off;
+    const uint16_t *h = w.h + off;
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)h[i] << 16;
+        memcpy(&tmp[i], &u, 4);
+    }
+    return tmp;
 }
 
 #ifdef TK_PACKED_AVX512
@@ -134,15 +168,13 @@ TK_PK_TILES(6)
 static const tile_fn tiles[TK_PK_MR][4] = {TK_PK_ROW(1), TK_PK_ROW(2), TK_PK_ROW(3),
                                            TK_PK_ROW(4), TK_PK_ROW(5), TK_PK_ROW(6)};
 
-/* Memory to bring into L2 while a pass computes: n_chunks chunks of TK_PANEL^2 floats, chunk c at
- * base + c * stride (the backward's next block of panels; a prefetch never faults, so a partial last
- * panel's chunk may reach past it). */
+/* Memory to bring into L2 while a pass computes: n_chunks chunks of `lines` 64-byte lines, chunk c
+ * at base + c * stride bytes (the backward's next block of panels; a prefetch never faults, so a
+ * partial last panel's chunk may reach past it). */
 typedef struct {
-    const float *base;
-    size_t stride, n_chunks;
+    const char *base;
+    size_t stride, n_chunks, lines;
 } prefetch_plan;
-
-#define TK_PK_CHUNK_LINES (TK_PANEL * TK_PANEL / 16) /* 64-byte lines per chunk */
 
 /* C [N, cols] (+)= A [N, kc] B [kc, cols] over all N rows, cols <= 64; pf (or NULL) is prefetched
  * in even slices between the row tiles. */
@@ -151,7 +183,7 @@ static void rows_pass(size_t N, size_t cols, size_t kc, const float *A, size_t l
     int nv = (int)((cols + 15) / 16);
     size_t tail = cols - 16 * (size_t)(nv - 1);
     __mmask16 last = (__mmask16)(tail == 16 ? 0xffffu : (1u << tail) - 1u);
-    size_t n_tiles = (N + TK_PK_MR - 1) / TK_PK_MR, lines = pf ? pf->n_chunks * TK_PK_CHUNK_LINES : 0;
+    size_t n_tiles = (N + TK_PK_MR - 1) / TK_PK_MR, lines = pf ? pf->n_chunks * pf->lines : 0;
     for (size_t i = 0, t = 0; t < N; i++, t += TK_PK_MR) {
         int mr = N - t < TK_PK_MR ? (int)(N - t) : TK_PK_MR;
         /* the next tile's rows of C (cold: written or read once per pass) are requested now */
@@ -159,58 +191,72 @@ static void rows_pass(size_t N, size_t cols, size_t kc, const float *A, size_t l
             for (size_t v = 0; v < (size_t)nv; v++) _mm_prefetch((const char *)(C + r * ldc + 16 * v), _MM_HINT_T0);
         tiles[mr - 1][nv - 1](last, kc, A + t * lda, lda, B, ldb, C + t * ldc, ldc, acc_c);
         for (size_t l = lines * i / n_tiles; l < lines * (i + 1) / n_tiles; l++)
-            _mm_prefetch((const char *)(pf->base + l / TK_PK_CHUNK_LINES * pf->stride + l % TK_PK_CHUNK_LINES * 16),
-                         _MM_HINT_T1);
+            _mm_prefetch(pf->base + l / pf->lines * pf->stride + l % pf->lines * 64, _MM_HINT_T1);
     }
 }
 
 /* buf [oc, 64] (row o - o0, column kk) = w [o][64 q + kk] for o in o0 .. o0+oc-1, kk < kw, read from
  * the panels; columns kw..63 are left as they are (the tile never stores them). */
-static void transpose_block(float *buf, const float *wp, size_t I, size_t O, size_t o0, size_t oc, size_t q,
+static void transpose_block(float *buf, packed_src w, size_t I, size_t O, size_t o0, size_t oc, size_t q,
                             size_t kw) {
+    float tmp[TK_PANEL * TK_PANEL] __attribute__((aligned(64))); /* one BF16 block as fp32 */
     for (size_t ob = 0; ob < oc; ob += TK_PANEL) {
         size_t p = (o0 + ob) / TK_PANEL, w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
-        const float *src = wp + p * TK_PANEL * I + q * TK_PANEL * w_; /* [kw rows, stride w_] */
+        /* [kw rows, stride w_] */
+        const float *src = src_floats(w, p * TK_PANEL * I + q * TK_PANEL * w_, kw * w_, tmp);
         tk_transpose(buf + ob * TK_PANEL, TK_PANEL, src, w_, kw, w_);
     }
 }
 #endif
 
-void tk_linear_packed_forward(float *y, const float *x, const float *wp, size_t N, size_t I, size_t O) {
-    TK_ASSERT(tk_linear_packed_available());
+
+static void packed_forward(float *y, const float *x, packed_src w, size_t N, size_t I, size_t O) {
     if (N == 0 || O == 0) return;
     if (I == 0) {
         memset(y, 0, N * O * sizeof(float));
         return;
     }
 #ifdef TK_PACKED_AVX512
-    size_t np = (O + TK_PANEL - 1) / TK_PANEL;
+    size_t np = (O + TK_PANEL - 1) / TK_PANEL, KC = TK_PK_KC;
 #pragma omp parallel if (N * I * O >= TK_PK_MIN_WORK)
     {
+        /* BF16 only: a [1024, 64] panel block converted to fp32, 256 KiB on each thread's stack (the
+         * same k blocks as fp32, so the sums and results are the fp32 kernel's on the same values) */
+        float buf[TK_PK_KC * TK_PANEL] __attribute__((aligned(64)));
         size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
         size_t p0 = np * id / nt, p1 = np * (id + 1) / nt;
-        for (size_t k0 = 0; k0 < I; k0 += TK_PK_KC) {
-            size_t kc = I - k0 < TK_PK_KC ? I - k0 : TK_PK_KC;
+        for (size_t k0 = 0; k0 < I; k0 += KC) {
+            size_t kc = I - k0 < KC ? I - k0 : KC;
             for (size_t p = p0; p < p1; p++) {
                 size_t w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
-                rows_pass(N, w_, kc, x + k0, I, wp + p * TK_PANEL * I + k0 * w_, w_, y + p * TK_PANEL, O, k0 > 0,
-                          NULL);
+                const float *B = src_floats(w, p * TK_PANEL * I + k0 * w_, kc * w_, buf);
+                rows_pass(N, w_, kc, x + k0, I, B, w_, y + p * TK_PANEL, O, k0 > 0, NULL);
             }
         }
     }
 #endif
 }
 
-void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size_t N, size_t I, size_t O,
-                               float beta) {
-    TK_ASSERT(tk_linear_packed_available() && (beta == 0.0f || beta == 1.0f));
+void tk_linear_packed_forward(float *y, const float *x, const float *wp, size_t N, size_t I, size_t O) {
+    TK_ASSERT(tk_linear_packed_available());
+    packed_forward(y, x, (packed_src){wp, NULL}, N, I, O);
+}
+
+void tk_linear_packed_forward_bf16(float *y, const float *x, const uint16_t *wp, size_t N, size_t I, size_t O) {
+    TK_ASSERT(tk_linear_packed_available());
+    packed_forward(y, x, (packed_src){NULL, wp}, N, I, O);
+}
+
+static void packed_backward(float *dx, const float *dy, packed_src w, size_t N, size_t I, size_t O, float beta) {
+    TK_ASSERT(beta == 0.0f || beta == 1.0f);
     if (N == 0 || I == 0) return;
     if (O == 0) {
         if (beta == 0.0f) memset(dx, 0, N * I * sizeof(float));
         return;
     }
 #ifdef TK_PACKED_AVX512
-    size_t nq = (I + TK_PANEL - 1) / TK_PANEL;
+    size_t nq = (I + TK_PANEL - 1) / TK_PANEL, elem = src_elem(w);
+    const char *base = w.f ? (const char *)w.f : (const char *)w.h;
 #pragma omp parallel if (N * I * O >= TK_PK_MIN_WORK)
     {
         /* 192 KiB on each thread's stack: the transposed [oc, 64] block of w */
@@ -221,17 +267,29 @@ void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size
             size_t oc = O - o0 < TK_PK_OC ? O - o0 : TK_PK_OC;
             for (size_t q = q0; q < q1; q++) {
                 size_t kw = I - q * TK_PANEL < TK_PANEL ? I - q * TK_PANEL : TK_PANEL;
-                transpose_block(buf, wp, I, O, o0, oc, q, kw);
+                transpose_block(buf, w, I, O, o0, oc, q, kw);
                 /* the transpose alone would wait on memory: the next block's panels are fetched
                  * while this one's rows run (next q, else the first q of the next depth block) */
                 size_t on = q + 1 < q1 ? o0 : o0 + TK_PK_OC, qn = q + 1 < q1 ? q + 1 : q0;
                 size_t ocn = on < O ? (O - on < TK_PK_OC ? O - on : TK_PK_OC) : 0;
-                prefetch_plan pf = {wp + on * I + qn * TK_PANEL * TK_PANEL, TK_PANEL * I,
-                                    (ocn + TK_PANEL - 1) / TK_PANEL};
+                prefetch_plan pf = {base + (on * I + qn * TK_PANEL * TK_PANEL) * elem, TK_PANEL * I * elem,
+                                    (ocn + TK_PANEL - 1) / TK_PANEL, TK_PANEL * TK_PANEL * elem / 64};
                 rows_pass(N, kw, oc, dy + o0, O, buf, TK_PANEL, dx + q * TK_PANEL, I, o0 > 0 || beta != 0.0f,
                           ocn ? &pf : NULL);
             }
         }
     }
 #endif
+}
+
+void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size_t N, size_t I, size_t O,
+                               float beta) {
+    TK_ASSERT(tk_linear_packed_available());
+    packed_backward(dx, dy, (packed_src){wp, NULL}, N, I, O, beta);
+}
+
+void tk_linear_packed_backward_bf16(float *dx, const float *dy, const uint16_t *wp, size_t N, size_t I, size_t O,
+                                    float beta) {
+    TK_ASSERT(tk_linear_packed_available());
+    packed_backward(dx, dy, (packed_src){NULL, wp}, N, I, O, beta);
 }

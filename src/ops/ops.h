@@ -173,6 +173,12 @@ void tk_linear_packed_forward(float *y, const float *x, const float *wp, size_t 
  * never read). */
 void tk_linear_packed_backward(float *dx, const float *dy, const float *wp, size_t N, size_t I, size_t O,
                                float beta);
+/* The same three for a BF16-resident weight (the panels hold BF16; blocks are converted exactly to
+ * fp32 before the kernel reads them, so the results equal the fp32 kernel's on the converted weight). */
+int tk_linear_pack_bf16(uint16_t *w, size_t O, size_t I);
+void tk_linear_packed_forward_bf16(float *y, const float *x, const uint16_t *wp, size_t N, size_t I, size_t O);
+void tk_linear_packed_backward_bf16(float *dx, const float *dy, const uint16_t *wp, size_t N, size_t I, size_t O,
+                                    float beta);
 
 /* ---- LayerNorm (torch.nn.LayerNorm over the last dimension; layernorm.c) ---------------------- */
 /* y [N,C] = (x - mean) * rstd * w + b; mean, rstd [N] cached for backward (NULL when not needed),

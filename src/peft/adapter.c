@@ -394,6 +394,7 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
     double tb = tk_time();
     if (L->w0) tk_linear_forward(y, x, L->w0, N, I, O, 0.0f);
     else if (L->w0_packed) tk_linear_packed_forward(y, x, L->w0_packed, N, I, O);
+    else if (L->w0_packed_bf16) tk_linear_packed_forward_bf16(y, x, L->w0_packed_bf16, N, I, O);
     else tk_linear_bf16_forward(y, x, L->w0_bf16, N, I, O, 0.0f, ws->wconv, ws->wconv_n);
     ws->secs_base_fwd += tk_time() - tb;
     if (L->kind == TK_ADAPTER_NONE) return 0;
@@ -453,6 +454,9 @@ static int adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, 
     } else if (L->w0_packed) {
         TK_ASSERT(!L->dw0); /* only frozen weights are packed */
         tk_linear_packed_backward(dx, dy, L->w0_packed, N, I, O, beta);
+    } else if (L->w0_packed_bf16) {
+        TK_ASSERT(!L->dw0);
+        tk_linear_packed_backward_bf16(dx, dy, L->w0_packed_bf16, N, I, O, beta);
     } else {
         TK_ASSERT(!L->dw0); /* trainable base weights are fp32 copies */
         if (write) tk_zero_floats(dx, N * I);

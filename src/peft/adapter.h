@@ -79,6 +79,7 @@ typedef struct {
     float *w0;       /* [O,I] (read-only unless the base weight is trainable); NULL when BF16-resident or packed */
     const uint16_t *w0_bf16; /* [O,I] the base weight kept as BF16 (LoRA and bottleneck only) */
     const float *w0_packed;  /* [O,I] the frozen base weight in tk_linear_pack's panels (tk_llama_pack_frozen) */
+    const uint16_t *w0_packed_bf16; /* [O,I] the same panels of a BF16-resident base weight */
     float *dw0;      /* [O,I], NULL when frozen */
     /* branch parameters: views into the trainable block (NULL for kind NONE) */
     float *A, *dA;     /* [R,I]  lora_A, or adapter_down */

@@ -18,6 +18,9 @@
  * The register tile is 6 rows x 64 columns of the output (24 zmm accumulators, 4 loads of the
  * weight panel and 6 broadcasts per k). Threads split the output's 64-column panels; each output
  * element is summed in k order, blocks in order, so results do not depend on the thread count.
+ * BF16-resident weights use the same panels of BF16 values: each block is converted (exactly) into an
+ * fp32 buffer before the same kernel reads it, with the same blocks, so the results are those of the
+ * fp32 kernel on the converted weight.
  * Only for machines with AVX-512F: tk_linear_packed_available says whether to pack at all.
  */
 #include "ops/ops.h"

@@ -275,3 +275,13 @@ int tk_mkdir_parent(const char *path, tk_err *err) {
     *slash = '\0';
     return tk_mkdir_p(buf, err);
 }
+
+int tk_avx512_allowed(const char *env, const char *off) {
+    const char *v = getenv(env);
+    if (v && strcmp(v, off) == 0) return 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}

@@ -38,6 +38,9 @@ void tk_free(void *p);
 /* p[0..n) = 0, split over the OpenMP threads when n is large (the backward's zero-fills before it
  * accumulates, run as serial memsets, cost about 3% of a training step). */
 void tk_zero_floats(float *p, size_t n);
+/* 1 where this CPU has AVX-512F and the environment variable env is not set to off (the switch that
+ * sends an AVX-512 kernel's work back to cblas_sgemm, for tests and comparisons). */
+int tk_avx512_allowed(const char *env, const char *off);
 
 /* Overflow-checked a*b: returns 0 and sets *out, or -1 when the product does not fit in size_t. */
 int tk_mul_size(size_t a, size_t b, size_t *out);

@@ -31,7 +31,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TK_GEMM_AVX512 1
-#include <immintrin.h>
+#include "ops/tile_avx512.h"
 #endif
 
 #define TK_GEMM_KB 128 /* k block: B's [128, 64] panel is 32 KiB, L1-resident across the row tiles */
@@ -43,42 +43,12 @@ static void gemm_blas(size_t M, size_t N, size_t K, float alpha, const float *A,
 }
 
 #ifdef TK_GEMM_AVX512
-/* One tile of mr rows x nv vectors of 16 columns (the last masked by `last`), k = 0..K-1, with B's
- * row k at Bp[k] + off and C's row i at Cp[i] + off (the strided form builds these pointers per
- * block; tk_gemm_small_rows passes gathered rows). mr and nv are constants in every instance below,
- * so the loops unroll and acc stays in registers. */
+/* One tile (tile_avx512.h) with B's rows and C's rows by pointer: the strided form builds these
+ * pointers per block; tk_gemm_small_rows passes gathered rows. */
 __attribute__((target("avx512f"), always_inline)) static inline void
 tile(size_t mr, size_t nv, __mmask16 last, size_t K, float alpha, const float *A, size_t lda,
      const float *const *Bp, float *const *Cp, size_t off, int acc_c) {
-    __m512 acc[12][4];
-#pragma GCC unroll 12
-    for (size_t i = 0; i < mr; i++)
-#pragma GCC unroll 4
-        for (size_t v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
-    for (size_t k = 0; k < K; k++) {
-        const float *b = Bp[k] + off;
-        __m512 bv[4];
-#pragma GCC unroll 4
-        for (size_t v = 0; v < nv; v++)
-            bv[v] = v + 1 == nv ? _mm512_maskz_loadu_ps(last, b + 16 * v) : _mm512_loadu_ps(b + 16 * v);
-#pragma GCC unroll 12
-        for (size_t i = 0; i < mr; i++) {
-            __m512 a = _mm512_set1_ps(A[i * lda + k]);
-#pragma GCC unroll 4
-            for (size_t v = 0; v < nv; v++) acc[i][v] = _mm512_fmadd_ps(a, bv[v], acc[i][v]);
-        }
-    }
-    __m512 al = _mm512_set1_ps(alpha);
-#pragma GCC unroll 12
-    for (size_t i = 0; i < mr; i++)
-#pragma GCC unroll 4
-        for (size_t v = 0; v < nv; v++) {
-            __mmask16 m = v + 1 == nv ? last : (__mmask16)0xffff;
-            float *c = Cp[i] + off + 16 * v;
-            __m512 r = _mm512_mul_ps(al, acc[i][v]);
-            if (acc_c) r = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), r);
-            _mm512_mask_storeu_ps(c, m, r);
-        }
+    tk_tile_avx512(1, mr, nv, last, K, alpha, A, lda, Bp, NULL, 0, Cp, NULL, 0, off, acc_c);
 }
 
 typedef void (*tile_fn)(__mmask16, size_t, float, const float *, size_t, const float *const *, float *const *,
@@ -150,10 +120,7 @@ static void gemm_rows_avx512(size_t M, size_t N, size_t K, float alpha, const fl
 static int use_avx512(void) {
 #ifdef TK_GEMM_AVX512
     static int state = -1;
-    if (state < 0) {
-        const char *force = getenv("TSPEFT_GEMM_SMALL");
-        state = !(force && strcmp(force, "blas") == 0) && __builtin_cpu_supports("avx512f");
-    }
+    if (state < 0) state = tk_avx512_allowed("TSPEFT_GEMM_SMALL", "blas");
     return state;
 #else
     return 0;

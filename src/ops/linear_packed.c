@@ -32,7 +32,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TK_PACKED_AVX512 1
-#include <immintrin.h>
+#include "ops/tile_avx512.h"
 #endif
 
 #define TK_PANEL 64  /* output columns per panel (4 zmm) */
@@ -50,16 +50,15 @@
 #define TK_PK_MIN_WORK 65536 /* N I O below this: one thread */
 
 int tk_linear_packed_available(void) {
-#ifdef TK_PACKED_AVX512
     static int state = -1;
-    if (state < 0) {
-        const char *env = getenv("TSPEFT_PACKED");
-        state = !(env && strcmp(env, "0") == 0) && __builtin_cpu_supports("avx512f");
-    }
+    if (state < 0) state = tk_avx512_allowed("TSPEFT_PACKED", "0");
     return state;
-#else
-    return 0;
-#endif
+}
+
+/* This thread's share [*lo, *hi) of n items split evenly over the team, in order. */
+static void thread_share(size_t n, size_t *lo, size_t *hi) {
+    size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+    *lo = n * id / nt, *hi = n * (id + 1) / nt;
 }
 
 /* The panel rearrangement, for 4-byte (fp32) or 2-byte (BF16) elements. */
@@ -119,38 +118,11 @@ static const float *src_floats(packed_src w, size_t off, size_t n, float *tmp) {
 
 #ifdef TK_PACKED_AVX512
 /* C rows 0..mr-1 (cols 0..16 nv - 1, the last vector masked by `last`) = or += A [mr, kc] B [kc, 16 nv];
- * A's rows at stride lda (broadcast), B's rows at stride ldb, C's at stride ldc. */
+ * A's rows at stride lda (broadcast), B's rows at stride ldb, C's at stride ldc (tile_avx512.h). */
 __attribute__((target("avx512f"), always_inline)) static inline void
 tile(int mr, int nv, __mmask16 last, size_t kc, const float *A, size_t lda, const float *B, size_t ldb,
      float *C, size_t ldc, int acc_c) {
-    __m512 acc[TK_PK_MR][4];
-#pragma GCC unroll 6
-    for (int i = 0; i < mr; i++)
-#pragma GCC unroll 4
-        for (int v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
-    for (size_t k = 0; k < kc; k++) {
-        const float *b = B + k * ldb;
-        __m512 bv[4];
-#pragma GCC unroll 4
-        for (int v = 0; v < nv; v++)
-            bv[v] = v + 1 == nv ? _mm512_maskz_loadu_ps(last, b + 16 * v) : _mm512_loadu_ps(b + 16 * v);
-#pragma GCC unroll 6
-        for (int i = 0; i < mr; i++) {
-            __m512 a = _mm512_set1_ps(A[i * lda + k]);
-#pragma GCC unroll 4
-            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_fmadd_ps(a, bv[v], acc[i][v]);
-        }
-    }
-#pragma GCC unroll 6
-    for (int i = 0; i < mr; i++)
-#pragma GCC unroll 4
-        for (int v = 0; v < nv; v++) {
-            __mmask16 m = v + 1 == nv ? last : (__mmask16)0xffff;
-            float *c = C + i * ldc + 16 * v;
-            __m512 r = acc[i][v];
-            if (acc_c) r = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), r);
-            _mm512_mask_storeu_ps(c, m, r);
-        }
+    tk_tile_avx512(0, (size_t)mr, (size_t)nv, last, kc, 1.0f, A, lda, NULL, B, ldb, NULL, C, ldc, 0, acc_c);
 }
 
 typedef void (*tile_fn)(__mmask16, size_t, const float *, size_t, const float *, size_t, float *, size_t, int);
@@ -226,8 +198,8 @@ static void packed_forward(float *y, const float *x, packed_src w, size_t N, siz
         /* BF16 only: a [1024, 64] panel block converted to fp32, 256 KiB on each thread's stack (the
          * same k blocks as fp32, so the sums and results are the fp32 kernel's on the same values) */
         float buf[TK_PK_KC * TK_PANEL] __attribute__((aligned(64)));
-        size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
-        size_t p0 = np * id / nt, p1 = np * (id + 1) / nt;
+        size_t p0, p1;
+        thread_share(np, &p0, &p1);
         for (size_t k0 = 0; k0 < I; k0 += KC) {
             size_t kc = I - k0 < KC ? I - k0 : KC;
             for (size_t p = p0; p < p1; p++) {
@@ -264,8 +236,8 @@ static void packed_backward(float *dx, const float *dy, packed_src w, size_t N, 
     {
         /* 192 KiB on each thread's stack: the transposed [oc, 64] block of w */
         float buf[TK_PK_OC * TK_PANEL] __attribute__((aligned(64)));
-        size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
-        size_t q0 = nq * id / nt, q1 = nq * (id + 1) / nt;
+        size_t q0, q1;
+        thread_share(nq, &q0, &q1);
         for (size_t o0 = 0; o0 < O; o0 += TK_PK_OC) {
             size_t oc = O - o0 < TK_PK_OC ? O - o0 : TK_PK_OC;
             for (size_t q = q0; q < q1; q++) {

@@ -11,7 +11,7 @@
  * Why: cblas_sgemm packs both operands on every call. At 512 rows, packing every weight for only
  * 512 uses (the transposed weight copy of y = x w^T above all) and zero-filling y for beta 0 cost
  * OpenBLAS about 13% of a LoRA training step (docs/performance.md). Here the forward reads the
- * panels as they are and broadcasts x from its rows; the backward (dx += dy w) transposes one
+ * panels as they are and broadcasts x from its rows; the backward (dx (+)= dy w) transposes one
  * [768, 64] block of panels at a time into a per-thread buffer, L2-resident while every row of dy
  * passes over it, and broadcasts dy from its rows. Neither x nor dy is copied.
  *
@@ -21,6 +21,9 @@
  * BF16-resident weights use the same panels of BF16 values: each block is converted (exactly) into an
  * fp32 buffer before the same kernel reads it, with the same blocks, so the results are those of the
  * fp32 kernel on the converted weight.
+ * Each row tile also prefetches the next tile's rows of the output (cold on every pass). Neither
+ * product zero-fills: the forward overwrites y, and the backward overwrites dx on its first depth
+ * block when beta is 0.
  * Only for machines with AVX-512F: tk_linear_packed_available says whether to pack at all.
  */
 #include "ops/ops.h"

@@ -12,10 +12,11 @@
  * cblas_sgemm, which packs such operands faster than a copy here did (150-163 against 99-106).
  * In the LoRA branch (64-row chunks, r = 16): m = s u B^T 89 -> 139, gr = dy B 88 -> 127 GFLOP/s.
  *
- * The AVX-512 kernel keeps a 6 x 64 tile of C in 24 zmm registers: per k it loads 4 vectors of B's
- * row k and broadcasts 6 values of A (10 loads for 24 FMAs; a 4 x 64 tile, 8 loads for 16 FMAs, ran
- * the one-thread products 5-8% slower); row tails take 4-row tiles; where C is one vector wide (N <= 16) the
- * tile is 12 x 16 (13 loads for 12 FMAs). K runs in blocks of TK_GEMM_KB so that
+ * The AVX-512 kernel (the tile of tile_avx512.h) keeps a 6 x 64 tile of C in 24 zmm registers: per k
+ * it loads 4 vectors of B's row k and broadcasts 6 values of A (10 loads for 24 FMAs; a 4 x 64 tile,
+ * 8 loads for 16 FMAs, ran the one-thread products up to 7-13% slower); row tails take 4-row tiles;
+ * where C is one vector wide (N <= 16) the tile is 12 x 16 (13 loads for 12 FMAs). K runs in blocks of
+ * TK_GEMM_KB so that
  * B's [KB, 64] panel stays in L1 across the row tiles. Column tails use masked loads and stores, so
  * nothing outside C [M,N] is read from C or written. Each element of C is summed in k order within
  * a block, blocks in order: the result depends on the shapes only, never on the thread count.

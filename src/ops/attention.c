@@ -46,6 +46,9 @@
 #include "blas.h"
 #include <math.h>
 #include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -80,9 +83,31 @@ static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
  * max reduction kept its accumulator in memory: a store-to-load stall per vector). */
 #define TK_ATTN_LANES 8
 
+#ifdef __AVX512F__
+/* row_max without a mask where the build has AVX-512: four independent zmm maxima (the 8-lane loop
+ * below is one chain of dependent vmaxps, a fifth of the softmax's time). max(v, acc) keeps acc when v
+ * is NaN, as the scalar `v > m ? v : m` does. */
+static float row_max_avx512(const float *row, size_t n) {
+    __m512 a0 = _mm512_set1_ps(-INFINITY), a1 = a0, a2 = a0, a3 = a0;
+    size_t j = 0;
+    for (; j + 64 <= n; j += 64) {
+        a0 = _mm512_max_ps(_mm512_loadu_ps(row + j), a0);
+        a1 = _mm512_max_ps(_mm512_loadu_ps(row + j + 16), a1);
+        a2 = _mm512_max_ps(_mm512_loadu_ps(row + j + 32), a2);
+        a3 = _mm512_max_ps(_mm512_loadu_ps(row + j + 48), a3);
+    }
+    for (; j + 16 <= n; j += 16) a0 = _mm512_max_ps(_mm512_loadu_ps(row + j), a0);
+    if (j < n) a1 = _mm512_max_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << (n - j)) - 1u), row + j), a1);
+    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
+}
+#endif
+
 /* max over the visible entries of row[0..n-1] (mask_b[j] != 0, mask_b [n] or NULL); -INFINITY if none.
  * Exact whatever the lane order (a max does not round). */
 static float row_max(const float *row, const uint8_t *mask_b, size_t n) {
+#ifdef __AVX512F__
+    if (!mask_b) return row_max_avx512(row, n);
+#endif
     float lane[TK_ATTN_LANES];
     for (size_t l = 0; l < TK_ATTN_LANES; l++) lane[l] = -INFINITY;
     size_t j = 0;
@@ -105,8 +130,29 @@ static float row_max(const float *row, const uint8_t *mask_b, size_t n) {
     return m;
 }
 
+#ifdef __AVX512F__
+/* row_sum where the build has AVX-512: four independent zmm sums of 8 doubles (32 lanes), a fixed
+ * order for any thread count (the 8-lane loop below waited on one chain of vaddpd). */
+static double row_sum_avx512(const float *row, size_t n) {
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    size_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm256_loadu_ps(row + j)));
+        a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_loadu_ps(row + j + 8)));
+        a2 = _mm512_add_pd(a2, _mm512_cvtps_pd(_mm256_loadu_ps(row + j + 16)));
+        a3 = _mm512_add_pd(a3, _mm512_cvtps_pd(_mm256_loadu_ps(row + j + 24)));
+    }
+    double sum = 0.0;
+    for (; j < n; j++) sum += (double)row[j];
+    return sum + _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)));
+}
+#endif
+
 /* sum of row[0..n-1] in double. */
 static double row_sum(const float *row, size_t n) {
+#ifdef __AVX512F__
+    return row_sum_avx512(row, n);
+#else
     double lane[TK_ATTN_LANES] = {0};
     size_t j = 0;
     for (; j + TK_ATTN_LANES <= n; j += TK_ATTN_LANES)
@@ -115,6 +161,27 @@ static double row_sum(const float *row, size_t n) {
     for (; j < n; j++) sum += (double)row[j];
     for (size_t l = 0; l < TK_ATTN_LANES; l++) sum += lane[l];
     return sum;
+#endif
+}
+
+/* sum of a[j] b[j] over j < n, in double: four independent zmm sums of 8 doubles where the build has
+ * AVX-512 (an `omp simd` reduction kept one chain of dependent FMAs), else that reduction. */
+static double row_dot(const float *a, const float *b, size_t n) {
+    size_t j = 0;
+    double dot = 0.0;
+#ifdef __AVX512F__
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    for (; j + 32 <= n; j += 32) {
+        a0 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + j)), _mm512_cvtps_pd(_mm256_loadu_ps(b + j)), a0);
+        a1 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + j + 8)), _mm512_cvtps_pd(_mm256_loadu_ps(b + j + 8)), a1);
+        a2 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + j + 16)), _mm512_cvtps_pd(_mm256_loadu_ps(b + j + 16)), a2);
+        a3 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + j + 24)), _mm512_cvtps_pd(_mm256_loadu_ps(b + j + 24)), a3);
+    }
+    dot = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)));
+#endif
+#pragma omp simd reduction(+ : dot)
+    for (size_t k = j; k < n; k++) dot += (double)a[k] * (double)b[k];
+    return dot;
 }
 
 /* x where keep != 0, else +0.0f, through a bit mask: `keep ? x : 0.0f` stays a branch around the
@@ -282,10 +349,7 @@ static void group_backward(float *dQ, float *dK, float *dV, float *slab, const f
                 const float *pr = &Pb[r * E];
                 float *sr = &slab[r * E];
                 size_t n = S - T + t0 + r + 1; /* visible columns 0..n-1 */
-                double dot = 0.0;
-#pragma omp simd reduction(+ : dot)
-                for (size_t j = 0; j < n; j++) dot += (double)pr[j] * (double)sr[j];
-                float fdot = (float)dot;
+                float fdot = (float)row_dot(pr, sr, n);
 #pragma omp simd
                 for (size_t j = 0; j < n; j++) sr[j] = pr[j] * (sr[j] - fdot) * scale;
                 for (size_t j = n; j < E; j++) sr[j] = 0.0f;

@@ -195,10 +195,15 @@ static inline float masked_zero(float x, uint8_t keep) {
     return x;
 }
 
-/* One softmax row in place: scores [S] (already scaled) become probabilities over the visible keys
- * (j <= last and mask_b[j] != 0, mask_b [S] or NULL), zero elsewhere. Reads only row[0..last]. */
-static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last) { /* S: the row's width */
-    size_t n = last + 1;
+/* One softmax row in place: scores [S] (already scaled; S is the row's stored width) become
+ * probabilities over the visible keys (j <= last and mask_b[j] != 0, mask_b [S] or NULL), zero
+ * elsewhere. The exponentials run over whole 16-float vectors up to last+1 rounded up (within S),
+ * the entries past `last` masked to +0 (they hold scores the block's product computed; whatever exp
+ * gives there, inf included, the bit mask clears): a scalar tail of up to 15 exponentials per row
+ * cost more than the masked lanes. */
+static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last) {
+    size_t n = last + 1, nv = (n + 15) & ~(size_t)15;
+    if (nv > S) nv = n;
     float m = row_max(row, mask_b, n);
     if (m == -INFINITY) { /* no visible key (or all scores -inf) */
         for (size_t j = 0; j < S; j++) row[j] = 0.0f;
@@ -206,17 +211,15 @@ static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last
     }
     if (mask_b) {
 #pragma omp simd
-        for (size_t j = 0; j < n; j++) {
-            row[j] = masked_zero(tk_expf(row[j] - m), mask_b[j]);
-        }
+        for (size_t j = 0; j < nv; j++) row[j] = masked_zero(tk_expf(row[j] - m), (uint8_t)(j < n && mask_b[j]));
     } else {
 #pragma omp simd
-        for (size_t j = 0; j < n; j++) row[j] = tk_expf(row[j] - m);
+        for (size_t j = 0; j < nv; j++) row[j] = masked_zero(tk_expf(row[j] - m), (uint8_t)(j < n));
     }
-    float inv = (float)(1.0 / row_sum(row, n));
+    float inv = (float)(1.0 / row_sum(row, nv));
 #pragma omp simd
-    for (size_t j = 0; j < n; j++) row[j] *= inv;
-    for (size_t j = n; j < S; j++) row[j] = 0.0f;
+    for (size_t j = 0; j < nv; j++) row[j] *= inv;
+    for (size_t j = nv; j < S; j++) row[j] = 0.0f;
 }
 
 /* K [S rows, stride ks] -> KT [D, ldt], for the products that need K^T or V^T row-major

@@ -774,14 +774,16 @@ static void splice_image_rows(const tk_llama_acts *a, float *x, size_t N, size_t
         if (a->kinds[i] == TK_KIND_IMAGE) memcpy(x + i * C, a->image_embeds + i * C, C * sizeof(float));
 }
 
+/* The lm_head in the form it is held (natural or packed, fp32 or BF16). */
+static tk_frozen head_weight(const tk_llama *m) {
+    return (tk_frozen){m->lm_head, m->lm_head_bf16, m->lm_head_packed, m->lm_head_packed_bf16};
+}
+
 /* logits [N,V] = xn lm_head^T */
 static void head_forward(tk_llama *m, float *logits, const float *xn, size_t N) {
     size_t C = (size_t)m->cfg.dim, V = (size_t)m->cfg.vocab_size;
     double t0 = tk_time();
-    if (m->lm_head) tk_linear_forward(logits, xn, m->lm_head, N, C, V, 0.0f);
-    else if (m->lm_head_packed) tk_linear_packed_forward(logits, xn, m->lm_head_packed, N, C, V);
-    else if (m->lm_head_packed_bf16) tk_linear_packed_forward_bf16(logits, xn, m->lm_head_packed_bf16, N, C, V);
-    else tk_linear_bf16_forward(logits, xn, m->lm_head_bf16, N, C, V, 0.0f, m->ws.wconv, m->ws.wconv_n);
+    tk_frozen_forward(logits, xn, head_weight(m), N, C, V, m->ws.wconv, m->ws.wconv_n);
     m->ws.secs_base_fwd += tk_time() - t0;
 }
 
@@ -873,17 +875,8 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
     tk_adapter_ws *ws = &m->ws;
     /* logits = xn_f lm_head^T;  xn_f = rmsnorm(x_L). dxn is written, not added to (no zero-fill) */
     double t0 = tk_time();
-    if (m->lm_head) {
-        tk_linear_backward_dx(a->dxn, a->logits, m->lm_head, N, C, V, 0.0f);
-        if (m->d_lm_head) tk_linear_backward(NULL, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
-    } else if (m->lm_head_packed) {
-        tk_linear_packed_backward(a->dxn, a->logits, m->lm_head_packed, N, C, V, 0.0f);
-    } else if (m->lm_head_packed_bf16) {
-        tk_linear_packed_backward_bf16(a->dxn, a->logits, m->lm_head_packed_bf16, N, C, V, 0.0f);
-    } else {
-        tk_zero_floats(a->dxn, N * C);
-        tk_linear_bf16_backward(a->dxn, a->logits, m->lm_head_bf16, N, C, V, m->ws.wconv, m->ws.wconv_n);
-    }
+    tk_frozen_backward(a->dxn, a->logits, head_weight(m), N, C, V, 0.0f, m->ws.wconv, m->ws.wconv_n);
+    if (m->d_lm_head) tk_linear_backward(NULL, m->d_lm_head, a->logits, a->xn_final, m->lm_head, N, C, V);
     ws->secs_base_bwd += tk_time() - t0;
     tk_zero_floats(a->dres, N * C);
     tk_rmsnorm_backward(a->dres, m->d_final_norm, a->dxn, a->x_final, m->final_norm, a->rstd_final, N, C);

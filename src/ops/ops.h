@@ -157,6 +157,22 @@ void tk_linear_bf16_backward(float *dx, const float *dy, const uint16_t *w, size
 /* out [N,C] = fp32(table[ids[n]]), table [V,C] BF16. */
 void tk_embedding_bf16_forward(float *out, const int32_t *ids, const uint16_t *table, size_t N, size_t C);
 
+/* ---- a frozen weight in whichever form the model holds it (linear_frozen.c) -------------------- */
+/* w [O,I]: exactly one of the four is set. f: fp32; h: BF16 (converted block by block into scratch of
+ * scratch_n floats, at least I); pf / ph: fp32 / BF16 in tk_linear_pack's panels. */
+typedef struct {
+    const float *f;
+    const uint16_t *h;
+    const float *pf;
+    const uint16_t *ph;
+} tk_frozen;
+/* y [N,O] = x [N,I] w^T (y is overwritten). */
+void tk_frozen_forward(float *y, const float *x, tk_frozen w, size_t N, size_t I, size_t O, float *scratch,
+                       size_t scratch_n);
+/* forward: y = x w^T.  dx [N,I] = dy [N,O] w + beta * dx, beta 0 (dx overwritten, never read) or 1. */
+void tk_frozen_backward(float *dx, const float *dy, tk_frozen w, size_t N, size_t I, size_t O, float beta,
+                        float *scratch, size_t scratch_n);
+
 /* ---- transpose (transpose.c) ------------------------------------------------------------------ */
 /* out [cols rows, stride ldo] = in [rows rows, stride ldi]^T: out[c ldo + r] = in[r ldi + c]. */
 void tk_transpose(float *out, size_t ldo, const float *in, size_t ldi, size_t rows, size_t cols);

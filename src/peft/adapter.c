@@ -388,14 +388,16 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
     }
 }
 
+/* The base weight W0 in the form it is held (natural or packed, fp32 or BF16). */
+static tk_frozen base_weight(const tk_adapted_linear *L) {
+    return (tk_frozen){L->w0, L->w0_bf16, L->w0_packed, L->w0_packed_bf16};
+}
+
 int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x,
                        const uint8_t *valid, size_t N, int train, tk_rng *rng, tk_err *err) {
     size_t I = L->in, O = L->out, R = L->r;
     double tb = tk_time();
-    if (L->w0) tk_linear_forward(y, x, L->w0, N, I, O, 0.0f);
-    else if (L->w0_packed) tk_linear_packed_forward(y, x, L->w0_packed, N, I, O);
-    else if (L->w0_packed_bf16) tk_linear_packed_forward_bf16(y, x, L->w0_packed_bf16, N, I, O);
-    else tk_linear_bf16_forward(y, x, L->w0_bf16, N, I, O, 0.0f, ws->wconv, ws->wconv_n);
+    tk_frozen_forward(y, x, base_weight(L), N, I, O, ws->wconv, ws->wconv_n);
     ws->secs_base_fwd += tk_time() - tb;
     if (L->kind == TK_ADAPTER_NONE) return 0;
     TK_ASSERT(N <= L->cap && N <= ws->n_tok && O <= ws->width && I <= ws->width && R <= ws->rank);
@@ -447,20 +449,10 @@ static int adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, 
     size_t I = L->in, O = L->out;
     /* forward: b = x W0^T.  dx (+)= dy W0;  dW0 += dy^T x */
     double tb = tk_time();
-    float beta = write ? 0.0f : 1.0f;
-    if (L->w0) {
-        tk_linear_backward_dx(dx, dy, L->w0, N, I, O, beta);
-        if (L->dw0) tk_linear_backward(NULL, L->dw0, dy, x, L->w0, N, I, O);
-    } else if (L->w0_packed) {
-        TK_ASSERT(!L->dw0); /* only frozen weights are packed */
-        tk_linear_packed_backward(dx, dy, L->w0_packed, N, I, O, beta);
-    } else if (L->w0_packed_bf16) {
-        TK_ASSERT(!L->dw0);
-        tk_linear_packed_backward_bf16(dx, dy, L->w0_packed_bf16, N, I, O, beta);
-    } else {
-        TK_ASSERT(!L->dw0); /* trainable base weights are fp32 copies */
-        if (write) tk_zero_floats(dx, N * I);
-        tk_linear_bf16_backward(dx, dy, L->w0_bf16, N, I, O, ws->wconv, ws->wconv_n);
+    tk_frozen_backward(dx, dy, base_weight(L), N, I, O, write ? 0.0f : 1.0f, ws->wconv, ws->wconv_n);
+    if (L->dw0) { /* trainable base weights are natural fp32 copies (never BF16-resident or packed) */
+        TK_ASSERT(L->w0);
+        tk_linear_backward(NULL, L->dw0, dy, x, L->w0, N, I, O);
     }
     ws->secs_base_bwd += tk_time() - tb;
     if (L->kind == TK_ADAPTER_NONE) return 0;

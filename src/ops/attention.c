@@ -19,8 +19,8 @@
  * masked upper triangle, half the work, is skipped except inside the R x R diagonal blocks. probs
  * is stored the same way: per (b, h), block after block, each block [nr, E] with row stride E
  * (tk_attention_probs_row says where row t is), entries past a row's own limit 0. At T = S = 512 that
- * is 56% of a [T,S] matrix, and the forward writes (the backward reads) no all-zero upper triangle:
- * at 12 MiB a layer that was memory traffic, not arithmetic (docs/performance.md).
+ * is 56% of a [T,S] matrix: activation memory, not time (the step took as long with the full
+ * layout; docs/performance.md).
  *
  * Threads: one OpenMP task per (b, h) in the forward and per (b, g) in the backward (all the query
  * heads of one key/value group, so that each dk and dv column is written by one thread only). A
@@ -78,9 +78,9 @@ size_t tk_attention_probs_head(size_t T, size_t S) {
 
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
-/* Partial maxima and sums per row are kept in this many independent lanes, which the compiler holds
- * in vector registers (a plain reduction loop is not vectorised without -ffast-math, and an omp simd
- * max reduction kept its accumulator in memory: a store-to-load stall per vector). */
+/* Without AVX-512, row_max keeps partial maxima in this many independent lanes, which the compiler
+ * holds in vector registers (a plain reduction loop is not vectorised without -ffast-math, and an omp
+ * simd max reduction kept its accumulator in memory: a store-to-load stall per vector). */
 #define TK_ATTN_LANES 8
 
 #ifdef __AVX512F__
@@ -130,59 +130,29 @@ static float row_max(const float *row, const uint8_t *mask_b, size_t n) {
     return m;
 }
 
-#ifdef __AVX512F__
-/* row_sum where the build has AVX-512: four independent zmm sums of 8 doubles (32 lanes), a fixed
- * order for any thread count (the 8-lane loop below waited on one chain of vaddpd). */
-static double row_sum_avx512(const float *row, size_t n) {
-    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
-    size_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-        a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm256_loadu_ps(row + j)));
-        a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_loadu_ps(row + j + 8)));
-        a2 = _mm512_add_pd(a2, _mm512_cvtps_pd(_mm256_loadu_ps(row + j + 16)));
-        a3 = _mm512_add_pd(a3, _mm512_cvtps_pd(_mm256_loadu_ps(row + j + 24)));
-    }
-    double sum = 0.0;
-    for (; j < n; j++) sum += (double)row[j];
-    return sum + _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)));
-}
-#endif
 
-/* sum of row[0..n-1] in double. */
-static double row_sum(const float *row, size_t n) {
-#ifdef __AVX512F__
-    return row_sum_avx512(row, n);
-#else
-    double lane[TK_ATTN_LANES] = {0};
+/* sum over j < n of a[j] (b NULL) or of a[j] b[j], in double, in a fixed order for any thread count:
+ * with AVX-512, four independent zmm sums of 8 doubles (a single vector sum made every add wait on the
+ * one before), then the tail. Inlined with b constant at each use. */
+__attribute__((always_inline)) static inline double dsum(const float *a, const float *b, size_t n) {
     size_t j = 0;
-    for (; j + TK_ATTN_LANES <= n; j += TK_ATTN_LANES)
-        for (size_t l = 0; l < TK_ATTN_LANES; l++) lane[l] += (double)row[j + l];
-    double sum = 0.0;
-    for (; j < n; j++) sum += (double)row[j];
-    for (size_t l = 0; l < TK_ATTN_LANES; l++) sum += lane[l];
-    return sum;
+    double s = 0.0;
+#ifdef __AVX512F__
+    __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+    for (; j + 32 <= n; j += 32)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            __m512d x = _mm512_cvtps_pd(_mm256_loadu_ps(a + j + 8 * u));
+            acc[u] = b ? _mm512_fmadd_pd(x, _mm512_cvtps_pd(_mm256_loadu_ps(b + j + 8 * u)), acc[u])
+                       : _mm512_add_pd(acc[u], x);
+        }
+    s = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])));
 #endif
+#pragma omp simd reduction(+ : s)
+    for (size_t k = j; k < n; k++) s += b ? (double)a[k] * (double)b[k] : (double)a[k];
+    return s;
 }
 
-/* sum of a[j] b[j] over j < n, in double: four independent zmm sums of 8 doubles where the build has
- * AVX-512 (an `omp simd` reduction kept one chain of dependent FMAs), else that reduction. */
-static double row_dot(const float *a, const float *b, size_t n) {
-    size_t j = 0;
-    double dot = 0.0;
-#ifdef __AVX512F__
-    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
-    for (; j + 32 <= n; j += 32) {
-        a0 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + j)), _mm512_cvtps_pd(_mm256_loadu_ps(b + j)), a0);
-        a1 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + j + 8)), _mm512_cvtps_pd(_mm256_loadu_ps(b + j + 8)), a1);
-        a2 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + j + 16)), _mm512_cvtps_pd(_mm256_loadu_ps(b + j + 16)), a2);
-        a3 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + j + 24)), _mm512_cvtps_pd(_mm256_loadu_ps(b + j + 24)), a3);
-    }
-    dot = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)));
-#endif
-#pragma omp simd reduction(+ : dot)
-    for (size_t k = j; k < n; k++) dot += (double)a[k] * (double)b[k];
-    return dot;
-}
 
 /* x where keep != 0, else +0.0f, through a bit mask: `keep ? x : 0.0f` stays a branch around the
  * exponential that computes x, which keeps the loop scalar (the same cure as tk_clampf in
@@ -216,17 +186,12 @@ static void softmax_row(float *row, const uint8_t *mask_b, size_t S, size_t last
 #pragma omp simd
         for (size_t j = 0; j < nv; j++) row[j] = masked_zero(tk_expf(row[j] - m), (uint8_t)(j < n));
     }
-    float inv = (float)(1.0 / row_sum(row, nv));
+    float inv = (float)(1.0 / dsum(row, NULL, nv));
 #pragma omp simd
     for (size_t j = 0; j < nv; j++) row[j] *= inv;
     for (size_t j = nv; j < S; j++) row[j] = 0.0f;
 }
 
-/* K [S rows, stride ks] -> KT [D, ldt], for the products that need K^T or V^T row-major
- * (tk_transpose: 16 x 16 register blocks where AVX-512 is there). */
-static void transpose_keys(float *KT, size_t ldt, const float *K, size_t S, size_t D, size_t ks) {
-    tk_transpose(KT, ldt, K, ks, S, D);
-}
 
 /* K [S rows, stride ks] -> Kc [S, D] without gaps: as the B of a product, rows 3 KiB apart (H*D =
  * 768) fell into a few L1 sets and did not stay in L1 between row tiles. */
@@ -244,7 +209,7 @@ static void head_forward(float *O, float *P, const float *Q, const float *K, con
                          float scale, float *KT, float *Vc, size_t ldt) {
     size_t R = min_sz(TK_ATTN_ROWS, T);
     if (KT) {
-        transpose_keys(KT, ldt, K, S, D, ks);
+        tk_transpose(KT, ldt, K, ks, S, D); /* K^T [D, ldt] */
         pack_rows(Vc, V, S, D, ks);
         V = Vc, ks = D;
     }
@@ -321,7 +286,7 @@ static void group_backward(float *dQ, float *dK, float *dV, float *slab, const f
     size_t R = min_sz(TK_ATTN_ROWS, T);
     const float *Kq = K; /* the K that dQ reads, and its row stride */
     size_t kqs = ks;
-    if (VT && (dQ || dK)) transpose_keys(VT, ldt, V, S, D, ks);
+    if (VT && (dQ || dK)) tk_transpose(VT, ldt, V, ks, S, D); /* V^T [D, ldt] */
     if (VT && dQ) {
         pack_rows(Kc, K, S, D, ks);
         Kq = Kc, kqs = D;
@@ -352,7 +317,7 @@ static void group_backward(float *dQ, float *dK, float *dV, float *slab, const f
                 const float *pr = &Pb[r * E];
                 float *sr = &slab[r * E];
                 size_t n = S - T + t0 + r + 1; /* visible columns 0..n-1 */
-                float fdot = (float)row_dot(pr, sr, n);
+                float fdot = (float)dsum(pr, sr, n);
 #pragma omp simd
                 for (size_t j = 0; j < n; j++) sr[j] = pr[j] * (sr[j] - fdot) * scale;
                 for (size_t j = n; j < E; j++) sr[j] = 0.0f;

@@ -805,6 +805,80 @@ static void test_dropout_rate(void) {
     tk_adapter_ws_free(&c.ws);
 }
 
+/* ---- the fused LoRA forward at many rows --------------------------------------------------------- */
+
+/* From 16 rows on, with the AVX-512 kernel, the LoRA forward runs m's product on B^T (copied once
+ * per call) in lanes of 64-row chunks; the cases above (7 rows) read B transposed through cblas.
+ * 150 rows (4 lanes, chunks and a partial chunk), widths off the 16-float vectors, tau at the median
+ * r so that half the rows are gated off: y, r and S against the double reference; then B = 0
+ * (LoRA's initial state): r = 0 exactly and every row y = b. */
+static void test_many_rows(void) {
+    const size_t N = 150, I = 40, O = 70, R = 5;
+    char name[192];
+    actx c = {.N = N, .I = I, .O = O, .R = R, .seed = 0xf05eull};
+    tk_adapted_linear *L = &c.L;
+    L->kind = TK_ADAPTER_LORA, L->gated = 1, L->in = I, L->out = O, L->r = R, L->scale = 2.0f / (float)R;
+    L->w0 = FALLOC(O * I), L->A = FALLOC(R * I), L->dA = FALLOC(R * I);
+    L->B = FALLOC(O * R), L->dB = FALLOC(O * R);
+    c.x = FALLOC(N * I), c.y = FALLOC(N * O);
+    fill(c.x, N * I, -1, 1), fill(L->w0, O * I, -0.6f, 0.6f), fill(L->A, R * I, -0.8f, 0.8f);
+    fill(L->B, O * R, -0.8f, 0.8f);
+    for (size_t i = 0; i < N; i++) /* spread r over the rows */
+        for (size_t j = 0; j < I; j++) c.x[i * I + j] *= 0.2f + 0.02f * (float)((i * 37) % N);
+    tk_err err = {{0}};
+    if (tk_adapted_alloc(L, N, &err) || tk_adapter_ws_alloc(&c.ws, N, I > O ? I : O, R, 0, &err)) {
+        fprintf(stderr, "test_adapter_grad: %s\n", err.msg);
+        exit(1);
+    }
+    printf("LoRA forward, %zu rows (kernel: %s)\n", N, tk_gemm_small_kernel());
+    L->tau = 0.0f;
+    lib_forward(&c, N, c.x, NULL, c.y, 0);
+    float *rs = FALLOC(N);
+    memcpy(rs, L->rr, N * sizeof(float));
+    qsort(rs, N, sizeof(float), cmp_float);
+    L->tau = 0.5f * (rs[N / 2 - 1] + rs[N / 2]);
+    lib_forward(&c, N, c.x, NULL, c.y, 0);
+
+    ref_spec sp = {.N = N, .I = I, .O = O, .R = R, .kind = TK_ADAPTER_LORA, .s = L->scale, .gated = 1,
+                   .tau = L->tau};
+    ref_params P = {DALLOC(N * I), DALLOC(O * I), DALLOC(R * I), DALLOC(O * R), DALLOC(O)};
+    to_double(P.x, c.x, N * I), to_double(P.w0, L->w0, O * I), to_double(P.A, L->A, R * I);
+    to_double(P.B, L->B, O * R);
+    ref_acts ra;
+    ref_acts_alloc(&ra, N, I, O, R);
+    ref_forward(&sp, &P, &ra);
+    double rerr = 0.0;
+    size_t nk = 0, s_bad = 0;
+    for (size_t i = 0; i < N; i++) {
+        double e = isfinite(L->rr[i]) ? fabs((double)L->rr[i] - ra.r[i]) / ra.r[i] : INFINITY;
+        rerr = e > rerr ? e : rerr;
+        nk += L->S[i];
+        s_bad += L->S[i] != (L->rr[i] >= L->tau) || L->S[i] != ra.S[i];
+    }
+    report("many rows: r_i vs ||m_i||/max(||b_i||,1e-6) (double), per token rel", rerr, 1e-5);
+    snprintf(name, sizeof name, "many rows: S_i == [r_i >= tau] == reference S (%zu of %zu kept)", nk, N);
+    report_bool(name, s_bad == 0 && nk > N / 4 && nk < 3 * N / 4);
+    report("many rows: y = b + S m vs double reference", rel_err_d(c.y, ra.y, N * O), TIGHT_TOL);
+
+    memset(L->B, 0, O * R * sizeof(float)); /* LoRA's initial B */
+    L->tau = 1e-3f;
+    lib_forward(&c, N, c.x, NULL, c.y, 0);
+    int zero = 1;
+    for (size_t i = 0; i < N; i++) zero &= L->rr[i] == 0.0f && L->S[i] == 0;
+    float *b = FALLOC(N * O);
+    tk_linear_forward(b, c.x, L->w0, N, I, O, 0.0f);
+    report_bool("many rows, B = 0: r = 0 exactly, every row gated off, y == W0 x bitwise",
+                zero && memcmp(b, c.y, N * O * sizeof(float)) == 0);
+
+    tk_free(b), tk_free(rs);
+    tk_free(P.x), tk_free(P.w0), tk_free(P.A), tk_free(P.B), tk_free(P.mag);
+    ref_acts_free(&ra);
+    tk_free(c.x), tk_free(c.y);
+    tk_free(L->w0), tk_free(L->A), tk_free(L->dA), tk_free(L->B), tk_free(L->dB);
+    tk_adapted_free(L);
+    tk_adapter_ws_free(&c.ws);
+}
+
 /* ---- the checker itself must be able to fail --------------------------------------------------- */
 
 static void test_checker_detects_error(void) {
@@ -843,6 +917,7 @@ int main(void) {
     };
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) run_case(cases[k]);
     test_dropout_rate();
+    test_many_rows();
 
     printf("test_adapter_grad: %d failure(s), %.2f s\n", g_failures, tk_time() - t0);
     return g_failures ? 1 : 0;

@@ -162,14 +162,21 @@ static void rows_pass(size_t N, size_t cols, size_t kc, const float *A, size_t l
     size_t tail = cols - 16 * (size_t)(nv - 1);
     __mmask16 last = (__mmask16)(tail == 16 ? 0xffffu : (1u << tail) - 1u);
     size_t n_tiles = (N + TK_PK_MR - 1) / TK_PK_MR, lines = pf ? pf->n_chunks * pf->lines : 0;
+    /* the prefetch walk: line l_done of the plan is line l_in of chunk `chunk`, at address at (no
+     * division per line: a tile's share is a few lines, and two divisions each cost more) */
+    size_t l_done = 0, l_in = 0;
+    const char *at = pf ? pf->base : NULL, *chunk = at;
     for (size_t i = 0, t = 0; t < N; i++, t += TK_PK_MR) {
         int mr = N - t < TK_PK_MR ? (int)(N - t) : TK_PK_MR;
         /* the next tile's rows of C (cold: written or read once per pass) are requested now */
         for (size_t r = t + TK_PK_MR; r < t + 2 * TK_PK_MR && r < N; r++)
             for (size_t v = 0; v < (size_t)nv; v++) _mm_prefetch((const char *)(C + r * ldc + 16 * v), _MM_HINT_T0);
         tiles[mr - 1][nv - 1](last, kc, A + t * lda, lda, B, ldb, C + t * ldc, ldc, acc_c);
-        for (size_t l = lines * i / n_tiles; l < lines * (i + 1) / n_tiles; l++)
-            _mm_prefetch(pf->base + l / pf->lines * pf->stride + l % pf->lines * 64, _MM_HINT_T1);
+        for (size_t l_end = lines * (i + 1) / n_tiles; l_done < l_end; l_done++) {
+            _mm_prefetch(at, _MM_HINT_T1);
+            at += 64;
+            if (++l_in == pf->lines) chunk += pf->stride, at = chunk, l_in = 0;
+        }
     }
 }
 

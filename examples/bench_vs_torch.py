@@ -173,8 +173,11 @@ def main():
            ts["flops_per_step"] / 1e9))
     print("%s tokens/s tspeft / best PyTorch (%d threads) = %.2fx (target >= 1.6)" %
           (verdict(speed >= 1.6), best["threads"], speed))
-    print("%s achieved / sgemm peak = %.0f%% of %.1f GFLOP/s (target >= 75%%)" %
-          (verdict(eff >= 0.75), 100 * eff, peak))
+    # the verdict reads the mean step against the best peak reading; the fastest step against that
+    # peak is printed beside it (a like-for-like "best against best"), not used for the verdict
+    eff_fast = ts["flops_per_step"] / ts["step_seconds_min"] / 1e9 / peak
+    print("%s achieved / sgemm peak = %.0f%% of %.1f GFLOP/s (target >= 75%%; the fastest step: %.0f%%)" %
+          (verdict(eff >= 0.75), 100 * eff, peak, 100 * eff_fast))
     print("%s peak RSS tspeft / PyTorch = %.2f (%.0f / %.0f MiB, target <= 0.5)" %
           (verdict(mem <= 0.5), mem, ts["peak_rss_mib"], best["peak_rss_mib"]))
     print("%s gate keep 1.0 vs 0.5 (measured %.3f / %.3f): step %.3f / %.3f s, adapter backward %.3f / %.3f s "
@@ -199,7 +202,7 @@ def main():
         with open(a.json, "w") as f:
             json.dump({"tspeft": ts, "tspeft_keep_half": half, "tspeft_keep_low": low, "pytorch": torch_runs,
                        "sgemm_peak_gflops": peak, "speed_ratio": speed,
-                       "peak_fraction": eff, "rss_ratio": mem, "adapter_backward_saving": save}, f, indent=2)
+                       "peak_fraction": eff, "peak_fraction_fastest_step": eff_fast, "rss_ratio": mem, "adapter_backward_saving": save}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -830,7 +830,7 @@ static void test_many_rows(void) {
         fprintf(stderr, "test_adapter_grad: %s\n", err.msg);
         exit(1);
     }
-    printf("LoRA forward, %zu rows (kernel: %s)\n", N, tk_gemm_small_kernel());
+    printf("LoRA forward, %zu rows (kernel: %s)\n", N, tk_gemm_small_avx512() ? "avx512" : "blas");
     L->tau = 0.0f;
     lib_forward(&c, N, c.x, NULL, c.y, 0);
     float *rs = FALLOC(N);

@@ -63,7 +63,7 @@ static void one_case(size_t M, size_t N, size_t K, int acc, float alpha) {
 }
 
 int main(void) {
-    const char *kernel = tk_gemm_small_kernel();
+    const char *kernel = tk_gemm_small_avx512() ? "avx512" : "blas";
     const char *force = getenv("TSPEFT_GEMM_SMALL");
     int forced_blas = force && strcmp(force, "blas") == 0;
     printf("kernel: %s%s\n", kernel, forced_blas ? " (forced by TSPEFT_GEMM_SMALL=blas)" : "");

@@ -129,7 +129,6 @@ static int use_avx512(void) {
 }
 
 int tk_gemm_small_avx512(void) { return use_avx512(); }
-const char *tk_gemm_small_kernel(void) { return use_avx512() ? "avx512" : "blas"; }
 
 void tk_gemm_small_rows(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda,
                         const float *const *Brows, int acc, float *const *Crows) {

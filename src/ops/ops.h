@@ -68,11 +68,9 @@ void tk_rope_backward(float *dx, const float *cos_t, const float *sin_t, size_t 
 /* C [M,N] = alpha * A B (+ C when acc), A [M rows, stride lda], B [K rows, stride ldb], C [M rows,
  * stride ldc], row-major. An AVX-512 kernel where the CPU has it, else cblas_sgemm
  * (also with TSPEFT_GEMM_SMALL=blas); either way one thread, results independent of the thread count.
- * tk_gemm_small_kernel names the path taken ("avx512" or "blas"), tk_gemm_small_avx512 is 1 on the
- * first. gemm_small.c */
+ * tk_gemm_small_avx512 says which: 1 for the AVX-512 kernel, 0 for cblas_sgemm. gemm_small.c */
 void tk_gemm_small(size_t M, size_t N, size_t K, float alpha, const float *A, size_t lda, const float *B,
                    size_t ldb, int acc, float *C, size_t ldc);
-const char *tk_gemm_small_kernel(void);
 int tk_gemm_small_avx512(void);
 /* The same product with B's row k at Brows[k] and C's row m at Crows[m] (N columns each): rows
  * gathered by pointer instead of copied. AVX-512 kernel only (call when tk_gemm_small_avx512()). */

@@ -24,6 +24,9 @@ tk_tile_avx512(int rows, size_t mr, size_t nv, __mmask16 last, size_t K, float a
     for (size_t i = 0; i < mr; i++)
 #pragma GCC unroll 4
         for (size_t v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
+    /* two k steps per loop iteration: the loads of the second are issued beside the first's FMAs
+     * (the packed frozen products ran 4-5% faster than one step per iteration, alternated calls) */
+#pragma GCC unroll 2
     for (size_t k = 0; k < K; k++) {
         const float *b = rows ? Bp[k] + off : B + k * ldb;
         __m512 bv[4];

@@ -8,7 +8,9 @@ with PASS/FAIL against their targets, and the gate's keep 1.0 vs 0.5 comparison.
 PyTorch runs the same model (LLaMA with LoRA r on all seven projections, the TS-PEFT gate applied as a
 per-token mask, frozen fp32 base weights so autograd skips their weight gradients, AdamW on the
 adapters) at each thread count in a fresh process (torch.set_num_threads); tspeft runs `tspeft bench`
-at its thread count, once with every token kept and once with the thresholds forced to keep half.
+at its thread count: once with every token kept, then with the thresholds forced to keep half (and a
+quarter), each alternated step by step with keep 1.0 in the same run (`--keep-also 1.0`), so that the
+gate's saving is measured side by side.
 Reported, with the targets:
   * tokens/s of tspeft (keep 1.0) / tokens/s of the best PyTorch thread setting   >= 1.6
   * achieved GFLOP/s of tspeft / the 2048^3 sgemm peak (best of the tspeft runs)   >= 0.75
@@ -112,11 +114,11 @@ print(json.dumps({"threads": cfg["threads"], "step_seconds": mean, "tokens_per_s
 '''
 
 
-def run_tspeft(a, shape, keep):
+def run_tspeft(a, shape, keep, more=()):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
         cmd = [a.tspeft, "bench", "--threads", str(a.tspeft_threads), "--steps", str(a.steps), "--warmup",
-               str(a.warmup), "--json", out, "--alpha", str(a.alpha), "--keep", str(keep)] + a.extra
+               str(a.warmup), "--json", out, "--alpha", str(a.alpha), "--keep", str(keep)] + list(more) + a.extra
         for k in ("dim", "layers", "heads", "ffn", "vocab", "seq", "r"):
             cmd += ["--" + k, str(shape[k])]
         print("running: " + " ".join(cmd), flush=True)
@@ -146,8 +148,8 @@ def main():
     a.extra = a.tspeft_args.split()
     shape = {k: getattr(a, k) for k in ("dim", "layers", "heads", "ffn", "vocab", "seq", "r")}
     ts = run_tspeft(a, shape, 1.0)
-    half = run_tspeft(a, shape, 0.5)
-    low = run_tspeft(a, shape, a.keep_low) if a.keep_low > 0 else None
+    half = run_tspeft(a, shape, 0.5, ["--keep-also", "1.0"])
+    low = run_tspeft(a, shape, a.keep_low, ["--keep-also", "1.0"]) if a.keep_low > 0 else None
     torch_runs = []
     for t in [int(x) for x in a.threads.split(",")]:
         cfg = dict(shape, threads=t, steps=a.steps, warmup=a.warmup, alpha=a.alpha)
@@ -164,7 +166,9 @@ def main():
     peak = max(r["sgemm_peak_gflops"] for r in (ts, half, low) if r)
     eff = ts["gflops"] / peak
     mem = ts["peak_rss_mib"] / best["peak_rss_mib"]
-    save = 1.0 - half["adapter_backward_seconds"] / ts["adapter_backward_seconds"]
+    # the gate's saving: --keep's steps against keep 1.0's, alternated in the same run
+    hk, hf = half["by_keep"][0], half["by_keep"][1]
+    save = 1.0 - hk["adapter_backward_seconds"] / hf["adapter_backward_seconds"]
     print("tspeft, %d threads: step %.3f s (min %.3f), %.0f tokens/s, %.1f GFLOP/s, peak RSS %.0f MiB (%s attention)" %
           (ts["threads"], ts["step_seconds"], ts["step_seconds_min"], ts["tokens_per_second"], ts["gflops"],
            ts["peak_rss_mib"], ts.get("attention", "?")))
@@ -180,15 +184,18 @@ def main():
           (verdict(eff >= 0.75), 100 * eff, peak, 100 * eff_fast))
     print("%s peak RSS tspeft / PyTorch = %.2f (%.0f / %.0f MiB, target <= 0.5)" %
           (verdict(mem <= 0.5), mem, ts["peak_rss_mib"], best["peak_rss_mib"]))
-    print("%s gate keep 1.0 vs 0.5 (measured %.3f / %.3f): step %.3f / %.3f s, adapter backward %.3f / %.3f s "
-          "(saving %.0f%%), adapter forward %.3f / %.3f s" %
-          (verdict(save >= 0.05), ts["keep_ratio"], half["keep_ratio"], ts["step_seconds"], half["step_seconds"],
-           ts["adapter_backward_seconds"], half["adapter_backward_seconds"], 100 * save,
-           ts["adapter_forward_seconds"], half["adapter_forward_seconds"]))
+    print("%s gate keep 1.0 vs 0.5, alternated in one run (measured %.3f / %.3f): step %.3f / %.3f s, adapter "
+          "backward %.3f / %.3f s (saving %.0f%%), adapter forward %.3f / %.3f s" %
+          (verdict(save >= 0.05), hf["keep_ratio"], hk["keep_ratio"], hf["step_seconds"], hk["step_seconds"],
+           hf["adapter_backward_seconds"], hk["adapter_backward_seconds"], 100 * save,
+           hf["adapter_forward_seconds"], hk["adapter_forward_seconds"]))
     if low:
-        print("     gate keep %.2f (measured %.3f): step %.3f s, adapter backward %.3f s (saving %.0f%% vs keep 1.0)" %
-              (a.keep_low, low["keep_ratio"], low["step_seconds"], low["adapter_backward_seconds"],
-               100 * (1.0 - low["adapter_backward_seconds"] / ts["adapter_backward_seconds"])))
+        lk, lf = low["by_keep"][0], low["by_keep"][1]
+        print("     gate keep 1.0 vs %.2f, alternated in one run (measured %.3f / %.3f): step %.3f / %.3f s, adapter "
+              "backward %.3f / %.3f s (saving %.0f%%)" %
+              (a.keep_low, lf["keep_ratio"], lk["keep_ratio"], lf["step_seconds"], lk["step_seconds"],
+               lf["adapter_backward_seconds"], lk["adapter_backward_seconds"],
+               100 * (1.0 - lk["adapter_backward_seconds"] / lf["adapter_backward_seconds"])))
     if "frozen_matmul_seconds" in ts:
         tf, ta = ts["frozen_matmul_seconds"], ts["attention_seconds"]
         tb = ts["adapter_forward_seconds"] + ts["adapter_backward_seconds"]

@@ -18,13 +18,15 @@
 static const char *USAGE =
     "usage: tspeft bench [--dim 768 --layers 12 --heads 12 --ffn 2048 --vocab 32000 --seq 512 --batch 1]\n"
     "                    [--r 16 --targets all --gate on --keep 1.0] [--steps 5 --warmup 1 --threads 2] [--json FILE]\n"
-    "                    [--bf16-weights] [--attention auto|full|tiled] [--recompute N|all]\n"
+    "                    [--keep-also X[,Y,Z]] [--bf16-weights] [--attention auto|full|tiled] [--recompute N|all]\n"
     "Times full LoRA training steps (forward, loss, backward, AdamW) of a random LLaMA and prints tokens/s,\n"
     "achieved GFLOP/s (the matmul FLOPs of a dense reference step, counted from the shapes: see\n"
     "docs/performance.md), peak RSS beside a memory model from the shapes, the time per phase and in the\n"
     "adapter branches, and the 2048^3 cblas_sgemm peak of this machine at the same thread count (the best\n"
     "of runs before and after the timed steps).\n"
-    "--keep forces the gate's keep ratio: before every step, untimed, thresholds are set from measured r.";
+    "--keep forces the gate's keep ratio: before every step, untimed, thresholds are set from measured r.\n"
+    "--keep-also X,Y also times those ratios, in turn with --keep step by step (--steps of each), and prints\n"
+    "each beside --keep's, measured side by side in one run; the headline figures are --keep's steps.";
 
 /* Runs of the 2048^3 sgemm before the model is built and again after the timed steps; the peak is
  * the best of all of them. */
@@ -127,6 +129,30 @@ static int force_keep(tk_llama *m, tk_llama_acts *a, const int32_t *ids, size_t 
     return 0;
 }
 
+/* --keep plus at most three --keep-also ratios */
+#define TK_BENCH_KEEPS 4
+
+/* Sums over one keep ratio's timed steps. */
+typedef struct {
+    double t, fwd, bwd, kept, seen;
+} keep_sums;
+
+/* --keep-also "X[,Y,Z]" appended to keeps[0..*nk). */
+static int parse_keeps(const char *list, float *keeps, int *nk, tk_err *err) {
+    const char *p = list;
+    for (;;) {
+        char *end;
+        float v = strtof(p, &end);
+        if (end == p || !(v >= 0.0f && v <= 1.0f))
+            return tk_fail(err, "--keep-also: \"%s\" is not a list of ratios in [0,1] (X[,Y,Z])", list);
+        if (*nk >= TK_BENCH_KEEPS) return tk_fail(err, "--keep-also: at most %d ratios", TK_BENCH_KEEPS - 1);
+        keeps[(*nk)++] = v;
+        if (*end == '\0') return 0;
+        if (*end != ',') return tk_fail(err, "--keep-also: \"%s\" is not a list of ratios in [0,1] (X[,Y,Z])", list);
+        p = end + 1;
+    }
+}
+
 int tk_cmd_bench(int argc, char **argv) {
     tk_llama_config c = {0};
     c.dim = 768;
@@ -140,6 +166,7 @@ int tk_cmd_bench(int argc, char **argv) {
     int seq = 512, batch = 1, r = 16, gate = 1, steps = 5, warmup = 1, threads = 2, bf16 = 0;
     float keep = 1.0f, alpha = 32.0f;
     const char *targets = "all", *json_path = NULL, *type = "lora", *attention = "auto", *recompute = "0";
+    const char *keep_also = NULL;
     uint64_t seed = 0;
     const char *loader = NULL;
     int batches = 200, prefetch = 2;
@@ -161,6 +188,7 @@ int tk_cmd_bench(int argc, char **argv) {
         {"targets", TK_OPT_STR, &targets, "LIST", "adapted projections (default all)", 0},
         {"gate", TK_OPT_FLAG, &gate, "on|off", "TS-PEFT gate (default on)", 0},
         {"keep", TK_OPT_FLOAT, &keep, "X", "forced keep ratio in [0,1] (default 1.0)", 0},
+        {"keep-also", TK_OPT_STR, &keep_also, "X[,Y,Z]", "more keep ratios, timed in turn with --keep step by step (side by side)", 0},
         {"steps", TK_OPT_INT, &steps, "N", "timed steps (default 5)", 0},
         {"warmup", TK_OPT_INT, &warmup, "N", "untimed steps first (default 1)", 0},
         {"threads", TK_OPT_INT, &threads, "T", "threads (default 2)", 0},
@@ -203,6 +231,9 @@ int tk_cmd_bench(int argc, char **argv) {
         tk_fail(&err, "need --seq >= 2, --batch >= 1, --steps >= 1, --keep in [0,1], dim divisible by heads");
         goto done;
     }
+    float keeps[TK_BENCH_KEEPS] = {keep};
+    int nk = 1;
+    if (keep_also && parse_keeps(keep_also, keeps, &nk, &err)) goto done;
     tk_llama_mem_opts mo = {TK_ATTN_AUTO, 0};
     if (tk_attn_mode_parse(attention, &mo.attention, &err) || tk_recompute_parse(recompute, &mo.recompute, &err))
         goto done;
@@ -237,11 +268,15 @@ int tk_cmd_bench(int argc, char **argv) {
     for (size_t i = 0; i < N; i++) ids[i] = (int32_t)(tk_rng_u64(&rng) % (uint64_t)c.vocab_size);
     if (pc.gate.enabled && force_keep(m, a, ids, B, T, keep, !json_path, &err)) goto done;
     double t_sum = 0.0, t_min = INFINITY, fwd = 0.0, bwd = 0.0, kept = 0.0, seen = 0.0, t_frozen = 0.0, t_attn = 0.0;
+    keep_sums ks[TK_BENCH_KEEPS] = {{0}}; /* per keep ratio (--keep-also) */
     double ph[4] = {0}; /* forward, loss, backward, optimizer (clipping + AdamW) */
     if (!json_path)
-        fprintf(stderr, "bench: %d untimed + %d timed steps of %zu tokens...\n", warmup, steps, N);
-    for (int s = 0; s < warmup + steps; s++) {
-        if (pc.gate.enabled && keep < 1.0f && s > 0 && force_keep(m, a, ids, B, T, keep, 0, &err)) goto done;
+        fprintf(stderr, "bench: %d untimed + %d timed steps of %zu tokens...\n", warmup, steps * nk, N);
+    for (int s = 0; s < warmup + steps * nk; s++) {
+        int ki = s < warmup ? 0 : (s - warmup) % nk; /* the keep ratio of this step: keeps[ki] */
+        if (pc.gate.enabled && s > 0 && (keeps[ki] < 1.0f || nk > 1) &&
+            force_keep(m, a, ids, B, T, keeps[ki], 0, &err))
+            goto done;
         m->ws.secs_branch_fwd = m->ws.secs_branch_bwd = m->ws.secs_base_fwd = m->ws.secs_base_bwd = 0.0;
         m->ws.secs_attn_fwd = m->ws.secs_attn_bwd = 0.0;
         double t0 = tk_time();
@@ -262,6 +297,13 @@ int tk_cmd_bench(int argc, char **argv) {
         tp[4] = tk_time();
         double dt = tk_time() - t0;
         if (s < warmup) continue;
+        ks[ki].t += dt, ks[ki].fwd += m->ws.secs_branch_fwd, ks[ki].bwd += m->ws.secs_branch_bwd;
+        for (int l = 0; l < c.n_layers; l++)
+            for (int p = 0; p < TK_NPROJ; p++) {
+                ks[ki].kept += (double)m->layers[l].proj[p].stats.kept;
+                ks[ki].seen += (double)m->layers[l].proj[p].stats.n;
+            }
+        if (ki != 0) continue; /* the headline figures are --keep's steps */
         for (int k = 0; k < 4; k++) ph[k] += tp[k + 1] - tp[k];
         t_sum += dt;
         t_min = dt < t_min ? dt : t_min;
@@ -302,6 +344,11 @@ int tk_cmd_bench(int argc, char **argv) {
            mean, t_min, (double)N / mean, flops / mean / 1e9, sg_peak, 100.0 * flops / mean / 1e9 / sg_peak, rss_mib);
     printf("  keep ratio %.3f  adapter branch: forward %.3f s, backward %.3f s per step\n", seen ? kept / seen : 1.0,
            fwd / steps, bwd / steps);
+    for (int k = 1; k < nk; k++)
+        printf("  keep %.2f, in turn with %.2f (measured %.3f): step %.3f s, adapter branch forward %.3f s, backward %.3f s "
+               "(backward %+.0f%% against keep %.2f in the same run)\n", (double)keeps[k], (double)keeps[0],
+               ks[k].seen ? ks[k].kept / ks[k].seen : 1.0, ks[k].t / steps, ks[k].fwd / steps, ks[k].bwd / steps,
+               ks[0].bwd > 0 ? 100.0 * (ks[k].bwd / ks[0].bwd - 1.0) : 0.0, (double)keeps[0]);
     printf("  phases: forward %.3f s, loss %.3f s, backward %.3f s, optimizer %.3f s;  %.1f GFLOP per step\n",
            ph[0] / steps, ph[1] / steps, ph[2] / steps, ph[3] / steps, flops / 1e9);
     /* where the step goes: the frozen matmuls alone bound what the whole step can reach */
@@ -352,6 +399,18 @@ int tk_cmd_bench(int argc, char **argv) {
         cJSON_AddNumberToObject(j, "model_trainable_mib", p_b / mib);
         cJSON_AddNumberToObject(j, "model_activations_mib", a_b / mib);
         cJSON_AddNumberToObject(j, "model_adapter_state_mib", ad_b / mib);
+        if (nk > 1) { /* every keep ratio of the run, --keep's first */
+            cJSON *arr = cJSON_AddArrayToObject(j, "by_keep");
+            for (int k = 0; k < nk && arr; k++) {
+                cJSON *o = cJSON_CreateObject();
+                cJSON_AddNumberToObject(o, "keep", keeps[k]);
+                cJSON_AddNumberToObject(o, "keep_ratio", ks[k].seen ? ks[k].kept / ks[k].seen : 1.0);
+                cJSON_AddNumberToObject(o, "step_seconds", ks[k].t / steps);
+                cJSON_AddNumberToObject(o, "adapter_forward_seconds", ks[k].fwd / steps);
+                cJSON_AddNumberToObject(o, "adapter_backward_seconds", ks[k].bwd / steps);
+                cJSON_AddItemToArray(arr, o);
+            }
+        }
         char *text = cJSON_Print(j);
         cJSON_Delete(j);
         if (!text || tk_write_file_atomic(json_path, text, strlen(text), &err)) {

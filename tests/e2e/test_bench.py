@@ -9,11 +9,15 @@ figures must satisfy whatever the machine's speed.
     causal attention 12 P D per head and layer with P = B T (T + 1) / 2).
 (b) --keep K: the keep ratio measured over the timed steps is K to within two tokens per module
     (thresholds are re-set before every step), for K = 1, 0.5 and 0.25; keep 0 keeps nothing.
+(b2) --keep 0.5 --keep-also 1.0,0.25 alternates the three ratios step by step in one run: by_keep
+    lists them in that order, each measured within two tokens per module of its target, and the
+    headline figures are --keep's (its step time and keep ratio equal by_keep's first entry).
 (c) the time parts (frozen matmuls, attention, adapter branches) are non-negative and sum to no
     more than the step; the phases sum to no more than the step either.
 (d) the memory model adds up and peak RSS is at least the weights it holds; the printed report names
     the shape.
-(e) bad options (--keep 1.5, --seq 1, dim not divisible by heads) exit non-zero with one line.
+(e) bad options (--keep 1.5, --keep-also 2 or 0.5,x, --seq 1, dim not divisible by heads) exit
+    non-zero with one line.
 Exit status 0 when every check passed, 1 otherwise.
 """
 import argparse
@@ -36,7 +40,7 @@ def check(ok, what):
 
 
 def bench(tspeft, tmp, keep, extra=()):
-    out = os.path.join(tmp, "bench-%s.json" % keep)
+    out = os.path.join(tmp, "bench-%s%s.json" % (keep, "-".join(extra)))
     args = ["bench", "--steps", 2, "--warmup", 1, "--threads", 2, "--keep", keep, "--json", out]
     for k, v in SHAPE.items():
         args += ["--" + k, v]
@@ -105,7 +109,23 @@ def main():
             check(model > 0 and j["peak_rss_mib"] >= j["model_weights_mib"],
                   "keep %.2f: memory model %.1f MiB, peak RSS %.1f MiB >= weights" %
                   (keep, model, j["peak_rss_mib"]))
-        for bad, what in ((["--keep", "1.5"], "--keep 1.5"), (["--seq", "1"], "--seq 1"),
+        j, p = bench(a.tspeft, tmp, 0.5, ("--keep-also", "1.0,0.25"))
+        if j is not None:
+            bk = j.get("by_keep", [])
+            tol = 2.0 / N
+            check([e["keep"] for e in bk] == [0.5, 1.0, 0.25],
+                  "--keep-also: by_keep lists 0.5, 1.0, 0.25 (got %s)" % [e.get("keep") for e in bk])
+            if len(bk) == 3:
+                check(all(abs(e["keep_ratio"] - e["keep"]) <= tol for e in bk),
+                      "--keep-also: each ratio measured within %.4f (%s)" %
+                      (tol, ", ".join("%.4f" % e["keep_ratio"] for e in bk)))
+                check(j["keep_ratio"] == bk[0]["keep_ratio"] and
+                      abs(j["step_seconds"] - bk[0]["step_seconds"]) <= 1e-12 * max(1.0, j["step_seconds"]),
+                      "--keep-also: the headline figures are --keep's steps")
+                check(all(e["step_seconds"] > 0 and e["adapter_backward_seconds"] >= 0 for e in bk) and
+                      "in turn with 0.50" in p.stdout, "--keep-also: times positive, each ratio reported")
+        for bad, what in ((["--keep", "1.5"], "--keep 1.5"), (["--keep-also", "2"], "--keep-also 2"),
+                          (["--keep-also", "0.5,x"], "--keep-also 0.5,x"), (["--seq", "1"], "--seq 1"),
                           (["--dim", "66", "--heads", "4"], "dim 66 with 4 heads")):
             p = U.run(a.tspeft, ["bench", "--steps", 1, "--warmup", 0] + bad, timeout=60)
             lines = [x for x in p.stderr.splitlines() if x.strip()]

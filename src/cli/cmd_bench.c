@@ -267,8 +267,8 @@ int tk_cmd_bench(int argc, char **argv) {
     }
     for (size_t i = 0; i < N; i++) ids[i] = (int32_t)(tk_rng_u64(&rng) % (uint64_t)c.vocab_size);
     if (pc.gate.enabled && force_keep(m, a, ids, B, T, keep, !json_path, &err)) goto done;
-    double t_sum = 0.0, t_min = INFINITY, fwd = 0.0, bwd = 0.0, kept = 0.0, seen = 0.0, t_frozen = 0.0, t_attn = 0.0;
-    keep_sums ks[TK_BENCH_KEEPS] = {{0}}; /* per keep ratio (--keep-also) */
+    double t_min = INFINITY, t_frozen = 0.0, t_attn = 0.0;
+    keep_sums ks[TK_BENCH_KEEPS] = {{0}}; /* per keep ratio; ks[0]: --keep's steps, the headline figures */
     double ph[4] = {0}; /* forward, loss, backward, optimizer (clipping + AdamW) */
     if (!json_path)
         fprintf(stderr, "bench: %d untimed + %d timed steps of %zu tokens...\n", warmup, steps * nk, N);
@@ -305,25 +305,18 @@ int tk_cmd_bench(int argc, char **argv) {
             }
         if (ki != 0) continue; /* the headline figures are --keep's steps */
         for (int k = 0; k < 4; k++) ph[k] += tp[k + 1] - tp[k];
-        t_sum += dt;
         t_min = dt < t_min ? dt : t_min;
-        fwd += m->ws.secs_branch_fwd;
-        bwd += m->ws.secs_branch_bwd;
         t_frozen += m->ws.secs_base_fwd + m->ws.secs_base_bwd;
         t_attn += m->ws.secs_attn_fwd + m->ws.secs_attn_bwd;
-        for (int l = 0; l < c.n_layers; l++)
-            for (int p = 0; p < TK_NPROJ; p++) {
-                kept += (double)m->layers[l].proj[p].stats.kept;
-                seen += (double)m->layers[l].proj[p].stats.n;
-            }
     }
+    double fwd = ks[0].fwd, bwd = ks[0].bwd, kept = ks[0].kept, seen = ks[0].seen;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru); /* before the second peak measurement's 48 MiB of matrices */
     /* The peak again, after the steps: a single measurement that caught the machine in a slow moment
      * would flatter the share (a 3-run peak once read 272 GFLOP/s, against 360-410 around it). */
     double sg_peak2 = sgemm_peak(2048, TK_PEAK_REPS);
     sg_peak = sg_peak2 > sg_peak ? sg_peak2 : sg_peak;
-    double fl_frozen, fl_attn, mean = t_sum / steps, flops = step_flops(m, B, T, &fl_frozen, &fl_attn);
+    double fl_frozen, fl_attn, mean = ks[0].t / steps, flops = step_flops(m, B, T, &fl_frozen, &fl_attn);
     double tf = t_frozen / steps, ta = t_attn / steps, tb = (fwd + bwd) / steps;
     double rss_mib = (double)ru.ru_maxrss / 1024.0;
     /* memory model: weights + trainable block (data, grad, AdamW m, v) + activations + adapter state */

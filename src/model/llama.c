@@ -1144,10 +1144,10 @@ static size_t packable(tk_llama *m, pack_entry *e) {
     return n;
 }
 
-static size_t entry_bytes(const pack_entry *e) {
-    size_t b = e->rows * e->cols * (e->f ? sizeof(float) : sizeof(uint16_t));
-    return (b + 63) & ~(size_t)63; /* copies stay 64-byte aligned */
-}
+static size_t entry_bytes(const pack_entry *e) { return e->rows * e->cols * (e->f ? sizeof(float) : sizeof(uint16_t)); }
+
+/* Its share of the block of copies: entry_bytes rounded up, so that the copies stay 64-byte aligned. */
+static size_t entry_slot(const pack_entry *e) { return (entry_bytes(e) + 63) & ~(size_t)63; }
 
 /* Drops the whole pages of a read-only mapping that a packed copy replaced from this process's
  * resident set (the file stays mapped; nothing reads those pages again). */
@@ -1165,7 +1165,7 @@ int tk_llama_pack_frozen(tk_llama *m, tk_err *err) {
     size_t n = packable(m, e), copied = 0;
     /* tensors read in place from a checkpoint's mapping are read-only: they get copies */
     for (size_t i = 0; i < n; i++)
-        if (!owns(m, e[i].f ? (const void *)*e[i].f : (const void *)*e[i].h)) copied += entry_bytes(&e[i]);
+        if (!owns(m, e[i].f ? (const void *)*e[i].f : (const void *)*e[i].h)) copied += entry_slot(&e[i]);
     if (copied && !(m->packed_copies = tk_calloc(copied, 1))) {
         tk_fail(err, "out of memory packing the frozen weights (%.1f GiB of copies)", copied / (double)(1u << 30));
         goto done;
@@ -1173,13 +1173,13 @@ int tk_llama_pack_frozen(tk_llama *m, tk_err *err) {
     size_t off = 0;
     for (size_t i = 0; i < n; i++) {
         void *w = e[i].f ? (void *)*e[i].f : (void *)(uintptr_t)*e[i].h; /* writable once owned */
-        size_t bytes = e[i].rows * e[i].cols * (e[i].f ? sizeof(float) : sizeof(uint16_t));
+        size_t bytes = entry_bytes(&e[i]);
         if (!owns(m, w)) {
             char *dst = (char *)m->packed_copies + off;
             memcpy(dst, w, bytes);
             drop_mapped(w, bytes);
             w = dst;
-            off += entry_bytes(&e[i]);
+            off += entry_slot(&e[i]);
         }
         if (e[i].f ? tk_linear_pack(w, e[i].rows, e[i].cols) : tk_linear_pack_bf16(w, e[i].rows, e[i].cols)) {
             tk_fail(err, "out of memory packing the frozen weights");

@@ -58,6 +58,9 @@ int tk_linear_packed_available(void) {
     return state;
 }
 
+/* Width of 64-wide panel (or column block) p of n: 64, or what is left for the last one. */
+static size_t panel_width(size_t n, size_t p) { return n - p * TK_PANEL < TK_PANEL ? n - p * TK_PANEL : TK_PANEL; }
+
 /* This thread's share [*lo, *hi) of n items split evenly over the team, in order. */
 static void thread_share(size_t n, size_t *lo, size_t *hi) {
     size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
@@ -75,7 +78,7 @@ static int pack_panels(void *w, size_t elem, size_t O, size_t I) {
 #pragma omp for schedule(static)
         for (size_t p = 0; p < np; p++) {
             if (!tmp) continue;
-            size_t w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
+            size_t w_ = panel_width(O, p);
             char *blk = (char *)w + p * TK_PANEL * I * elem;
             memcpy(tmp, blk, w_ * I * elem);
             if (elem == sizeof(float)) {
@@ -186,7 +189,7 @@ static void transpose_block(float *buf, packed_src w, size_t I, size_t O, size_t
                             size_t kw) {
     float tmp[TK_PANEL * TK_PANEL] __attribute__((aligned(64))); /* one BF16 block as fp32 */
     for (size_t ob = 0; ob < oc; ob += TK_PANEL) {
-        size_t p = (o0 + ob) / TK_PANEL, w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
+        size_t p = (o0 + ob) / TK_PANEL, w_ = panel_width(O, p);
         /* [kw rows, stride w_] */
         const float *src = src_floats(w, p * TK_PANEL * I + q * TK_PANEL * w_, kw * w_, tmp);
         tk_transpose(buf + ob * TK_PANEL, TK_PANEL, src, w_, kw, w_);
@@ -213,7 +216,7 @@ static void packed_forward(float *y, const float *x, packed_src w, size_t N, siz
         for (size_t k0 = 0; k0 < I; k0 += KC) {
             size_t kc = I - k0 < KC ? I - k0 : KC;
             for (size_t p = p0; p < p1; p++) {
-                size_t w_ = O - p * TK_PANEL < TK_PANEL ? O - p * TK_PANEL : TK_PANEL;
+                size_t w_ = panel_width(O, p);
                 const float *B = src_floats(w, p * TK_PANEL * I + k0 * w_, kc * w_, buf);
                 rows_pass(N, w_, kc, x + k0, I, B, w_, y + p * TK_PANEL, O, k0 > 0, NULL);
             }
@@ -251,7 +254,7 @@ static void packed_backward(float *dx, const float *dy, packed_src w, size_t N, 
         for (size_t o0 = 0; o0 < O; o0 += TK_PK_OC) {
             size_t oc = O - o0 < TK_PK_OC ? O - o0 : TK_PK_OC;
             for (size_t q = q0; q < q1; q++) {
-                size_t kw = I - q * TK_PANEL < TK_PANEL ? I - q * TK_PANEL : TK_PANEL;
+                size_t kw = panel_width(I, q);
                 transpose_block(buf, w, I, O, o0, oc, q, kw);
                 /* the transpose alone would wait on memory: the next block's panels are fetched
                  * while this one's rows run (next q, else the first q of the next depth block) */

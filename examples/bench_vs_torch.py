@@ -150,10 +150,18 @@ def main():
     ts = run_tspeft(a, shape, 1.0)
     half = run_tspeft(a, shape, 0.5, ["--keep-also", "1.0"])
     low = run_tspeft(a, shape, a.keep_low, ["--keep-also", "1.0"]) if a.keep_low > 0 else None
+    # PyTorch (Debian's) calls the same OpenBLAS: give it the kernels tspeft ran with, so that a CPU model
+    # the library does not know (its SSE3 fallback; src/cli/blas_core.c) slows neither side
+    torch_env = dict(os.environ)
+    if "openblas_core" in ts and "OPENBLAS_CORETYPE" not in os.environ:
+        torch_env["OPENBLAS_CORETYPE"] = ts["openblas_core"]
+    print("OpenBLAS kernels for both: %s%s" % (ts.get("openblas_core", "?"), " (the library alone read this CPU as "
+          + ts["openblas_core_detected"] + ")" if "openblas_core_detected" in ts else ""))
     torch_runs = []
     for t in [int(x) for x in a.threads.split(",")]:
         cfg = dict(shape, threads=t, steps=a.steps, warmup=a.warmup, alpha=a.alpha)
-        p = subprocess.run([sys.executable, "-c", TORCH_CHILD, json.dumps(cfg)], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", TORCH_CHILD, json.dumps(cfg)], capture_output=True, text=True,
+                           env=torch_env)
         if p.returncode != 0:
             sys.exit("PyTorch run failed: " + p.stderr[-2000:])
         r = json.loads(p.stdout.strip().splitlines()[-1])

@@ -6,6 +6,7 @@
 #include "../ops/blas.h"
 #include "../train/optim.h"
 #include "args.h"
+#include "blas_core.h"
 #include "cli.h"
 
 #include <cJSON.h>
@@ -333,6 +334,11 @@ int tk_cmd_bench(int argc, char **argv) {
            "%s weights, %d threads\n",
            c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, seq, batch, type, r, targets,
            pc.gate.enabled ? "on" : "off", bf16 ? "BF16" : "fp32", threads);
+    if (tk_blas_core_detected())
+        printf("  OpenBLAS kernels: %s (OPENBLAS_CORETYPE set by tspeft: the library read this CPU as %s)\n",
+               tk_blas_core_name(), tk_blas_core_detected());
+    else
+        printf("  OpenBLAS kernels: %s\n", tk_blas_core_name());
     printf("  step %.3f s (min %.3f)  %.0f tokens/s  %.1f GFLOP/s  sgemm peak %.1f GFLOP/s (%.0f%%)  peak RSS %.0f MiB\n",
            mean, t_min, (double)N / mean, flops / mean / 1e9, sg_peak, 100.0 * flops / mean / 1e9 / sg_peak, rss_mib);
     printf("  keep ratio %.3f  adapter branch: forward %.3f s, backward %.3f s per step\n", seen ? kept / seen : 1.0,
@@ -374,6 +380,8 @@ int tk_cmd_bench(int argc, char **argv) {
         cJSON_AddNumberToObject(j, "tokens_per_second", (double)N / mean);
         cJSON_AddNumberToObject(j, "gflops", flops / mean / 1e9);
         cJSON_AddNumberToObject(j, "sgemm_peak_gflops", sg_peak);
+        cJSON_AddStringToObject(j, "openblas_core", tk_blas_core_name());
+        if (tk_blas_core_detected()) cJSON_AddStringToObject(j, "openblas_core_detected", tk_blas_core_detected());
         cJSON_AddNumberToObject(j, "peak_rss_mib", rss_mib);
         cJSON_AddNumberToObject(j, "adapter_forward_seconds", fwd / steps);
         cJSON_AddNumberToObject(j, "adapter_backward_seconds", bwd / steps);

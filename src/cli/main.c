@@ -1,4 +1,5 @@
 /* main.c: `tspeft <verb> [options]`. */
+#include "blas_core.h"
 #include "cli.h"
 
 #include <signal.h>
@@ -27,6 +28,7 @@ static void usage(FILE *f) {
 }
 
 int main(int argc, char **argv) {
+    tk_blas_core_fix(argv); /* returns unless it restarts the program with OpenBLAS's AVX kernels */
     /* A file-size limit (ulimit -f) must surface as a write error (EFBIG), not kill the process. */
     signal(SIGXFSZ, SIG_IGN);
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {

@@ -1,6 +1,7 @@
 /* main_mpi.c: `mpirun -np P tspeft-mpi train [options]`: the train verb of tspeft, data-parallel over
  * P ranks (docs/distributed.md). Each optimizer step's grad-accum micro-batches are split across the
  * ranks; only rank 0 prints progress and writes checkpoints, logs and the adapter. */
+#include "cli/blas_core.h"
 #include "cli/cli.h"
 #include "dist_mpi.h"
 
@@ -9,6 +10,7 @@
 #include <string.h>
 
 int main(int argc, char **argv) {
+    tk_blas_core_fix(argv); /* before MPI_Init: it may restart the program (blas_core.h) */
     signal(SIGXFSZ, SIG_IGN);
     tk_err err = {0};
     tk_dist d;

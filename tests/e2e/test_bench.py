@@ -16,6 +16,9 @@ figures must satisfy whatever the machine's speed.
     more than the step; the phases sum to no more than the step either.
 (d) the memory model adds up and peak RSS is at least the weights it holds; the printed report names
     the shape.
+(f) OpenBLAS's kernels: on a CPU with AVX2 and FMA the run reports (openblas_core) kernels of that
+    level or better, never the library's pre-AVX2 fallback (src/cli/blas_core.c); a user's own
+    OPENBLAS_CORETYPE is kept as given, and the restart keeps the arguments (the shape is reported).
 (e) bad options (--keep 1.5, --keep-also 2 or 0.5,x, --seq 1, dim not divisible by heads) exit
     non-zero with one line.
 Exit status 0 when every check passed, 1 otherwise.
@@ -39,12 +42,12 @@ def check(ok, what):
     fails += not ok
 
 
-def bench(tspeft, tmp, keep, extra=()):
+def bench(tspeft, tmp, keep, extra=(), env=None):
     out = os.path.join(tmp, "bench-%s%s.json" % (keep, "-".join(extra)))
     args = ["bench", "--steps", 2, "--warmup", 1, "--threads", 2, "--keep", keep, "--json", out]
     for k, v in SHAPE.items():
         args += ["--" + k, v]
-    p = U.run(tspeft, args + list(extra), timeout=120)
+    p = U.run(tspeft, args + list(extra), timeout=120, env=env)
     if p.returncode != 0:
         check(False, "bench --keep %s exits 0 (got %d: %s)" % (keep, p.returncode, p.stderr.strip()))
         return None, p
@@ -61,6 +64,45 @@ def dense_flops():
     pairs = B * T * (T + 1) / 2
     attn = 12.0 * pairs * D * H * L
     return 4.0 * N * lin + attn + 6.0 * N * ad, 4.0 * N * lin, attn
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+PRE_AVX2 = {"Unknown", "Katmai", "Coppermine", "Northwood", "Prescott", "Banias", "Atom", "Core2", "Penryn",
+            "Dunnington", "Nehalem", "Sandybridge", "Opteron", "Opteron(SSE3)", "Barcelona", "Nano", "Bobcat",
+            "Bulldozer"}
+
+
+def check_blas_core(tspeft, tmp):
+    flags = cpu_flags()
+    saved = {k: os.environ.pop(k, None) for k in ("OPENBLAS_CORETYPE", "TSPEFT_BLAS_CORE_DETECTED")}
+    try:
+        j, p = bench(tspeft, tmp, 1.0, ("--layers", "1"))
+        if j is not None:
+            core = j.get("openblas_core")
+            check(core is not None and "OpenBLAS kernels: %s" % core in p.stdout and "dim 64, 1 layers" in p.stdout,
+                  "the run reports OpenBLAS's kernels (%s) and the shape it was given" % core)
+            if {"avx2", "fma"} <= flags:
+                check(core not in PRE_AVX2, "a CPU with AVX2+FMA runs OpenBLAS kernels of that level: %s%s" %
+                      (core, " (the library chose %s)" % j["openblas_core_detected"]
+                       if "openblas_core_detected" in j else ""))
+                j2, p2 = bench(tspeft, tmp, 1.0, ("--layers", "1", "--seed", "1"), env={"OPENBLAS_CORETYPE": "Haswell"})
+                if j2 is not None:
+                    check(j2.get("openblas_core") == "Haswell" and "openblas_core_detected" not in j2,
+                          "OPENBLAS_CORETYPE=Haswell is kept as given (got %s)" % j2.get("openblas_core"))
+    finally:
+        for k, v in saved.items():
+            if v is not None:
+                os.environ[k] = v
 
 
 def main():
@@ -124,6 +166,7 @@ def main():
                       "--keep-also: the headline figures are --keep's steps")
                 check(all(e["step_seconds"] > 0 and e["adapter_backward_seconds"] >= 0 for e in bk) and
                       "in turn with 0.50" in p.stdout, "--keep-also: times positive, each ratio reported")
+        check_blas_core(a.tspeft, tmp)
         for bad, what in ((["--keep", "1.5"], "--keep 1.5"), (["--keep-also", "2"], "--keep-also 2"),
                           (["--keep-also", "0.5,x"], "--keep-also 0.5,x"), (["--seq", "1"], "--seq 1"),
                           (["--dim", "66", "--heads", "4"], "dim 66 with 4 heads")):

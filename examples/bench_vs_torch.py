@@ -17,9 +17,11 @@ Reported, with the targets:
   * peak RSS of tspeft / peak RSS of that PyTorch run                              <= 0.5
   * keep 1.0 vs 0.5: step time and adapter backward time (the saving must be >= 5%, beyond the
     run-to-run noise of this figure); keep 0.25 too
-and where tspeft's step goes: the frozen matmuls (with their GFLOP/s), attention, the adapter branches
-and the rest, with the share of the peak the step would reach if everything but the frozen matmuls
-were free.
+and, as a diagnostic beside the verdict (a fourth tspeft run, `--sgemm-beside`; --no-beside skips it),
+each step's share of the sgemm rate measured right after it for as long, so that a host whose speed
+drifts shows as such; and where tspeft's step goes: the frozen matmuls (with their GFLOP/s),
+attention, the adapter branches and the rest, with the share of the peak the step would reach if
+everything but the frozen matmuls were free.
 The FLOPs are those of a dense reference step (docs/performance.md). On a shared machine the figures
 move with the other load: they are indicative; rerun on a quiet machine before quoting them.
 """
@@ -143,6 +145,8 @@ def main():
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--tspeft-args", default="", help="extra `tspeft bench` options, e.g. \"--attention full\"")
     ap.add_argument("--keep-low", type=float, default=0.25, help="also time this forced keep ratio (0: skip)")
+    ap.add_argument("--no-beside", dest="beside", action="store_false",
+                    help="skip the diagnostic run with `--sgemm-beside` (each step against the sgemm rate right after it)")
     ap.add_argument("--json", help="write all figures here")
     a = ap.parse_args()
     a.extra = a.tspeft_args.split()
@@ -150,6 +154,8 @@ def main():
     ts = run_tspeft(a, shape, 1.0)
     half = run_tspeft(a, shape, 0.5, ["--keep-also", "1.0"])
     low = run_tspeft(a, shape, a.keep_low, ["--keep-also", "1.0"]) if a.keep_low > 0 else None
+    # a diagnostic, not a verdict: each step against the sgemm rate measured right after it, for as long
+    beside = run_tspeft(a, shape, 1.0, ["--sgemm-beside"]) if a.beside else None
     # PyTorch (Debian's) calls the same OpenBLAS: give it the kernels tspeft ran with, so that a CPU model
     # the library does not know (its SSE3 fallback; src/cli/blas_core.c) slows neither side
     torch_env = dict(os.environ)
@@ -171,7 +177,7 @@ def main():
     best = max(torch_runs, key=lambda r: r["tokens_per_second"])
     speed = ts["tokens_per_second"] / best["tokens_per_second"]
     # the peak is measured in each tspeft run: take the best (a loaded machine lowers single measurements)
-    peak = max(r["sgemm_peak_gflops"] for r in (ts, half, low) if r)
+    peak = max(r["sgemm_peak_gflops"] for r in (ts, half, low, beside) if r)
     eff = ts["gflops"] / peak
     mem = ts["peak_rss_mib"] / best["peak_rss_mib"]
     # the gate's saving: --keep's steps against keep 1.0's, alternated in the same run
@@ -190,6 +196,12 @@ def main():
     eff_fast = ts["flops_per_step"] / ts["step_seconds_min"] / 1e9 / peak
     print("%s achieved / sgemm peak = %.0f%% of %.1f GFLOP/s (target >= 75%%; the fastest step: %.0f%%)" %
           (verdict(eff >= 0.75), 100 * eff, peak, 100 * eff_fast))
+    if beside:
+        print("     diagnostic (--sgemm-beside run): each step against the sgemm rate measured right after it for as "
+              "long: median %.0f%% (%.0f-%.0f%%), those rates %.0f-%.0f GFLOP/s against the best peak reading %.0f" %
+              (100 * beside["share_of_sgemm_beside_median"], 100 * min(beside["share_of_sgemm_beside"]),
+               100 * max(beside["share_of_sgemm_beside"]), min(beside["sgemm_beside_gflops"]),
+               max(beside["sgemm_beside_gflops"]), peak))
     print("%s peak RSS tspeft / PyTorch = %.2f (%.0f / %.0f MiB, target <= 0.5)" %
           (verdict(mem <= 0.5), mem, ts["peak_rss_mib"], best["peak_rss_mib"]))
     print("%s gate keep 1.0 vs 0.5, alternated in one run (measured %.3f / %.3f): step %.3f / %.3f s, adapter "
@@ -215,7 +227,8 @@ def main():
     print("(one run on this machine: indicative only when other jobs share it)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"tspeft": ts, "tspeft_keep_half": half, "tspeft_keep_low": low, "pytorch": torch_runs,
+            json.dump({"tspeft": ts, "tspeft_keep_half": half, "tspeft_keep_low": low, "tspeft_sgemm_beside": beside,
+                       "pytorch": torch_runs,
                        "sgemm_peak_gflops": peak, "speed_ratio": speed,
                        "peak_fraction": eff, "peak_fraction_fastest_step": eff_fast, "rss_ratio": mem, "adapter_backward_saving": save}, f, indent=2)
 

@@ -27,30 +27,71 @@ static const char *USAGE =
     "of runs before and after the timed steps).\n"
     "--keep forces the gate's keep ratio: before every step, untimed, thresholds are set from measured r.\n"
     "--keep-also X,Y also times those ratios, in turn with --keep step by step (--steps of each), and prints\n"
-    "each beside --keep's, measured side by side in one run; the headline figures are --keep's steps.";
+    "each beside --keep's, measured side by side in one run; the headline figures are --keep's steps.\n"
+    "--sgemm-beside runs the 2048^3 sgemm after each timed step for as long as the step took and prints each\n"
+    "step's share of that rate (a diagnostic for hosts whose speed drifts; its 48 MiB count in the peak RSS).";
 
 /* Runs of the 2048^3 sgemm before the model is built and again after the timed steps; the peak is
  * the best of all of them. */
 #define TK_PEAK_REPS 4
 
-/* Best GFLOP/s of an n^3 sgemm over reps runs. */
-static double sgemm_peak(size_t n, int reps) {
-    float *a = tk_calloc(n * n, sizeof(float)), *b = tk_calloc(n * n, sizeof(float)), *c = tk_calloc(n * n, sizeof(float));
-    double best = 0.0;
-    if (a && b && c) {
-        for (size_t i = 0; i < n * n; i++) a[i] = b[i] = 1e-3f * (float)(i % 97);
-        for (int r = 0; r < reps; r++) {
-            double t = tk_time();
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)n, (int)n, 1.0f, a, (int)n, b, (int)n, 0.0f,
-                        c, (int)n);
-            double g = 2.0 * n * n * n / (tk_time() - t) / 1e9;
-            if (g > best) best = g;
-        }
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Matrices for n^3 sgemm runs (NULL a: out of memory). */
+typedef struct {
+    size_t n;
+    float *a, *b, *c;
+} sgemm_probe;
+
+static sgemm_probe probe_alloc(size_t n) {
+    sgemm_probe p = {n, tk_calloc(n * n, sizeof(float)), tk_calloc(n * n, sizeof(float)), tk_calloc(n * n, sizeof(float))};
+    if (!p.a || !p.b || !p.c) {
+        tk_free(p.a), tk_free(p.b), tk_free(p.c);
+        p.a = p.b = p.c = NULL;
+        return p;
     }
-    tk_free(a);
-    tk_free(b);
-    tk_free(c);
+    for (size_t i = 0; i < n * n; i++) p.a[i] = p.b[i] = 1e-3f * (float)(i % 97);
+    return p;
+}
+
+static void probe_free(sgemm_probe *p) {
+    tk_free(p->a), tk_free(p->b), tk_free(p->c);
+    p->a = p->b = p->c = NULL;
+}
+
+/* Seconds of one run of the probe's sgemm (C = A B^T, as y = x W^T). */
+static double probe_run(const sgemm_probe *p) {
+    int n = (int)p->n;
+    double t = tk_time();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, p->a, n, p->b, n, 0.0f, p->c, n);
+    return tk_time() - t;
+}
+
+static double probe_flops(const sgemm_probe *p) { return 2.0 * (double)p->n * (double)p->n * (double)p->n; }
+
+/* Best GFLOP/s of an n^3 sgemm over reps runs (0 when out of memory). */
+static double sgemm_peak(size_t n, int reps) {
+    sgemm_probe p = probe_alloc(n);
+    double best = 0.0;
+    for (int r = 0; p.a && r < reps; r++) {
+        double g = probe_flops(&p) / probe_run(&p) / 1e9;
+        if (g > best) best = g;
+    }
+    probe_free(&p);
     return best;
+}
+
+/* --sgemm-beside: the sgemm's sustained GFLOP/s over as long as the step just timed took (at least
+ * one run), right after it: the machine's BLAS rate at the step's moment, for a shared host whose
+ * speed drifts between the peak's best reading and the steps. */
+static double sgemm_beside(const sgemm_probe *p, double seconds) {
+    double t = 0.0;
+    int runs = 0;
+    while (runs == 0 || t < seconds) t += probe_run(p), runs++;
+    return probe_flops(p) * runs / t / 1e9;
 }
 
 /* Matmul FLOPs a dense reference training step needs (every token kept, nothing recomputed), with
@@ -168,6 +209,7 @@ int tk_cmd_bench(int argc, char **argv) {
     float keep = 1.0f, alpha = 32.0f;
     const char *targets = "all", *json_path = NULL, *type = "lora", *attention = "auto", *recompute = "0";
     const char *keep_also = NULL;
+    int beside = 0;
     uint64_t seed = 0;
     const char *loader = NULL;
     int batches = 200, prefetch = 2;
@@ -190,6 +232,7 @@ int tk_cmd_bench(int argc, char **argv) {
         {"gate", TK_OPT_FLAG, &gate, "on|off", "TS-PEFT gate (default on)", 0},
         {"keep", TK_OPT_FLOAT, &keep, "X", "forced keep ratio in [0,1] (default 1.0)", 0},
         {"keep-also", TK_OPT_STR, &keep_also, "X[,Y,Z]", "more keep ratios, timed in turn with --keep step by step (side by side)", 0},
+        {"sgemm-beside", TK_OPT_FLAG, &beside, NULL, "after each timed step, the 2048^3 sgemm rate over as long (diagnostic)", 0},
         {"steps", TK_OPT_INT, &steps, "N", "timed steps (default 5)", 0},
         {"warmup", TK_OPT_INT, &warmup, "N", "untimed steps first (default 1)", 0},
         {"threads", TK_OPT_INT, &threads, "T", "threads (default 2)", 0},
@@ -225,6 +268,8 @@ int tk_cmd_bench(int argc, char **argv) {
     tk_llama *m = NULL;
     tk_llama_acts *a = NULL;
     int32_t *ids = NULL;
+    sgemm_probe probe = {0};
+    double *beside_rate = NULL; /* --sgemm-beside: [steps] rates, then [steps] the steps' shares of them */
     tk_peft_config pc;
     tk_peft_config_default(&pc);
     if (seq < 2 || batch < 1 || steps < 1 || warmup < 0 || !(keep >= 0.0f && keep <= 1.0f) || c.n_heads < 1 ||
@@ -268,6 +313,10 @@ int tk_cmd_bench(int argc, char **argv) {
     }
     for (size_t i = 0; i < N; i++) ids[i] = (int32_t)(tk_rng_u64(&rng) % (uint64_t)c.vocab_size);
     if (pc.gate.enabled && force_keep(m, a, ids, B, T, keep, !json_path, &err)) goto done;
+    if (beside && (!(probe = probe_alloc(2048)).a || !(beside_rate = calloc(2 * (size_t)steps, sizeof(double))))) {
+        tk_fail(&err, "out of memory (--sgemm-beside)");
+        goto done;
+    }
     double t_min = INFINITY, t_frozen = 0.0, t_attn = 0.0;
     keep_sums ks[TK_BENCH_KEEPS] = {{0}}; /* per keep ratio; ks[0]: --keep's steps, the headline figures */
     double ph[4] = {0}; /* forward, loss, backward, optimizer (clipping + AdamW) */
@@ -305,6 +354,12 @@ int tk_cmd_bench(int argc, char **argv) {
                 ks[ki].seen += (double)m->layers[l].proj[p].stats.n;
             }
         if (ki != 0) continue; /* the headline figures are --keep's steps */
+        if (beside) {
+            int i = (s - warmup) / nk;
+            double unused_f, unused_a, fl = step_flops(m, B, T, &unused_f, &unused_a);
+            beside_rate[i] = sgemm_beside(&probe, dt);
+            beside_rate[steps + i] = fl / dt / 1e9 / beside_rate[i]; /* this step's share of it */
+        }
         for (int k = 0; k < 4; k++) ph[k] += tp[k + 1] - tp[k];
         t_min = dt < t_min ? dt : t_min;
         t_frozen += m->ws.secs_base_fwd + m->ws.secs_base_bwd;
@@ -341,6 +396,16 @@ int tk_cmd_bench(int argc, char **argv) {
         printf("  OpenBLAS kernels: %s\n", tk_blas_core_name());
     printf("  step %.3f s (min %.3f)  %.0f tokens/s  %.1f GFLOP/s  sgemm peak %.1f GFLOP/s (%.0f%%)  peak RSS %.0f MiB\n",
            mean, t_min, (double)N / mean, flops / mean / 1e9, sg_peak, 100.0 * flops / mean / 1e9 / sg_peak, rss_mib);
+    double beside_med = 0.0, beside_lo = 0.0, beside_hi = 0.0, beside_mean = 0.0;
+    if (beside) {
+        double sh[steps];
+        for (int i = 0; i < steps; i++) sh[i] = beside_rate[steps + i], beside_mean += beside_rate[i] / steps;
+        qsort(sh, (size_t)steps, sizeof sh[0], cmp_double);
+        beside_lo = sh[0], beside_hi = sh[steps - 1];
+        beside_med = steps % 2 ? sh[steps / 2] : 0.5 * (sh[steps / 2 - 1] + sh[steps / 2]);
+        printf("  sgemm beside each step (as long, right after it): mean %.1f GFLOP/s; each step's share of its own: "
+               "median %.0f%% (%.0f-%.0f%%)\n", beside_mean, 100.0 * beside_med, 100.0 * beside_lo, 100.0 * beside_hi);
+    }
     printf("  keep ratio %.3f  adapter branch: forward %.3f s, backward %.3f s per step\n", seen ? kept / seen : 1.0,
            fwd / steps, bwd / steps);
     for (int k = 1; k < nk; k++)
@@ -383,6 +448,11 @@ int tk_cmd_bench(int argc, char **argv) {
         cJSON_AddStringToObject(j, "openblas_core", tk_blas_core_name());
         if (tk_blas_core_detected()) cJSON_AddStringToObject(j, "openblas_core_detected", tk_blas_core_detected());
         cJSON_AddNumberToObject(j, "peak_rss_mib", rss_mib);
+        if (beside) {
+            cJSON_AddItemToObject(j, "sgemm_beside_gflops", cJSON_CreateDoubleArray(beside_rate, steps));
+            cJSON_AddItemToObject(j, "share_of_sgemm_beside", cJSON_CreateDoubleArray(beside_rate + steps, steps));
+            cJSON_AddNumberToObject(j, "share_of_sgemm_beside_median", beside_med);
+        }
         cJSON_AddNumberToObject(j, "adapter_forward_seconds", fwd / steps);
         cJSON_AddNumberToObject(j, "adapter_backward_seconds", bwd / steps);
         cJSON_AddNumberToObject(j, "forward_seconds", ph[0] / steps);
@@ -425,6 +495,8 @@ int tk_cmd_bench(int argc, char **argv) {
 done:
     if (status) fprintf(stderr, "tspeft bench: %s\n", err.msg);
     free(ids);
+    free(beside_rate);
+    probe_free(&probe);
     tk_peft_config_free(&pc);
     tk_llama_acts_free(m, a);
     tk_llama_close(m);

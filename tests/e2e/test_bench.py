@@ -19,6 +19,9 @@ figures must satisfy whatever the machine's speed.
 (f) OpenBLAS's kernels: on a CPU with AVX2 and FMA the run reports (openblas_core) kernels of that
     level or better, never the library's pre-AVX2 fallback (src/cli/blas_core.c); a user's own
     OPENBLAS_CORETYPE is kept as given, and the restart keeps the arguments (the shape is reported).
+(g) --sgemm-beside: one sgemm rate and one share per timed step (positive), the median share is their
+    median, and share x rate gives back each step's time, whose mean is step_seconds; without the
+    option the JSON has none of it.
 (e) bad options (--keep 1.5, --keep-also 2 or 0.5,x, --seq 1, dim not divisible by heads) exit
     non-zero with one line.
 Exit status 0 when every check passed, 1 otherwise.
@@ -105,6 +108,27 @@ def check_blas_core(tspeft, tmp):
                 os.environ[k] = v
 
 
+def check_sgemm_beside(tspeft, tmp, total):
+    j, p = bench(tspeft, tmp, 1.0, ("--sgemm-beside", "--steps", "3"))
+    if j is None:
+        return
+    rates, shares = j.get("sgemm_beside_gflops", []), j.get("share_of_sgemm_beside", [])
+    ok = len(rates) == 3 and len(shares) == 3 and all(x > 0 for x in rates + shares)
+    check(ok, "--sgemm-beside: 3 rates and 3 shares, positive (%s, %s)" % (rates, shares))
+    if not ok:
+        return
+    check(j["share_of_sgemm_beside_median"] == sorted(shares)[1], "--sgemm-beside: the median share is the median")
+    times = [total / (s * r * 1e9) for s, r in zip(shares, rates)]
+    mean = sum(times) / 3
+    check(abs(mean - j["step_seconds"]) <= 1e-9 + 1e-6 * j["step_seconds"],
+          "--sgemm-beside: share x rate gives the steps' times (mean %.6f s == step %.6f s)" % (mean, j["step_seconds"]))
+    check("sgemm beside each step" in p.stdout, "--sgemm-beside: reported")
+    j2, _ = bench(tspeft, tmp, 1.0, ("--steps", "3"))
+    if j2 is not None:
+        check("sgemm_beside_gflops" not in j2 and "share_of_sgemm_beside" not in j2,
+              "without --sgemm-beside the JSON has no beside figures")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tspeft", required=True)
@@ -167,6 +191,7 @@ def main():
                 check(all(e["step_seconds"] > 0 and e["adapter_backward_seconds"] >= 0 for e in bk) and
                       "in turn with 0.50" in p.stdout, "--keep-also: times positive, each ratio reported")
         check_blas_core(a.tspeft, tmp)
+        check_sgemm_beside(a.tspeft, tmp, total)
         for bad, what in ((["--keep", "1.5"], "--keep 1.5"), (["--keep-also", "2"], "--keep-also 2"),
                           (["--keep-also", "0.5,x"], "--keep-also 0.5,x"), (["--seq", "1"], "--seq 1"),
                           (["--dim", "66", "--heads", "4"], "dim 66 with 4 heads")):

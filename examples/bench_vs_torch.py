@@ -33,7 +33,7 @@ import sys
 import tempfile
 
 TORCH_CHILD = r'''
-import json, math, resource, sys, time
+import json, math, os, resource, sys, time
 import torch
 cfg = json.loads(sys.argv[1])
 torch.set_num_threads(cfg["threads"])
@@ -112,7 +112,7 @@ for s in range(cfg["warmup"] + cfg["steps"]):
 mean = sum(times) / len(times)
 print(json.dumps({"threads": cfg["threads"], "step_seconds": mean, "tokens_per_second": T / mean,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                  "torch": torch.__version__}))
+                  "torch": torch.__version__, "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}))
 '''
 
 
@@ -224,13 +224,21 @@ def main():
               "adapter branches %.3f s, the rest %.3f s; frozen matmuls alone would give %.0f%% of the peak" %
               (tf, ts["frozen_matmul_flops"] / tf / 1e9, 100 * ts["frozen_matmul_flops"] / tf / 1e9 / peak, ta, tb,
                rest, 100 * ts["flops_per_step"] / tf / 1e9 / peak))
+    # each tspeft run reads the peak; readings far apart mean the host's speed moved during the script,
+    # and so did every time above (the steps, PyTorch's runs): say so beside the verdicts
+    readings = [r["sgemm_peak_gflops"] for r in (ts, half, low, beside) if r]
+    drift = max(readings) / min(readings) - 1.0
+    if drift > 0.15:
+        print("WARNING the host's speed moved during this script: the peak read %s GFLOP/s in the tspeft runs "
+              "(%.0f%% apart); the ratios above mix its fast and slow moments: rerun on a quieter machine" %
+              (" / ".join("%.0f" % x for x in readings), 100 * drift))
     print("(one run on this machine: indicative only when other jobs share it)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"tspeft": ts, "tspeft_keep_half": half, "tspeft_keep_low": low, "tspeft_sgemm_beside": beside,
                        "pytorch": torch_runs,
                        "sgemm_peak_gflops": peak, "speed_ratio": speed,
-                       "peak_fraction": eff, "peak_fraction_fastest_step": eff_fast, "rss_ratio": mem, "adapter_backward_saving": save}, f, indent=2)
+                       "peak_fraction": eff, "peak_fraction_fastest_step": eff_fast, "peak_readings": readings, "rss_ratio": mem, "adapter_backward_saving": save}, f, indent=2)
 
 
 if __name__ == "__main__":

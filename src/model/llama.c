@@ -930,20 +930,40 @@ int tk_llama_backward(tk_llama *m, tk_llama_acts *a, size_t B, size_t T, tk_err 
 
 /* ---- KV-cached inference ---------------------------------------------------------------------- */
 
-/* The keys and values of the positions run so far for one sequence, and the scratch of one step of
- * up to max_chunk new tokens (S = max_len positions). */
+/* Rows of one pass through the stack: a step of more new tokens (a long prompt) runs in passes of
+ * this many, so that the step's scratch ([n,F] MLP rows and the attention's) stays bounded. Measured
+ * on a 4-layer BF16 model (dim 1024, 16 heads, ffn 2816) with a 3000-token prompt: one pass 4.5 s and
+ * 1667 MB peak RSS, passes of 512 on the full kernel 3.0-3.4 s and 954 MB, on the tiled kernel
+ * 6.4-6.6 s and 853 MB (docs/performance.md). */
+#define TK_KV_PASS_ROWS 512
+/* TK_ATTN_AUTO: passes keep the full kernel while its probs, [n,S] per head, stay within this many
+ * floats (128 MiB), and take the tiled kernel (no such matrix) beyond. */
+#define TK_KV_FULL_PROBS_MAX ((size_t)32 << 20)
+
+/* The keys and values of the positions run so far for one sequence, and the scratch of one pass of
+ * up to n = min(max_chunk, TK_KV_PASS_ROWS) new tokens (S = max_len positions). A tiled cache runs
+ * passes of several tokens on the tiled attention kernel; single tokens (decoding) always take the
+ * full kernel, whose probs are then one row of S per head. */
 struct tk_llama_kv {
     size_t max_len, max_chunk, len;
     size_t L, GD;
+    size_t rows;                /* n: rows of one pass */
+    int tiled;                  /* passes of more than one token use the tiled kernel */
     float *buf;                 /* one block holding everything below */
     float *kc, *vc;             /* [L, S, G*D] keys (after rope) and values */
     float *x, *xn, *tmp, *rstd; /* [n,C], [n,C], [n,C], [n] */
     float *q, *att;             /* [n,H*D] */
     float *g, *u, *h;           /* [n,F] */
-    float *probs;               /* [H, n*S]: H * tk_attention_probs_head(T, S) used */
+    float *probs;               /* [H, n*S] (tiled: [H, S]): H * tk_attention_probs_head(T, S) used */
+    float *lse, *tscratch;      /* tiled: [H, n] and tk_attention_tiled_scratch(n, S, D); else empty */
 };
 
 tk_llama_kv *tk_llama_kv_alloc(tk_llama *m, size_t max_len, size_t max_chunk, tk_err *err) {
+    return tk_llama_kv_alloc_ex(m, max_len, max_chunk, TK_ATTN_AUTO, err);
+}
+
+tk_llama_kv *tk_llama_kv_alloc_ex(tk_llama *m, size_t max_len, size_t max_chunk, tk_attn_mode attention,
+                                  tk_err *err) {
     const tk_llama_config *c = &m->cfg;
     size_t C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
     size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads;
@@ -952,6 +972,9 @@ tk_llama_kv *tk_llama_kv_alloc(tk_llama *m, size_t max_len, size_t max_chunk, tk
         tk_fail(err, "KV cache: need 1 <= max_chunk (%zu) <= max_len (%zu)", max_chunk, max_len);
         return NULL;
     }
+    size_t chunk = n;
+    n = n < TK_KV_PASS_ROWS ? n : TK_KV_PASS_ROWS;
+    int tiled = attention == TK_ATTN_TILED || (attention == TK_ATTN_AUTO && n > 1 && H * n * S > TK_KV_FULL_PROBS_MAX);
     if (ensure_rope(m, S, err) || alloc_adapter_acts(m, n, err)) return NULL;
     tk_llama_kv *kv = calloc(1, sizeof *kv);
     if (!kv) {
@@ -959,10 +982,14 @@ tk_llama_kv *tk_llama_kv_alloc(tk_llama *m, size_t max_len, size_t max_chunk, tk
         return NULL;
     }
     kv->max_len = S;
-    kv->max_chunk = n;
+    kv->max_chunk = chunk;
+    kv->rows = n;
+    kv->tiled = tiled;
     kv->L = L;
     kv->GD = GD;
-    size_t total = 2 * L * S * GD + n * (3 * C + 1 + 2 * HD + 3 * F) + H * n * S;
+    size_t n_probs = tiled ? H * S : H * n * S, n_lse = tiled ? H * n : 0;
+    size_t n_tscr = tiled ? tk_attention_tiled_scratch(n, S, D) : 0;
+    size_t total = 2 * L * S * GD + n * (3 * C + 1 + 2 * HD + 3 * F) + n_probs + n_lse + n_tscr;
     if (!(kv->buf = tk_calloc(total, sizeof(float)))) {
         tk_fail(err, "out of memory for a %zu-token KV cache", S);
         free(kv);
@@ -980,6 +1007,8 @@ tk_llama_kv *tk_llama_kv_alloc(tk_llama *m, size_t max_len, size_t max_chunk, tk
     kv->u = kv->g + n * F;
     kv->h = kv->u + n * F;
     kv->probs = kv->h + n * F;
+    kv->lse = kv->probs + n_probs;
+    kv->tscratch = kv->lse + n_lse;
     return kv;
 }
 
@@ -990,6 +1019,8 @@ void tk_llama_kv_free(tk_llama_kv *kv) {
 }
 
 size_t tk_llama_kv_len(const tk_llama_kv *kv) { return kv->len; }
+
+int tk_llama_kv_tiled(const tk_llama_kv *kv) { return kv->tiled; }
 
 void tk_llama_kv_reset(tk_llama_kv *kv) { kv->len = 0; }
 
@@ -1016,25 +1047,17 @@ int tk_llama_step(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, size_t T, fl
     return tk_llama_step_ex(m, kv, ids, NULL, NULL, T, logits, err);
 }
 
-int tk_llama_step_ex(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, const float *embeds, const uint8_t *kinds,
-                     size_t T, float *logits, tk_err *err) {
+/* One pass of T <= kv->rows new tokens at positions kv->len.. through the stack: fills the cache and
+ * leaves the last layer's output rows in kv->x. */
+static int kv_pass(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, const float *embeds, const uint8_t *kinds,
+                   size_t T, tk_err *err) {
     const tk_llama_config *c = &m->cfg;
     size_t C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
-    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, V = (size_t)c->vocab_size;
+    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads;
     size_t GD = G * D, S = kv->max_len, L = (size_t)c->n_layers, pos = kv->len;
-    TK_ASSERT(kv->L == L && kv->GD == GD);
-    if (T == 0 || T > kv->max_chunk)
-        return tk_fail(err, "KV step of %zu tokens (this cache takes 1 to %zu at once)", T, kv->max_chunk);
-    if (pos + T > S)
-        return tk_fail(err, "KV cache full: %zu + %zu positions exceed its %zu", pos, T, S);
-    for (size_t i = 0; i < T; i++)
-        if (ids[i] < 0 || (size_t)ids[i] >= V)
-            return tk_fail(err, "token id %d at position %zu is outside the vocabulary [0, %zu)", ids[i],
-                           pos + i, V);
     float *x = kv->x, *xn = kv->xn, *tmp = kv->tmp, *rstd = kv->rstd, *q = kv->q, *att = kv->att;
     float *g = kv->g, *u = kv->u, *h = kv->h, *probs = kv->probs;
     tk_adapter_ws *ws = &m->ws;
-    /* run T new tokens at positions pos..pos+T-1 through the stack, filling the cache */
     embed_rows(m, x, ids, T);
     if (embeds && kinds) /* visual tokens: the caller's embeddings (as splice_image_rows in training) */
         for (size_t i = 0; i < T; i++)
@@ -1049,7 +1072,10 @@ int tk_llama_step_ex(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, const flo
             return -1;
         tk_rope_forward(q, m->rope_cos, m->rope_sin, 1, T, H, D, pos);
         tk_rope_forward(kl + pos * GD, m->rope_cos, m->rope_sin, 1, T, G, D, pos);
-        tk_attention_forward(att, probs, q, kl, vl, NULL, 1, T, pos + T, H, G, D);
+        if (kv->tiled && T > 1)
+            tk_attention_tiled_forward(att, kv->lse, q, kl, vl, NULL, 1, T, pos + T, H, G, D, kv->tscratch);
+        else
+            tk_attention_forward(att, probs, q, kl, vl, NULL, 1, T, pos + T, H, G, D);
         if (tk_adapted_forward(&P[TK_PROJ_O], ws, tmp, att, NULL, T, 0, NULL, err)) return -1;
         for (size_t i = 0; i < T * C; i++) x[i] += tmp[i];
         tk_rmsnorm_forward(xn, rstd, x, m->layers[l].ffn_norm, T, C, c->norm_eps);
@@ -1061,10 +1087,35 @@ int tk_llama_step_ex(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, const flo
         for (size_t i = 0; i < T * C; i++) x[i] += tmp[i];
     }
     kv->len = pos + T;
+    return 0;
+}
+
+int tk_llama_step_ex(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, const float *embeds, const uint8_t *kinds,
+                     size_t T, float *logits, tk_err *err) {
+    const tk_llama_config *c = &m->cfg;
+    size_t C = (size_t)c->dim, V = (size_t)c->vocab_size, pos = kv->len;
+    TK_ASSERT(kv->L == (size_t)c->n_layers && kv->GD == (size_t)c->n_kv_heads * (size_t)c->head_dim);
+    if (T == 0 || T > kv->max_chunk)
+        return tk_fail(err, "KV step of %zu tokens (this cache takes 1 to %zu at once)", T, kv->max_chunk);
+    if (pos + T > kv->max_len)
+        return tk_fail(err, "KV cache full: %zu + %zu positions exceed its %zu", pos, T, kv->max_len);
+    for (size_t i = 0; i < T; i++)
+        if (ids[i] < 0 || (size_t)ids[i] >= V)
+            return tk_fail(err, "token id %d at position %zu is outside the vocabulary [0, %zu)", ids[i],
+                           pos + i, V);
+    /* passes of at most kv->rows tokens; a failed one leaves the cache as it was */
+    size_t n = 0;
+    for (size_t i = 0; i < T; i += n) {
+        n = T - i < kv->rows ? T - i : kv->rows;
+        if (kv_pass(m, kv, ids + i, embeds ? embeds + i * C : NULL, kinds ? kinds + i : NULL, n, err)) {
+            kv->len = pos;
+            return -1;
+        }
+    }
     /* only the last position's logits are needed */
-    float *xl = x + (T - 1) * C;
-    tk_rmsnorm_forward(xn, rstd, xl, m->final_norm, 1, C, c->norm_eps);
-    head_forward(m, logits, xn, 1);
+    float *xl = kv->x + (n - 1) * C;
+    tk_rmsnorm_forward(kv->xn, kv->rstd, xl, m->final_norm, 1, C, c->norm_eps);
+    head_forward(m, logits, kv->xn, 1);
     return 0;
 }
 

@@ -179,14 +179,22 @@ long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size
  *   tk_llama_kv_copy(beam_kv, kv, 0, &err);                // fork a sequence (beam search)
  *   tk_llama_kv_free(kv);
  *
- * A cache holds max_len positions (keys after RoPE, values, every layer) and the scratch of one step
- * of up to max_chunk tokens; it belongs to the model it was allocated for (which must outlive it)
- * and is not thread-safe (steps use the model's shared adapter workspace). The gated adapters apply
- * as in training (docs/TSPEFT.md). Failure: NULL / -1 with err set; the cache is unchanged. */
+ * A cache holds max_len positions (keys after RoPE, values, every layer) and the scratch of one pass
+ * of up to min(max_chunk, 512) tokens: a step of more runs in passes of 512, so a long prompt needs
+ * no [n_prompt, F] or [n_prompt, S] scratch. It belongs to the model it was allocated for (which must
+ * outlive it) and is not thread-safe (steps use the model's shared adapter workspace). The gated
+ * adapters apply as in training (docs/TSPEFT.md). Failure: NULL / -1 with err set; the cache is
+ * unchanged. */
 typedef struct tk_llama_kv tk_llama_kv;
 tk_llama_kv *tk_llama_kv_alloc(tk_llama *m, size_t max_len, size_t max_chunk, tk_err *err);
+/* attention: the kernel of passes of more than one token. FULL keeps [pass, S] softmax weights per
+ * head; TILED none (slower at these lengths); AUTO (tk_llama_kv_alloc) is FULL while those weights
+ * fit in 128 MiB for the whole pass, TILED beyond. Single tokens always take the full kernel. */
+tk_llama_kv *tk_llama_kv_alloc_ex(tk_llama *m, size_t max_len, size_t max_chunk, tk_attn_mode attention,
+                                  tk_err *err);
 void tk_llama_kv_free(tk_llama_kv *kv); /* NULL is fine */
 size_t tk_llama_kv_len(const tk_llama_kv *kv); /* positions filled */
+int tk_llama_kv_tiled(const tk_llama_kv *kv);  /* passes of several tokens take the tiled kernel */
 void tk_llama_kv_reset(tk_llama_kv *kv);       /* forget every position (len 0) */
 /* dst takes src's positions from..len-1 and its length; dst's positions below `from` are kept (the
  * caller knows they equal src's: beams share their prompt, so a beam reorder copies only the

@@ -14,6 +14,7 @@
  */
 #include "model/llama.h"
 #include "ops/ops.h"
+#include "tiny_llama.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -34,40 +35,8 @@ typedef struct {
 
 static int fails = 0;
 
-static tk_llama *make_model(int bf16, tk_err *err) {
-    tk_llama_config c = {0};
-    c.dim = 32;
-    c.hidden_dim = 48;
-    c.n_layers = 3;
-    c.n_heads = 4;
-    c.n_kv_heads = 2;
-    c.head_dim = 8;
-    c.vocab_size = 64;
-    c.norm_eps = 1e-5f;
-    c.rope_theta = 10000.0f;
-    c.max_seq_len = NT;
-    tk_llama *m = tk_llama_random(&c, 7, bf16, err);
-    if (!m) return NULL;
-    tk_peft_config pc;
-    tk_peft_config_default(&pc);
-    pc.kind = TK_ADAPTER_LORA;
-    pc.r = 4;
-    pc.alpha = 8.0f;
-    pc.dropout = 0.1f;
-    pc.target_mask = (1u << TK_NPROJ) - 1;
-    pc.gate.enabled = 1;
-    int rc = tk_llama_attach(m, &pc, NULL, 11, err);
-    tk_peft_config_free(&pc);
-    if (rc) {
-        tk_llama_close(m);
-        return NULL;
-    }
-    /* B starts at zero (every r_i = 0): a random adapter state, and thresholds that drop tokens */
-    tk_rng rng;
-    tk_rng_seed(&rng, 3);
-    for (size_t i = 0; i < m->params.total; i++) m->params.data[i] += 0.05f * (2.0f * tk_rng_uniform(&rng) - 1.0f);
-    return m;
-}
+/* 3 layers, LoRA with dropout and the gate on (thresholds that drop tokens: set_thresholds) */
+static tk_llama *make_model(int bf16, tk_err *err) { return tiny_llama(3, NT, bf16, 7, 0.1f, 1, err); }
 
 /* Thresholds at the 30% quantile of each module's r (midway between two of them, so that a kernel with
  * another summation order keeps the same tokens) (measured by an ungated forward) on two modules

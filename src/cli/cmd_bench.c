@@ -269,7 +269,7 @@ int tk_cmd_bench(int argc, char **argv) {
     tk_llama_acts *a = NULL;
     int32_t *ids = NULL;
     sgemm_probe probe = {0};
-    double *beside_rate = NULL; /* --sgemm-beside: [steps] rates, then [steps] the steps' shares of them */
+    double *beside_rate = NULL; /* --sgemm-beside: [steps] rates, [steps] the steps' shares, [steps] scratch */
     tk_peft_config pc;
     tk_peft_config_default(&pc);
     if (seq < 2 || batch < 1 || steps < 1 || warmup < 0 || !(keep >= 0.0f && keep <= 1.0f) || c.n_heads < 1 ||
@@ -313,7 +313,7 @@ int tk_cmd_bench(int argc, char **argv) {
     }
     for (size_t i = 0; i < N; i++) ids[i] = (int32_t)(tk_rng_u64(&rng) % (uint64_t)c.vocab_size);
     if (pc.gate.enabled && force_keep(m, a, ids, B, T, keep, !json_path, &err)) goto done;
-    if (beside && (!(probe = probe_alloc(2048)).a || !(beside_rate = calloc(2 * (size_t)steps, sizeof(double))))) {
+    if (beside && (!(probe = probe_alloc(2048)).a || !(beside_rate = calloc(3 * (size_t)steps, sizeof(double))))) {
         tk_fail(&err, "out of memory (--sgemm-beside)");
         goto done;
     }
@@ -398,7 +398,7 @@ int tk_cmd_bench(int argc, char **argv) {
            mean, t_min, (double)N / mean, flops / mean / 1e9, sg_peak, 100.0 * flops / mean / 1e9 / sg_peak, rss_mib);
     double beside_med = 0.0, beside_lo = 0.0, beside_hi = 0.0, beside_mean = 0.0;
     if (beside) {
-        double sh[steps];
+        double *sh = beside_rate + 2 * steps; /* the shares, sorted */
         for (int i = 0; i < steps; i++) sh[i] = beside_rate[steps + i], beside_mean += beside_rate[i] / steps;
         qsort(sh, (size_t)steps, sizeof sh[0], cmp_double);
         beside_lo = sh[0], beside_hi = sh[steps - 1];

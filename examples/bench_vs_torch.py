@@ -129,6 +129,12 @@ def run_tspeft(a, shape, keep, more=()):
             return json.load(f)
 
 
+def gate_saving(run):
+    """A --keep K --keep-also 1.0 run: K's steps, keep 1.0's, and the adapter backward's saving at K."""
+    k, full = run["by_keep"][0], run["by_keep"][1]
+    return k, full, 1.0 - k["adapter_backward_seconds"] / full["adapter_backward_seconds"]
+
+
 def verdict(ok):
     return "PASS" if ok else "FAIL"
 
@@ -177,12 +183,11 @@ def main():
     best = max(torch_runs, key=lambda r: r["tokens_per_second"])
     speed = ts["tokens_per_second"] / best["tokens_per_second"]
     # the peak is measured in each tspeft run: take the best (a loaded machine lowers single measurements)
-    peak = max(r["sgemm_peak_gflops"] for r in (ts, half, low, beside) if r)
+    readings = [r["sgemm_peak_gflops"] for r in (ts, half, low, beside) if r]
+    peak = max(readings)
     eff = ts["gflops"] / peak
     mem = ts["peak_rss_mib"] / best["peak_rss_mib"]
-    # the gate's saving: --keep's steps against keep 1.0's, alternated in the same run
-    hk, hf = half["by_keep"][0], half["by_keep"][1]
-    save = 1.0 - hk["adapter_backward_seconds"] / hf["adapter_backward_seconds"]
+    hk, hf, save = gate_saving(half)
     print("tspeft, %d threads: step %.3f s (min %.3f), %.0f tokens/s, %.1f GFLOP/s, peak RSS %.0f MiB (%s attention)" %
           (ts["threads"], ts["step_seconds"], ts["step_seconds_min"], ts["tokens_per_second"], ts["gflops"],
            ts["peak_rss_mib"], ts.get("attention", "?")))
@@ -210,12 +215,11 @@ def main():
            hf["adapter_backward_seconds"], hk["adapter_backward_seconds"], 100 * save,
            hf["adapter_forward_seconds"], hk["adapter_forward_seconds"]))
     if low:
-        lk, lf = low["by_keep"][0], low["by_keep"][1]
+        lk, lf, save_low = gate_saving(low)
         print("     gate keep 1.0 vs %.2f, alternated in one run (measured %.3f / %.3f): step %.3f / %.3f s, adapter "
               "backward %.3f / %.3f s (saving %.0f%%)" %
               (a.keep_low, lf["keep_ratio"], lk["keep_ratio"], lf["step_seconds"], lk["step_seconds"],
-               lf["adapter_backward_seconds"], lk["adapter_backward_seconds"],
-               100 * (1.0 - lk["adapter_backward_seconds"] / lf["adapter_backward_seconds"])))
+               lf["adapter_backward_seconds"], lk["adapter_backward_seconds"], 100 * save_low))
     if "frozen_matmul_seconds" in ts:
         tf, ta = ts["frozen_matmul_seconds"], ts["attention_seconds"]
         tb = ts["adapter_forward_seconds"] + ts["adapter_backward_seconds"]
@@ -224,9 +228,8 @@ def main():
               "adapter branches %.3f s, the rest %.3f s; frozen matmuls alone would give %.0f%% of the peak" %
               (tf, ts["frozen_matmul_flops"] / tf / 1e9, 100 * ts["frozen_matmul_flops"] / tf / 1e9 / peak, ta, tb,
                rest, 100 * ts["flops_per_step"] / tf / 1e9 / peak))
-    # each tspeft run reads the peak; readings far apart mean the host's speed moved during the script,
-    # and so did every time above (the steps, PyTorch's runs): say so beside the verdicts
-    readings = [r["sgemm_peak_gflops"] for r in (ts, half, low, beside) if r]
+    # readings far apart mean the host's speed moved during the script, and so did every time above
+    # (the steps, PyTorch's runs): say so beside the verdicts
     drift = max(readings) / min(readings) - 1.0
     if drift > 0.15:
         print("WARNING the host's speed moved during this script: the peak read %s GFLOP/s in the tspeft runs "
@@ -238,7 +241,8 @@ def main():
             json.dump({"tspeft": ts, "tspeft_keep_half": half, "tspeft_keep_low": low, "tspeft_sgemm_beside": beside,
                        "pytorch": torch_runs,
                        "sgemm_peak_gflops": peak, "speed_ratio": speed,
-                       "peak_fraction": eff, "peak_fraction_fastest_step": eff_fast, "peak_readings": readings, "rss_ratio": mem, "adapter_backward_saving": save}, f, indent=2)
+                       "peak_fraction": eff, "peak_fraction_fastest_step": eff_fast, "peak_readings": readings,
+                       "rss_ratio": mem, "adapter_backward_saving": save}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -153,11 +153,11 @@ static void check_threads(tk_adapter_kind kind, size_t nkeep, float dropout) {
     check(kind, nkeep, dropout, 2, &r2);
     for (size_t i = 0; i < NN * II; i++) dx1[i] = r1.dx[i];
     double e_dx = max_rel(r2.dx, dx1, NN * II);
-    if (memcmp(r1.dA, r2.dA, sizeof r1.dA) != 0 || memcmp(r1.dB, r2.dB, sizeof r1.dB) != 0 ||
-        memcmp(r1.c, r2.c, sizeof r1.c) != 0 || !(e_dx <= 1e-6)) {
+    int dA = memcmp(r1.dA, r2.dA, sizeof r1.dA) != 0, dB = memcmp(r1.dB, r2.dB, sizeof r1.dB) != 0;
+    int dc = memcmp(r1.c, r2.c, sizeof r1.c) != 0;
+    if (dA || dB || dc || !(e_dx <= 1e-6)) {
         printf("FAIL results differ between 1 and 2 threads (dA %s, dB %s, c %s, dx by %.2g)\n",
-               memcmp(r1.dA, r2.dA, sizeof r1.dA) ? "differs" : "same", memcmp(r1.dB, r2.dB, sizeof r1.dB) ? "differs" : "same",
-               memcmp(r1.c, r2.c, sizeof r1.c) ? "differ" : "same", e_dx);
+               dA ? "differs" : "same", dB ? "differs" : "same", dc ? "differ" : "same", e_dx);
         fails++;
     }
 }

@@ -179,6 +179,9 @@ typedef struct {
     double t, fwd, bwd, kept, seen;
 } keep_sums;
 
+/* The keep ratio measured over those steps (1 when the gate saw no token). */
+static double keep_ratio(const keep_sums *k) { return k->seen ? k->kept / k->seen : 1.0; }
+
 /* --keep-also "X[,Y,Z]" appended to keeps[0..*nk). */
 static int parse_keeps(const char *list, float *keeps, int *nk, tk_err *err) {
     const char *p = list;
@@ -269,7 +272,7 @@ int tk_cmd_bench(int argc, char **argv) {
     tk_llama_acts *a = NULL;
     int32_t *ids = NULL;
     sgemm_probe probe = {0};
-    double *beside_rate = NULL; /* --sgemm-beside: [steps] rates, [steps] the steps' shares, [steps] scratch */
+    double *beside_buf = NULL; /* --sgemm-beside: beside_rate, beside_share and a sorted copy, [steps] each */
     tk_peft_config pc;
     tk_peft_config_default(&pc);
     if (seq < 2 || batch < 1 || steps < 1 || warmup < 0 || !(keep >= 0.0f && keep <= 1.0f) || c.n_heads < 1 ||
@@ -313,10 +316,12 @@ int tk_cmd_bench(int argc, char **argv) {
     }
     for (size_t i = 0; i < N; i++) ids[i] = (int32_t)(tk_rng_u64(&rng) % (uint64_t)c.vocab_size);
     if (pc.gate.enabled && force_keep(m, a, ids, B, T, keep, !json_path, &err)) goto done;
-    if (beside && (!(probe = probe_alloc(2048)).a || !(beside_rate = calloc(3 * (size_t)steps, sizeof(double))))) {
+    if (beside && (!(probe = probe_alloc(2048)).a || !(beside_buf = calloc(3 * (size_t)steps, sizeof(double))))) {
         tk_fail(&err, "out of memory (--sgemm-beside)");
         goto done;
     }
+    double *beside_rate = beside_buf, *beside_share = beside_buf + steps, *beside_sorted = beside_buf + 2 * steps;
+    double fl_frozen, fl_attn, flops = step_flops(m, B, T, &fl_frozen, &fl_attn);
     double t_min = INFINITY, t_frozen = 0.0, t_attn = 0.0;
     keep_sums ks[TK_BENCH_KEEPS] = {{0}}; /* per keep ratio; ks[0]: --keep's steps, the headline figures */
     double ph[4] = {0}; /* forward, loss, backward, optimizer (clipping + AdamW) */
@@ -356,23 +361,22 @@ int tk_cmd_bench(int argc, char **argv) {
         if (ki != 0) continue; /* the headline figures are --keep's steps */
         if (beside) {
             int i = (s - warmup) / nk;
-            double unused_f, unused_a, fl = step_flops(m, B, T, &unused_f, &unused_a);
             beside_rate[i] = sgemm_beside(&probe, dt);
-            beside_rate[steps + i] = fl / dt / 1e9 / beside_rate[i]; /* this step's share of it */
+            beside_share[i] = flops / dt / 1e9 / beside_rate[i];
         }
         for (int k = 0; k < 4; k++) ph[k] += tp[k + 1] - tp[k];
         t_min = dt < t_min ? dt : t_min;
         t_frozen += m->ws.secs_base_fwd + m->ws.secs_base_bwd;
         t_attn += m->ws.secs_attn_fwd + m->ws.secs_attn_bwd;
     }
-    double fwd = ks[0].fwd, bwd = ks[0].bwd, kept = ks[0].kept, seen = ks[0].seen;
+    double fwd = ks[0].fwd, bwd = ks[0].bwd;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru); /* before the second peak measurement's 48 MiB of matrices */
     /* The peak again, after the steps: a single measurement that caught the machine in a slow moment
      * would flatter the share (a 3-run peak once read 272 GFLOP/s, against 360-410 around it). */
     double sg_peak2 = sgemm_peak(2048, TK_PEAK_REPS);
     sg_peak = sg_peak2 > sg_peak ? sg_peak2 : sg_peak;
-    double fl_frozen, fl_attn, mean = ks[0].t / steps, flops = step_flops(m, B, T, &fl_frozen, &fl_attn);
+    double mean = ks[0].t / steps;
     double tf = t_frozen / steps, ta = t_attn / steps, tb = (fwd + bwd) / steps;
     double rss_mib = (double)ru.ru_maxrss / 1024.0;
     /* memory model: weights + trainable block (data, grad, AdamW m, v) + activations + adapter state */
@@ -398,20 +402,21 @@ int tk_cmd_bench(int argc, char **argv) {
            mean, t_min, (double)N / mean, flops / mean / 1e9, sg_peak, 100.0 * flops / mean / 1e9 / sg_peak, rss_mib);
     double beside_med = 0.0, beside_lo = 0.0, beside_hi = 0.0, beside_mean = 0.0;
     if (beside) {
-        double *sh = beside_rate + 2 * steps; /* the shares, sorted */
-        for (int i = 0; i < steps; i++) sh[i] = beside_rate[steps + i], beside_mean += beside_rate[i] / steps;
+        double *sh = beside_sorted;
+        for (int i = 0; i < steps; i++) beside_mean += beside_rate[i] / steps;
+        memcpy(sh, beside_share, (size_t)steps * sizeof sh[0]);
         qsort(sh, (size_t)steps, sizeof sh[0], cmp_double);
         beside_lo = sh[0], beside_hi = sh[steps - 1];
         beside_med = steps % 2 ? sh[steps / 2] : 0.5 * (sh[steps / 2 - 1] + sh[steps / 2]);
         printf("  sgemm beside each step (as long, right after it): mean %.1f GFLOP/s; each step's share of its own: "
                "median %.0f%% (%.0f-%.0f%%)\n", beside_mean, 100.0 * beside_med, 100.0 * beside_lo, 100.0 * beside_hi);
     }
-    printf("  keep ratio %.3f  adapter branch: forward %.3f s, backward %.3f s per step\n", seen ? kept / seen : 1.0,
+    printf("  keep ratio %.3f  adapter branch: forward %.3f s, backward %.3f s per step\n", keep_ratio(&ks[0]),
            fwd / steps, bwd / steps);
     for (int k = 1; k < nk; k++)
         printf("  keep %.2f, in turn with %.2f (measured %.3f): step %.3f s, adapter branch forward %.3f s, backward %.3f s "
                "(backward %+.0f%% against keep %.2f in the same run)\n", (double)keeps[k], (double)keeps[0],
-               ks[k].seen ? ks[k].kept / ks[k].seen : 1.0, ks[k].t / steps, ks[k].fwd / steps, ks[k].bwd / steps,
+               keep_ratio(&ks[k]), ks[k].t / steps, ks[k].fwd / steps, ks[k].bwd / steps,
                ks[0].bwd > 0 ? 100.0 * (ks[k].bwd / ks[0].bwd - 1.0) : 0.0, (double)keeps[0]);
     printf("  phases: forward %.3f s, loss %.3f s, backward %.3f s, optimizer %.3f s;  %.1f GFLOP per step\n",
            ph[0] / steps, ph[1] / steps, ph[2] / steps, ph[3] / steps, flops / 1e9);
@@ -439,7 +444,7 @@ int tk_cmd_bench(int argc, char **argv) {
         cJSON_AddNumberToObject(j, "threads", threads);
         cJSON_AddBoolToObject(j, "bf16_weights", bf16);
         cJSON_AddNumberToObject(j, "packed_matrices", n_packed);
-        cJSON_AddNumberToObject(j, "keep_ratio", seen ? kept / seen : 1.0);
+        cJSON_AddNumberToObject(j, "keep_ratio", keep_ratio(&ks[0]));
         cJSON_AddNumberToObject(j, "step_seconds", mean);
         cJSON_AddNumberToObject(j, "step_seconds_min", t_min);
         cJSON_AddNumberToObject(j, "tokens_per_second", (double)N / mean);
@@ -450,7 +455,7 @@ int tk_cmd_bench(int argc, char **argv) {
         cJSON_AddNumberToObject(j, "peak_rss_mib", rss_mib);
         if (beside) {
             cJSON_AddItemToObject(j, "sgemm_beside_gflops", cJSON_CreateDoubleArray(beside_rate, steps));
-            cJSON_AddItemToObject(j, "share_of_sgemm_beside", cJSON_CreateDoubleArray(beside_rate + steps, steps));
+            cJSON_AddItemToObject(j, "share_of_sgemm_beside", cJSON_CreateDoubleArray(beside_share, steps));
             cJSON_AddNumberToObject(j, "share_of_sgemm_beside_median", beside_med);
         }
         cJSON_AddNumberToObject(j, "adapter_forward_seconds", fwd / steps);
@@ -475,7 +480,7 @@ int tk_cmd_bench(int argc, char **argv) {
             for (int k = 0; k < nk && arr; k++) {
                 cJSON *o = cJSON_CreateObject();
                 cJSON_AddNumberToObject(o, "keep", keeps[k]);
-                cJSON_AddNumberToObject(o, "keep_ratio", ks[k].seen ? ks[k].kept / ks[k].seen : 1.0);
+                cJSON_AddNumberToObject(o, "keep_ratio", keep_ratio(&ks[k]));
                 cJSON_AddNumberToObject(o, "step_seconds", ks[k].t / steps);
                 cJSON_AddNumberToObject(o, "adapter_forward_seconds", ks[k].fwd / steps);
                 cJSON_AddNumberToObject(o, "adapter_backward_seconds", ks[k].bwd / steps);
@@ -495,7 +500,7 @@ int tk_cmd_bench(int argc, char **argv) {
 done:
     if (status) fprintf(stderr, "tspeft bench: %s\n", err.msg);
     free(ids);
-    free(beside_rate);
+    free(beside_buf);
     probe_free(&probe);
     tk_peft_config_free(&pc);
     tk_llama_acts_free(m, a);

@@ -20,8 +20,8 @@ figures must satisfy whatever the machine's speed.
     level or better, never the library's pre-AVX2 fallback (src/cli/blas_core.c); a user's own
     OPENBLAS_CORETYPE is kept as given, and the restart keeps the arguments (the shape is reported).
 (g) --sgemm-beside: one sgemm rate and one share per timed step (positive), the median share is their
-    median, and share x rate gives back each step's time, whose mean is step_seconds; without the
-    option the JSON has none of it.
+    median, the mean rate is their mean, and share x rate gives back each step's time, whose mean is
+    step_seconds; without the option the JSON has none of it.
 (e) bad options (--keep 1.5, --keep-also 2 or 0.5,x, --seq 1, dim not divisible by heads) exit
     non-zero with one line.
 Exit status 0 when every check passed, 1 otherwise.
@@ -122,6 +122,8 @@ def check_sgemm_beside(tspeft, tmp, total):
     mean = sum(times) / 3
     check(abs(mean - j["step_seconds"]) <= 1e-9 + 1e-6 * j["step_seconds"],
           "--sgemm-beside: share x rate gives the steps' times (mean %.6f s == step %.6f s)" % (mean, j["step_seconds"]))
+    check(abs(j["sgemm_beside_mean_gflops"] - sum(rates) / 3) <= 1e-9 * sum(rates),
+          "--sgemm-beside: the mean beside rate is the mean of the rates")
     check("sgemm beside each step" in p.stdout, "--sgemm-beside: reported")
     j2, _ = bench(tspeft, tmp, 1.0, ("--steps", "3"))
     if j2 is not None:

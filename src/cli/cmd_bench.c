@@ -184,16 +184,14 @@ static double keep_ratio(const keep_sums *k) { return k->seen ? k->kept / k->see
 
 /* --keep-also "X[,Y,Z]" appended to keeps[0..*nk). */
 static int parse_keeps(const char *list, float *keeps, int *nk, tk_err *err) {
-    const char *p = list;
-    for (;;) {
+    for (const char *p = list;;) {
         char *end;
         float v = strtof(p, &end);
-        if (end == p || !(v >= 0.0f && v <= 1.0f))
+        if (end == p || !(v >= 0.0f && v <= 1.0f) || (*end != ',' && *end != '\0'))
             return tk_fail(err, "--keep-also: \"%s\" is not a list of ratios in [0,1] (X[,Y,Z])", list);
         if (*nk >= TK_BENCH_KEEPS) return tk_fail(err, "--keep-also: at most %d ratios", TK_BENCH_KEEPS - 1);
         keeps[(*nk)++] = v;
         if (*end == '\0') return 0;
-        if (*end != ',') return tk_fail(err, "--keep-also: \"%s\" is not a list of ratios in [0,1] (X[,Y,Z])", list);
         p = end + 1;
     }
 }

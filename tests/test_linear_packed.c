@@ -7,6 +7,9 @@
  * sizes and the issue's own shapes at N = 512. The backward must be
  * the forward's adjoint: <dy, x w^T> = <dy w, x>. Both must match for 1 and 2 threads bit for bit, and
  * BF16 panels (tk_linear_pack_bf16) must give exactly the fp32 kernel's results on the same values.
+ * Threads share a product by units and row blocks, idle threads taking row blocks from the others'
+ * units (sharing_case): with 2, 3 and 5 threads, more threads than units included, repeated so that the
+ * splits differ from run to run, every result must equal the one-thread result bit for bit.
  * Skipped (77) where the CPU has no AVX-512F or TSPEFT_PACKED=0, since then nothing is packed.
  */
 #define TEST_NAME "test_linear_packed"
@@ -111,6 +114,60 @@ static void one_case(size_t N, size_t I, size_t O) {
     tk_free(dx), tk_free(dx1), tk_free(dx0), tk_free(yr), tk_free(dxr), tk_free(dxw), tk_free(dwr);
 }
 
+/* The work sharing of linear_packed.c: units (64-wide panels) taken in turn, row blocks of 48 rows
+ * taken from the ends of other threads' units, depth blocks separated by a barrier. With few units
+ * and more threads than units, threads without a unit of their own start by taking row blocks of the
+ * others'. The split changes from run to run; the results must not. */
+static void sharing_case(size_t N, size_t I, size_t O) {
+    float *w = falloc(O * I), *x = falloc(N * I), *dy = falloc(N * O), *dx0 = falloc(N * I);
+    float *y1 = falloc(N * O), *dx1 = falloc(N * I), *y = falloc(N * O), *dx = falloc(N * I);
+    uint16_t *wh = xalloc(O * I, sizeof(uint16_t));
+    float *yh1 = falloc(N * O), *dxh1 = falloc(N * I);
+    fill(w, O * I, -1.0f, 1.0f);
+    fill(x, N * I, -1.0f, 1.0f);
+    fill(dy, N * O, -1.0f, 1.0f);
+    fill(dx0, N * I, -1.0f, 1.0f);
+    for (size_t i = 0; i < O * I; i++) wh[i] = tk_f32_to_bf16(w[i]);
+    if (tk_linear_pack(w, O, I) || tk_linear_pack_bf16(wh, O, I)) {
+        report_bool("tk_linear_pack allocates its panel buffer", 0);
+        return;
+    }
+    omp_set_num_threads(1);
+    tk_linear_packed_forward(y1, x, w, N, I, O);
+    memcpy(dx1, dx0, N * I * sizeof(float));
+    tk_linear_packed_backward(dx1, dy, w, N, I, O, 1.0f);
+    tk_linear_packed_forward_bf16(yh1, x, wh, N, I, O);
+    memcpy(dxh1, dx0, N * I * sizeof(float));
+    tk_linear_packed_backward_bf16(dxh1, dy, wh, N, I, O, 1.0f);
+    const int threads[] = {2, 3, 5};
+    for (size_t t = 0; t < sizeof threads / sizeof *threads; t++) {
+        omp_set_num_threads(threads[t]);
+        int same = 1, same_h = 1;
+        for (int rep = 0; rep < 8; rep++) {
+            for (size_t i = 0; i < N * O; i++) y[i] = NAN;
+            tk_linear_packed_forward(y, x, w, N, I, O);
+            memcpy(dx, dx0, N * I * sizeof(float));
+            tk_linear_packed_backward(dx, dy, w, N, I, O, 1.0f);
+            same = same && memcmp(y, y1, N * O * sizeof(float)) == 0 && memcmp(dx, dx1, N * I * sizeof(float)) == 0;
+            tk_linear_packed_forward_bf16(y, x, wh, N, I, O);
+            memcpy(dx, dx0, N * I * sizeof(float));
+            tk_linear_packed_backward_bf16(dx, dy, wh, N, I, O, 1.0f);
+            same_h = same_h && memcmp(y, yh1, N * O * sizeof(float)) == 0 &&
+                     memcmp(dx, dxh1, N * I * sizeof(float)) == 0;
+        }
+        char name[112];
+        snprintf(name, sizeof name, "N %3zu I %4zu O %5zu shared by %d threads = 1 thread (fp32, 8 runs)", N, I, O,
+                 threads[t]);
+        report_bool(name, same);
+        snprintf(name, sizeof name, "N %3zu I %4zu O %5zu shared by %d threads = 1 thread (BF16, 8 runs)", N, I, O,
+                 threads[t]);
+        report_bool(name, same_h);
+    }
+    omp_set_num_threads(2);
+    tk_free(w), tk_free(x), tk_free(dy), tk_free(dx0), tk_free(y1), tk_free(dx1), tk_free(y), tk_free(dx);
+    tk_free(wh), tk_free(yh1), tk_free(dxh1);
+}
+
 int main(void) {
     if (!tk_linear_packed_available()) {
         printf("SKIP: no AVX-512F on this CPU, or TSPEFT_PACKED=0: weights are never packed\n");
@@ -129,6 +186,9 @@ int main(void) {
     one_case(37, 768, 5000);
     one_case(13, 1100, 100); /* a partial second k block, a partial panel */
     one_case(7, 100, 900);   /* a partial second depth block ending in a 4-row panel */
+    sharing_case(500, 1100, 70); /* forward: 2 units, 2 k blocks; backward: 18 units */
+    sharing_case(500, 70, 1600); /* forward: 25 units; backward: 2 units, 3 depth blocks */
+    sharing_case(301, 64, 64);   /* one unit each way, 7 row blocks */
     printf("%s: %s\n", TEST_NAME, g_failures ? "FAILED" : "all passed");
     return g_failures ? 1 : 0;
 }

@@ -30,6 +30,7 @@
 
 #include "common.h"
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -60,12 +61,6 @@ int tk_linear_packed_available(void) {
 
 /* Width of 64-wide panel (or column block) p of n: 64, or what is left for the last one. */
 static size_t panel_width(size_t n, size_t p) { return n - p * TK_PANEL < TK_PANEL ? n - p * TK_PANEL : TK_PANEL; }
-
-/* This thread's share [*lo, *hi) of n items split evenly over the team, in order. */
-static void thread_share(size_t n, size_t *lo, size_t *hi) {
-    size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
-    *lo = n * id / nt, *hi = n * (id + 1) / nt;
-}
 
 /* The panel rearrangement, for 4-byte (fp32) or 2-byte (BF16) elements. */
 static int pack_panels(void *w, size_t elem, size_t O, size_t I) {
@@ -149,26 +144,26 @@ TK_PK_TILES(6)
 static const tile_fn tiles[TK_PK_MR][4] = {TK_PK_ROW(1), TK_PK_ROW(2), TK_PK_ROW(3),
                                            TK_PK_ROW(4), TK_PK_ROW(5), TK_PK_ROW(6)};
 
-/* Memory to bring into L2 while a pass computes: n_chunks chunks of `lines` 64-byte lines, chunk c
- * at base + c * stride bytes (the backward's next block of panels; a prefetch never faults, so a
- * partial last panel's chunk may reach past it). */
+/* Memory to bring into L2 while a pass computes: chunks of `lines` 64-byte lines, chunk c at
+ * base + c * stride bytes (the backward's next block of panels; a prefetch never faults, so a
+ * partial last panel's chunk may reach past it). A pass fetches the plan's lines lo .. hi-1. */
 typedef struct {
     const char *base;
-    size_t stride, n_chunks, lines;
+    size_t stride, lines, lo, hi;
 } prefetch_plan;
 
-/* C [N, cols] (+)= A [N, kc] B [kc, cols] over all N rows, cols <= 64; pf (or NULL) is prefetched
- * in even slices between the row tiles. */
+/* C [N, cols] (+)= A [N, kc] B [kc, cols] over all N rows, cols <= 64; pf's lines (or none, NULL)
+ * are prefetched in even slices between the row tiles. */
 static void rows_pass(size_t N, size_t cols, size_t kc, const float *A, size_t lda, const float *B, size_t ldb,
                       float *C, size_t ldc, int acc_c, const prefetch_plan *pf) {
     int nv = (int)((cols + 15) / 16);
     size_t tail = cols - 16 * (size_t)(nv - 1);
     __mmask16 last = (__mmask16)(tail == 16 ? 0xffffu : (1u << tail) - 1u);
-    size_t n_tiles = (N + TK_PK_MR - 1) / TK_PK_MR, lines = pf ? pf->n_chunks * pf->lines : 0;
-    /* the prefetch walk: line l_done of the plan is line l_in of chunk `chunk`, at address at (no
-     * division per line: a tile's share is a few lines, and two divisions each cost more) */
-    size_t l_done = 0, l_in = 0;
-    const char *at = pf ? pf->base : NULL, *chunk = at;
+    size_t n_tiles = (N + TK_PK_MR - 1) / TK_PK_MR;
+    /* the prefetch walk: line l_done of the plan is line l_in of the chunk at `chunk`, at address at
+     * (no division per line: a tile's share is a few lines, and two divisions each cost more) */
+    size_t lo = pf ? pf->lo : 0, lines = pf ? pf->hi - pf->lo : 0, l_done = 0, l_in = pf ? lo % pf->lines : 0;
+    const char *chunk = pf ? pf->base + lo / pf->lines * pf->stride : NULL, *at = chunk ? chunk + 64 * l_in : NULL;
     for (size_t i = 0, t = 0; t < N; i++, t += TK_PK_MR) {
         int mr = N - t < TK_PK_MR ? (int)(N - t) : TK_PK_MR;
         /* the next tile's rows of C (cold: written or read once per pass) are requested now */
@@ -195,8 +190,103 @@ static void transpose_block(float *buf, packed_src w, size_t I, size_t O, size_t
         tk_transpose(buf + ob * TK_PANEL, TK_PANEL, src, w_, kw, w_);
     }
 }
-#endif
 
+/* ---- sharing a depth block of a product between the threads ----------------------------------
+ * A depth block's work is np units (one 64-wide panel of the output, all N rows), each run in row
+ * blocks. Threads take units in turn from a shared counter and run their unit's row blocks from the
+ * first; a thread that finds no unit left takes row blocks from the ends of the units the others are
+ * still running. Why: on a shared host the two vCPUs' speeds differ from moment to moment, and the
+ * static split of the panels that this replaced made every product wait on the slower thread (perf:
+ * each thread spent about 5% of a step spinning in libgomp's barrier). Who runs a row block does not
+ * change its sums (each element is summed in k order, depth blocks in order), so the results stay
+ * bitwise the same for any thread count and any split. */
+#define TK_PK_RB 48          /* rows per row block: 8 row tiles */
+#define TK_PK_MAX_THREADS 64 /* threads that share a product (more are not used) */
+
+/* A thread's running unit: unit << 32 | back << 16 | front. Its row blocks front .. back-1 are not
+ * taken yet; the owner takes the front one, others the back one, each with a compare-and-swap. */
+typedef struct {
+    uint64_t v __attribute__((aligned(64)));
+} unit_slot;
+
+typedef struct {
+    uint64_t next[2] __attribute__((aligned(64))); /* the next unit to take, of even and odd depth blocks */
+    unit_slot slot[TK_PK_MAX_THREADS];
+} work_share;
+
+/* Row block *rb of s's unit, taken from the front (thief 0) or the back; 0 when none is left. */
+static int take_row_block(unit_slot *s, int thief, size_t *unit, size_t *rb) {
+    uint64_t cur = __atomic_load_n(&s->v, __ATOMIC_RELAXED);
+    for (;;) {
+        uint64_t front = cur & 0xffff, back = (cur >> 16) & 0xffff;
+        if (front >= back) return 0;
+        uint64_t next = thief ? cur - ((uint64_t)1 << 16) : cur + 1;
+        if (__atomic_compare_exchange_n(&s->v, &cur, next, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            *unit = (size_t)(cur >> 32), *rb = (size_t)(thief ? back - 1 : front);
+            return 1;
+        }
+    }
+}
+
+/* Runs row block rb of unit u of the current depth block on the calling thread; own: the thread's
+ * own unit (its row blocks come in order from 0), else a block taken from another thread's. */
+typedef void (*row_block_fn)(void *ctx, size_t u, size_t rb, int own);
+
+/* One depth block (number b) of np units of nrb row blocks each, on the whole team: every thread of
+ * the region calls it with the same arguments. Consecutive blocks need a barrier between them when
+ * the second adds to what the first wrote. */
+static void share_block(work_share *ws, size_t b, size_t np, size_t nrb, row_block_fn run, void *ctx) {
+    size_t nt = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+    unit_slot *mine = &ws->slot[id];
+    /* the other parity's counter was last used by block b-1, which every thread has left (the
+     * caller's barrier), and is next used by block b+1, after the next barrier */
+    if (id == 0) __atomic_store_n(&ws->next[(b + 1) & 1], 0, __ATOMIC_RELAXED);
+    size_t u, rb;
+    for (;;) {
+        uint64_t mine_u = __atomic_fetch_add(&ws->next[b & 1], 1, __ATOMIC_RELAXED);
+        if (mine_u >= np) break;
+        __atomic_store_n(&mine->v, mine_u << 32 | (uint64_t)nrb << 16, __ATOMIC_RELAXED);
+        while (take_row_block(mine, 0, &u, &rb)) run(ctx, u, rb, 1);
+    }
+    for (size_t k = 1; k < nt; k++) /* no unit left: the ends of the others' */
+        while (take_row_block(&ws->slot[(id + k) % nt], 1, &u, &rb)) run(ctx, u, rb, 0);
+}
+
+/* Rows per row block for N rows: TK_PK_RB, or more where N would need over 65535 blocks. */
+static size_t row_block_rows(size_t N) {
+    size_t r = TK_PK_RB;
+    while ((N + r - 1) / r > 0xffff) r *= 2;
+    return r;
+}
+
+/* Threads for a product of N I O multiply-adds: one below TK_PK_MIN_WORK. */
+static int product_threads(size_t N, size_t I, size_t O) {
+    int nt = omp_get_max_threads();
+    if (nt > TK_PK_MAX_THREADS) nt = TK_PK_MAX_THREADS;
+    return N * I * O >= TK_PK_MIN_WORK ? nt : 1;
+}
+
+/* A thread's view of the forward: y [N,O] (+)= x [N, k0 .. k0+kc-1] w^T for the panels it runs. */
+typedef struct {
+    float *y;
+    const float *x;
+    packed_src w;
+    size_t N, I, O, rows, k0, kc;
+    float *buf;  /* BF16 only: the panel block converted to fp32 */
+    size_t held; /* the panel buf holds (SIZE_MAX: none) */
+} fwd_job;
+
+static void fwd_row_block(void *ctx, size_t p, size_t rb, int own) {
+    (void)own;
+    fwd_job *j = ctx;
+    size_t w_ = panel_width(j->O, p), r0 = rb * j->rows, nr = j->N - r0 < j->rows ? j->N - r0 : j->rows;
+    size_t off = p * TK_PANEL * j->I + j->k0 * w_;
+    const float *B = j->w.f ? j->w.f + off : j->buf;
+    if (!j->w.f && j->held != p) src_floats(j->w, off, j->kc * w_, j->buf), j->held = p;
+    rows_pass(nr, w_, j->kc, j->x + r0 * j->I + j->k0, j->I, B, w_, j->y + r0 * j->O + p * TK_PANEL, j->O,
+              j->k0 > 0, NULL);
+}
+#endif
 
 static void packed_forward(float *y, const float *x, packed_src w, size_t N, size_t I, size_t O) {
     if (N == 0 || O == 0) return;
@@ -205,21 +295,21 @@ static void packed_forward(float *y, const float *x, packed_src w, size_t N, siz
         return;
     }
 #ifdef TK_PACKED_AVX512
-    size_t np = (O + TK_PANEL - 1) / TK_PANEL, KC = TK_PK_KC;
-#pragma omp parallel if (N * I * O >= TK_PK_MIN_WORK)
+    size_t np = (O + TK_PANEL - 1) / TK_PANEL, rows = row_block_rows(N), nrb = (N + rows - 1) / rows;
+    work_share ws;
+    memset(&ws, 0, sizeof ws);
+#pragma omp parallel num_threads(product_threads(N, I, O))
     {
         /* BF16 only: a [1024, 64] panel block converted to fp32, 256 KiB on each thread's stack (the
          * same k blocks as fp32, so the sums and results are the fp32 kernel's on the same values) */
         float buf[TK_PK_KC * TK_PANEL] __attribute__((aligned(64)));
-        size_t p0, p1;
-        thread_share(np, &p0, &p1);
-        for (size_t k0 = 0; k0 < I; k0 += KC) {
-            size_t kc = I - k0 < KC ? I - k0 : KC;
-            for (size_t p = p0; p < p1; p++) {
-                size_t w_ = panel_width(O, p);
-                const float *B = src_floats(w, p * TK_PANEL * I + k0 * w_, kc * w_, buf);
-                rows_pass(N, w_, kc, x + k0, I, B, w_, y + p * TK_PANEL, O, k0 > 0, NULL);
+        fwd_job j = {y, x, w, N, I, O, rows, 0, 0, buf, SIZE_MAX};
+        for (size_t k0 = 0, b = 0; k0 < I; k0 += TK_PK_KC, b++) {
+            if (b > 0) { /* the k block adds to what the one before wrote */
+#pragma omp barrier
             }
+            j.k0 = k0, j.kc = I - k0 < TK_PK_KC ? I - k0 : TK_PK_KC, j.held = SIZE_MAX;
+            share_block(&ws, b, np, nrb, fwd_row_block, &j);
         }
     }
 #endif
@@ -235,6 +325,42 @@ void tk_linear_packed_forward_bf16(float *y, const float *x, const uint16_t *wp,
     packed_forward(y, x, (packed_src){NULL, wp}, N, I, O);
 }
 
+#ifdef TK_PACKED_AVX512
+/* A thread's view of the backward: dx [N, I] (+)= dy [N, o0 .. o0+oc-1] w for the column blocks q it
+ * runs. */
+typedef struct {
+    float *dx;
+    const float *dy;
+    packed_src w;
+    const char *base; /* the packed weight's bytes */
+    size_t N, I, O, rows, nq, nt, o0, oc, elem;
+    int acc;      /* add to dx (a depth block after the first, or beta 1) */
+    float *buf;   /* the transposed [oc, 64] block of w */
+    size_t held;  /* the column block buf holds (SIZE_MAX: none) */
+} bwd_job;
+
+static void bwd_row_block(void *ctx, size_t q, size_t rb, int own) {
+    bwd_job *j = ctx;
+    size_t kw = panel_width(j->I, q), r0 = rb * j->rows, nr = j->N - r0 < j->rows ? j->N - r0 : j->rows;
+    size_t nrb = (j->N + j->rows - 1) / j->rows;
+    if (j->held != q) transpose_block(j->buf, j->w, j->I, j->O, j->o0, j->oc, q, kw), j->held = q;
+    /* the transpose alone would wait on memory: while its own unit's rows run, a thread fetches the
+     * panels of the unit it will most likely take next (nt units on, in this depth block or the next) */
+    prefetch_plan pf, *ppf = NULL;
+    size_t un = q + j->nt, on = j->o0;
+    if (un >= j->nq) un -= j->nq, on += TK_PK_OC;
+    if (own && un < j->nq && on < j->O) {
+        size_t ocn = j->O - on < TK_PK_OC ? j->O - on : TK_PK_OC, lines = TK_PANEL * TK_PANEL * j->elem / 64;
+        size_t all = (ocn + TK_PANEL - 1) / TK_PANEL * lines;
+        pf = (prefetch_plan){j->base + (on * j->I + un * TK_PANEL * TK_PANEL) * j->elem, TK_PANEL * j->I * j->elem,
+                             lines, all * rb / nrb, all * (rb + 1) / nrb};
+        ppf = &pf;
+    }
+    rows_pass(nr, kw, j->oc, j->dy + r0 * j->O + j->o0, j->O, j->buf, TK_PANEL, j->dx + r0 * j->I + q * TK_PANEL,
+              j->I, j->acc, ppf);
+}
+#endif
+
 static void packed_backward(float *dx, const float *dy, packed_src w, size_t N, size_t I, size_t O, float beta) {
     TK_ASSERT(beta == 0.0f || beta == 1.0f);
     if (N == 0 || I == 0) return;
@@ -243,28 +369,22 @@ static void packed_backward(float *dx, const float *dy, packed_src w, size_t N, 
         return;
     }
 #ifdef TK_PACKED_AVX512
-    size_t nq = (I + TK_PANEL - 1) / TK_PANEL, elem = src_elem(w);
-    const char *base = w.f ? (const char *)w.f : (const char *)w.h;
-#pragma omp parallel if (N * I * O >= TK_PK_MIN_WORK)
+    size_t nq = (I + TK_PANEL - 1) / TK_PANEL, rows = row_block_rows(N), nrb = (N + rows - 1) / rows;
+    work_share ws;
+    memset(&ws, 0, sizeof ws);
+#pragma omp parallel num_threads(product_threads(N, I, O))
     {
         /* 192 KiB on each thread's stack: the transposed [oc, 64] block of w */
         float buf[TK_PK_OC * TK_PANEL] __attribute__((aligned(64)));
-        size_t q0, q1;
-        thread_share(nq, &q0, &q1);
-        for (size_t o0 = 0; o0 < O; o0 += TK_PK_OC) {
-            size_t oc = O - o0 < TK_PK_OC ? O - o0 : TK_PK_OC;
-            for (size_t q = q0; q < q1; q++) {
-                size_t kw = panel_width(I, q);
-                transpose_block(buf, w, I, O, o0, oc, q, kw);
-                /* the transpose alone would wait on memory: the next block's panels are fetched
-                 * while this one's rows run (next q, else the first q of the next depth block) */
-                size_t on = q + 1 < q1 ? o0 : o0 + TK_PK_OC, qn = q + 1 < q1 ? q + 1 : q0;
-                size_t ocn = on < O ? (O - on < TK_PK_OC ? O - on : TK_PK_OC) : 0;
-                prefetch_plan pf = {base + (on * I + qn * TK_PANEL * TK_PANEL) * elem, TK_PANEL * I * elem,
-                                    (ocn + TK_PANEL - 1) / TK_PANEL, TK_PANEL * TK_PANEL * elem / 64};
-                rows_pass(N, kw, oc, dy + o0, O, buf, TK_PANEL, dx + q * TK_PANEL, I, o0 > 0 || beta != 0.0f,
-                          ocn ? &pf : NULL);
+        bwd_job j = {dx, dy, w, w.f ? (const char *)w.f : (const char *)w.h, N, I, O, rows, nq,
+                     (size_t)omp_get_num_threads(), 0, 0, src_elem(w), 0, buf, SIZE_MAX};
+        for (size_t o0 = 0, b = 0; o0 < O; o0 += TK_PK_OC, b++) {
+            if (b > 0) { /* the depth block adds to what the one before wrote */
+#pragma omp barrier
             }
+            j.o0 = o0, j.oc = O - o0 < TK_PK_OC ? O - o0 : TK_PK_OC, j.held = SIZE_MAX;
+            j.acc = o0 > 0 || beta != 0.0f;
+            share_block(&ws, b, nq, nrb, bwd_row_block, &j);
         }
     }
 #endif

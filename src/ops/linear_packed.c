@@ -16,8 +16,9 @@
  * passes over it, and broadcasts dy from its rows. Neither x nor dy is copied.
  *
  * The register tile is 6 rows x 64 columns of the output (24 zmm accumulators, 4 loads of the
- * weight panel and 6 broadcasts per k). Threads split the output's 64-column panels; each output
- * element is summed in k order, blocks in order, so results do not depend on the thread count.
+ * weight panel and 6 broadcasts per k). Threads take the output's 64-column panels in turn and share
+ * the last ones by row blocks (share_block below); each output element is summed in k order, blocks
+ * in order, so results do not depend on the thread count or on who ran which rows.
  * BF16-resident weights use the same panels of BF16 values: each block is converted (exactly) into an
  * fp32 buffer before the same kernel reads it, with the same blocks, so the results are those of the
  * fp32 kernel on the converted weight.

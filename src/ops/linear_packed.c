@@ -334,7 +334,7 @@ typedef struct {
     const float *dy;
     packed_src w;
     const char *base; /* the packed weight's bytes */
-    size_t N, I, O, rows, nq, nt, o0, oc, elem;
+    size_t N, I, O, rows, nrb, nq, nt, o0, oc, elem;
     int acc;      /* add to dx (a depth block after the first, or beta 1) */
     float *buf;   /* the transposed [oc, 64] block of w */
     size_t held;  /* the column block buf holds (SIZE_MAX: none) */
@@ -343,7 +343,6 @@ typedef struct {
 static void bwd_row_block(void *ctx, size_t q, size_t rb, int own) {
     bwd_job *j = ctx;
     size_t kw = panel_width(j->I, q), r0 = rb * j->rows, nr = j->N - r0 < j->rows ? j->N - r0 : j->rows;
-    size_t nrb = (j->N + j->rows - 1) / j->rows;
     if (j->held != q) transpose_block(j->buf, j->w, j->I, j->O, j->o0, j->oc, q, kw), j->held = q;
     /* the transpose alone would wait on memory: while its own unit's rows run, a thread fetches the
      * panels of the unit it will most likely take next (nt units on, in this depth block or the next) */
@@ -354,7 +353,7 @@ static void bwd_row_block(void *ctx, size_t q, size_t rb, int own) {
         size_t ocn = j->O - on < TK_PK_OC ? j->O - on : TK_PK_OC, lines = TK_PANEL * TK_PANEL * j->elem / 64;
         size_t all = (ocn + TK_PANEL - 1) / TK_PANEL * lines;
         pf = (prefetch_plan){j->base + (on * j->I + un * TK_PANEL * TK_PANEL) * j->elem, TK_PANEL * j->I * j->elem,
-                             lines, all * rb / nrb, all * (rb + 1) / nrb};
+                             lines, all * rb / j->nrb, all * (rb + 1) / j->nrb};
         ppf = &pf;
     }
     rows_pass(nr, kw, j->oc, j->dy + r0 * j->O + j->o0, j->O, j->buf, TK_PANEL, j->dx + r0 * j->I + q * TK_PANEL,
@@ -377,7 +376,7 @@ static void packed_backward(float *dx, const float *dy, packed_src w, size_t N, 
     {
         /* 192 KiB on each thread's stack: the transposed [oc, 64] block of w */
         float buf[TK_PK_OC * TK_PANEL] __attribute__((aligned(64)));
-        bwd_job j = {dx, dy, w, w.f ? (const char *)w.f : (const char *)w.h, N, I, O, rows, nq,
+        bwd_job j = {dx, dy, w, w.f ? (const char *)w.f : (const char *)w.h, N, I, O, rows, nrb, nq,
                      (size_t)omp_get_num_threads(), 0, 0, src_elem(w), 0, buf, SIZE_MAX};
         for (size_t o0 = 0, b = 0; o0 < O; o0 += TK_PK_OC, b++) {
             if (b > 0) { /* the depth block adds to what the one before wrote */

@@ -1,6 +1,8 @@
 /* test_gate.c: the TS-PEFT threshold step (src/peft/gate.c) on hand-made cases with answers derived
  * in the comments, a brute-force check of the exact proximal step, the surrogate rule, and
- * tk_gate_update (warm-up, disabled gate, dual lambda with a target keep ratio, statistics).
+ * tk_gate_update (warm-up, disabled gate, dual lambda with a target keep ratio, statistics), and the
+ * study rules: the weighted step with a trust region against brute force, importance and scaled
+ * weights, the layer-free random rule's rate and determinism.
  *
  *   Phi(t) = sum_i (c_i + lambda/n) [r_i >= t]
  *   prox:      tau' = argmin_{t >= 0} Phi(t) + (t - tau)^2 / (2 eta)   ties: nearest tau, then smaller t
@@ -439,6 +441,185 @@ static void test_update(void) {
     tk_gate_stats_free(&st);
 }
 
+/* ---- study rules ------------------------------------------------------------------------------ */
+
+/* Brute force of the weighted step with the dropped count in [lo, hi]: every candidate t (each r, the
+ * float above it, tau, 0) whose dropped count is allowed; the best objective. */
+static double weighted_best(const float *r, const double *w, size_t n, float tau, float eta, size_t lo, size_t hi,
+                            float *best_t) {
+    double best = INFINITY;
+    float cand[2 * 12 + 2];
+    size_t nc = 0;
+    for (size_t i = 0; i < n; i++) {
+        cand[nc++] = r[i];
+        cand[nc++] = nextafterf(r[i], INFINITY);
+    }
+    cand[nc++] = tau;
+    cand[nc++] = 0.0f;
+    for (size_t j = 0; j < nc; j++) {
+        double phi = 0.0;
+        size_t dropped = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (r[i] >= cand[j]) phi += w[i];
+            else dropped++;
+        }
+        if (dropped < lo || dropped > hi) continue;
+        double d = (double)cand[j] - tau, obj = phi + d * d / (2.0 * (double)eta);
+        if (obj < best) best = obj, *best_t = cand[j];
+    }
+    return best;
+}
+
+static void test_weighted_trust_brute(void) {
+    double worst = 0.0;
+    int bad = 0, cases = 300, constrained = 0;
+    for (int k = 0; k < cases; k++) {
+        size_t n = 1 + (size_t)(urand() * 12.0); /* 1..12 */
+        float r[12];
+        double w[12];
+        for (size_t i = 0; i < n; i++) {
+            r[i] = urand() < 0.3 ? (float)((int)(urand() * 4.0)) * 0.25f : (float)(urand() * 1.5);
+            w[i] = 2.0 * urand() - 1.0;
+        }
+        float eta = (float)(0.001 + 0.5 * urand()), tau = (float)(1.5 * urand());
+        size_t dropped = 0;
+        for (size_t i = 0; i < n; i++) dropped += r[i] < tau;
+        size_t lo = 0, hi = n;
+        if (urand() < 0.7) { /* a trust region of +-d tokens around the current count */
+            size_t d = (size_t)(urand() * 3.0);
+            lo = dropped > d ? dropped - d : 0;
+            hi = dropped + d < n ? dropped + d : n;
+            constrained++;
+        }
+        float t = NAN, bt = NAN;
+        if (tk_gate_prox_weighted(r, w, n, tau, eta, lo, hi, &t) != 0) {
+            bad++;
+            continue;
+        }
+        double best = weighted_best(r, w, n, tau, eta, lo, hi, &bt);
+        size_t got_dropped = 0;
+        double phi = 0.0;
+        for (size_t i = 0; i < n; i++) {
+            if (r[i] >= t) phi += w[i];
+            else got_dropped++;
+        }
+        if (got_dropped < lo || got_dropped > hi || !(t >= 0.0f)) {
+            bad++;
+            continue;
+        }
+        double d = (double)t - tau, excess = phi + d * d / (2.0 * (double)eta) - best;
+        if (excess > worst) worst = excess;
+    }
+    report("weighted prox + trust region brute force (300 cases): objective - best allowed", worst, 1e-12);
+    char name[128];
+    snprintf(name, sizeof name, "weighted prox: dropped count inside the region, t >= 0 (%d bad, %d constrained)", bad,
+             constrained);
+    report_bool(name, bad == 0 && constrained > cases / 2);
+}
+
+static void test_study_rules(void) {
+    /* The weighted step with w = c + lambda/n is the reference step, bit for bit. */
+    {
+        float r[5] = {0.1f, 0.4f, 0.4f, 0.8f, 1.3f}, c[5] = {0.3f, -0.2f, 0.05f, -1.0f, 0.1f};
+        double w[5];
+        for (int i = 0; i < 5; i++) w[i] = (double)c[i] + 0.7 / 5.0;
+        float a = -1.0f, b = -2.0f;
+        tk_gate_prox(r, c, 5, 0.35f, 0.7f, 0.05f, &a);
+        tk_gate_prox_weighted(r, w, 5, 0.35f, 0.05f, 0, 5, &b);
+        report_bool("weighted prox with w = c + lambda/n equals tk_gate_prox exactly", a == b);
+    }
+    tk_gate_config cfg = tk_gate_config_default();
+    cfg.enabled = 1;
+    cfg.eta_tau = 10.0f; /* a weak proximal term: the weights decide */
+    /* importance: |c| = {0.1, 0.1, 0.4, 0.4}, sum 1, lambda 1 (price 0.25 a token): w = {0.15, 0.15,
+     * -0.15, -0.15}. Dropping the two small tokens (t = next(0.2)) gives Phi -0.3, the best; the sign
+     * of c does not matter (c = {-0.1, 0.1, 0.4, -0.4}). */
+    {
+        tk_gate_stats st = {0};
+        push(&st, 0.1f, 1, -0.1f);
+        push(&st, 0.2f, 1, 0.1f);
+        push(&st, 0.5f, 1, 0.4f);
+        push(&st, 0.6f, 1, -0.4f);
+        tk_gate_config imp = cfg;
+        imp.rule = TK_GATE_IMPORTANCE;
+        imp.lambda = 1.0f;
+        float tau = 0.0f, lambda = 1.0f;
+        int ok = tk_gate_update(&imp, &st, 1, &tau, &lambda) == 0;
+        report_bool("importance: drops the tokens below the mean |c| (tau -> next(0.2))",
+                    ok && tau == nextafterf(0.2f, INFINITY));
+        /* with a trust region of 1/4 of the tokens it may drop only one */
+        imp.trust = 0.25f;
+        tau = 0.0f;
+        ok = tk_gate_update(&imp, &st, 1, &tau, &lambda) == 0;
+        report_bool("importance + trust region 0.25: one token at most (tau -> next(0.1))",
+                    ok && tau == nextafterf(0.1f, INFINITY));
+        /* every c = 0 (a fresh LoRA): no information, tau stays */
+        tk_gate_stats z = {0};
+        push(&z, 0.0f, 1, 0.0f);
+        push(&z, 0.0f, 1, 0.0f);
+        imp.trust = 0.0f;
+        tau = 0.0f;
+        ok = tk_gate_update(&imp, &z, 1, &tau, &lambda) == 0 && tau == 0.0f;
+        report_bool("importance: a step with every c = 0 leaves tau", ok);
+        tk_gate_stats_free(&st);
+        tk_gate_stats_free(&z);
+    }
+    /* scaled: c = {1, 1, -1, -1} (mean 0, sd 1), n 4, lambda 2: price 2 * 1 / 2 = 1 a token, w = {2, 2, 0, 0}:
+     * dropping the two tokens with c = 1 (lowest r) wins; with lambda 0 the same two go (w = {1, 1, -1, -1}). */
+    {
+        tk_gate_stats st = {0};
+        push(&st, 0.1f, 1, 1.0f);
+        push(&st, 0.2f, 1, 1.0f);
+        push(&st, 0.5f, 1, -1.0f);
+        push(&st, 0.6f, 1, -1.0f);
+        tk_gate_config sc = cfg;
+        sc.rule = TK_GATE_SCALED;
+        float tau = 0.0f, lambda = 2.0f;
+        int ok = tk_gate_update(&sc, &st, 1, &tau, &lambda) == 0;
+        /* lambda 2: w = {2, 2, 0, 0}; dropping all four also gives Phi 0 but is farther from tau */
+        report_bool("scaled: price lambda sd(c)/sqrt(n) (tau -> next(0.2))", ok && tau == nextafterf(0.2f, INFINITY));
+        /* lambda 6: price 3, w = {4, 4, 2, 2}: every token goes */
+        tau = 0.0f, lambda = 6.0f;
+        ok = tk_gate_update(&sc, &st, 1, &tau, &lambda) == 0;
+        report_bool("scaled: a high price drops every token (tau -> next(0.6))", ok && tau == nextafterf(0.6f, INFINITY));
+        tk_gate_stats_free(&st);
+    }
+    /* random: tau never moves; decisions are a hash of (key, row) at the asked rate */
+    {
+        tk_gate_stats st = {0};
+        push(&st, 0.1f, 1, 1.0f);
+        tk_gate_config rnd = cfg;
+        rnd.rule = TK_GATE_RANDOM;
+        rnd.keep = 0.3f;
+        float tau = 0.25f, lambda = 5.0f;
+        int ok = tk_gate_update(&rnd, &st, 1, &tau, &lambda) == 0 && tau == 0.25f && lambda == 5.0f;
+        report_bool("random: the threshold step leaves tau", ok);
+        tk_gate_stats_free(&st);
+        size_t kept = 0, n = 200000, same = 0, agree = 0;
+        for (size_t i = 0; i < n; i++) {
+            int a = tk_gate_random_keep(0x1234u, i, 0.3f);
+            kept += (size_t)a;
+            same += a == tk_gate_random_keep(0x1234u, i, 0.3f);
+            agree += a == tk_gate_random_keep(0x1235u, i, 0.3f);
+        }
+        report("random: keep rate 0.3 over 200000 rows", fabs((double)kept / (double)n - 0.3), 0.005);
+        report_bool("random: the same key and row decide the same", same == n);
+        /* independent keys agree on 0.3^2 + 0.7^2 = 0.58 of the rows */
+        report("random: another key is independent (agreement 0.58)", fabs((double)agree / (double)n - 0.58), 0.01);
+        report_bool("random: keep 1 keeps every row", tk_gate_random_keep(99u, 7, 1.0f) && tk_gate_random_keep(5u, 0, 1.0f));
+    }
+    tk_gate_rule rr = TK_GATE_PROX;
+    tk_tau_scope sc = TK_TAU_MODULE;
+    int ok = 1;
+    const char *names[] = {"prox", "surrogate", "importance", "scaled", "random"};
+    for (int k = 0; k < 5; k++)
+        ok &= tk_gate_rule_parse(names[k], &rr) == 0 && (int)rr == k && strcmp(tk_gate_rule_name(rr), names[k]) == 0;
+    ok &= tk_gate_rule_parse("trust", &rr) == -1;
+    ok &= tk_tau_scope_parse("layer", &sc) == 0 && sc == TK_TAU_LAYER && tk_tau_scope_parse("module", &sc) == 0 &&
+          sc == TK_TAU_MODULE && tk_tau_scope_parse("model", &sc) == -1 && strcmp(tk_tau_scope_name(TK_TAU_LAYER), "layer") == 0;
+    report_bool("study rule and scope names parse and print, others refused", ok);
+}
+
 int main(void) {
     double t0 = tk_time();
     test_prox_hand();
@@ -446,6 +627,8 @@ int main(void) {
     test_surrogate();
     test_stats();
     test_update();
+    test_weighted_trust_brute();
+    test_study_rules();
     printf("test_gate: %d failure(s), %.2f s\n", g_failures, tk_time() - t0);
     return g_failures ? 1 : 0;
 }

@@ -34,11 +34,12 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     o.dist = dist;
     const char *config = NULL, *sched = "constant", *type = "lora", *targets = "q_proj,v_proj";
     const char *layers = NULL, *save = NULL, *act = "tanh", *rule = "prox", *resume = NULL, *nonfinite = "stop";
-    const char *attention = "auto", *recompute = "0";
+    const char *attention = "auto", *recompute = "0", *gate_s = "on", *scope = "module";
     char resume_dir[4096];
     const char *data_specs[TK_LOADER_MAX_SOURCES + 1];
     int n_data = 0;
     int r = 8, rslora = 0, gate = 1;
+    float keep = 0.0f;
     float alpha = 16.0f, dropout = 0.0f, bn_scaling = 1.0f;
     tk_gate_config g = tk_gate_config_default();
     tk_opt opts[] = {
@@ -91,8 +92,11 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         {"train-tensors", TK_OPT_STR, &save, "LIST", "new adapter: base tensors trained in full (modules_to_save)", 0},
         {"bottleneck-act", TK_OPT_STR, &act, "F", "new bottleneck adapter: tanh | relu (default tanh)", 0},
         {"bottleneck-scaling", TK_OPT_FLOAT, &bn_scaling, "X", "new bottleneck adapter: output scaling (default 1)", 0},
-        {"gate", TK_OPT_FLAG, &gate, "on|off", "TS-PEFT token gate (default on for a new adapter)", 0},
-        {"ts-rule", TK_OPT_STR, &rule, "R", "threshold rule: prox | surrogate (default prox)", 0},
+        {"gate", TK_OPT_STR, &gate_s, "on|off|random", "TS-PEFT token gate; random: the chance control, each token's update kept with probability --keep (default on for a new adapter)", 0},
+        {"keep", TK_OPT_FLOAT, &keep, "P", "--gate random: probability in (0,1] that a token's update is applied in a module", 0},
+        {"ts-rule", TK_OPT_STR, &rule, "R", "threshold rule: prox | surrogate | importance | scaled (default prox; docs/tspeft.md)", 0},
+        {"ts-tau-scope", TK_OPT_STR, &scope, "S", "module: a threshold per module | layer: one shared by a layer's modules (default module)", 0},
+        {"ts-trust-region", TK_OPT_FLOAT, &g.trust, "D", "prox-type rules: a step moves the kept share by at most D, 0 = off (default 0)", 0},
         {"ts-lambda", TK_OPT_FLOAT, &g.lambda, "X", "sparsity weight lambda (default 0.05)", 0},
         {"ts-eta-tau", TK_OPT_FLOAT, &g.eta_tau, "X", "threshold step size eta_tau (default 0.05)", 0},
         {"ts-tau0", TK_OPT_FLOAT, &g.tau0, "X", "initial threshold (default 0)", 0},
@@ -129,6 +133,43 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     }
     if (!o.model_dir || !o.data_path) {
         tk_fail(&err, "train needs --model DIR and --data FILE (see --help)");
+        status = 2;
+        goto fail;
+    }
+    /* the gate's mode and rule, checked before anything is read or written */
+    if (strcmp(gate_s, "on") == 0 || strcmp(gate_s, "1") == 0 || strcmp(gate_s, "true") == 0) gate = 1;
+    else if (strcmp(gate_s, "off") == 0 || strcmp(gate_s, "0") == 0 || strcmp(gate_s, "false") == 0) gate = 0;
+    else if (strcmp(gate_s, "random") == 0) gate = 2;
+    else {
+        tk_fail(&err, "--gate: \"%s\" is not on, off or random", gate_s);
+        status = 2;
+        goto fail;
+    }
+    tk_gate_rule rule_v = TK_GATE_PROX;
+    tk_tau_scope scope_v = TK_TAU_MODULE;
+    if (tk_gate_rule_parse(rule, &rule_v) || rule_v == TK_GATE_RANDOM) {
+        tk_fail(&err, "--ts-rule: \"%s\" is not prox, surrogate, importance or scaled (the chance control is --gate random)", rule);
+        status = 2;
+        goto fail;
+    }
+    if (tk_tau_scope_parse(scope, &scope_v)) {
+        tk_fail(&err, "--ts-tau-scope: \"%s\" is not module or layer", scope);
+        status = 2;
+        goto fail;
+    }
+    if (tk_opt_seen(opts, n, "keep") && !(keep > 0.0f && keep <= 1.0f)) {
+        tk_fail(&err, "--keep: %g is not in (0, 1]", (double)keep);
+        status = 2;
+        goto fail;
+    }
+    if ((gate == 2) != tk_opt_seen(opts, n, "keep")) {
+        tk_fail(&err, gate == 2 ? "--gate random needs --keep P (the probability that a token's update is applied)"
+                                : "--keep is the keep probability of --gate random");
+        status = 2;
+        goto fail;
+    }
+    if (!(g.trust >= 0.0f && g.trust <= 1.0f)) {
+        tk_fail(&err, "--ts-trust-region: %g is not in [0, 1]", (double)g.trust);
         status = 2;
         goto fail;
     }
@@ -208,6 +249,8 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
             goto fail;
         pc->gate = g;
         pc->gate.enabled = gate && pc->kind != TK_ADAPTER_NONE;
+        pc->gate.rule = rule_v;
+        pc->gate.scope = scope_v;
     }
     if (!(pc->dropout >= 0.0f && pc->dropout < 1.0f)) {
         tk_fail(&err, "--dropout must be in [0, 1)");
@@ -222,11 +265,17 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         for (int i = 0; i < 6; i++)
             if (tk_opt_seen(opts, n, names[i])) *fdst[i] = *fsrc[i];
         if (tk_opt_seen(opts, n, names[6])) pc->gate.warmup_steps = g.warmup_steps;
-        if (tk_opt_seen(opts, n, "gate")) pc->gate.enabled = gate;
+        if (tk_opt_seen(opts, n, "ts-trust-region")) pc->gate.trust = g.trust;
+        if (tk_opt_seen(opts, n, "ts-tau-scope")) pc->gate.scope = scope_v;
+        if (tk_opt_seen(opts, n, "ts-rule")) pc->gate.rule = rule_v;
+        if (tk_opt_seen(opts, n, "gate")) {
+            pc->gate.enabled = gate != 0;
+            if (gate != 2 && pc->gate.rule == TK_GATE_RANDOM) pc->gate.rule = rule_v;
+        }
     }
-    if (tk_opt_seen(opts, n, "ts-rule") && !resume && tk_gate_rule_parse(rule, &pc->gate.rule)) {
-        tk_fail(&err, "--ts-rule: \"%s\" is not prox or surrogate", rule);
-        goto fail;
+    if (gate == 2 && !resume) { /* the chance control: a random gate at the given keep probability */
+        pc->gate.rule = TK_GATE_RANDOM;
+        pc->gate.keep = keep;
     }
     if (!(pc->gate.eta_tau > 0.0f) || pc->gate.lambda < 0.0f || pc->gate.tau0 < 0.0f || !(pc->gate.beta > 0.0f) ||
         pc->gate.target_keep < 0.0f || pc->gate.target_keep > 1.0f || pc->gate.warmup_steps < 0 || pc->gate.eta_lambda < 0.0f) {

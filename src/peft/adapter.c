@@ -183,7 +183,9 @@ TK_HOT_CLONES static void gate_row(tk_adapted_linear *L, float *yi, const float 
     }
     double den = sqrt(nb);
     float r = (float)(sqrt(nm) / (den > 1e-6 ? den : 1e-6));
-    uint8_t keep = gated ? (uint8_t)(r >= tau) : 1;
+    uint8_t keep = !gated ? 1
+                   : L->rand_keep > 0.0f ? (uint8_t)tk_gate_random_keep(L->rand_key, i, L->rand_keep)
+                                         : (uint8_t)(r >= tau);
     L->rr[i] = r;
     L->S[i] = keep;
     if (keep)
@@ -403,6 +405,8 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
     TK_ASSERT(N <= L->cap && N <= ws->n_tok && O <= ws->width && I <= ws->width && R <= ws->rank);
     double t0 = tk_time();
 
+    if (L->gated && L->rand_keep > 0.0f && train != TK_FWD_REPLAY) /* the random rule's draw for this call */
+        L->rand_key = train && rng ? tk_rng_u64(rng) : L->rand_seed + 0x632be59bd9b4e019ull * ++L->rand_calls;
     const float *xt = x;
     if (train && L->dropout > 0.0f) {
         if (train != TK_FWD_REPLAY) dropout_sample(L, x, N, rng); /* a replay reuses the mask */

@@ -88,6 +88,11 @@ typedef struct {
     /* threshold state */
     float tau;
     float lambda;
+    /* the random rule (the chance control): S_i ~ Bernoulli(rand_keep) instead of [r_i >= tau] when
+     * rand_keep > 0; a training forward draws rand_key from its rng (a replay reuses it), other forwards
+     * derive it from rand_seed and a count of calls */
+    float rand_keep;
+    uint64_t rand_seed, rand_calls, rand_key;
     tk_gate_stats stats;
     /* activations of one micro-batch (tk_adapted_alloc) */
     size_t cap;

@@ -354,12 +354,21 @@ static int parse_gate_json(ctx *c, tk_gate_config *g, const cJSON *o) {
     g->enabled = 1;
     const cJSON *rule = item(o, "rule");
     if (rule && (!cJSON_IsString(rule) || tk_gate_rule_parse(rule->valuestring, &g->rule)))
-        return tk_fail(c->err, "%s: ts_peft.rule must be \"prox\" or \"surrogate\"", c->path);
+        return tk_fail(c->err, "%s: ts_peft.rule must be one of " TK_GATE_RULE_NAMES, c->path);
+    const cJSON *scope = item(o, "tau_scope");
+    if (scope && (!cJSON_IsString(scope) || tk_tau_scope_parse(scope->valuestring, &g->scope)))
+        return tk_fail(c->err, "%s: ts_peft.tau_scope must be \"module\" or \"layer\"", c->path);
     if (num(c, o, "lambda", 0, 1e9, &g->lambda) || num(c, o, "eta_tau", 1e-12, 1e9, &g->eta_tau) ||
         num(c, o, "tau0", 0, 1e9, &g->tau0) || num(c, o, "eta_lambda", 0, 1e9, &g->eta_lambda) ||
         num(c, o, "beta", 1e-12, 1e9, &g->beta) ||
-        integer(c, o, "warmup_steps", 0, 1 << 30, &g->warmup_steps))
+        integer(c, o, "warmup_steps", 0, 1 << 30, &g->warmup_steps) || num(c, o, "trust_region", 0, 1, &g->trust))
         return -1;
+    const cJSON *keep = item(o, "keep");
+    if (keep) {
+        if (!cJSON_IsNumber(keep) || !(keep->valuedouble > 0.0 && keep->valuedouble <= 1.0))
+            return tk_fail(c->err, "%s: ts_peft.keep must be in (0, 1]", c->path);
+        g->keep = (float)keep->valuedouble;
+    }
     const cJSON *tk = item(o, "target_keep");
     if (tk) {
         if (!cJSON_IsNumber(tk) || !(tk->valuedouble > 0.0 && tk->valuedouble <= 1.0))
@@ -532,6 +541,9 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
         cJSON_AddNumberToObject(ts, "eta_lambda", g->eta_lambda);
         cJSON_AddNumberToObject(ts, "beta", g->beta);
         cJSON_AddNumberToObject(ts, "warmup_steps", g->warmup_steps);
+        if (g->scope != TK_TAU_MODULE) cJSON_AddStringToObject(ts, "tau_scope", tk_tau_scope_name(g->scope));
+        if (g->trust > 0.0f) cJSON_AddNumberToObject(ts, "trust_region", g->trust);
+        if (g->rule == TK_GATE_RANDOM) cJSON_AddNumberToObject(ts, "keep", g->keep);
     }
     char *text = cJSON_Print(root);
     cJSON_Delete(root);

@@ -570,3 +570,258 @@ static int step_lines(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_in
     g->open = 0;
     return 0;
 }
+
+/* ---- selectivity ------------------------------------------------------------------------------ */
+
+void tk_gatesel_compute(tk_gatesel *s, const double *n, const double *kept, size_t M, double *spread) {
+    const int K = TK_GATELOG_NKIND;
+    double tokens = 0.0;
+    s->modules = M;
+    s->interior_modules = s->modules_open = s->modules_closed = 0;
+    s->kinds = 0;
+    for (int j = 0; j < K; j++) {
+        tokens += n[j];
+        if (n[j] > 0) s->kinds |= 1u << j;
+    }
+    /* every module sees the same tokens (tokens_m = tokens), but the shares are weighted by them */
+    double w_all = 0.0, w_in = 0.0, w_spread = 0.0, spread_max = NAN, kind_lo = INFINITY, kind_hi = -INFINITY;
+    for (size_t m = 0; m < M; m++) {
+        const double *km = kept + m * (size_t)K;
+        double sm = NAN;
+        if (tokens > 0) {
+            double all = 0.0, lo = INFINITY, hi = -INFINITY;
+            for (int j = 0; j < K; j++) {
+                all += km[j];
+                if (n[j] > 0) {
+                    double v = km[j] / n[j];
+                    lo = v < lo ? v : lo;
+                    hi = v > hi ? v : hi;
+                }
+            }
+            double keep = all / tokens;
+            if (keep < TK_GATESEL_LO) s->modules_closed++;
+            else if (keep > TK_GATESEL_HI) s->modules_open++;
+            else {
+                s->interior_modules++;
+                w_in += tokens;
+            }
+            w_all += tokens;
+            sm = hi - lo;
+            w_spread += tokens * sm;
+            spread_max = isnan(spread_max) || sm > spread_max ? sm : spread_max;
+        }
+        if (spread) spread[m] = sm;
+    }
+    for (int j = 0; j < K && M > 0; j++) {
+        if (!(n[j] > 0)) continue;
+        double all = 0.0;
+        for (size_t m = 0; m < M; m++) all += kept[m * (size_t)K + j];
+        double v = all / (n[j] * (double)M);
+        kind_lo = v < kind_lo ? v : kind_lo;
+        kind_hi = v > kind_hi ? v : kind_hi;
+    }
+    s->interior_share = w_all > 0 ? w_in / w_all : NAN;
+    s->kind_spread_mean = w_all > 0 ? w_spread / w_all : NAN;
+    s->kind_spread_max = spread_max;
+    s->kind_spread_overall = kind_hi >= kind_lo ? kind_hi - kind_lo : NAN;
+}
+
+static cJSON *add_num_or_null(cJSON *o, const char *key, double v) {
+    return isfinite(v) ? cJSON_AddNumberToObject(o, key, v) : cJSON_AddNullToObject(o, key);
+}
+
+cJSON *tk_gatesel_json(const tk_gatesel *s) {
+    cJSON *o = cJSON_CreateObject(), *w = cJSON_CreateObject(), *range = cJSON_CreateArray(), *kinds = cJSON_CreateArray();
+    int ok = o && w && range && kinds;
+    if (ok) {
+        ok &= cJSON_AddNumberToObject(w, "steps", s->steps) && cJSON_AddNumberToObject(w, "first_step", s->first_step) &&
+              cJSON_AddNumberToObject(w, "last_step", s->last_step);
+        ok &= cJSON_AddItemToObject(o, "window", w);
+        w = NULL;
+        ok &= cJSON_AddBoolToObject(o, "gated", s->gated) != NULL;
+        ok &= cJSON_AddItemToArray(range, cJSON_CreateNumber(TK_GATESEL_LO)) &&
+              cJSON_AddItemToArray(range, cJSON_CreateNumber(TK_GATESEL_HI));
+        ok &= cJSON_AddItemToObject(o, "interior_range", range);
+        range = NULL;
+        ok &= add_num_or_null(o, "interior_share", s->interior_share) &&
+              cJSON_AddNumberToObject(o, "interior_modules", (double)s->interior_modules) &&
+              cJSON_AddNumberToObject(o, "modules_open", (double)s->modules_open) &&
+              cJSON_AddNumberToObject(o, "modules_closed", (double)s->modules_closed) &&
+              cJSON_AddNumberToObject(o, "modules", (double)s->modules) &&
+              add_num_or_null(o, "kind_spread_mean", s->kind_spread_mean) &&
+              add_num_or_null(o, "kind_spread_max", s->kind_spread_max) &&
+              add_num_or_null(o, "kind_spread_overall", s->kind_spread_overall);
+        for (int j = 0; j < TK_GATELOG_NKIND && ok; j++)
+            if (s->kinds & (1u << j)) ok &= cJSON_AddItemToArray(kinds, cJSON_CreateString(kind_names[j]));
+        ok &= cJSON_AddItemToObject(o, "kinds", kinds);
+        kinds = NULL;
+    }
+    cJSON_Delete(w);
+    cJSON_Delete(range);
+    cJSON_Delete(kinds);
+    if (!ok) {
+        cJSON_Delete(o);
+        return NULL;
+    }
+    return o;
+}
+
+/* The counts of one step line (n [K], kept [M,K]) added into the window sums. */
+static int sel_add_line(const cJSON *o, size_t M, double *n, double *kept, int *step, const char **what) {
+    const int K = TK_GATELOG_NKIND;
+    const cJSON *st = cJSON_GetObjectItemCaseSensitive(o, "step"), *nn = cJSON_GetObjectItemCaseSensitive(o, "n"),
+                *kk = cJSON_GetObjectItemCaseSensitive(o, "kept");
+    double nl[TK_GATELOG_NKIND];
+    if (!cJSON_IsNumber(st) || st->valuedouble < 0 || st->valuedouble > 2e9) return *what = "\"step\" must be a step number", -1;
+    if (!cJSON_IsArray(nn) || cJSON_GetArraySize(nn) != K) return *what = "\"n\" must be a list of 4 counts", -1;
+    for (int j = 0; j < K; j++) {
+        const cJSON *e = cJSON_GetArrayItem(nn, j);
+        if (!cJSON_IsNumber(e) || !(e->valuedouble >= 0) || !isfinite(e->valuedouble)) return *what = "\"n\" entries must be counts", -1;
+        nl[j] = e->valuedouble;
+    }
+    if (!cJSON_IsArray(kk) || (size_t)cJSON_GetArraySize(kk) != M) return *what = "\"kept\" must hold one list per module", -1;
+    size_t m = 0;
+    const cJSON *row;
+    cJSON_ArrayForEach(row, kk) { /* validated before anything is added */
+        if (!cJSON_IsArray(row) || cJSON_GetArraySize(row) != K) return *what = "a \"kept\" entry must be a list of 4 counts", -1;
+        for (int j = 0; j < K; j++) {
+            const cJSON *e = cJSON_GetArrayItem(row, j);
+            if (!cJSON_IsNumber(e) || !(e->valuedouble >= 0) || e->valuedouble > nl[j])
+                return *what = "a \"kept\" count is not a count within the step's tokens", -1;
+        }
+        m++;
+    }
+    m = 0;
+    cJSON_ArrayForEach(row, kk) {
+        for (int j = 0; j < K; j++) kept[m * (size_t)K + j] += cJSON_GetArrayItem(row, j)->valuedouble;
+        m++;
+    }
+    for (int j = 0; j < K; j++) n[j] += nl[j];
+    *step = st->valueint;
+    return 0;
+}
+
+int tk_gatesel_read(tk_gatesel *s, const char *path, int window, int *found, tk_err *err) {
+    const int K = TK_GATELOG_NKIND;
+    memset(s, 0, sizeof *s);
+    *found = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) return errno == ENOENT ? 0 : tk_fail(err, "%s: cannot open: %s", path, strerror(errno));
+    int rc = -1;
+    char *head = NULL, *buf = NULL;
+    double *kept = NULL;
+    int *steps = NULL;
+    cJSON *h = NULL;
+    size_t head_cap = 0;
+    ssize_t hl = getline(&head, &head_cap, f);
+    if (hl <= 0 || head[hl - 1] != '\n') { /* no complete header line yet: nothing logged */
+        rc = 0;
+        goto done;
+    }
+    h = cJSON_Parse(head);
+    const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(h, "format"), *mods = cJSON_GetObjectItemCaseSensitive(h, "modules");
+    if (!cJSON_IsString(fmt) || strcmp(fmt->valuestring, "tspeft-gates") != 0 || !cJSON_IsArray(mods) ||
+        cJSON_GetArraySize(mods) < 1 || cJSON_GetArraySize(mods) > TK_MAX_LAYERS * TK_NPROJ) {
+        tk_fail(err, "%s: line 1: not a tspeft-gates header with a list of modules", path);
+        goto done;
+    }
+    size_t M = (size_t)cJSON_GetArraySize(mods);
+    int gated = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(h, "gated"));
+    off_t body = (off_t)hl, size;
+    if (fseeko(f, 0, SEEK_END) != 0 || (size = ftello(f)) < body) {
+        tk_fail(err, "%s: cannot seek: %s", path, strerror(errno));
+        goto done;
+    }
+    kept = calloc(M * (size_t)K, sizeof *kept);
+    if (!kept) {
+        tk_fail(err, "out of memory");
+        goto done;
+    }
+    /* Read the tail [start, size) and walk its complete lines from the end, keeping the last line of
+     * each step, until `window` steps are found; when the tail runs out first, read 4x more. */
+    size_t cap_steps = 0;
+    for (off_t block = (off_t)1 << 16;; block *= 4) {
+        off_t start = size - body > block ? size - block : body;
+        size_t len = (size_t)(size - start);
+        char *nb = realloc(buf, len + 1);
+        if (!nb) {
+            tk_fail(err, "out of memory");
+            goto done;
+        }
+        buf = nb;
+        if (fseeko(f, start, SEEK_SET) != 0 || fread(buf, 1, len, f) != len) {
+            tk_fail(err, "%s: read failed: %s", path, strerror(errno));
+            goto done;
+        }
+        buf[len] = 0;
+        double n[TK_GATELOG_NKIND] = {0};
+        memset(kept, 0, M * (size_t)K * sizeof *kept);
+        int count = 0, first = 0, last = 0, done_window = 0;
+        size_t end = len;
+        while (end > 0 && buf[end - 1] != '\n') end--; /* an unterminated last line (a cut write): skipped */
+        while (end > 0 && !done_window) {
+            size_t b = end - 1; /* buf[end - 1] is the line's '\n' */
+            while (b > 0 && buf[b - 1] != '\n') b--;
+            if (b == 0 && start > body) break; /* possibly a partial line: read more */
+            buf[end - 1] = 0;
+            char *line = buf + b;
+            end = b;
+            if (!*line) continue;
+            cJSON *o = cJSON_Parse(line);
+            const char *what = NULL;
+            int step = 0;
+            if (!o || !cJSON_IsObject(o)) what = "not a JSON object";
+            else if (cJSON_GetObjectItemCaseSensitive(o, "format")) { /* a repeated header */
+                cJSON_Delete(o);
+                continue;
+            } else {
+                const cJSON *st = cJSON_GetObjectItemCaseSensitive(o, "step");
+                int dup = 0;
+                for (int i = 0; i < count && cJSON_IsNumber(st) && !dup; i++) dup = steps[i] == st->valueint;
+                if (dup) { /* an earlier line of a step logged again (resumed run): the last one counts */
+                    cJSON_Delete(o);
+                    continue;
+                }
+                sel_add_line(o, M, n, kept, &step, &what);
+            }
+            cJSON_Delete(o);
+            if (what) {
+                tk_fail(err, "%s: byte %lld: %s", path, (long long)(start + (off_t)b), what);
+                goto done;
+            }
+            if ((size_t)count == cap_steps) {
+                cap_steps = cap_steps ? 2 * cap_steps : 64;
+                int *ns = realloc(steps, cap_steps * sizeof *ns);
+                if (!ns) {
+                    tk_fail(err, "out of memory");
+                    goto done;
+                }
+                steps = ns;
+            }
+            steps[count++] = step;
+            first = count == 1 || step < first ? step : first;
+            last = count == 1 || step > last ? step : last;
+            done_window = window > 0 && count == window;
+        }
+        if (done_window || start == body) {
+            if (count > 0) {
+                tk_gatesel_compute(s, n, kept, M, NULL);
+                s->gated = gated;
+                s->steps = count;
+                s->first_step = first;
+                s->last_step = last;
+                *found = 1;
+            }
+            rc = 0;
+            goto done;
+        }
+    }
+done:
+    cJSON_Delete(h);
+    free(head);
+    free(buf);
+    free(kept);
+    free(steps);
+    fclose(f);
+    return rc;
+}

@@ -11,6 +11,8 @@
  *       tk_gatelog_step(g, m, &(tk_gatelog_step_info){step, loss, lr, gnorm, tokens, secs}, &err);
  *   at the end of a successful run:  tk_gatelog_finish(g, &err);   // NAME.part -> NAME
  *   tk_gatelog_close(g, keep_partial);                        // accepts NULL
+ *   tk_gatesel sel; int found;                                // selectivity over the last 10 steps
+ *   tk_gatesel_read(&sel, "runs/x/gates.jsonl", TK_GATELOG_WINDOW, &found, &err);
  *
  * While the run goes on the logs are RUN_DIR/NAME.part (flushed per line), renamed to NAME by
  * tk_gatelog_finish: a failed run never replaces an earlier run's logs. tk_gatelog_close removes
@@ -27,6 +29,7 @@
  * step (about 1% of a tiny model's step, less on larger ones: docs/gates.md "Cost").
  *
  * Ownership: the recorder owns its files and buffers; m and acts are only read during each call.
+ * tk_gatesel_json returns a cJSON object the caller deletes.
  * Failure: -1 / NULL with err naming the file.
  */
 #ifndef TK_ANALYSIS_GATELOG_H
@@ -35,9 +38,12 @@
 #include "../common.h"
 #include "../model/llama.h"
 
+#include <cJSON.h>
+
 #define TK_GATELOG_NKIND 4 /* prompt, response, image, other */
 #define TK_GATELOG_NBIN 26
 #define TK_GATELOG_VERSION 1
+#define TK_GATELOG_WINDOW 10 /* the summaries' default window: the last 10 logged steps */
 
 typedef struct {
     int token_view_every; /* also write a token view every N steps (0: only at last_step) */
@@ -70,6 +76,48 @@ int tk_gatelog_finish(tk_gatelog *g, tk_err *err);
 void tk_gatelog_close(tk_gatelog *g, int keep_partial);
 /* Wall time spent inside the recorder so far (its cost, reported by the trainer). */
 double tk_gatelog_seconds(const tk_gatelog *g);
+
+/* ---- selectivity: do the gates choose tokens, or switch whole modules on and off? ---------------
+ * (docs/gates.md "Selectivity"). From the counts of a window of logged steps, n[K] tokens per kind
+ * and kept[M,K]:
+ *   keep_m       = sum_j kept[m][j] / sum_j n[j]; module m is interior when LO <= keep_m <= HI
+ *   interior_share = sum over interior m of tokens_m / sum over m of tokens_m   (tokens_m = sum_j n[j])
+ *   spread_m     = max_j - min_j of kept[m][j] / n[j] over the kinds j with n[j] > 0
+ *   kind_spread_mean = sum_m tokens_m spread_m / sum_m tokens_m;  kind_spread_max = max_m spread_m
+ *   kind_spread_overall = max_j - min_j of sum_m kept[m][j] / (M n[j])
+ * A module whose keep is 0 or 1 makes no choice among tokens: it is a switch. A dense run has keep 1
+ * everywhere: interior_share 0 and every spread 0. */
+#define TK_GATESEL_LO 0.05
+#define TK_GATESEL_HI 0.95
+
+typedef struct {
+    int gated;                  /* the run's gates were on (gates.jsonl header) */
+    int steps;                  /* logged steps in the window */
+    int first_step, last_step;  /* the window's first and last step numbers */
+    size_t modules;             /* M */
+    size_t interior_modules;    /* LO <= keep <= HI */
+    size_t modules_open;        /* keep > HI */
+    size_t modules_closed;      /* keep < LO */
+    double interior_share;      /* NAN: no tokens in the window */
+    double kind_spread_mean, kind_spread_max, kind_spread_overall; /* NAN: no tokens */
+    unsigned kinds;             /* bit j: kind j had tokens in the window */
+} tk_gatesel;
+
+/* Fills the figures of s (modules .. kinds) from window sums n [K] and kept [M,K]; gated and the
+ * window fields are the caller's. spread [M] (may be NULL) receives spread_m (NAN: no tokens). */
+void tk_gatesel_compute(tk_gatesel *s, const double *n, const double *kept, size_t M, double *spread);
+/* Reads the last `window` logged steps (window <= 0: every step; a step logged twice counts its last
+ * line) of a gates log (RUN_DIR/gates.jsonl, or gates.jsonl.part while the run goes on) into s,
+ * reading the file from its end: the cost is the window's lines, not the run's. *found = 0 and 0
+ * returned when the file does not exist or has no step line; -1 with err naming the file and byte
+ * offset of a malformed line. */
+int tk_gatesel_read(tk_gatesel *s, const char *path, int window, int *found, tk_err *err);
+/* s as a JSON object (the "selectivity" of `tspeft gates --format json` and train_summary.json):
+ * {"window": {"steps", "first_step", "last_step"}, "gated", "interior_range": [LO, HI],
+ *  "interior_share", "interior_modules", "modules_open", "modules_closed", "modules",
+ *  "kind_spread_mean", "kind_spread_max", "kind_spread_overall", "kinds": [names]}; NAN as null.
+ * The caller owns the result (cJSON_Delete); NULL when out of memory. */
+cJSON *tk_gatesel_json(const tk_gatesel *s);
 
 /* The histogram bin of r (shared with the reader). */
 int tk_gatelog_bin(float r);

@@ -375,6 +375,7 @@ void tk_gatesum_free(tk_gatesum *s) {
     free(s->tau);
     free(s->q);
     free(s->order);
+    free(s->kind_spread);
     memset(s, 0, sizeof *s);
 }
 
@@ -386,7 +387,10 @@ int tk_gatesum_compute(tk_gatesum *s, const tk_gaterun *r, int window, tk_err *e
     s->tau = calloc(M, sizeof(double));
     s->q = calloc(M * 3, sizeof(double));
     s->order = calloc(M, sizeof(size_t));
-    if (!s->keep || !s->keep_kind || !s->tau || !s->q || !s->order) {
+    s->kind_spread = calloc(M, sizeof(double));
+    double *kept_win = calloc(M * K, sizeof(double)); /* [M,K] window sums */
+    if (!s->keep || !s->keep_kind || !s->tau || !s->q || !s->order || !s->kind_spread || !kept_win) {
+        free(kept_win);
         tk_gatesum_free(s);
         return tk_fail(err, "out of memory");
     }
@@ -419,6 +423,7 @@ int tk_gatesum_compute(tk_gatesum *s, const tk_gaterun *r, int window, tk_err *e
                 kj[j] += r->kept[(t * M + m) * K + j];
                 seen += r->n[t * K + j];
             }
+        for (int j = 0; j < K; j++) kept_win[m * K + j] = kj[j];
         s->keep[m] = seen > 0 ? kept / seen : NAN;
         for (int j = 0; j < K; j++) s->keep_kind[m * K + j] = s->kind_tokens[j] > 0 ? kj[j] / s->kind_tokens[j] : NAN;
         s->tau[m] = S ? r->tau[(S - 1) * M + m] : NAN;
@@ -429,6 +434,12 @@ int tk_gatesum_compute(tk_gatesum *s, const tk_gaterun *r, int window, tk_err *e
     s->keep_window = seen_w > 0 ? kept_w / seen_w : NAN;
     s->discarded_run = seen_all > 0 ? 1.0 - kept_all / seen_all : NAN;
     s->discarded_window = seen_w > 0 ? 1.0 - kept_w / seen_w : NAN;
+    tk_gatesel_compute(&s->sel, s->kind_tokens, kept_win, M, s->kind_spread);
+    free(kept_win);
+    s->sel.gated = r->gated;
+    s->sel.steps = s->window;
+    s->sel.first_step = s->first_step;
+    s->sel.last_step = s->last_step;
     for (size_t i = 1; i < M; i++) { /* by keep, descending; ties in module order (insertion sort: stable) */
         size_t m = s->order[i], pos = i;
         double km = isnan(s->keep[m]) ? -1.0 : s->keep[m];

@@ -1,9 +1,10 @@
 /* gatereport.h: reads a run's gate logs (gatelog.h: gates.jsonl, train_log.jsonl, tokens.jsonl),
  * summarises them (keep ratio per module and token kind over the last K steps, thresholds, r
- * quantiles, discarded fraction) and draws the report pictures as SVG (svg.h). docs/gates.md.
+ * quantiles, discarded fraction, selectivity) and draws the report pictures as SVG (svg.h). docs/gates.md.
  *
  *   tk_gaterun *r = tk_gaterun_load("runs/x", &err);        // NULL + err naming the file and line
- *   tk_gatesum sum;  tk_gatesum_compute(&sum, r, 10);        // window: last 10 logged steps (0: all)
+ *   tk_gatesum sum;  tk_gatesum_compute(&sum, r, 10, &err);  // window: last 10 logged steps (0: all)
+ *   sum.sel.interior_share ...                               // selectivity (gatelog.h tk_gatesel)
  *   tk_gaterun_plots(r, &sum, "runs/x/report", tok, &err);   // SVGs + tokens.html; tok may be NULL
  *   tk_gatesum_free(&sum); tk_gaterun_free(r);
  *
@@ -63,6 +64,8 @@ typedef struct {
     double discarded_run;     /* 1 - kept / seen over every module and logged step */
     double discarded_window;
     size_t *order;            /* [M] module indices by keep, descending (ties: module order) */
+    double *kind_spread;      /* [M] max - min of keep_kind over the kinds with tokens (NAN: none) */
+    tk_gatesel sel;           /* selectivity over the window (gatelog.h) */
 } tk_gatesum;
 
 /* window <= 0 or larger than the run: every logged step. */

@@ -9,6 +9,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const char *USAGE =
@@ -16,8 +17,9 @@ static const char *USAGE =
     "                    [--tokenizer tokenizer.model]\n"
     "Summarises where the TS-PEFT gates opened in a training run (RUN_DIR = the --out directory of\n"
     "`tspeft train`, holding gates.jsonl): keep ratio per layer and module, by token kind, thresholds,\n"
-    "the most and least kept modules and the fraction of token updates discarded; writes SVG pictures\n"
-    "and a token view (tokens.html) into --out (default RUN_DIR/report).";
+    "the most and least kept modules, the fraction of token updates discarded and the selectivity (do\n"
+    "the gates choose tokens or switch whole modules); writes SVG pictures and a token view\n"
+    "(tokens.html) into --out (default RUN_DIR/report).";
 
 /* JSON number or null. */
 static void jnum(FILE *f, double v) {
@@ -25,7 +27,11 @@ static void jnum(FILE *f, double v) {
     else fprintf(f, "%.9g", v);
 }
 
-static void print_json(FILE *f, const char *run_dir, const tk_gaterun *r, const tk_gatesum *s, int top) {
+static int print_json(FILE *f, const char *run_dir, const tk_gaterun *r, const tk_gatesum *s, int top, tk_err *err) {
+    cJSON *sel = tk_gatesel_json(&s->sel);
+    char *sel_text = sel ? cJSON_PrintUnformatted(sel) : NULL;
+    cJSON_Delete(sel);
+    if (!sel_text) return tk_fail(err, "out of memory");
     fprintf(f, "{\n  \"run_dir\": \"");
     for (const char *p = run_dir; *p; p++) {
         if (*p == '"' || *p == '\\') fputc('\\', f);
@@ -46,7 +52,9 @@ static void print_json(FILE *f, const char *run_dir, const tk_gaterun *r, const 
         jnum(f, s->kind_keep[j]);
         fputc('}', f);
     }
-    fputs("},\n  \"modules\": [\n", f);
+    fprintf(f, "},\n  \"selectivity\": %s", sel_text);
+    free(sel_text);
+    fputs(",\n  \"modules\": [\n", f);
     for (size_t m = 0; m < r->M; m++) {
         fprintf(f, "    {\"module\": \"%s\", \"layer\": %d, \"proj\": \"%s\", \"keep\": ", r->names[m], r->layer[m],
                 tk_proj_short[r->proj[m]]);
@@ -62,6 +70,8 @@ static void print_json(FILE *f, const char *run_dir, const tk_gaterun *r, const 
             fprintf(f, ", \"%s\": ", qn[j]);
             jnum(f, s->q[m * 3 + j]);
         }
+        fputs(", \"kind_spread\": ", f);
+        jnum(f, s->kind_spread[m]);
         fprintf(f, "}%s\n", m + 1 < r->M ? "," : "");
     }
     fputs("  ],\n  \"most_kept\": [", f);
@@ -69,6 +79,7 @@ static void print_json(FILE *f, const char *run_dir, const tk_gaterun *r, const 
     fputs("],\n  \"least_kept\": [", f);
     for (int i = 0; i < top && (size_t)i < r->M; i++) fprintf(f, "%s\"%s\"", i ? ", " : "", r->names[s->order[r->M - 1 - i]]);
     fputs("]\n}\n", f);
+    return 0;
 }
 
 static void cnum(FILE *f, double v) {
@@ -76,7 +87,7 @@ static void cnum(FILE *f, double v) {
 }
 
 static void print_csv(FILE *f, const tk_gaterun *r, const tk_gatesum *s) {
-    fputs("module,layer,proj,keep,keep_prompt,keep_response,keep_image,keep_other,tau,r_p10,r_p50,r_p90\n", f);
+    fputs("module,layer,proj,keep,keep_prompt,keep_response,keep_image,keep_other,tau,r_p10,r_p50,r_p90,kind_spread\n", f);
     for (size_t m = 0; m < r->M; m++) {
         fprintf(f, "%s,%d,%s,", r->names[m], r->layer[m], tk_proj_short[r->proj[m]]);
         cnum(f, s->keep[m]);
@@ -90,6 +101,8 @@ static void print_csv(FILE *f, const tk_gaterun *r, const tk_gatesum *s) {
             fputc(',', f);
             cnum(f, s->q[m * 3 + j]);
         }
+        fputc(',', f);
+        cnum(f, s->kind_spread[m]);
         fputc('\n', f);
     }
 }
@@ -97,6 +110,31 @@ static void print_csv(FILE *f, const tk_gaterun *r, const tk_gatesum *s) {
 static void cell(FILE *f, double v, int width) {
     if (isnan(v)) fprintf(f, "%*s", width, "-");
     else fprintf(f, "%*.3f", width, v);
+}
+
+/* Do the gates choose tokens, or only switch whole modules on and off? (docs/gates.md "Selectivity") */
+static void print_selectivity(FILE *f, const tk_gatesel *g) {
+    fprintf(f, "\nselectivity over the last %d logged steps (do the gates choose tokens, or switch whole modules?):\n",
+            g->steps);
+    if (!g->gated)
+        fputs("  dense (ungated) run: every module applies its update to every token; nothing is selected\n", f);
+    fputs("  interior share     ", f);
+    cell(f, g->interior_share, 6);
+    fprintf(f, "  share of token decisions made in modules whose keep lies in [%.2f, %.2f]\n"
+               "                             (%zu of %zu modules; %zu keep more, %zu less: on / off switches)\n",
+            TK_GATESEL_LO, TK_GATESEL_HI, g->interior_modules, g->modules, g->modules_open, g->modules_closed);
+    int nk = 0;
+    for (int j = 0; j < TK_GATELOG_NKIND; j++) nk += (g->kinds >> j) & 1;
+    fputs("  kind spread, mean  ", f);
+    cell(f, g->kind_spread_mean, 6);
+    fprintf(f, "  per module, max - min keep over the token kinds present (%d), mean over modules%s\n", nk,
+            nk < 2 ? " (one kind: no spread)" : "");
+    fputs("  kind spread, max   ", f);
+    cell(f, g->kind_spread_max, 6);
+    fputs("  the largest spread of one module\n", f);
+    fputs("  kind spread, all   ", f);
+    cell(f, g->kind_spread_overall, 6);
+    fputs("  max - min of the keep by kind over all modules\n", f);
 }
 
 static void print_table(FILE *f, const char *run_dir, const tk_gaterun *r, const tk_gatesum *s, int top) {
@@ -154,6 +192,7 @@ static void print_table(FILE *f, const char *run_dir, const tk_gaterun *r, const
     }
     fprintf(f, "\ntoken updates discarded: %.1f%% over the whole run, %.1f%% over the last %d logged steps\n",
             100.0 * s->discarded_run, 100.0 * s->discarded_window, s->window);
+    print_selectivity(f, &s->sel);
 }
 
 static const char *piece_of(void *ctx, int id) {
@@ -163,7 +202,7 @@ static const char *piece_of(void *ctx, int id) {
 
 int tk_cmd_gates(int argc, char **argv) {
     const char *run_dir = NULL, *format = "table", *out = NULL, *tokenizer = NULL;
-    int last = 10, plots = 1, top = 5;
+    int last = TK_GATELOG_WINDOW, plots = 1, top = 5;
     tk_opt opts[] = {
         {"format", TK_OPT_STR, &format, "F", "table | json | csv (default table)", 0},
         {"last", TK_OPT_INT, &last, "K", "average keep ratios over the last K logged steps, 0 = all (default 10)", 0},
@@ -200,7 +239,9 @@ int tk_cmd_gates(int argc, char **argv) {
         goto done;
     }
     if (tokenizer && !(tok = tk_tok_open(tokenizer, &err))) goto done;
-    if (strcmp(format, "json") == 0) print_json(stdout, run_dir, r, &s, top);
+    if (strcmp(format, "json") == 0) {
+        if (print_json(stdout, run_dir, r, &s, top, &err)) goto done;
+    }
     else if (strcmp(format, "csv") == 0) print_csv(stdout, r, &s);
     else print_table(stdout, run_dir, r, &s, top);
     if (plots) {

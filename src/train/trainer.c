@@ -221,6 +221,28 @@ static int write_summary(const tk_train_opts *o, const char *dir, const tk_llama
         cJSON_AddNumberToObject(g, "lambda", L->lambda);
         cJSON_AddItemToArray(mods, g);
     }
+    /* Selectivity over the run's last logged steps (docs/gates.md "Selectivity"), from the gate
+     * recorder's log: still gates.jsonl.part here (the recorder finishes after the outputs). null
+     * without a gate log (--gate-log off, no adapted modules). */
+    cJSON *sel = NULL;
+    size_t n_adapted = 0;
+    FOR_EACH_ADAPTED(m, L, l, p) n_adapted++;
+    if (o->gate_log && o->out_dir && n_adapted > 0) {
+        char gpath[4200];
+        tk_gatesel gs;
+        int found = 0;
+        snprintf(gpath, sizeof gpath, "%s/gates.jsonl.part", o->out_dir);
+        if (tk_gatesel_read(&gs, gpath, TK_GATELOG_WINDOW, &found, err)) {
+            cJSON_Delete(root);
+            return -1;
+        }
+        if (found && gs.modules == n_adapted && !(sel = tk_gatesel_json(&gs))) {
+            cJSON_Delete(root);
+            return tk_fail(err, "out of memory");
+        }
+    }
+    if (sel) cJSON_AddItemToObject(root, "selectivity", sel);
+    else cJSON_AddNullToObject(root, "selectivity");
     char *text = cJSON_Print(root);
     cJSON_Delete(root);
     if (!text) return tk_fail(err, "out of memory");

@@ -20,6 +20,11 @@
     `train --target-modules @modules.txt` adapts exactly the listed modules and writes them to
     adapter_config.json as full names.
 (f) bad input: a missing log, a corrupt line (named with its line number), a bad budget.
+(g) selectivity: on a hand-written gates.jsonl with known counts (a step outside the window, a step
+    logged twice) `gates --format json` gives the exact interior share, module counts and kind
+    spreads, the table and CSV show them; train_summary.json's "selectivity" equals the one of
+    `gates --last 10` and the one recomputed here (gated run, resumed run); a dense run gives 0 and
+    says "dense"; --gate-log off gives null.
 Exit status 0 when every check passed, 1 otherwise.
 """
 import argparse
@@ -108,6 +113,55 @@ def summary_from_log(rows, last):
     out["kind_tokens"] = kind_tok
     out["first"], out["last"], out["S"] = win[0], win[-1], len(order)
     return out
+
+
+def selectivity_from_log(rows, last):
+    """interior share, module counts and kind spreads over the last `last` steps (docs/gates.md)."""
+    head, steps = rows[0], {}
+    for r in rows[1:]:
+        if "format" not in r:
+            steps[r["step"]] = r
+    win = sorted(steps)[-last:]
+    M = len(head["modules"])
+    n = [sum(steps[s]["n"][j] for s in win) for j in range(K_KINDS)]
+    kept = [[sum(steps[s]["kept"][m][j] for s in win) for j in range(K_KINDS)] for m in range(M)]
+    tok = float(sum(n))
+    present = [j for j in range(K_KINDS) if n[j] > 0]
+    keep = [sum(kept[m]) / tok for m in range(M)]
+    spread = [max(kept[m][j] / n[j] for j in present) - min(kept[m][j] / n[j] for j in present) for m in range(M)]
+    kk = [sum(kept[m][j] for m in range(M)) / (n[j] * M) for j in present]
+    interior = [m for m in range(M) if 0.05 <= keep[m] <= 0.95]
+    return {"window": {"steps": len(win), "first_step": win[0], "last_step": win[-1]}, "gated": head["gated"],
+            "interior_range": [0.05, 0.95], "interior_share": len(interior) * tok / (M * tok),
+            "interior_modules": len(interior), "modules_open": sum(1 for k in keep if k > 0.95),
+            "modules_closed": sum(1 for k in keep if k < 0.05), "modules": M,
+            "kind_spread_mean": sum(x * tok for x in spread) / (M * tok), "kind_spread_max": max(spread),
+            "kind_spread_overall": max(kk) - min(kk), "kinds": [["prompt", "response", "image", "other"][j] for j in present]}
+
+
+def same_selectivity(a, b, rel=1e-12):
+    if not isinstance(a, dict) or not isinstance(b, dict) or set(a) != set(b):
+        return False
+    return all(close(a[k], b[k], rel) if isinstance(a[k], float) or isinstance(b[k], float) else a[k] == b[k]
+               for k in a)
+
+
+def synthetic_gates(path):
+    """5 modules, 2 kinds; over the window (steps 2 and 3, 40 prompt and 40 response tokens) the keeps
+    are 1.0, 0.0, 0.5, 0.3 and 0.95 (on the interior's edge), with kind-dependent kept counts."""
+    mods = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
+            "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj"]
+    M = len(mods)
+
+    def line(step, n, kept):
+        return {"step": step, "n": n, "tau": [0.1] * M, "kept": kept, "q": [None] * M, "hist": [[0] * NB] * M}
+    win = [[20, 20, 0, 0], [0, 0, 0, 0], [5, 15, 0, 0], [10, 2, 0, 0], [19, 19, 0, 0]]
+    rows = [{"format": "tspeft-gates", "version": 1, "gated": True, "n_layers": 1, "modules": mods},
+            line(1, [7, 3, 0, 0], [[0, 3, 0, 0]] * M),        # outside the window (--last 2)
+            line(2, [20, 20, 0, 0], [[20, 0, 0, 0]] * M),     # replaced by the next line of step 2
+            line(2, [20, 20, 0, 0], win), line(3, [20, 20, 0, 0], win)]
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def svg_count(path, tag, cls=None):
@@ -320,6 +374,64 @@ def main():
                          "model.layers.5.self_attn.q_proj"])
     chk.ok(p.returncode != 0 and "model.layers.5.self_attn.q_proj" in p.stderr and "does not exist" in p.stderr,
            "a target module in a layer the model lacks is refused", p.stderr)
+
+    chk.section("(g) selectivity")
+    syn = os.path.join(tmp, "syn")
+    os.makedirs(syn)
+    synthetic_gates(os.path.join(syn, "gates.jsonl"))
+    p = U.run(a.tspeft, ["gates", syn, "--format", "json", "--last", 2, "--plots", "off"])
+    js = json.loads(p.stdout) if p.returncode == 0 else {}
+    sel = js.get("selectivity", {})
+    # keeps 1, 0, .5, .3, .95: interior .5, .3, .95 (3 of 5 modules, 3/5 of the decisions); spreads
+    # per module 0, 0, |.25-.75|, |.5-.1|, 0; by kind over all modules 108/200 and 112/200
+    want = {"window": {"steps": 2, "first_step": 2, "last_step": 3}, "gated": True, "interior_range": [0.05, 0.95],
+            "interior_share": 0.6, "interior_modules": 3, "modules_open": 1, "modules_closed": 1, "modules": 5,
+            "kind_spread_mean": 0.18, "kind_spread_max": 0.5, "kind_spread_overall": 0.02, "kinds": ["prompt", "response"]}
+    chk.ok(p.returncode == 0 and same_selectivity(sel, want), "synthetic log: interior share 0.6 (3 of 5), kind spreads "
+           "mean 0.18, max 0.5, overall 0.02", json.dumps(sel))
+    chk.ok([x.get("kind_spread") for x in js.get("modules", [])] == [0, 0, 0.5, 0.4, 0] and
+           same_selectivity(selectivity_from_log(read_jsonl(os.path.join(syn, "gates.jsonl")), 2), want),
+           "synthetic log: per-module kind_spread 0, 0, 0.5, 0.4, 0 (and the recomputation agrees)")
+    p = U.run(a.tspeft, ["gates", syn, "--format", "csv", "--last", 2, "--plots", "off"])
+    lines = p.stdout.strip().splitlines()
+    chk.ok(p.returncode == 0 and lines[0].endswith(",kind_spread") and [l.split(",")[-1] for l in lines[1:]] ==
+           ["0", "0", "0.5", "0.4", "0"], "CSV: a kind_spread column", p.stdout)
+    p = U.run(a.tspeft, ["gates", syn, "--last", 2, "--plots", "off"])
+    chk.ok(p.returncode == 0 and "selectivity over the last 2 logged steps" in p.stdout and
+           "interior share      0.600" in p.stdout and "3 of 5 modules" in p.stdout and
+           "kind spread, mean   0.180" in p.stdout and "kind spread, max    0.500" in p.stdout and
+           "kind spread, all    0.020" in p.stdout and "dense" not in p.stdout, "table: the selectivity block", p.stdout)
+
+    summ = json.load(open(os.path.join(run, "train_summary.json")))
+    p = U.run(a.tspeft, ["gates", run, "--format", "json", "--last", 10, "--plots", "off"])
+    js = json.loads(p.stdout) if p.returncode == 0 else {}
+    ref = selectivity_from_log(g, 10)
+    chk.ok(summ.get("selectivity") == js.get("selectivity") and same_selectivity(summ.get("selectivity"), ref) and
+           ref["window"] == {"steps": 10, "first_step": steps - 9, "last_step": steps},
+           "gated run: train_summary.json selectivity == gates --last 10 == recomputed over steps 15-24",
+           json.dumps([summ.get("selectivity"), ref]))
+    summ = json.load(open(os.path.join(rr, "train_summary.json")))
+    p = U.run(a.tspeft, ["gates", rr, "--format", "json", "--plots", "off"])
+    js = json.loads(p.stdout) if p.returncode == 0 else {}
+    chk.ok(summ.get("selectivity") == js.get("selectivity") and
+           same_selectivity(summ.get("selectivity"), selectivity_from_log(g2, 10)),
+           "resumed run: train_summary.json selectivity == gates (default window) == recomputed", json.dumps(summ.get("selectivity")))
+    dense = os.path.join(tmp, "dense")
+    p = U.run(a.tspeft, ["train", "--model", model, "--data", data, "--threads", 1, "--steps", 2, "--batch-size", 2,
+                         "--target-modules", "q_proj,v_proj", "--gate", "off", "--out", dense])
+    summ = json.load(open(os.path.join(dense, "train_summary.json"))) if p.returncode == 0 else {}
+    sel = summ.get("selectivity") or {}
+    p = U.run(a.tspeft, ["gates", dense, "--plots", "off"])
+    chk.ok(sel.get("gated") is False and sel.get("interior_share") == 0 and sel.get("interior_modules") == 0 and
+           sel.get("kind_spread_mean") == 0 and sel.get("kind_spread_max") == 0 and sel.get("kind_spread_overall") == 0 and
+           sel.get("modules_open") == sel.get("modules") == 4 and p.returncode == 0 and "dense" in p.stdout,
+           "dense run (--gate off): interior share 0, spreads 0, every module open; the table says dense", json.dumps(sel))
+    off = os.path.join(tmp, "logoff")
+    p = U.run(a.tspeft, ["train", "--model", model, "--data", data, "--threads", 1, "--steps", 1, "--batch-size", 2,
+                         "--target-modules", "all", "--ts-lambda", "0.3", "--gate-log", "off", "--out", off])
+    summ = json.load(open(os.path.join(off, "train_summary.json"))) if p.returncode == 0 else {}
+    chk.ok("selectivity" in summ and summ["selectivity"] is None, "--gate-log off: train_summary.json selectivity null",
+           p.stderr)
 
     if a.keep:
         print("kept", tmp)

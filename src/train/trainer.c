@@ -51,6 +51,41 @@ static int make_dir(const char *dir, tk_err *err) {
     return 0;
 }
 
+/* The threshold step of every gated module (tk_gate_update). With --ts-tau-scope layer, a layer's gated
+ * modules share one threshold: their statistics are pooled (r and c of every module's tokens, so N is
+ * the layer's token decisions) and the one new tau (and dual lambda) is given to each of them. */
+static int update_thresholds(tk_llama *m, int step, tk_gate_stats *pool, tk_err *err) {
+    const tk_gate_config *g = &m->peft.gate;
+    if (g->scope != TK_TAU_LAYER) {
+        FOR_EACH_ADAPTED(m, L, l, p)
+            if (L->gated && tk_gate_update(g, &L->stats, step, &L->tau, &L->lambda)) return tk_fail(err, "out of memory in the threshold step");
+        return 0;
+    }
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        tk_adapted_linear *first = NULL;
+        tk_gate_stats_reset(pool);
+        for (int p = 0; p < TK_NPROJ; p++) {
+            tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (L->kind == TK_ADAPTER_NONE || !L->gated) continue;
+            if (!first) first = L;
+            for (size_t i = 0; i < L->stats.n; i++)
+                if (tk_gate_stats_push_r(pool, L->stats.r[i], 0, err) || tk_gate_stats_push_c(pool, L->stats.c[i], err))
+                    return -1;
+            pool->kept += L->stats.kept;
+        }
+        if (!first) continue;
+        float tau = first->tau, lambda = first->lambda;
+        if (tk_gate_update(g, pool, step, &tau, &lambda)) return tk_fail(err, "out of memory in the threshold step");
+        for (int p = 0; p < TK_NPROJ; p++) {
+            tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (L->kind == TK_ADAPTER_NONE || !L->gated) continue;
+            L->tau = tau;
+            L->lambda = lambda;
+        }
+    }
+    return 0;
+}
+
 /* ---- the first-step dump ---------------------------------------------------------------------- */
 
 typedef struct {
@@ -386,6 +421,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     cJSON *config = NULL;
     tk_gatelog *glog = NULL;
     tk_mm *mm = NULL;
+    tk_gate_stats pool = {0}; /* pooled statistics of a layer (--ts-tau-scope layer) */
     if (o->save_every < 0 || o->keep_checkpoints < 0)
         return tk_fail(err, "--save-every and --keep-checkpoints must be >= 0");
     if ((o->save_every > 0 || o->resume_dir) && !o->out_dir)
@@ -582,11 +618,8 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             FOR_EACH_ADAPTED(m, L, l, p) {
                 kept += L->stats.kept;
                 seen += L->stats.n;
-                if (L->gated && tk_gate_update(&m->peft.gate, &L->stats, step, &L->tau, &L->lambda)) {
-                    tk_fail(err, "out of memory in the threshold step");
-                    goto done;
-                }
             }
+            if (update_thresholds(m, step, &pool, err)) goto done;
             if (dumping && lead) {
                 char path[4200];
                 const char *meta[] = {"format", "pt", NULL};
@@ -660,6 +693,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
 done:
     install_signal_handlers(0);
     tk_gatelog_close(glog, rc > 128); /* a signal stop keeps the partial logs for --resume */
+    tk_gate_stats_free(&pool);
     cJSON_Delete(config);
     dump_free(&dump);
     tk_llama_acts_free(m, acts);

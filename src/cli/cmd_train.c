@@ -96,6 +96,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         {"keep", TK_OPT_FLOAT, &keep, "P", "--gate random: probability in (0,1] that a token's update is applied in a module", 0},
         {"ts-rule", TK_OPT_STR, &rule, "R", "threshold rule: prox | surrogate | importance | scaled (default prox; docs/tspeft.md)", 0},
         {"ts-tau-scope", TK_OPT_STR, &scope, "S", "module: a threshold per module | layer: one shared by a layer's modules (default module)", 0},
+        {"ts-straight-through", TK_OPT_FLAG, &g.straight_through, "on|off", "gated-off tokens still pass gradient to their adapter (default off)", 0},
         {"ts-trust-region", TK_OPT_FLOAT, &g.trust, "D", "prox-type rules: a step moves the kept share by at most D, 0 = off (default 0)", 0},
         {"ts-lambda", TK_OPT_FLOAT, &g.lambda, "X", "sparsity weight lambda (default 0.05)", 0},
         {"ts-eta-tau", TK_OPT_FLOAT, &g.eta_tau, "X", "threshold step size eta_tau (default 0.05)", 0},
@@ -266,6 +267,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
             if (tk_opt_seen(opts, n, names[i])) *fdst[i] = *fsrc[i];
         if (tk_opt_seen(opts, n, names[6])) pc->gate.warmup_steps = g.warmup_steps;
         if (tk_opt_seen(opts, n, "ts-trust-region")) pc->gate.trust = g.trust;
+        if (tk_opt_seen(opts, n, "ts-straight-through")) pc->gate.straight_through = g.straight_through;
         if (tk_opt_seen(opts, n, "ts-tau-scope")) pc->gate.scope = scope_v;
         if (tk_opt_seen(opts, n, "ts-rule")) pc->gate.rule = rule_v;
         if (tk_opt_seen(opts, n, "gate")) {

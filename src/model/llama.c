@@ -342,6 +342,7 @@ static int register_adapters(tk_llama *m, tk_err *err) {
             L->tau = pc->gate.tau0;
             L->lambda = pc->gate.lambda;
             L->rand_keep = pc->gate.rule == TK_GATE_RANDOM ? pc->gate.keep : 0.0f;
+            L->straight_through = pc->gate.enabled && pc->gate.straight_through;
             L->rand_seed = 0x8f1bbcdcca62c1d6ull * (uint64_t)(l * TK_NPROJ + p + 1);
             if (L->r > m->max_rank) m->max_rank = L->r;
             char key[TK_NAME_MAX], nm[TK_NAME_MAX + 64];

@@ -73,6 +73,11 @@ int tk_adapted_alloc(tk_adapted_linear *L, size_t n_tok, tk_err *err) {
     L->rr = tk_calloc(n_tok, sizeof(float));
     L->S = tk_calloc(n_tok, 1);
     int ok = L->u && L->rr && L->S;
+    if (L->straight_through) {
+        L->S_bwd = tk_calloc(n_tok, 1);
+        ok = ok && L->S_bwd;
+        if (L->S_bwd) memset(L->S_bwd, 1, n_tok);
+    }
     if (L->dropout > 0.0f) {
         L->xd = tk_calloc(nI, sizeof(float));
         L->keepx = tk_calloc(nI, 1);
@@ -99,10 +104,11 @@ void tk_adapted_free(tk_adapted_linear *L) {
     tk_free(L->base);
     tk_free(L->rr);
     tk_free(L->S);
+    tk_free(L->S_bwd);
     tk_free(L->dora_c);
     tk_free(L->dora_wn);
     L->xd = L->u = L->base = L->rr = L->dora_c = L->dora_wn = NULL;
-    L->keepx = L->S = NULL;
+    L->keepx = L->S = L->S_bwd = NULL;
     L->cap = 0;
     tk_gate_stats_free(&L->stats);
 }
@@ -463,6 +469,11 @@ static int adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, 
     TK_ASSERT(N <= L->cap && N <= ws->n_tok);
     double t0 = tk_time();
     int rc = 0;
+    /* Straight-through (a study rule's option): the backward sees an all-ones gate, so a gated-off
+     * token still trains the branch and passes its gradient on; the forward's S stays as it was for
+     * the gate log. */
+    uint8_t *S_fwd = L->S;
+    if (L->straight_through) L->S = L->S_bwd;
     if (L->kind == TK_ADAPTER_LORA) {
         lora_backward_fused(L, ws, dx, dy, L->dropout > 0.0f ? L->xd : x, N);
         for (size_t i = 0; i < N && !rc; i++)
@@ -470,6 +481,7 @@ static int adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, 
     } else {
         rc = branch_backward(L, ws, dx, dy, x, valid, N, err);
     }
+    L->S = S_fwd;
     ws->secs_branch_bwd += tk_time() - t0;
     return rc;
 }

@@ -93,6 +93,7 @@ typedef struct {
      * derive it from rand_seed and a count of calls */
     float rand_keep;
     uint64_t rand_seed, rand_calls, rand_key;
+    int straight_through; /* backward as if every token were kept (gate.h, straight_through) */
     tk_gate_stats stats;
     /* activations of one micro-batch (tk_adapted_alloc) */
     size_t cap;
@@ -102,6 +103,7 @@ typedef struct {
     float *base;    /* [N,O] W0 x~ (DoRA) */
     float *rr;      /* [N]   r_i */
     uint8_t *S;     /* [N]   gate */
+    uint8_t *S_bwd; /* [N]   all ones: the gate the backward sees with straight_through */
     float *dora_c;  /* [O]   mag / ||W0 + s B A||_row */
     float *dora_wn; /* [O]   ||W0 + s B A||_row */
 } tk_adapted_linear;

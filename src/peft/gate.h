@@ -14,6 +14,8 @@
  *                 plus lambda times the kept share; a step whose c are all 0 leaves tau alone)
  *     scaled:     w_i = c_i + lambda std(c) / sqrt(N)  (the price in units of the step's c spread)
  *     random:     S_i ~ Bernoulli(keep), tau unused (the chance control)
+ *     straight-through (any rule): the adapter's backward treats every token as kept, so an adapter
+ *                 whose tokens are all gated off still learns; the forward is gated as always.
  *     trust region delta > 0 (any prox-type rule): the new tau keeps between k0 - delta and k0 + delta
  *                 of the step's tokens, k0 the share tau kept.
  *
@@ -46,6 +48,7 @@ typedef struct {
     int warmup_steps;   /* optimizer steps with tau frozen at tau0 */
     float trust;        /* quantile trust region delta in (0,1]; 0 = off */
     float keep;         /* random rule: the probability that a token's update is applied, in (0,1] */
+    int straight_through; /* backward passes gradient through gated-off tokens as if kept (default 0) */
 } tk_gate_config;
 
 /* Defaults of docs/TSPEFT.md: prox, lambda 0.05, eta_tau 0.05, tau0 0, no target, eta_lambda 0.05,

@@ -363,6 +363,11 @@ static int parse_gate_json(ctx *c, tk_gate_config *g, const cJSON *o) {
         num(c, o, "beta", 1e-12, 1e9, &g->beta) ||
         integer(c, o, "warmup_steps", 0, 1 << 30, &g->warmup_steps) || num(c, o, "trust_region", 0, 1, &g->trust))
         return -1;
+    const cJSON *stt = item(o, "straight_through");
+    if (stt) {
+        if (!cJSON_IsBool(stt)) return tk_fail(c->err, "%s: ts_peft.straight_through must be true or false", c->path);
+        g->straight_through = cJSON_IsTrue(stt);
+    }
     const cJSON *keep = item(o, "keep");
     if (keep) {
         if (!cJSON_IsNumber(keep) || !(keep->valuedouble > 0.0 && keep->valuedouble <= 1.0))
@@ -544,6 +549,7 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
         if (g->scope != TK_TAU_MODULE) cJSON_AddStringToObject(ts, "tau_scope", tk_tau_scope_name(g->scope));
         if (g->trust > 0.0f) cJSON_AddNumberToObject(ts, "trust_region", g->trust);
         if (g->rule == TK_GATE_RANDOM) cJSON_AddNumberToObject(ts, "keep", g->keep);
+        if (g->straight_through) cJSON_AddBoolToObject(ts, "straight_through", 1);
     }
     char *text = cJSON_Print(root);
     cJSON_Delete(root);

@@ -458,6 +458,29 @@ def cases():
         return dict(argv=e.train(extra=["--out", o]), expect=[os.path.join(o, "train_summary.json")],
                     out=o, progress_ok=True)
 
+    # --- gate options: refused with exit 2 before anything is read or written --------------------
+    for name, extra, want in (
+            ("gate_keep_zero", ["--gate", "random", "--keep", "0"], ["--keep", "(0, 1]"]),
+            ("gate_keep_above_one", ["--gate", "random", "--keep", "1.5"], ["--keep", "1.5"]),
+            ("gate_keep_negative", ["--gate", "random", "--keep", "-0.2"], ["--keep", "-0.2"]),
+            ("gate_keep_nan", ["--gate", "random", "--keep", "nan"], ["--keep"]),
+            ("gate_random_without_keep", ["--gate", "random"], ["--gate random", "--keep"]),
+            ("gate_keep_without_random", ["--keep", "0.5"], ["--keep", "--gate random"]),
+            ("gate_unknown_mode", ["--gate", "sometimes"], ["--gate", "sometimes"]),
+            ("ts_rule_unknown", ["--ts-rule", "quantile"], ["--ts-rule", "quantile"]),
+            ("ts_rule_random_is_a_gate", ["--ts-rule", "random"], ["--ts-rule", "--gate random"]),
+            ("ts_tau_scope_unknown", ["--ts-tau-scope", "model"], ["--ts-tau-scope", "model"]),
+            ("ts_trust_region_above_one", ["--ts-trust-region", "2"], ["--ts-trust-region"])):
+        @case(name)
+        def _(e, extra=extra, want=want, name=name):
+            o = e.copy(e.adapter, "o_" + name)
+            return dict(argv=e.train(extra=extra + ["--out", o]), expect=want, out=o, status=2)
+
+        @case(name + "_fresh_out_not_made")
+        def _(e, extra=extra, want=want, name=name):
+            fresh = e.p("never_made_" + name)
+            return dict(argv=e.train(extra=extra + ["--out", fresh]), expect=want, absent=fresh, status=2)
+
     return C
 
 
@@ -482,6 +505,10 @@ def run_case(env, name, setup):
         fails.append("killed by signal %d" % -p.returncode)
     elif p.returncode not in (1, 2):
         fails.append("exit status %d (want 1 or 2)" % p.returncode)
+    elif spec.get("status") is not None and p.returncode != spec["status"]:
+        fails.append("exit status %d (want %d)" % (p.returncode, spec["status"]))
+    if spec.get("absent") and os.path.exists(spec["absent"]):
+        fails.append("%s was created" % spec["absent"])
     if verb != "info" and p.stdout.strip():     # info may describe the model before the adapter fails
         fails.append("stdout not empty: %r" % p.stdout[:200])
     if not lines:

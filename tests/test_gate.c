@@ -584,6 +584,33 @@ static void test_study_rules(void) {
         report_bool("scaled: a high price drops every token (tau -> next(0.6))", ok && tau == nextafterf(0.6f, INFINITY));
         tk_gate_stats_free(&st);
     }
+    /* energy: r = {0.1, 0.2, 0.4, 0.8} (r^2 = {.01, .04, .16, .64}, sum .85), lambda 1 (price .25 a token):
+     * w = {.25-.0118, .25-.0471, .25-.188, .25-.753}: the first three are positive, so dropping them
+     * (t = next(0.4)) is best; lambda 0.5 (price .125): only r .8 and .4 (w = -.063) stay (t = next(0.2)).
+     * c plays no part. */
+    {
+        tk_gate_stats st = {0};
+        push(&st, 0.1f, 1, -5.0f);
+        push(&st, 0.2f, 1, 3.0f);
+        push(&st, 0.4f, 1, 0.0f);
+        push(&st, 0.8f, 1, 7.0f);
+        tk_gate_config en = cfg;
+        en.rule = TK_GATE_ENERGY;
+        float tau = 0.0f, lambda = 1.0f;
+        int ok = tk_gate_update(&en, &st, 1, &tau, &lambda) == 0;
+        report_bool("energy: lambda 1 keeps the tokens above the mean r^2 (tau -> next(0.4))",
+                    ok && tau == nextafterf(0.4f, INFINITY));
+        tau = 0.0f, lambda = 0.5f;
+        ok = tk_gate_update(&en, &st, 1, &tau, &lambda) == 0;
+        report_bool("energy: lambda 0.5 keeps two (tau -> next(0.2))", ok && tau == nextafterf(0.2f, INFINITY));
+        tk_gate_stats z = {0};
+        push(&z, 0.0f, 1, 1.0f);
+        tau = 0.0f;
+        ok = tk_gate_update(&en, &z, 1, &tau, &lambda) == 0 && tau == 0.0f;
+        report_bool("energy: a step with every r = 0 leaves tau", ok);
+        tk_gate_stats_free(&st);
+        tk_gate_stats_free(&z);
+    }
     /* random: tau never moves; decisions are a hash of (key, row) at the asked rate */
     {
         tk_gate_stats st = {0};
@@ -611,8 +638,8 @@ static void test_study_rules(void) {
     tk_gate_rule rr = TK_GATE_PROX;
     tk_tau_scope sc = TK_TAU_MODULE;
     int ok = 1;
-    const char *names[] = {"prox", "surrogate", "importance", "scaled", "random"};
-    for (int k = 0; k < 5; k++)
+    const char *names[] = {"prox", "surrogate", "importance", "scaled", "random", "energy"};
+    for (int k = 0; k < 6; k++)
         ok &= tk_gate_rule_parse(names[k], &rr) == 0 && (int)rr == k && strcmp(tk_gate_rule_name(rr), names[k]) == 0;
     ok &= tk_gate_rule_parse("trust", &rr) == -1;
     ok &= tk_tau_scope_parse("layer", &sc) == 0 && sc == TK_TAU_LAYER && tk_tau_scope_parse("module", &sc) == 0 &&

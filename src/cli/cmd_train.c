@@ -94,7 +94,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         {"bottleneck-scaling", TK_OPT_FLOAT, &bn_scaling, "X", "new bottleneck adapter: output scaling (default 1)", 0},
         {"gate", TK_OPT_STR, &gate_s, "on|off|random", "TS-PEFT token gate; random: the chance control, each token's update kept with probability --keep (default on for a new adapter)", 0},
         {"keep", TK_OPT_FLOAT, &keep, "P", "--gate random: probability in (0,1] that a token's update is applied in a module", 0},
-        {"ts-rule", TK_OPT_STR, &rule, "R", "threshold rule: prox | surrogate | importance | scaled (default prox; docs/tspeft.md)", 0},
+        {"ts-rule", TK_OPT_STR, &rule, "R", "threshold rule: prox | surrogate | importance | scaled | energy (default prox; docs/tspeft.md)", 0},
         {"ts-tau-scope", TK_OPT_STR, &scope, "S", "module: a threshold per module | layer: one shared by a layer's modules (default module)", 0},
         {"ts-straight-through", TK_OPT_FLAG, &g.straight_through, "on|off", "gated-off tokens still pass gradient to their adapter (default off)", 0},
         {"ts-trust-region", TK_OPT_FLOAT, &g.trust, "D", "prox-type rules: a step moves the kept share by at most D, 0 = off (default 0)", 0},
@@ -149,7 +149,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     tk_gate_rule rule_v = TK_GATE_PROX;
     tk_tau_scope scope_v = TK_TAU_MODULE;
     if (tk_gate_rule_parse(rule, &rule_v) || rule_v == TK_GATE_RANDOM) {
-        tk_fail(&err, "--ts-rule: \"%s\" is not prox, surrogate, importance or scaled (the chance control is --gate random)", rule);
+        tk_fail(&err, "--ts-rule: \"%s\" is not prox, surrogate, importance, scaled or energy (the chance control is --gate random)", rule);
         status = 2;
         goto fail;
     }

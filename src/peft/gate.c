@@ -22,7 +22,7 @@ tk_gate_config tk_gate_config_default(void) {
     return g;
 }
 
-static const char *const RULE_NAMES[] = {"prox", "surrogate", "importance", "scaled", "random"};
+static const char *const RULE_NAMES[] = {"prox", "surrogate", "importance", "scaled", "random", "energy"};
 
 const char *tk_gate_rule_name(tk_gate_rule r) {
     return (unsigned)r < sizeof RULE_NAMES / sizeof RULE_NAMES[0] ? RULE_NAMES[r] : "prox";
@@ -182,10 +182,16 @@ float tk_gate_surrogate(const float *r, const float *c, size_t n, float tau, flo
 }
 
 /* The per-token weights w_i of a prox-type rule (see gate.h); returns 0 when the step carries no
- * information for the rule (importance with every c_i = 0: a fresh LoRA), so tau must stay. */
-static int rule_weights(tk_gate_rule rule, const float *c, size_t n, float lambda, double *w) {
+ * information for the rule (importance with every c_i = 0, energy with every r_i = 0: a fresh LoRA),
+ * so tau must stay. */
+static int rule_weights(tk_gate_rule rule, const float *r, const float *c, size_t n, float lambda, double *w) {
     double price = (double)lambda / (double)n;
-    if (rule == TK_GATE_IMPORTANCE) {
+    if (rule == TK_GATE_ENERGY) {
+        double e = 0.0;
+        for (size_t i = 0; i < n; i++) e += (double)r[i] * r[i];
+        if (!(e > 0.0)) return 0;
+        for (size_t i = 0; i < n; i++) w[i] = price - (double)r[i] * r[i] / e;
+    } else if (rule == TK_GATE_IMPORTANCE) {
         double a = 0.0;
         for (size_t i = 0; i < n; i++) a += fabs((double)c[i]);
         if (!(a > 0.0)) return 0;
@@ -230,7 +236,7 @@ int tk_gate_update(const tk_gate_config *cfg, const tk_gate_stats *st, int step,
         if (!w) return -1;
         size_t lo, hi;
         trust_bounds(st->r, st->n, *tau, cfg->trust, &lo, &hi);
-        int rc = rule_weights(cfg->rule, st->c, st->n, *lambda, w)
+        int rc = rule_weights(cfg->rule, st->r, st->c, st->n, *lambda, w)
                      ? tk_gate_prox_weighted(st->r, w, st->n, *tau, cfg->eta_tau, lo, hi, &t)
                      : 0;
         free(w);

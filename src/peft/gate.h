@@ -13,6 +13,8 @@
  *     importance: w_i = lambda/N - |c_i| / sum_j |c_j|   (the dropped share of first-order importance
  *                 plus lambda times the kept share; a step whose c are all 0 leaves tau alone)
  *     scaled:     w_i = c_i + lambda std(c) / sqrt(N)  (the price in units of the step's c spread)
+ *     energy:     w_i = lambda/N - r_i^2 / sum_j r_j^2   (the dropped share of the module's relative
+ *                 update energy plus lambda times the kept share; no c: all r = 0 leaves tau alone)
  *     random:     S_i ~ Bernoulli(keep), tau unused (the chance control)
  *     straight-through (any rule): the adapter's backward treats every token as kept, so an adapter
  *                 whose tokens are all gated off still learns; the forward is gated as always.
@@ -31,13 +33,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { TK_GATE_PROX, TK_GATE_SURROGATE, TK_GATE_IMPORTANCE, TK_GATE_SCALED, TK_GATE_RANDOM } tk_gate_rule;
+typedef enum { TK_GATE_PROX, TK_GATE_SURROGATE, TK_GATE_IMPORTANCE, TK_GATE_SCALED, TK_GATE_RANDOM, TK_GATE_ENERGY } tk_gate_rule;
 /* Where one threshold applies: each module its own, or one shared by a layer's gated modules. */
 typedef enum { TK_TAU_MODULE, TK_TAU_LAYER } tk_tau_scope;
 
 typedef struct {
     int enabled;        /* 0: dense adapter (S = 1 everywhere, tau never moves) */
-    tk_gate_rule rule;  /* prox (default), surrogate, importance, scaled, random */
+    tk_gate_rule rule;  /* prox (default), surrogate, importance, scaled, energy, random */
     tk_tau_scope scope; /* module (default) or layer */
     float lambda;       /* sparsity weight (start value of the dual with target_keep) */
     float eta_tau;      /* proximal step size */
@@ -58,8 +60,8 @@ const char *tk_gate_rule_name(tk_gate_rule r);
 int tk_gate_rule_parse(const char *s, tk_gate_rule *out);
 const char *tk_tau_scope_name(tk_tau_scope s);
 int tk_tau_scope_parse(const char *s, tk_tau_scope *out);
-/* The rule names, for messages: "prox, surrogate, importance, scaled or random". */
-#define TK_GATE_RULE_NAMES "prox, surrogate, importance, scaled or random"
+/* The rule names, for messages. */
+#define TK_GATE_RULE_NAMES "prox, surrogate, importance, scaled, energy or random"
 
 /* The random rule's decision for row i under key (a hash: the same key and row give the same answer
  * on any thread). */

@@ -8,7 +8,7 @@
     the decisions exactly, another seed does not; the saved adapter reloads and trains.
 (b) --ts-tau-scope layer: at every step the modules of one layer log the same tau; the layers'
     thresholds move and differ; ts_peft says tau_scope "layer".
-(c) --ts-rule importance and scaled: the thresholds move after the warm-up, the rule is saved and
+(c) --ts-rule importance, scaled and energy: the thresholds move after the warm-up, the rule is saved and
     reloaded (a reload's ts_peft names it again).
 (d) --ts-straight-through: with every token gated off (tau0 above every r, frozen by the warm-up)
     lora_B stays exactly zero without it (no token trains the branch) and moves with it.
@@ -115,7 +115,7 @@ def main():
                        % (len(set(steps_m[-1]["tau"])), len(set(last))))
 
         # (c) the importance and scaled rules
-        for rule, lam in (("importance", "1"), ("scaled", "0.5")):
+        for rule, lam in (("importance", "1"), ("scaled", "0.5"), ("energy", "1")):
             out = os.path.join(tmp, rule)
             p = train(T, model, data, out, ["--ts-rule", rule, "--ts-lambda", lam, "--ts-warmup-steps", 5], steps=30)
             if chk.ok(p.returncode == 0, "(c) --ts-rule %s trains" % rule, p.stderr):

@@ -10,7 +10,13 @@
 #   8. evaluation on held-out images and text, gate analysis, and a summary table
 # Usage: examples/demo.sh [path/to/tspeft] [run dir]     (exits non-zero if any stage fails)
 # Scale with the environment: DEMO_IMAGES (train images, default 3000), DEMO_STEPS (stage 2 steps, 800),
-# THREADS (2). The same pipeline on your own checkpoints: see README "Your own LLaMA / LLaVA".
+# DEMO_PRETRAIN_STEPS (stage 5, 300), DEMO_STAGE1_STEPS (stage 6, 500), THREADS (2). TS_FLAGS: the gate's
+# flags of the ts-lora run (default "--ts-lambda 0.2 --ts-warmup-steps 50"). DEMO_UNTIL=N stops after
+# stage N (examples/gate_study.py runs stages 1-6 with DEMO_UNTIL=6 and trains its own stage 2 runs).
+# Besides the train and held-out test sets, stage 1 writes validation sets (300 Fashion-MNIST train-split
+# images not among the training images; text questions in neither train nor test) and stage 3 their
+# shards (image_val.shard, text_val.shard), for choosing settings without looking at the test sets.
+# The same pipeline on your own checkpoints: see README "Your own LLaMA / LLaVA".
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 TSPEFT=${1:-build/tspeft}
@@ -19,56 +25,82 @@ PY=/usr/bin/python3
 THREADS=${THREADS:-2}
 IMAGES=${DEMO_IMAGES:-3000}
 STEPS=${DEMO_STEPS:-800}
+PRETRAIN_STEPS=${DEMO_PRETRAIN_STEPS:-300}
+STAGE1_STEPS=${DEMO_STAGE1_STEPS:-500}
+UNTIL=${DEMO_UNTIL:-8}
+TS_FLAGS=${TS_FLAGS:---ts-lambda 0.2 --ts-warmup-steps 50}
 FMNIST=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
 T0=$(date +%s)
 stage() { echo; echo "== $1  ($(( $(date +%s) - T0 ))s)"; }
+stop_after() {  # DEMO_UNTIL=N: stop once stage N is done
+    if [ "$UNTIL" -le "$1" ]; then echo; echo "== stopped after stage $1 of 8 (DEMO_UNTIL=$UNTIL)  ($(( $(date +%s) - T0 ))s)"; exit 0; fi
+}
 mkdir -p "$RUN"
 
-stage "1/8 data: Fashion-MNIST ($IMAGES train / 300 held-out images) and text instructions"
-"$TSPEFT" convert --format fashion-mnist --input "$FMNIST" --out "$RUN/fmnist" --split train --limit "$IMAGES" --quiet
+stage "1/8 data: Fashion-MNIST ($IMAGES train / 300 validation / 300 held-out images) and text instructions"
+# the train split's first IMAGES images train, the next 300 validate; the test split's first 300 are held out
+"$TSPEFT" convert --format fashion-mnist --input "$FMNIST" --out "$RUN/fmnist" --split train --limit $(( IMAGES + 300 )) --quiet
+$PY - "$RUN/fmnist" "$IMAGES" <<'PYEOF'
+import json, sys
+d, n = sys.argv[1], int(sys.argv[2])
+recs = json.load(open(d + "/train.json"))
+if len(recs) != n + 300:
+    sys.exit("demo: %s/train.json has %d records, expected %d train + 300 validation" % (d, len(recs), n))
+for name, part in (("val", recs[n:]), ("train", recs[:n])):
+    with open("%s/%s.json" % (d, name), "w") as f:
+        json.dump(part, f, indent=1)
+PYEOF
 "$TSPEFT" convert --format fashion-mnist --input "$FMNIST" --out "$RUN/fmnist" --split test --limit 300 --quiet
 $PY "$here/demo_data.py" "$RUN/text"
+stop_after 1
 
 stage "2/8 tokenizer (sentencepiece BPE, 600 pieces)"
 spm_train --input="$RUN/text/corpus.txt" --model_prefix="$RUN/tokenizer" --vocab_size=600 --model_type=bpe \
     --byte_fallback=true --num_threads=1 --minloglevel=2 > "$RUN/spm_train.log" 2>&1 || { cat "$RUN/spm_train.log"; exit 1; }
 TOK="$RUN/tokenizer.model"
+stop_after 2
 
 stage "3/8 shards"
-for split in train test; do
+for split in train val test; do
     "$TSPEFT" convert --format llava --input "$RUN/fmnist/$split.json" --image-folder "$RUN/fmnist" --tokenizer "$TOK" \
         --image-tokens 16 --out "$RUN/shards/image_$split.shard" --quiet
     "$TSPEFT" convert --format llava --input "$RUN/text/text_$split.json" --tokenizer "$TOK" --image-tokens 16 \
         --out "$RUN/shards/text_$split.shard" --quiet
 done
 ls -la "$RUN/shards" | awk 'NR>1{print "   "$5" bytes  "$9}'
+stop_after 3
 
 stage "4/8 random tiny LLaMA (hidden 192, 4 layers) and CLIP tower (28 px, 7 px patches: 16 visual tokens)"
 $PY "$here/make_random_llama.py" "$RUN/base0" --hidden 192 --layers 4 --heads 4 --kv-heads 2 --intermediate 512 \
     --vocab 600 --max-pos 128 --seed 0 > /dev/null
 $PY "$here/make_random_vit.py" "$RUN/tower" --kind clip --hidden 96 --layers 2 --heads 4 --intermediate 256 \
     --image 28 --patch 7 --seed 0 > /dev/null
+stop_after 4
 
 stage "5/8 pretraining the LLaMA from scratch on text (every tensor), then merging"
 "$TSPEFT" train --model "$RUN/base0" --data "$RUN/shards/text_train.shard" --adapter-type none --train-tensors all \
-    --steps 300 --batch-size 16 --lr 2e-3 --lr-scheduler cosine --warmup-steps 20 --shuffle --max-seq-len 128 \
+    --steps "$PRETRAIN_STEPS" --batch-size 16 --lr 2e-3 --lr-scheduler cosine --warmup-steps 20 --shuffle --max-seq-len 128 \
     --out "$RUN/pretrained" --log-every 100 --threads "$THREADS"
 "$TSPEFT" merge --model "$RUN/base0" --adapter "$RUN/pretrained" --out "$RUN/base"
+stop_after 5
 
 stage "6/8 LLaVA stage 1: the projector alone on images (vision tower frozen)"
 "$TSPEFT" train --model "$RUN/base" --vision-tower "$RUN/tower" --stage 1 --data "$RUN/shards/image_train.shard" \
-    --steps 500 --batch-size 16 --lr 3e-3 --shuffle --max-seq-len 128 --out "$RUN/stage1" --log-every 100 \
+    --steps "$STAGE1_STEPS" --batch-size 16 --lr 3e-3 --shuffle --max-seq-len 128 --out "$RUN/stage1" --log-every 100 \
     --threads "$THREADS"
+stop_after 6
 
 for method in lora ts-lora; do
     gate=$([ $method = ts-lora ] && echo on || echo off)
+    ts_flags=$([ $method = ts-lora ] && echo "$TS_FLAGS" || true)
     stage "7/8 LLaVA stage 2, $method: projector + LoRA r 16 on all projections (gate $gate), images + text"
     "$TSPEFT" train --model "$RUN/base" --vision-tower "$RUN/tower" --projector "$RUN/stage1/mm_projector.safetensors" \
         --stage 2 --data "$RUN/shards/image_train.shard:2" --data "$RUN/shards/text_train.shard:1" \
-        --target-modules all --r 16 --alpha 32 --gate $gate --ts-lambda 0.2 --ts-warmup-steps 50 \
+        --target-modules all --r 16 --alpha 32 --gate $gate $ts_flags \
         --steps "$STEPS" --batch-size 16 --lr 2e-3 --lr-scheduler cosine --warmup-steps 20 --shuffle --seed 1 \
         --max-seq-len 128 --out "$RUN/$method" --log-every 100 --threads "$THREADS"
 done
+stop_after 7
 
 stage "8/8 evaluation on held-out images and text, gate analysis"
 for method in lora ts-lora; do

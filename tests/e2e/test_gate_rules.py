@@ -12,6 +12,8 @@
     reloaded (a reload's ts_peft names it again).
 (d) --ts-straight-through: with every token gated off (tau0 above every r, frozen by the warm-up)
     lora_B stays exactly zero without it (no token trains the branch) and moves with it.
+(e) examples/gate_rc.py on a one-step dump of a trained adapter: one row per module with the rank
+    correlation it prints equal to numpy's on the dump's ts_r and ts_c.
 Exit status 0 when every check passed, 1 otherwise (2: bad usage).
 """
 import argparse
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -147,6 +150,25 @@ def main():
             chk.ok(b_abs["on"] > 1e-4, "(d) with it lora_B learns from the gated-off tokens (max |B| %g)" % b_abs["on"])
             chk.ok(ts_peft(os.path.join(tmp, "st_on")).get("straight_through") is True,
                    "(d) ts_peft: straight_through true")
+
+        # (e) the r-versus-c analysis of a dump
+        trained = os.path.join(tmp, "importance")
+        dump = os.path.join(tmp, "dump")
+        p = U.run(T, ["train", "--model", model, "--data", data, "--adapter", trained, "--steps", 1, "--batch-size", 8,
+                      "--lr", 0, "--threads", 1, "--quiet", "--dump", dump])
+        if chk.ok(p.returncode == 0, "(e) one-step dump of the importance run", p.stderr):
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "gate_rc.py")
+            q = subprocess.run([sys.executable, script, os.path.join(dump, "step1.safetensors")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+            rows = [x.split() for x in q.stdout.splitlines() if x.startswith("model.layers.")]
+            chk.ok(q.returncode == 0 and len(rows) == 14, "(e) gate_rc.py: a row per module (%d)" % len(rows), q.stderr)
+            if rows:
+                t = st.load(os.path.join(dump, "step1.safetensors"))
+                name = U.PEFT + rows[0][0]
+                r, c = t[name + ".ts_r"].astype(np.float64), np.abs(t[name + ".ts_c"].astype(np.float64))
+                rr, rc = np.argsort(np.argsort(r, kind="stable")), np.argsort(np.argsort(c, kind="stable"))
+                want = float(np.corrcoef(rr, rc)[0, 1])
+                chk.ok(abs(float(rows[0][2]) - want) < 0.006, "(e) gate_rc.py: rank correlation %s == %.3f" % (rows[0][2], want))
     finally:
         if a.keep:
             print("kept", tmp)

@@ -6,7 +6,8 @@
 #   4. a tiny LLaMA and a tiny CLIP vision tower with random weights (no pretrained weights exist here)
 #   5. pretraining the LLaMA from scratch on the text (every tensor trained), merged into the base
 #   6. LLaVA stage 1: the projector alone, on the images (the vision tower stays frozen and random)
-#   7. LLaVA stage 2 twice from the same stage-1 projector: dense LoRA and TS-LoRA (gated), on images + text
+#   7. LLaVA stage 2 three times from the same stage-1 projector, on images + text: dense LoRA, TS-LoRA (gated),
+#      and the chance control, a random gate keeping the share of token updates TS-LoRA kept
 #   8. evaluation on held-out images and text, gate analysis, and a summary table
 # Usage: examples/demo.sh [path/to/tspeft] [run dir]     (exits non-zero if any stage fails)
 # Scale with the environment: DEMO_IMAGES (train images, default 3000), DEMO_STEPS (stage 2 steps, 800),
@@ -90,20 +91,27 @@ stage "6/8 LLaVA stage 1: the projector alone on images (vision tower frozen)"
     --threads "$THREADS"
 stop_after 6
 
-for method in lora ts-lora; do
-    gate=$([ $method = ts-lora ] && echo on || echo off)
-    ts_flags=$([ $method = ts-lora ] && echo "$TS_FLAGS" || true)
-    stage "7/8 LLaVA stage 2, $method: projector + LoRA r 16 on all projections (gate $gate), images + text"
+# stage 2: dense LoRA, TS-LoRA, then the chance control: a random gate keeping the share TS-LoRA kept
+for method in lora ts-lora random; do
+    case $method in
+        lora) gate_flags="--gate off" ;;
+        ts-lora) gate_flags="--gate on $TS_FLAGS" ;;
+        random) "$TSPEFT" gates "$RUN/ts-lora" --format json > "$RUN/ts-lora.gates.json"
+                keep=$($PY -c "import json,sys; print('%.4f' % max(1e-4, 1 - json.load(open(sys.argv[1]))['discarded_fraction_run']))" \
+                       "$RUN/ts-lora.gates.json")
+                gate_flags="--gate random --keep $keep" ;;
+    esac
+    stage "7/8 LLaVA stage 2, $method: projector + LoRA r 16 on all projections ($gate_flags), images + text"
     "$TSPEFT" train --model "$RUN/base" --vision-tower "$RUN/tower" --projector "$RUN/stage1/mm_projector.safetensors" \
         --stage 2 --data "$RUN/shards/image_train.shard:2" --data "$RUN/shards/text_train.shard:1" \
-        --target-modules all --r 16 --alpha 32 --gate $gate $ts_flags \
+        --target-modules all --r 16 --alpha 32 $gate_flags \
         --steps "$STEPS" --batch-size 16 --lr 2e-3 --lr-scheduler cosine --warmup-steps 20 --shuffle --seed 1 \
         --max-seq-len 128 --out "$RUN/$method" --log-every 100 --threads "$THREADS"
 done
 stop_after 7
 
 stage "8/8 evaluation on held-out images and text, gate analysis"
-for method in lora ts-lora; do
+for method in lora ts-lora random; do
     "$TSPEFT" eval --model "$RUN/base" --adapter "$RUN/$method" --tokenizer "$TOK" --vision-tower "$RUN/tower" \
         --task vqa --data "$RUN/shards/image_test.shard" --task vqa --data "$RUN/shards/text_test.shard" \
         --max-new-tokens 8 --threads "$THREADS" --out "$RUN/$method.eval.json" > "$RUN/$method.eval.txt" 2> "$RUN/$method.eval.log"
@@ -113,8 +121,10 @@ img=$($PY -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print(r['image
 answer=$("$TSPEFT" generate --model "$RUN/base" --adapter "$RUN/ts-lora" --tokenizer "$TOK" --vision-tower "$RUN/tower" \
          --image "$RUN/fmnist/${img%%$'\t'*}" --prompt "What item of clothing is this?" --max-new-tokens 8 --threads "$THREADS")
 echo "generate --image $RUN/fmnist/${img%%$'\t'*}: \"$answer\" (gold: ${img#*$'\t'})"
-"$TSPEFT" gates "$RUN/ts-lora" --format json > "$RUN/ts-lora.gates.json"
-"$TSPEFT" gates "$RUN/ts-lora" > "$RUN/ts-lora.gates.txt"
+for method in ts-lora random; do
+    "$TSPEFT" gates "$RUN/$method" --format json > "$RUN/$method.gates.json"
+    "$TSPEFT" gates "$RUN/$method" > "$RUN/$method.gates.txt"
+done
 
 $PY - "$RUN" "$(( $(date +%s) - T0 ))" <<'PYEOF'
 import json, sys
@@ -129,28 +139,43 @@ def ev(m):
     return out
 def summ(m): return json.load(open("%s/%s/train_summary.json" % (run, m)))
 g = json.load(open("%s/ts-lora.gates.json" % run))
-print("\n%-8s %10s %10s %10s %10s %12s %10s" % ("method", "image mc", "image em", "text mc", "text em",
-                                              "updates kept", "tokens/s"))
-for m in ("lora", "ts-lora"):
+gr = json.load(open("%s/random.gates.json" % run))
+def interior(gg):
+    sel = gg.get("selectivity") or {}
+    return sel.get("interior_share") or 0.0
+print("\n%-8s %10s %10s %10s %10s %12s %10s %10s" % ("method", "image mc", "image em", "text mc", "text em",
+                                                   "updates kept", "selective", "tokens/s"))
+for m in ("lora", "ts-lora", "random"):
     e, s = ev(m), summ(m)
-    kept = "100%" if m == "lora" else "%.1f%%" % (100 * (1 - g["discarded_fraction_run"]))
-    print("%-8s %10.3f %10.3f %10.3f %10.3f %12s %10.0f" % (m, e["image"].get("vqa_mc_acc", 0), e["image"].get("vqa_em", 0),
-          e["text"].get("vqa_mc_acc", 0), e["text"].get("vqa_em", 0), kept, s["tokens_per_second"]))
+    gg = {"lora": None, "ts-lora": g, "random": gr}[m]
+    kept = "100%" if gg is None else "%.1f%%" % (100 * (1 - gg["discarded_fraction_run"]))
+    sel = "-" if gg is None else "%.2f" % interior(gg)
+    print("%-8s %10.3f %10.3f %10.3f %10.3f %12s %10s %10.0f" % (m, e["image"].get("vqa_mc_acc", 0), e["image"].get("vqa_em", 0),
+          e["text"].get("vqa_mc_acc", 0), e["text"].get("vqa_em", 0), kept, sel, s["tokens_per_second"]))
 kinds = {k: v for k, v in g.get("kinds", {}).items() if v.get("keep") is not None}
 if kinds:
     print("\nTS-LoRA keep ratio by token kind (last window): " +
           ", ".join("%s %.3f" % (k, v["keep"]) for k, v in kinds.items()))
 print("TS-LoRA discarded %.1f%% of token updates over the run (%.1f%% in the last window)" %
       (100 * g["discarded_fraction_run"], 100 * g["discarded_fraction_window"]))
-e1, e2 = ev("lora"), ev("ts-lora")
-d_img = e2["image"].get("vqa_mc_acc", 0) - e1["image"].get("vqa_mc_acc", 0)
-d_txt = e2["text"].get("vqa_mc_acc", 0) - e1["text"].get("vqa_mc_acc", 0)
-verdict = lambda d: "better" if d > 0.005 else ("worse" if d < -0.005 else "the same")
+sel = g.get("selectivity") or {}
+if sel.get("gated"):
+    print("TS-LoRA selectivity: %.0f%% of token decisions made in modules that keep between 5%% and 95%% of their "
+          "tokens (%d of %d modules; %d keep all, %d almost none)" % (100 * interior(g), sel.get("interior_modules", 0),
+          sel.get("modules", 0), sel.get("modules_open", 0), sel.get("modules_closed", 0)))
+e0, e1, e2 = ev("lora"), ev("ts-lora"), ev("random")
+d = lambda a, b, t: a[t].get("vqa_mc_acc", 0) - b[t].get("vqa_mc_acc", 0)
+verdict = lambda x: "better" if x > 0.005 else ("worse" if x < -0.005 else "the same")
 print("\nheadline: TS-LoRA skipped %.1f%% of token updates and was %s on images (%+.3f) and %s on text (%+.3f) "
-      "compared with dense LoRA in this run" % (100 * g["discarded_fraction_run"], verdict(d_img), d_img, verdict(d_txt), d_txt))
+      "compared with dense LoRA in this run;" % (100 * g["discarded_fraction_run"], verdict(d(e1, e0, "image")),
+      d(e1, e0, "image"), verdict(d(e1, e0, "text")), d(e1, e0, "text")))
+print("against random dropping of the same share it was %s on images (%+.3f) and %s on text (%+.3f)" %
+      (verdict(d(e1, e2, "image")), d(e1, e2, "image"), verdict(d(e1, e2, "text")), d(e1, e2, "text")))
+print("one seed: the seed-to-seed spread is several points; examples/gate_study.py measures over seeds (docs/gate-study.md)")
 print("\nchance: image 0.100 (10 classes); mc = multiple choice by log-likelihood, em = exact match of greedy answers")
 print("the vision tower is random and frozen (no pretrained weights here): image accuracy comes from the projector"
       " and adapters learning on random features")
 print("pictures: %s/ts-lora/report/*.svg (keep heatmaps per modality, tau, r histograms, loss) and tokens.html" % run)
-print("adapters + projectors (PEFT layout + mm_projector.safetensors): %s/lora, %s/ts-lora; %d s in all" % (run, run, secs))
+print("adapters + projectors (PEFT layout + mm_projector.safetensors): %s/lora, %s/ts-lora, %s/random; %d s in all"
+      % (run, run, run, secs))
 PYEOF

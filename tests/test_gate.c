@@ -517,6 +517,22 @@ static void test_weighted_trust_brute(void) {
     report_bool(name, bad == 0 && constrained > cases / 2);
 }
 
+/* One threshold step from tau 0 at step 1 (after any warm-up of 0) must give exactly want. */
+static void expect_update(const char *name, const tk_gate_config *cfg, const tk_gate_stats *st, float lambda,
+                          float want) {
+    float tau = 0.0f;
+    int ok = tk_gate_update(cfg, st, 1, &tau, &lambda) == 0 && tau == want;
+    printf("%-70s got %.9g want %.9g  %s\n", name, (double)tau, (double)want, ok ? "ok" : "FAIL");
+    if (!ok) g_failures++;
+}
+
+/* Statistics of n tokens, every one kept in the forward. */
+static tk_gate_stats stats_of(const float *r, const float *c, size_t n) {
+    tk_gate_stats st = {0};
+    for (size_t i = 0; i < n; i++) push(&st, r[i], 1, c[i]);
+    return st;
+}
+
 static void test_study_rules(void) {
     /* The weighted step with w = c + lambda/n is the reference step, bit for bit. */
     {
@@ -533,83 +549,47 @@ static void test_study_rules(void) {
     cfg.eta_tau = 10.0f; /* a weak proximal term: the weights decide */
     /* importance: |c| = {0.1, 0.1, 0.4, 0.4}, sum 1, lambda 1 (price 0.25 a token): w = {0.15, 0.15,
      * -0.15, -0.15}. Dropping the two small tokens (t = next(0.2)) gives Phi -0.3, the best; the sign
-     * of c does not matter (c = {-0.1, 0.1, 0.4, -0.4}). */
+     * of c does not matter (c = {-0.1, 0.1, 0.4, -0.4}). With a trust region of 1/4 of the tokens it
+     * may drop only one. A step with every c = 0 (a fresh LoRA) carries no information: tau stays. */
     {
-        tk_gate_stats st = {0};
-        push(&st, 0.1f, 1, -0.1f);
-        push(&st, 0.2f, 1, 0.1f);
-        push(&st, 0.5f, 1, 0.4f);
-        push(&st, 0.6f, 1, -0.4f);
+        float r[4] = {0.1f, 0.2f, 0.5f, 0.6f}, c[4] = {-0.1f, 0.1f, 0.4f, -0.4f}, z[2] = {0.0f, 0.0f};
+        tk_gate_stats st = stats_of(r, c, 4), zs = stats_of(z, z, 2);
         tk_gate_config imp = cfg;
         imp.rule = TK_GATE_IMPORTANCE;
-        imp.lambda = 1.0f;
-        float tau = 0.0f, lambda = 1.0f;
-        int ok = tk_gate_update(&imp, &st, 1, &tau, &lambda) == 0;
-        report_bool("importance: drops the tokens below the mean |c| (tau -> next(0.2))",
-                    ok && tau == nextafterf(0.2f, INFINITY));
-        /* with a trust region of 1/4 of the tokens it may drop only one */
+        expect_update("importance: drops the tokens below the mean |c|", &imp, &st, 1.0f, nextafterf(0.2f, INFINITY));
         imp.trust = 0.25f;
-        tau = 0.0f;
-        ok = tk_gate_update(&imp, &st, 1, &tau, &lambda) == 0;
-        report_bool("importance + trust region 0.25: one token at most (tau -> next(0.1))",
-                    ok && tau == nextafterf(0.1f, INFINITY));
-        /* every c = 0 (a fresh LoRA): no information, tau stays */
-        tk_gate_stats z = {0};
-        push(&z, 0.0f, 1, 0.0f);
-        push(&z, 0.0f, 1, 0.0f);
+        expect_update("importance + trust region 0.25: one token at most", &imp, &st, 1.0f, nextafterf(0.1f, INFINITY));
         imp.trust = 0.0f;
-        tau = 0.0f;
-        ok = tk_gate_update(&imp, &z, 1, &tau, &lambda) == 0 && tau == 0.0f;
-        report_bool("importance: a step with every c = 0 leaves tau", ok);
+        expect_update("importance: a step with every c = 0 leaves tau", &imp, &zs, 1.0f, 0.0f);
         tk_gate_stats_free(&st);
-        tk_gate_stats_free(&z);
+        tk_gate_stats_free(&zs);
     }
-    /* scaled: c = {1, 1, -1, -1} (mean 0, sd 1), n 4, lambda 2: price 2 * 1 / 2 = 1 a token, w = {2, 2, 0, 0}:
-     * dropping the two tokens with c = 1 (lowest r) wins; with lambda 0 the same two go (w = {1, 1, -1, -1}). */
+    /* scaled: c = {1, 1, -1, -1} (mean 0, sd 1), n 4. lambda 2: price 2 * 1 / 2 = 1 a token, w = {2, 2, 0, 0}:
+     * dropping the two tokens with c = 1 (lowest r) wins (dropping all four ties at Phi 0 but is farther
+     * from tau). lambda 6: price 3, w = {4, 4, 2, 2}: every token goes. */
     {
-        tk_gate_stats st = {0};
-        push(&st, 0.1f, 1, 1.0f);
-        push(&st, 0.2f, 1, 1.0f);
-        push(&st, 0.5f, 1, -1.0f);
-        push(&st, 0.6f, 1, -1.0f);
+        float r[4] = {0.1f, 0.2f, 0.5f, 0.6f}, c[4] = {1.0f, 1.0f, -1.0f, -1.0f};
+        tk_gate_stats st = stats_of(r, c, 4);
         tk_gate_config sc = cfg;
         sc.rule = TK_GATE_SCALED;
-        float tau = 0.0f, lambda = 2.0f;
-        int ok = tk_gate_update(&sc, &st, 1, &tau, &lambda) == 0;
-        /* lambda 2: w = {2, 2, 0, 0}; dropping all four also gives Phi 0 but is farther from tau */
-        report_bool("scaled: price lambda sd(c)/sqrt(n) (tau -> next(0.2))", ok && tau == nextafterf(0.2f, INFINITY));
-        /* lambda 6: price 3, w = {4, 4, 2, 2}: every token goes */
-        tau = 0.0f, lambda = 6.0f;
-        ok = tk_gate_update(&sc, &st, 1, &tau, &lambda) == 0;
-        report_bool("scaled: a high price drops every token (tau -> next(0.6))", ok && tau == nextafterf(0.6f, INFINITY));
+        expect_update("scaled: price lambda sd(c)/sqrt(n)", &sc, &st, 2.0f, nextafterf(0.2f, INFINITY));
+        expect_update("scaled: a high price drops every token", &sc, &st, 6.0f, nextafterf(0.6f, INFINITY));
         tk_gate_stats_free(&st);
     }
     /* energy: r = {0.1, 0.2, 0.4, 0.8} (r^2 = {.01, .04, .16, .64}, sum .85), lambda 1 (price .25 a token):
      * w = {.25-.0118, .25-.0471, .25-.188, .25-.753}: the first three are positive, so dropping them
      * (t = next(0.4)) is best; lambda 0.5 (price .125): only r .8 and .4 (w = -.063) stay (t = next(0.2)).
-     * c plays no part. */
+     * c plays no part. Every r = 0: tau stays. */
     {
-        tk_gate_stats st = {0};
-        push(&st, 0.1f, 1, -5.0f);
-        push(&st, 0.2f, 1, 3.0f);
-        push(&st, 0.4f, 1, 0.0f);
-        push(&st, 0.8f, 1, 7.0f);
+        float r[4] = {0.1f, 0.2f, 0.4f, 0.8f}, c[4] = {-5.0f, 3.0f, 0.0f, 7.0f}, z[1] = {0.0f}, one[1] = {1.0f};
+        tk_gate_stats st = stats_of(r, c, 4), zs = stats_of(z, one, 1);
         tk_gate_config en = cfg;
         en.rule = TK_GATE_ENERGY;
-        float tau = 0.0f, lambda = 1.0f;
-        int ok = tk_gate_update(&en, &st, 1, &tau, &lambda) == 0;
-        report_bool("energy: lambda 1 keeps the tokens above the mean r^2 (tau -> next(0.4))",
-                    ok && tau == nextafterf(0.4f, INFINITY));
-        tau = 0.0f, lambda = 0.5f;
-        ok = tk_gate_update(&en, &st, 1, &tau, &lambda) == 0;
-        report_bool("energy: lambda 0.5 keeps two (tau -> next(0.2))", ok && tau == nextafterf(0.2f, INFINITY));
-        tk_gate_stats z = {0};
-        push(&z, 0.0f, 1, 1.0f);
-        tau = 0.0f;
-        ok = tk_gate_update(&en, &z, 1, &tau, &lambda) == 0 && tau == 0.0f;
-        report_bool("energy: a step with every r = 0 leaves tau", ok);
+        expect_update("energy: lambda 1 keeps the tokens above the mean r^2", &en, &st, 1.0f, nextafterf(0.4f, INFINITY));
+        expect_update("energy: lambda 0.5 keeps two", &en, &st, 0.5f, nextafterf(0.2f, INFINITY));
+        expect_update("energy: a step with every r = 0 leaves tau", &en, &zs, 0.5f, 0.0f);
         tk_gate_stats_free(&st);
-        tk_gate_stats_free(&z);
+        tk_gate_stats_free(&zs);
     }
     /* random: tau never moves; decisions are a hash of (key, row) at the asked rate */
     {

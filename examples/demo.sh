@@ -6,13 +6,14 @@
 #   4. a tiny LLaMA and a tiny CLIP vision tower with random weights (no pretrained weights exist here)
 #   5. pretraining the LLaMA from scratch on the text (every tensor trained), merged into the base
 #   6. LLaVA stage 1: the projector alone, on the images (the vision tower stays frozen and random)
-#   7. LLaVA stage 2 three times from the same stage-1 projector, on images + text: dense LoRA, TS-LoRA (gated),
-#      and the chance control, a random gate keeping the share of token updates TS-LoRA kept
+#   7. LLaVA stage 2 four times from the same stage-1 projector, on images + text: dense LoRA, TS-LoRA with the
+#      reference rule (prox) and with the importance rule, and the chance control, a random gate keeping the
+#      share of token updates the importance rule kept
 #   8. evaluation on held-out images and text, gate analysis, and a summary table
 # Usage: examples/demo.sh [path/to/tspeft] [run dir]     (exits non-zero if any stage fails)
 # Scale with the environment: DEMO_IMAGES (train images, default 3000), DEMO_STEPS (stage 2 steps, 800),
 # DEMO_PRETRAIN_STEPS (stage 5, 300), DEMO_STAGE1_STEPS (stage 6, 500), THREADS (2). TS_FLAGS: the gate's
-# flags of the ts-lora run (default "--ts-lambda 0.2 --ts-warmup-steps 50"). DEMO_UNTIL=N stops after
+# flags of the ts-lora run (default "--ts-lambda 0.2 --ts-warmup-steps 50"), TS_IMP_FLAGS those of ts-imp. DEMO_UNTIL=N stops after
 # stage N (examples/gate_study.py runs stages 1-6 with DEMO_UNTIL=6 and trains its own stage 2 runs).
 # Besides the train and held-out test sets, stage 1 writes validation sets (300 Fashion-MNIST train-split
 # images not among the training images; text questions in neither train nor test) and stage 3 their
@@ -30,6 +31,8 @@ PRETRAIN_STEPS=${DEMO_PRETRAIN_STEPS:-300}
 STAGE1_STEPS=${DEMO_STAGE1_STEPS:-500}
 UNTIL=${DEMO_UNTIL:-8}
 TS_FLAGS=${TS_FLAGS:---ts-lambda 0.2 --ts-warmup-steps 50}
+# the token-selecting rule chosen on validation by examples/gate_study.py (docs/gate-study.md)
+TS_IMP_FLAGS=${TS_IMP_FLAGS:---ts-rule importance --ts-lambda 0.45 --ts-warmup-steps 50 --ts-trust-region 0.01 --ts-eta-tau 10}
 FMNIST=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
 T0=$(date +%s)
 stage() { echo; echo "== $1  ($(( $(date +%s) - T0 ))s)"; }
@@ -91,14 +94,16 @@ stage "6/8 LLaVA stage 1: the projector alone on images (vision tower frozen)"
     --threads "$THREADS"
 stop_after 6
 
-# stage 2: dense LoRA, TS-LoRA, then the chance control: a random gate keeping the share TS-LoRA kept
-for method in lora ts-lora random; do
+# stage 2: dense LoRA; TS-LoRA with the reference rule (prox) and with the importance rule; then the
+# chance control: a random gate keeping the share of token updates the importance rule kept
+for method in lora ts-lora ts-imp random; do
     case $method in
         lora) gate_flags="--gate off" ;;
         ts-lora) gate_flags="--gate on $TS_FLAGS" ;;
-        random) "$TSPEFT" gates "$RUN/ts-lora" --format json > "$RUN/ts-lora.gates.json"
+        ts-imp) gate_flags="--gate on $TS_IMP_FLAGS" ;;
+        random) "$TSPEFT" gates "$RUN/ts-imp" --format json > "$RUN/ts-imp.gates.json"
                 keep=$($PY -c "import json,sys; print('%.4f' % max(1e-4, 1 - json.load(open(sys.argv[1]))['discarded_fraction_run']))" \
-                       "$RUN/ts-lora.gates.json")
+                       "$RUN/ts-imp.gates.json")
                 gate_flags="--gate random --keep $keep" ;;
     esac
     stage "7/8 LLaVA stage 2, $method: projector + LoRA r 16 on all projections ($gate_flags), images + text"
@@ -111,7 +116,7 @@ done
 stop_after 7
 
 stage "8/8 evaluation on held-out images and text, gate analysis"
-for method in lora ts-lora random; do
+for method in lora ts-lora ts-imp random; do
     "$TSPEFT" eval --model "$RUN/base" --adapter "$RUN/$method" --tokenizer "$TOK" --vision-tower "$RUN/tower" \
         --task vqa --data "$RUN/shards/image_test.shard" --task vqa --data "$RUN/shards/text_test.shard" \
         --max-new-tokens 8 --threads "$THREADS" --out "$RUN/$method.eval.json" > "$RUN/$method.eval.txt" 2> "$RUN/$method.eval.log"
@@ -121,7 +126,7 @@ img=$($PY -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print(r['image
 answer=$("$TSPEFT" generate --model "$RUN/base" --adapter "$RUN/ts-lora" --tokenizer "$TOK" --vision-tower "$RUN/tower" \
          --image "$RUN/fmnist/${img%%$'\t'*}" --prompt "What item of clothing is this?" --max-new-tokens 8 --threads "$THREADS")
 echo "generate --image $RUN/fmnist/${img%%$'\t'*}: \"$answer\" (gold: ${img#*$'\t'})"
-for method in ts-lora random; do
+for method in ts-lora ts-imp random; do
     "$TSPEFT" gates "$RUN/$method" --format json > "$RUN/$method.gates.json"
     "$TSPEFT" gates "$RUN/$method" > "$RUN/$method.gates.txt"
 done
@@ -138,44 +143,46 @@ def ev(m):
         out[name] = t.get("metrics", {})
     return out
 def summ(m): return json.load(open("%s/%s/train_summary.json" % (run, m)))
-g = json.load(open("%s/ts-lora.gates.json" % run))
-gr = json.load(open("%s/random.gates.json" % run))
+G = {m: json.load(open("%s/%s.gates.json" % (run, m))) for m in ("ts-lora", "ts-imp", "random")}
 def interior(gg):
     sel = gg.get("selectivity") or {}
     return sel.get("interior_share") or 0.0
 print("\n%-8s %10s %10s %10s %10s %12s %10s %10s" % ("method", "image mc", "image em", "text mc", "text em",
                                                    "updates kept", "selective", "tokens/s"))
-for m in ("lora", "ts-lora", "random"):
-    e, s = ev(m), summ(m)
-    gg = {"lora": None, "ts-lora": g, "random": gr}[m]
+for m in ("lora", "ts-lora", "ts-imp", "random"):
+    e, s, gg = ev(m), summ(m), G.get(m)
     kept = "100%" if gg is None else "%.1f%%" % (100 * (1 - gg["discarded_fraction_run"]))
     sel = "-" if gg is None else "%.2f" % interior(gg)
     print("%-8s %10.3f %10.3f %10.3f %10.3f %12s %10s %10.0f" % (m, e["image"].get("vqa_mc_acc", 0), e["image"].get("vqa_em", 0),
           e["text"].get("vqa_mc_acc", 0), e["text"].get("vqa_em", 0), kept, sel, s["tokens_per_second"]))
-kinds = {k: v for k, v in g.get("kinds", {}).items() if v.get("keep") is not None}
-if kinds:
-    print("\nTS-LoRA keep ratio by token kind (last window): " +
-          ", ".join("%s %.3f" % (k, v["keep"]) for k, v in kinds.items()))
-print("TS-LoRA discarded %.1f%% of token updates over the run (%.1f%% in the last window)" %
-      (100 * g["discarded_fraction_run"], 100 * g["discarded_fraction_window"]))
-sel = g.get("selectivity") or {}
-if sel.get("gated"):
-    print("TS-LoRA selectivity: %.0f%% of token decisions made in modules that keep between 5%% and 95%% of their "
-          "tokens (%d of %d modules; %d keep all, %d almost none)" % (100 * interior(g), sel.get("interior_modules", 0),
-          sel.get("modules", 0), sel.get("modules_open", 0), sel.get("modules_closed", 0)))
-e0, e1, e2 = ev("lora"), ev("ts-lora"), ev("random")
-d = lambda a, b, t: a[t].get("vqa_mc_acc", 0) - b[t].get("vqa_mc_acc", 0)
+print("\nts-lora: the reference rule (prox, %s); ts-imp: the importance rule (docs/tspeft.md); random: each token's"
+      " update kept with ts-imp's kept share, by chance" % "lambda 0.2")
+print("selective: share of token decisions made in modules that keep between 5% and 95% of their tokens (a module at"
+      " 0 or 1 is a switch, not a token selector)")
+for m in ("ts-lora", "ts-imp"):
+    g = G[m]
+    kinds = {k: v for k, v in g.get("kinds", {}).items() if v.get("keep") is not None}
+    sel = g.get("selectivity") or {}
+    print("%s: discarded %.1f%% of token updates over the run (%.1f%% in the last window); keep by kind %s; %d of %d"
+          " modules keep all, %d almost none" % (m, 100 * g["discarded_fraction_run"], 100 * g["discarded_fraction_window"],
+          ", ".join("%s %.3f" % (k, v["keep"]) for k, v in kinds.items()), sel.get("modules_open", 0),
+          sel.get("modules", 0), sel.get("modules_closed", 0)))
+E = {m: ev(m) for m in ("lora", "ts-lora", "ts-imp", "random")}
+d = lambda a, b, t: E[a][t].get("vqa_mc_acc", 0) - E[b][t].get("vqa_mc_acc", 0)
 verdict = lambda x: "better" if x > 0.005 else ("worse" if x < -0.005 else "the same")
-print("\nheadline: TS-LoRA skipped %.1f%% of token updates and was %s on images (%+.3f) and %s on text (%+.3f) "
-      "compared with dense LoRA in this run;" % (100 * g["discarded_fraction_run"], verdict(d(e1, e0, "image")),
-      d(e1, e0, "image"), verdict(d(e1, e0, "text")), d(e1, e0, "text")))
-print("against random dropping of the same share it was %s on images (%+.3f) and %s on text (%+.3f)" %
-      (verdict(d(e1, e2, "image")), d(e1, e2, "image"), verdict(d(e1, e2, "text")), d(e1, e2, "text")))
-print("one seed: the seed-to-seed spread is several points; examples/gate_study.py measures over seeds (docs/gate-study.md)")
+print()
+for m in ("ts-lora", "ts-imp"):
+    print("headline: %s skipped %.1f%% of token updates and was %s on images (%+.3f) and %s on text (%+.3f) compared"
+          " with dense LoRA in this run" % (m, 100 * G[m]["discarded_fraction_run"], verdict(d(m, "lora", "image")),
+          d(m, "lora", "image"), verdict(d(m, "lora", "text")), d(m, "lora", "text")))
+print("ts-imp against random dropping of the same share: %s on images (%+.3f), %s on text (%+.3f)" %
+      (verdict(d("ts-imp", "random", "image")), d("ts-imp", "random", "image"), verdict(d("ts-imp", "random", "text")),
+       d("ts-imp", "random", "text")))
+print("one seed: the seed-to-seed spread is several points; docs/gate-study.md has the study over seeds")
 print("\nchance: image 0.100 (10 classes); mc = multiple choice by log-likelihood, em = exact match of greedy answers")
 print("the vision tower is random and frozen (no pretrained weights here): image accuracy comes from the projector"
       " and adapters learning on random features")
-print("pictures: %s/ts-lora/report/*.svg (keep heatmaps per modality, tau, r histograms, loss) and tokens.html" % run)
-print("adapters + projectors (PEFT layout + mm_projector.safetensors): %s/lora, %s/ts-lora, %s/random; %d s in all"
-      % (run, run, run, secs))
+print("pictures: %s/ts-imp/report/*.svg (keep heatmaps per modality, tau, r histograms, loss) and tokens.html" % run)
+print("adapters + projectors (PEFT layout + mm_projector.safetensors): %s/{lora,ts-lora,ts-imp,random}; %d s in all"
+      % (run, secs))
 PYEOF

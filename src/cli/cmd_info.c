@@ -43,9 +43,15 @@ int tk_cmd_info(int argc, char **argv) {
             fprintf(stderr, "tspeft info: %s\n", err.msg);
             status = 1;
         } else {
+            char gate[96] = "off";
+            if (pc.gate.enabled && pc.gate.rule == TK_GATE_RANDOM)
+                snprintf(gate, sizeof gate, "random (keep %g)", (double)pc.gate.keep);
+            else if (pc.gate.enabled)
+                snprintf(gate, sizeof gate, "%s (lambda %g%s%s)", tk_gate_rule_name(pc.gate.rule), (double)pc.gate.lambda,
+                         pc.gate.scope == TK_TAU_LAYER ? ", a threshold per layer" : "",
+                         pc.gate.straight_through ? ", straight-through" : "");
             printf("adapter %s: %s r=%d, scale %g, dropout %g, %zu trainable values, gate %s\n", adapter_dir,
-                   tk_adapter_kind_name(pc.kind), pc.r, tk_peft_scale(&pc), pc.dropout, m->params.total,
-                   pc.gate.enabled ? tk_gate_rule_name(pc.gate.rule) : "off");
+                   tk_adapter_kind_name(pc.kind), pc.r, tk_peft_scale(&pc), pc.dropout, m->params.total, gate);
             for (int l = 0; l < c->n_layers; l++)
                 for (int p = 0; p < TK_NPROJ; p++) {
                     const tk_adapted_linear *L = &m->layers[l].proj[p];

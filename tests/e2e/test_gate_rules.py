@@ -5,7 +5,7 @@
 
 (a) --gate random --keep P: over a run's token decisions (gates.jsonl) the kept share is P within
     sampling error, tau never moves, ts_peft says rule "random" and keep P; the same seed repeats
-    the decisions exactly, another seed does not; the saved adapter reloads and trains.
+    the decisions exactly, another seed does not; the saved adapter reloads and trains; `info` names it.
 (b) --ts-tau-scope layer: at every step the modules of one layer log the same tau; the layers'
     thresholds move and differ; ts_peft says tau_scope "layer".
 (c) --ts-rule importance, scaled and energy: the thresholds move after the warm-up, the rule is saved and
@@ -95,6 +95,9 @@ def main():
                           3, "--batch-size", 4, "--lr", 1e-3, "--threads", 1, "--quiet", "--out", out])
             chk.ok(p.returncode == 0 and ts_peft(out).get("rule") == "random",
                    "(a) the random adapter reloads, trains and stays random", p.stderr)
+            p = U.run(T, ["info", "--model", model, "--adapter", os.path.join(tmp, "r1")])
+            chk.ok(p.returncode == 0 and "gate random (keep 0.3)" in p.stdout,
+                   "(a) tspeft info names the random gate and its keep", p.stdout + p.stderr)
 
         # (b) one threshold per layer
         out = os.path.join(tmp, "layer")

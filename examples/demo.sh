@@ -13,8 +13,8 @@
 # Usage: examples/demo.sh [path/to/tspeft] [run dir]     (exits non-zero if any stage fails)
 # Scale with the environment: DEMO_IMAGES (train images, default 3000), DEMO_STEPS (stage 2 steps, 800),
 # DEMO_PRETRAIN_STEPS (stage 5, 300), DEMO_STAGE1_STEPS (stage 6, 500), THREADS (2). TS_FLAGS: the gate's
-# flags of the ts-lora run (default "--ts-lambda 0.2 --ts-warmup-steps 50"), TS_IMP_FLAGS those of ts-imp. DEMO_UNTIL=N stops after
-# stage N (examples/gate_study.py runs stages 1-6 with DEMO_UNTIL=6 and trains its own stage 2 runs).
+# flags of the ts-lora run (default "--ts-lambda 0.2 --ts-warmup-steps 50"); TS_IMP_FLAGS those of ts-imp.
+# DEMO_UNTIL=N stops after stage N (examples/gate_study.py runs stages 1-6 with DEMO_UNTIL=6 and trains its own stage 2 runs).
 # Besides the train and held-out test sets, stage 1 writes validation sets (300 Fashion-MNIST train-split
 # images not among the training images; text questions in neither train nor test) and stage 3 their
 # shards (image_val.shard, text_val.shard), for choosing settings without looking at the test sets.

@@ -194,6 +194,22 @@ void tk_linear_packed_forward_bf16(float *y, const float *x, const uint16_t *wp,
 void tk_linear_packed_backward_bf16(float *dx, const float *dy, const uint16_t *wp, size_t N, size_t I, size_t O,
                                     float beta);
 
+/* ---- frozen weights computed in BF16 with fp32 accumulation (linear_bf16dot.c) ---------------- */
+/* 1 where the CPU has AVX-512F, AVX-512BW and AVX512-BF16 (cpuid, at run time) and TSPEFT_BF16DOT is not
+ * 0: only then may the three below run. */
+int tk_bf16dot_available(void);
+/* BF16 values of w [O,I] in the kernel's layout: O rounded up to 64 times I rounded up to even. */
+size_t tk_bf16dot_size(size_t O, size_t I);
+/* wd [tk_bf16dot_size(O, I)] = w [O,I] (fp32 w rounded to nearest even, or BF16 wh as it is; the other
+ * NULL) in panels of 64 rows holding pairs along I: wd[64p Ip + 128 kp + 2j + e] = w[64p + j][2kp + e],
+ * zero past w's rows and columns (Ip = I rounded up to even). Any CPU. */
+void tk_bf16dot_pack(uint16_t *wd, const float *w, const uint16_t *wh, size_t O, size_t I);
+/* y [N,O] = bf16(x [N,I]) w^T, products of BF16 values summed in fp32 (y is overwritten). */
+void tk_bf16dot_forward(float *y, const float *x, const uint16_t *wd, size_t N, size_t I, size_t O);
+/* forward: y = x w^T.  dx [N,I] = bf16(dy [N,O]) w + beta * dx, beta 0 (dx overwritten) or 1.
+ * Both round the activations into one buffer kept between calls: call from serial code. */
+void tk_bf16dot_backward(float *dx, const float *dy, const uint16_t *wd, size_t N, size_t I, size_t O, float beta);
+
 /* ---- LayerNorm (torch.nn.LayerNorm over the last dimension; layernorm.c) ---------------------- */
 /* y [N,C] = (x - mean) * rstd * w + b; mean, rstd [N] cached for backward (NULL when not needed),
  * x [N,C], w [C], b [C] or NULL. y may alias x. */

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One configuration, timed in tspeft and in PyTorch side by side in one run; prints the ratios of issue 7
+"""One configuration, timed in tspeft and in PyTorch side by side in one run; prints the ratios listed below
 with PASS/FAIL against their targets, and the gate's keep 1.0 vs 0.5 comparison.
 
     python3 examples/bench_vs_torch.py [--tspeft build/tspeft] [--threads 1,2] [--steps 5]

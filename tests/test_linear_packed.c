@@ -4,7 +4,7 @@
  * y = x w^T and tk_linear_packed_backward dx += dy w, for shapes that cover every row tail (N % 6),
  * partial panels on both sides (O % 64, I % 64, widths under 16), several forward k blocks (I > 1024)
  * and backward depth blocks (O > 768), each also with a partial last block and panel, single-threaded
- * sizes and the issue's own shapes at N = 512. The backward must be
+ * sizes and the reference bench model's shapes at N = 512. The backward must be
  * the forward's adjoint: <dy, x w^T> = <dy w, x>. Both must match for 1 and 2 threads bit for bit, and
  * BF16 panels (tk_linear_pack_bf16) must give exactly the fp32 kernel's results on the same values.
  * Threads share a product by units and row blocks, idle threads taking row blocks from the others'

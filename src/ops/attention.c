@@ -39,7 +39,7 @@
  * backward), the if clause leaves the region inactive (one thread, omp_in_parallel() false): the
  * tasks run serially and BLAS threads each call itself.
  * B=1 T=S=512 H=G=12 D=64 on 2 threads, forward + backward: about 22 ms before this layout, 10 ms
- * after, 7.9 ms with tk_gemm_small (docs/performance.md, "What was changed for speed").
+ * after, 7.9 ms with tk_gemm_small (docs/performance.md, "How the kernels work").
  */
 #include "ops/ops.h"
 

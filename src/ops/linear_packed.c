@@ -44,8 +44,8 @@
 #define TK_PK_MR 6   /* rows per register tile */
 /* Forward k block: a [1024, 64] panel block is 256 KiB, L2-resident while all rows pass (K = 768 in
  * one block, 2048 in two). Backward depth block (a multiple of TK_PANEL): the thread's transposed
- * [768, 64] block, 192 KiB. Measured on the issue-7 sequence against 384/384 and 256/256 (docs/
- * performance.md); -D overrides them, for tuning. */
+ * [768, 64] block, 192 KiB. Measured on the 85 frozen products of the reference bench step against
+ * 768/384 and 384/384 (docs/performance.md); -D overrides them, for tuning. */
 #ifndef TK_PK_KC
 #define TK_PK_KC 1024
 #endif

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""`tspeft convert` for the text formats (issue 3): LLM-Adapters / Alpaca JSON(L), GLUE TSV and
+"""`tspeft convert` for the text formats: LLM-Adapters / Alpaca JSON(L), GLUE TSV and
 pre-tokenized JSONL into shards, read back with tests/dump_shard and checked against an independent
 computation (Python sentencepiece on LLM-Adapters' training prompt, written out here from its
 finetune.py), plus truncation/drop counts, shard rolling, metadata, malformed inputs, and a training run

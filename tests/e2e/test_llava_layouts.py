@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""LLaVA-1.5 checkpoints in both layouts (issue 4): the same tiny weights stored as
+"""LLaVA-1.5 checkpoints in both layouts: the same tiny weights stored as
   original   LlavaLlamaForCausalLM: LLaMA keys in config.json + mm_* keys; tensors model.*, lm_head,
              model.mm_projector.{0,2}.*; the vision tower a separate CLIP directory (mm_vision_tower)
   hf         llava-hf LlavaForConditionalGeneration before transformers 4.52: config text_config /

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Data-parallel training over MPI equals single-process training (issue 9).
+"""Data-parallel training over MPI equals single-process training.
 
     /usr/bin/python3 tests/e2e/test_mpi.py --tspeft build/tspeft     (needs build/tspeft-mpi, mpirun)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""LLaVA-style training end to end on real images (issue 4): Debian's Fashion-MNIST (skipped with 77
+"""LLaVA-style training end to end on real images: Debian's Fashion-MNIST (skipped with 77
 when /usr/share/datasets/fashion-mnist is absent) -> `convert --format fashion-mnist` (240 train / 40
 test PNGs + LLaVA JSON) -> a sentencepiece tokenizer on the conversations -> `convert --format llava
 --image-tokens 16` shards -> a tiny random CLIP tower (28 px, 7 px patches: 16 features) and LLaMA ->

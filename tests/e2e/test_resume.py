@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""Checkpoints, exact --resume, signals, kill -9, full disk and the non-finite policy of `tspeft train`
-(issue 8), on tiny random LLaMAs.
+"""Checkpoints, exact --resume, signals, kill -9, full disk and the non-finite policy of `tspeft train`,
+on tiny random LLaMAs.
 
     /usr/bin/python3 tests/e2e/test_resume.py --tspeft build/tspeft [--keep]
 

@@ -18,8 +18,8 @@ Each corpus file is put where a user would put it, next to the same fixture the 
   shard                     tspeft train --model M32 --data data.shard --steps 8 --batch-size 1
                                                            (8 steps: every record of a small shard is read)
 
-Targets no CLI verb reads yet (tokenizer, image, the converters' inputs) show the parser's own message, from one run of
-build/tests/fuzz/replay_<target> -v over the corpus (a verb would print it after `tspeft <verb>: `),
+The other targets (tokenizer, image, the converters' inputs) show the parser's own message, from one run of
+build/tests/fuzz/replay_<target> -v over the corpus (a verb prints it after `tspeft <verb>: `),
 with the replay's status (0 accepted, 1 rejected) in the exit column.
 
 Temporary paths are shown as M/, A/, M32/ and the file name. A row per file; bit flips and truncations
@@ -163,7 +163,7 @@ def cell(text, limit=320):
 VERBS = {"safetensors": "info", "llama_open": "info", "st_index": "info", "llama_config": "info",
          "peft_config": "info --adapter", "adapter": "generate --adapter", "jsonl": "train", "args_config": "train --config",
          "shard": "train --data"}
-# Targets read by no CLI verb yet: the parser's message comes from the replay program.
+# Targets shown through their replay program: the parser's own message, without a verb's prefix.
 REPLAYED = {"tokenizer": "tk_tok_open, then encode/decode", "image": "tk_image_load, 2^20-pixel limit",
             "fmnist_images": "tk_convert_fashion_mnist, fixed labels file",
             "fmnist_labels": "tk_convert_fashion_mnist, fixed images file",
@@ -209,7 +209,7 @@ def main():
             files = sorted(os.listdir(os.path.join(CORPUS, target)))
             replayed = replayer.outcomes(target) if target in REPLAYED else None
             if replayed is not None:
-                print("\n### %s (no verb yet: `replay_%s -v`, %s)\n" % (target, target, REPLAYED[target]))
+                print("\n### %s (the parser's message: `replay_%s -v`, %s)\n" % (target, target, REPLAYED[target]))
             else:
                 print("\n### %s (`tspeft %s`)\n" % (target, VERBS[target]))
             print("| input | exit | message (stderr) |")

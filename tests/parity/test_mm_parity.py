@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""PyTorch parity of the spliced multimodal training step (issue 4): a tiny random CLIP tower, an
+"""PyTorch parity of the spliced multimodal training step: a tiny random CLIP tower, an
 mlp2x_gelu projector and a tiny LLaMA with a gated LoRA adapter. `tspeft train --vision-tower T
 --projector P --adapter A --steps 1 --dump D` on a LLaVA-format shard (real PNGs through the converter)
 against a plain-torch step: CLIP forward (test_vision_parity.vit_reference, hidden state -2, patch

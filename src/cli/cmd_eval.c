@@ -27,7 +27,7 @@ static const char *USAGE =
     "usage: tspeft eval --model DIR [--adapter DIR] --tokenizer tokenizer.model --data PATH [--task NAME]\n"
     "                   [--data PATH [--task NAME] ...] [--mode gen|ll|both] [--limit N] [--beams N]\n"
     "                   [--max-new-tokens N] [--out results.json] [--samples FILE.jsonl] [--threads N]\n"
-    "                   [--bf16-weights]\n"
+    "                   [--bf16-weights] [--eval-batch N]\n"
     "Benchmarks (docs/evaluation.md). Commonsense reasoning, LLM-Adapters JSON (boolq piqa social_i_qa\n"
     "hellaswag winogrande ARC-Easy ARC-Challenge openbookqa): --mode gen generates from LLM-Adapters'\n"
     "evaluation prompt (greedy, or --beams N beam search), takes the first match of the task's answer\n"
@@ -162,7 +162,7 @@ static int write_outputs(const char *out, const char *samples_path, const tk_eva
 int tk_cmd_eval(int argc, char **argv) {
     const char *model_dir = NULL, *adapter_dir = NULL, *tok_path = NULL, *mode = "gen", *out = NULL,
                *samples_arg = NULL;
-    int limit = 0, beams = 1, max_new = 32, threads = 0, bf16 = 0, eos = -2, ll_batch = 8;
+    int limit = 0, beams = 1, max_new = 32, threads = 0, bf16 = 0, eos = -2, ll_batch = 8, eval_batch = 16;
     tk_mm_opts mo = {0};
     const char *projector = NULL;
     char proj_buf[4200];
@@ -179,6 +179,8 @@ int tk_cmd_eval(int argc, char **argv) {
         {"max-new-tokens", TK_OPT_INT, &max_new, "N", "new tokens per generation (default 32)", 0},
         {"eos", TK_OPT_INT, &eos, "ID", "end-of-sequence id (default: the tokenizer's; -1: none)", 0},
         {"ll-batch", TK_OPT_INT, &ll_batch, "N", "candidate sequences per log-likelihood forward (default 8)", 0},
+        {"eval-batch", TK_OPT_INT, &eval_batch, "N",
+         "records decoded together (default 16; 1: one at a time; results are identical)", 0},
         {"out", TK_OPT_STR, &out, "FILE", "results JSON (metrics + protocol settings)", 0},
         {"samples", TK_OPT_STR, &samples_arg, "FILE", "per-sample JSONL (default: --out with .samples.jsonl)", 0},
         {"threads", TK_OPT_INT, &threads, "T", "threads (default: all cores)", 0},
@@ -217,6 +219,8 @@ int tk_cmd_eval(int argc, char **argv) {
         pr = tk_fail(&err, "--mode must be gen, ll or both, got \"%s\"", mode);
     if (pr == 0 && (limit < 0 || beams < 1 || beams > 64 || max_new < 1 || ll_batch < 1 || eos < -2))
         pr = tk_fail(&err, "--limit >= 0, --beams 1..64, --max-new-tokens >= 1, --ll-batch >= 1 and --eos >= -1");
+    if (pr == 0 && (eval_batch < 1 || eval_batch > TK_EVAL_BATCH_MAX))
+        pr = tk_fail(&err, "--eval-batch must be 1..%d, got %d", TK_EVAL_BATCH_MAX, eval_batch);
     if (pr < 0) {
         fprintf(stderr, "tspeft eval: %s\n", err.msg);
         return 2;
@@ -279,6 +283,7 @@ int tk_cmd_eval(int argc, char **argv) {
     progress_state ps = {0};
     tk_eval_ctx ctx = {.m = m, .tok = tok, .gen = do_gen, .ll = do_ll, .beams = (size_t)beams,
                        .max_new = (size_t)max_new, .limit = (size_t)limit, .ll_batch = (size_t)ll_batch,
+                       .eval_batch = (size_t)eval_batch,
                        .eos = eos == -2 ? tk_tok_eos_id(tok) : eos, .progress = on_progress, .user = &ps,
                        .scorer = scorer};
     fprintf(stderr, "tspeft eval: %s (%d layers, vocab %d)%s%s%s, %d dataset%s, mode %s (%s, %d new tokens)\n",

@@ -90,6 +90,8 @@ long tk_beam_search(tk_llama *m, const int32_t *prompt, size_t P, const tk_beam_
     if (V < K) return tk_fail(err, "beam search with %zu beams needs a vocabulary of at least %zu", nb, K);
     long result = -1;
     tk_llama_kv **kv = calloc(nb, sizeof *kv);
+    tk_llama_kv **act = NULL;
+    tk_llama_rows *rows = NULL;
     size_t *phys = calloc(nb, sizeof *phys), *nphys = calloc(nb, sizeof *nphys);
     unsigned char *claimed = calloc(nb, 1), *owned = calloc(nb, 1);
     float *logits = malloc(nb * V * sizeof *logits);
@@ -107,6 +109,10 @@ long tk_beam_search(tk_llama *m, const int32_t *prompt, size_t P, const tk_beam_
     for (size_t i = 0; i < nb; i++) H.h[i].toks = hbuf + i * M;
     for (size_t b = 0; b < nb; b++)
         if (!(kv[b] = tk_llama_kv_alloc(m, P + M, b == 0 ? P : 1, err))) goto done;
+    if (o->batch && nb > 1 && (!(act = calloc(nb, sizeof *act)) || !(rows = tk_llama_rows_alloc(m, nb, P + M, err)))) {
+        if (!act) tk_fail(err, "out of memory for beam search");
+        goto done;
+    }
     /* the prompt once, then every cache holds it (the shared rows [0, P)) */
     if (tk_llama_step(m, kv[0], prompt, P, logits, err)) goto done;
     for (size_t b = 1; b < nb; b++) {
@@ -178,8 +184,13 @@ long tk_beam_search(tk_llama *m, const int32_t *prompt, size_t P, const tk_beam_
             if (tk_llama_kv_copy(kv[f], kv[phys[parent[i]]], P, err)) goto done;
         }
         memcpy(phys, nphys, nb * sizeof *phys);
-        for (size_t i = 0; i < nb; i++)
-            if (tk_llama_step(m, kv[phys[i]], &ntok[i], 1, logits + i * V, err)) goto done;
+        if (rows) { /* the beams as one batch: row i is beam i on its cache */
+            for (size_t i = 0; i < nb; i++) act[i] = kv[phys[i]];
+            if (tk_llama_step_rows(m, rows, act, ntok, nb, logits, err)) goto done;
+        } else {
+            for (size_t i = 0; i < nb; i++)
+                if (tk_llama_step(m, kv[phys[i]], &ntok[i], 1, logits + i * V, err)) goto done;
+        }
     }
     /* BeamSearchScorer.finalize */
     if (!done)
@@ -195,6 +206,8 @@ done:
     if (kv)
         for (size_t b = 0; b < nb; b++) tk_llama_kv_free(kv[b]);
     free(kv);
+    free(act);
+    tk_llama_rows_free(rows);
     free(phys);
     free(nphys);
     free(claimed);

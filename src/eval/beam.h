@@ -26,7 +26,9 @@
  * Log-probabilities are computed and summed in double.
  *
  * Memory: nb KV caches of P + max_new positions; each step copies only the generated rows of beams
- * that fork (the prompt rows are shared content). Beams run one after another (not batched).
+ * that fork (the prompt rows are shared content). Each step runs the beams one after another, or with
+ * batch set as one batch of nb rows (the same logits, bit for bit: the products read each weight once
+ * per step instead of once per beam).
  *
  * Ownership: out [max_new] belongs to the caller. Failure: -1 with err set (out of memory, prompt
  * outside the vocabulary or longer than the model's positions).
@@ -41,6 +43,8 @@ typedef struct {
     size_t max_new;       /* >= 1: new tokens at most */
     int32_t eos;          /* end of sequence id; < 0: none */
     double length_penalty;/* exponent of the length normalisation (HF default 1.0) */
+    int batch;            /* 1: each step runs the beams as one batch (tk_llama_step_rows, bit-identical
+                             to 0: one beam after another) */
 } tk_beam_opts;
 
 /* Writes the best hypothesis' new tokens (no eos) into out and returns their count; *score

@@ -5,6 +5,7 @@
 #include "../../datasets/instruct.h"
 #include "answer.h"
 #include "beam.h"
+#include "greedy.h"
 #include "prompt.h"
 
 #include <cJSON.h>
@@ -78,9 +79,11 @@ static char *decode_all(const tk_tokenizer *tok, const int32_t *ids, size_t n, s
     return s;
 }
 
-/* Generation protocol for one example: *correct, and the JSONL line. */
+/* Generation protocol for one example: *correct, and the JSONL line. gen: the new tokens when they
+ * were decoded already (a batch of records, tk_greedy_batch), else NULL: decoded here. */
 static int run_gen(const tk_eval_ctx *ctx, const tk_csr_task *task, size_t i, const tk_example *ex,
-                   const char *prompt, const char *gold, int *correct, tk_strbuf *samples, tk_err *err) {
+                   const char *prompt, const char *gold, const int32_t *gen, long n_gen, int *correct,
+                   tk_strbuf *samples, tk_err *err) {
     size_t P = ex->n, M = ctx->max_new;
     int32_t *all = malloc((P + M) * sizeof *all);
     char *text = NULL, *resp = NULL, *shown = NULL;
@@ -88,8 +91,12 @@ static int run_gen(const tk_eval_ctx *ctx, const tk_csr_task *task, size_t i, co
     if (!all) return tk_fail(err, "out of memory");
     memcpy(all, ex->input_ids, P * sizeof *all);
     long got;
-    if (ctx->beams > 1) {
-        tk_beam_opts o = {.beams = ctx->beams, .max_new = M, .eos = ctx->eos, .length_penalty = 1.0};
+    if (gen) {
+        got = n_gen;
+        memcpy(all + P, gen, (size_t)n_gen * sizeof *all);
+    } else if (ctx->beams > 1) {
+        tk_beam_opts o = {.beams = ctx->beams, .max_new = M, .eos = ctx->eos, .length_penalty = 1.0,
+                         .batch = ctx->eval_batch > 1};
         got = tk_beam_search(ctx->m, ex->input_ids, P, &o, all + P, NULL, err);
     } else {
         got = tk_llama_generate(ctx->m, ex->input_ids, P, M, ctx->eos, all + P, err);
@@ -186,16 +193,41 @@ done:
     return rc;
 }
 
+/* Greedy generations of records i0..i0+n-1 (their prompts in ex[]) as one batch: gen[k] [max_new],
+ * got[k]. An error names its record. */
+static int gen_batch(const tk_eval_ctx *ctx, const char *path, size_t i0, const tk_example *ex, size_t n,
+                     int32_t *gen, long *got, tk_err *err) {
+    const int32_t *prompts[TK_EVAL_BATCH_MAX];
+    size_t lens[TK_EVAL_BATCH_MAX], bad;
+    int32_t *outs[TK_EVAL_BATCH_MAX];
+    for (size_t k = 0; k < n; k++) {
+        prompts[k] = ex[k].input_ids;
+        lens[k] = ex[k].n;
+        outs[k] = gen + k * ctx->max_new;
+    }
+    if (tk_greedy_batch(ctx->m, prompts, lens, n, ctx->max_new, ctx->eos, outs, got, &bad, err) == 0) return 0;
+    if (bad < n) {
+        char where[4200];
+        snprintf(where, sizeof where, "%s: record %zu", path, i0 + bad);
+        tk_err_prefix(err, where);
+    }
+    return -1;
+}
+
 int tk_eval_csr(const tk_eval_ctx *ctx, const tk_csr_task *task, const char *path, tk_eval_result *res,
                 tk_strbuf *samples, tk_err *err) {
     tk_instruct *recs = NULL;
     size_t n = 0, n_all = 0;
-    tk_example ex = {0};
-    char *prompt = NULL;
+    size_t E = ctx->eval_batch > 1 && ctx->gen && ctx->beams == 1 ? ctx->eval_batch : 1; /* records per batch */
+    tk_example ex[TK_EVAL_BATCH_MAX] = {0};
+    char *prompt[TK_EVAL_BATCH_MAX] = {0};
+    int32_t *gen = NULL;
+    long got[TK_EVAL_BATCH_MAX];
     int rc = -1;
     double t0 = tk_time();
     TK_ASSERT(ctx->gen || ctx->ll);
     TK_ASSERT(!ctx->ll || (ctx->scorer && ctx->ll_batch >= 1));
+    TK_ASSERT(E <= TK_EVAL_BATCH_MAX);
     if (tk_instruct_load(path, &recs, &n_all, err)) return -1;
     n = n_all;
     if (ctx->limit && ctx->limit < n) n = ctx->limit;
@@ -203,51 +235,60 @@ int tk_eval_csr(const tk_eval_ctx *ctx, const tk_csr_task *task, const char *pat
         tk_fail(err, "%s: no records to evaluate", path);
         goto done;
     }
-    size_t ok_gen = 0, ok_ll = 0, ok_norm = 0;
-    for (size_t i = 0; i < n; i++) {
-        const tk_instruct *r = &recs[i];
-        const char *gold = r->answer ? r->answer : "";
-        int gold_idx = -1;
-        for (int k = 0; k < task->n_choices; k++)
-            if (strcmp(task->choices[k], gold) == 0) gold_idx = k;
-        if (gold_idx < 0) {
-            tk_fail(err, "%s: record %zu: answer \"%.40s\" is not one of the %s choices (%s ... %s)", path, i, gold,
-                    task->name, task->choices[0], task->choices[task->n_choices - 1]);
-            goto done;
-        }
-        free(prompt);
-        prompt = NULL;
-        if (tk_eval_prompt(&ex, &prompt, ctx->tok, r->instruction, r->input, err)) goto record_err;
-        if (ctx->gen) {
-            int c = 0;
-            if (run_gen(ctx, task, i, &ex, prompt, gold, &c, samples, err)) goto record_err;
-            ok_gen += (size_t)c;
-        }
-        if (ctx->ll) {
-            int c = 0, cn = 0;
-            if (run_ll(ctx, task, i, r, prompt, gold_idx, &c, &cn, samples, err)) goto record_err;
-            ok_ll += (size_t)c;
-            ok_norm += (size_t)cn;
-        }
-        if (ctx->progress) {
-            char running[128] = "";
-            size_t d = i + 1;
-            int w = 0;
-            if (ctx->gen) w += snprintf(running + w, sizeof running - (size_t)w, "gen %.2f", 100.0 * ok_gen / d);
-            if (ctx->ll)
-                snprintf(running + w, sizeof running - (size_t)w, "%sll %.2f  ll_norm %.2f", w ? "  " : "",
-                         100.0 * ok_ll / d, 100.0 * ok_norm / d);
-            tk_eval_progress p = {task->name, d, n, running, tk_time() - t0};
-            ctx->progress(ctx->user, &p);
-        }
-        continue;
-    record_err:
-        if (!strstr(err->msg, path)) {
-            char where[4200];
-            snprintf(where, sizeof where, "%s: record %zu", path, i);
-            tk_err_prefix(err, where);
-        }
+    if (E > 1 && !(gen = malloc(E * ctx->max_new * sizeof *gen))) {
+        tk_fail(err, "out of memory");
         goto done;
+    }
+    size_t ok_gen = 0, ok_ll = 0, ok_norm = 0, i = 0;
+    int gold_idx[TK_EVAL_BATCH_MAX];
+    for (size_t i0 = 0; i0 < n; i0 += E) {
+        size_t nb = n - i0 < E ? n - i0 : E;
+        for (size_t k = 0; k < nb; k++) {
+            i = i0 + k;
+            const tk_instruct *r = &recs[i];
+            const char *gold = r->answer ? r->answer : "";
+            gold_idx[k] = -1;
+            for (int c = 0; c < task->n_choices; c++)
+                if (strcmp(task->choices[c], gold) == 0) gold_idx[k] = c;
+            if (gold_idx[k] < 0) {
+                tk_fail(err, "%s: record %zu: answer \"%.40s\" is not one of the %s choices (%s ... %s)", path, i, gold,
+                        task->name, task->choices[0], task->choices[task->n_choices - 1]);
+                goto done;
+            }
+            free(prompt[k]);
+            prompt[k] = NULL;
+            if (tk_eval_prompt(&ex[k], &prompt[k], ctx->tok, r->instruction, r->input, err)) goto record_err;
+        }
+        if (E > 1 && gen_batch(ctx, path, i0, ex, nb, gen, got, err)) goto done;
+        for (size_t k = 0; k < nb; k++) {
+            i = i0 + k;
+            const tk_instruct *r = &recs[i];
+            const char *gold = r->answer ? r->answer : "";
+            if (ctx->gen) {
+                int c = 0;
+                if (run_gen(ctx, task, i, &ex[k], prompt[k], gold, E > 1 ? gen + k * ctx->max_new : NULL, got[k], &c,
+                            samples, err))
+                    goto record_err;
+                ok_gen += (size_t)c;
+            }
+            if (ctx->ll) {
+                int c = 0, cn = 0;
+                if (run_ll(ctx, task, i, r, prompt[k], gold_idx[k], &c, &cn, samples, err)) goto record_err;
+                ok_ll += (size_t)c;
+                ok_norm += (size_t)cn;
+            }
+            if (ctx->progress) {
+                char running[128] = "";
+                size_t d = i + 1;
+                int w = 0;
+                if (ctx->gen) w += snprintf(running + w, sizeof running - (size_t)w, "gen %.2f", 100.0 * ok_gen / d);
+                if (ctx->ll)
+                    snprintf(running + w, sizeof running - (size_t)w, "%sll %.2f  ll_norm %.2f", w ? "  " : "",
+                             100.0 * ok_ll / d, 100.0 * ok_norm / d);
+                tk_eval_progress p = {task->name, d, n, running, tk_time() - t0};
+                ctx->progress(ctx->user, &p);
+            }
+        }
     }
     snprintf(res->task, sizeof res->task, "%s", task->name);
     res->kind = "csr";
@@ -260,10 +301,19 @@ int tk_eval_csr(const tk_eval_ctx *ctx, const tk_csr_task *task, const char *pat
     }
     res->seconds = tk_time() - t0;
     rc = 0;
+    goto done;
+record_err:
+    if (!strstr(err->msg, path)) {
+        char where[4200];
+        snprintf(where, sizeof where, "%s: record %zu", path, i);
+        tk_err_prefix(err, where);
+    }
 done:
-    free(prompt);
-    tk_example_free(&ex);
+    for (size_t k = 0; k < TK_EVAL_BATCH_MAX; k++) {
+        free(prompt[k]);
+        tk_example_free(&ex[k]);
+    }
+    free(gen);
     tk_instruct_free(recs, n_all);
     return rc;
 }
-

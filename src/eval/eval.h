@@ -48,11 +48,17 @@ typedef struct {
     size_t max_new;         /* new tokens per generation */
     size_t limit;           /* > 0: only the first `limit` examples of each dataset */
     size_t ll_batch;        /* candidate sequences per forward (memory bound), >= 1 */
+    size_t eval_batch;      /* > 1: greedy generation decodes this many records together (tk_greedy_batch;
+                               at most TK_EVAL_BATCH_MAX) and beam search runs a record's beams as one
+                               batch; 0 or 1: one record, one beam at a time. Identical results. */
     int32_t eos;            /* generation stops after it; < 0: none */
     tk_eval_progress_fn progress; /* optional, called after every example */
     void *user;
     tk_loglik *scorer;      /* required when log-likelihoods are computed */
 } tk_eval_ctx;
+
+/* Records per batch at most (--eval-batch). */
+#define TK_EVAL_BATCH_MAX 64
 
 #define TK_EVAL_MAX_METRICS 6
 typedef struct {

@@ -1122,6 +1122,113 @@ int tk_llama_step_ex(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, const flo
     return 0;
 }
 
+/* ---- batched decoding: one token for each of several sequences ---------------------------------- */
+
+/* The scratch of tk_llama_step_rows for up to `rows` sequences whose caches hold up to max_len
+ * positions (S): one row per sequence through the projections, one probs row per head at a time. */
+struct tk_llama_rows {
+    size_t rows, max_len;
+    float *buf;                 /* one block holding everything below */
+    float *x, *xn, *tmp, *rstd; /* [n,C], [n,C], [n,C], [n] */
+    float *q, *att;             /* [n,H*D] */
+    float *k, *v;               /* [n,G*D] before they go into their caches */
+    float *g, *u, *h;           /* [n,F] */
+    float *probs;               /* [H, S]: one sequence's attention at a time */
+};
+
+tk_llama_rows *tk_llama_rows_alloc(tk_llama *m, size_t rows, size_t max_len, tk_err *err) {
+    const tk_llama_config *c = &m->cfg;
+    size_t C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim;
+    size_t HD = (size_t)c->n_heads * D, GD = (size_t)c->n_kv_heads * D, n = rows, S = max_len;
+    if (rows == 0 || max_len == 0) {
+        tk_fail(err, "batched decoding needs rows >= 1 and max_len >= 1 (got %zu and %zu)", rows, max_len);
+        return NULL;
+    }
+    if (ensure_rope(m, S, err) || alloc_adapter_acts(m, n, err)) return NULL;
+    tk_llama_rows *r = calloc(1, sizeof *r);
+    size_t total = n * (3 * C + 1 + 2 * HD + 2 * GD + 3 * F) + (size_t)c->n_heads * tk_attention_probs_head(1, S);
+    if (!r || !(r->buf = tk_calloc(total, sizeof(float)))) {
+        free(r);
+        tk_fail(err, "out of memory for batched decoding of %zu rows", rows);
+        return NULL;
+    }
+    r->rows = n;
+    r->max_len = S;
+    r->x = r->buf;
+    r->xn = r->x + n * C;
+    r->tmp = r->xn + n * C;
+    r->rstd = r->tmp + n * C;
+    r->q = r->rstd + n;
+    r->att = r->q + n * HD;
+    r->k = r->att + n * HD;
+    r->v = r->k + n * GD;
+    r->g = r->v + n * GD;
+    r->u = r->g + n * F;
+    r->h = r->u + n * F;
+    r->probs = r->h + n * F;
+    return r;
+}
+
+void tk_llama_rows_free(tk_llama_rows *r) {
+    if (!r) return;
+    tk_free(r->buf);
+    free(r);
+}
+
+int tk_llama_step_rows(tk_llama *m, tk_llama_rows *r, tk_llama_kv *const *kv, const int32_t *ids, size_t B,
+                       float *logits, tk_err *err) {
+    const tk_llama_config *c = &m->cfg;
+    size_t C = (size_t)c->dim, F = (size_t)c->hidden_dim, D = (size_t)c->head_dim, V = (size_t)c->vocab_size;
+    size_t H = (size_t)c->n_heads, G = (size_t)c->n_kv_heads, HD = H * D, GD = G * D, L = (size_t)c->n_layers;
+    if (B == 0 || B > r->rows) return tk_fail(err, "batched step of %zu rows (this scratch takes 1 to %zu)", B, r->rows);
+    for (size_t b = 0; b < B; b++) {
+        TK_ASSERT(kv[b]->L == L && kv[b]->GD == GD);
+        if (kv[b]->len + 1 > kv[b]->max_len)
+            return tk_fail(err, "KV cache of row %zu full: %zu + 1 positions exceed its %zu", b, kv[b]->len,
+                           kv[b]->max_len);
+        if (kv[b]->len + 1 > r->max_len)
+            return tk_fail(err, "row %zu reaches position %zu; this scratch takes %zu", b, kv[b]->len + 1, r->max_len);
+        if (ids[b] < 0 || (size_t)ids[b] >= V)
+            return tk_fail(err, "token id %d of row %zu is outside the vocabulary [0, %zu)", ids[b], b, V);
+    }
+    float *x = r->x, *xn = r->xn, *tmp = r->tmp;
+    tk_adapter_ws *ws = &m->ws;
+    embed_rows(m, x, ids, B);
+    for (size_t l = 0; l < L; l++) {
+        tk_adapted_linear *P = m->layers[l].proj;
+        tk_rmsnorm_forward(xn, r->rstd, x, m->layers[l].attn_norm, B, C, c->norm_eps);
+        if (tk_adapted_forward_rows(&P[TK_PROJ_Q], ws, r->q, xn, B, err) ||
+            tk_adapted_forward_rows(&P[TK_PROJ_K], ws, r->k, xn, B, err) ||
+            tk_adapted_forward_rows(&P[TK_PROJ_V], ws, r->v, xn, B, err))
+            return -1;
+        /* each row at its own position, against its own cache: tk_llama_step's arithmetic for one token */
+        for (size_t b = 0; b < B; b++) {
+            size_t pos = kv[b]->len, S = kv[b]->max_len;
+            float *kl = kv[b]->kc + l * S * GD, *vl = kv[b]->vc + l * S * GD;
+            memcpy(kl + pos * GD, r->k + b * GD, GD * sizeof(float));
+            memcpy(vl + pos * GD, r->v + b * GD, GD * sizeof(float));
+            tk_rope_forward(r->q + b * HD, m->rope_cos, m->rope_sin, 1, 1, H, D, pos);
+            tk_rope_forward(kl + pos * GD, m->rope_cos, m->rope_sin, 1, 1, G, D, pos);
+            tk_attention_forward(r->att + b * HD, r->probs, r->q + b * HD, kl, vl, NULL, 1, 1, pos + 1, H, G, D);
+        }
+        if (tk_adapted_forward_rows(&P[TK_PROJ_O], ws, tmp, r->att, B, err)) return -1;
+        for (size_t i = 0; i < B * C; i++) x[i] += tmp[i];
+        tk_rmsnorm_forward(xn, r->rstd, x, m->layers[l].ffn_norm, B, C, c->norm_eps);
+        if (tk_adapted_forward_rows(&P[TK_PROJ_GATE], ws, r->g, xn, B, err) ||
+            tk_adapted_forward_rows(&P[TK_PROJ_UP], ws, r->u, xn, B, err))
+            return -1;
+        tk_swiglu_forward(r->h, r->g, r->u, B * F);
+        if (tk_adapted_forward_rows(&P[TK_PROJ_DOWN], ws, tmp, r->h, B, err)) return -1;
+        for (size_t i = 0; i < B * C; i++) x[i] += tmp[i];
+    }
+    for (size_t b = 0; b < B; b++) kv[b]->len++;
+    tk_rmsnorm_forward(xn, r->rstd, x, m->final_norm, B, C, c->norm_eps);
+    if (tk_frozen_rows_alone(head_weight(m))) head_forward(m, logits, xn, B);
+    else
+        for (size_t b = 0; b < B; b++) head_forward(m, logits + b * V, xn + b * C, 1);
+    return 0;
+}
+
 /* ---- generation ------------------------------------------------------------------------------- */
 
 long tk_llama_generate(tk_llama *m, const int32_t *prompt, size_t n_prompt, size_t max_new,

@@ -208,4 +208,25 @@ int tk_llama_step(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, size_t n, fl
 int tk_llama_step_ex(tk_llama *m, tk_llama_kv *kv, const int32_t *ids, const float *embeds, const uint8_t *kinds,
                      size_t n, float *logits, tk_err *err);
 
+
+/* Batched decoding: one new token for each of B sequences, each in its own cache (their lengths may
+ * differ), with the projections run once over the B rows (the weights are read once per step instead
+ * of once per sequence):
+ *
+ *   tk_llama_rows *r = tk_llama_rows_alloc(m, 16, max_len, &err);   // up to 16 rows, caches <= max_len
+ *   tk_llama_kv *kvs[16];                                            // each filled by tk_llama_step
+ *   tk_llama_step_rows(m, r, kvs, next, B, logits, &err);            // logits [B, V]
+ *   tk_llama_rows_free(r);
+ *
+ * Row b runs ids[b] at position kv[b]'s length and appends its key and value there. Its logits are
+ * bit-identical to tk_llama_step(m, kv[b], &ids[b], 1, ...) on that cache alone: every product
+ * computes each row on its own (the same k order whatever the other rows; tests/test_step_rows.c),
+ * and attention runs per row against its own cache. The caches must be distinct. Failure: -1 with
+ * err set, the caches unchanged. */
+typedef struct tk_llama_rows tk_llama_rows;
+tk_llama_rows *tk_llama_rows_alloc(tk_llama *m, size_t rows, size_t max_len, tk_err *err);
+void tk_llama_rows_free(tk_llama_rows *r); /* NULL is fine */
+int tk_llama_step_rows(tk_llama *m, tk_llama_rows *r, tk_llama_kv *const *kv, const int32_t *ids, size_t B,
+                       float *logits, tk_err *err);
+
 #endif

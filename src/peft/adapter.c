@@ -276,7 +276,7 @@ static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y
     size_t I = L->in, O = L->out, R = L->r;
     float tau = L->tau, s = L->scale;
     int gated = L->gated;
-    int use_bt = tk_gemm_small_avx512() && N >= TK_BT_MIN_ROWS;
+    int use_bt = !ws->rows_alone && tk_gemm_small_avx512() && N >= TK_BT_MIN_ROWS;
     if (use_bt)
         for (size_t o = 0; o < O; o++)
             for (size_t j = 0; j < R; j++) ws->bt[j * O + o] = L->B[o * R + j];
@@ -286,9 +286,17 @@ static void lora_forward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *y
         size_t c0, n;
         for (size_t ci = 0; lane_chunk(l, N, ci, &c0, &n); ci++) {
             float *m = lb.rows_a; /* [n,O] */
-            gemm(0, 1, n, R, I, 1.0f, xt + c0 * I, I, L->A, I, 0.0f, L->u + c0 * R, R);
-            if (use_bt) tk_gemm_small(n, O, R, s, L->u + c0 * R, R, ws->bt, O, 0, m, O);
-            else gemm(0, 1, n, O, R, s, L->u + c0 * R, R, L->B, R, 0.0f, m, O);
+            if (ws->rows_alone) { /* the products of a call of one row, for each row */
+                for (size_t k = 0; k < n; k++) {
+                    float *uk = L->u + (c0 + k) * R;
+                    gemm(0, 1, 1, R, I, 1.0f, xt + (c0 + k) * I, I, L->A, I, 0.0f, uk, R);
+                    gemm(0, 1, 1, O, R, s, uk, R, L->B, R, 0.0f, m + k * O, O);
+                }
+            } else {
+                gemm(0, 1, n, R, I, 1.0f, xt + c0 * I, I, L->A, I, 0.0f, L->u + c0 * R, R);
+                if (use_bt) tk_gemm_small(n, O, R, s, L->u + c0 * R, R, ws->bt, O, 0, m, O);
+                else gemm(0, 1, n, O, R, s, L->u + c0 * R, R, L->B, R, 0.0f, m, O);
+            }
             for (size_t k = 0; k < n; k++) gate_row(L, y + (c0 + k) * O, m + k * O, O, c0 + k, tau, gated);
         }
     }
@@ -448,6 +456,21 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
 #pragma omp parallel for schedule(static) if (N * O >= TK_OMP_MIN_WORK)
     for (size_t i = 0; i < N; i++) gate_row(L, y + i * O, m + i * O, O, i, tau, gated);
     return record_r(L, ws, valid, N, train, t0, err);
+}
+
+int tk_adapted_forward_rows(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x, size_t N,
+                            tk_err *err) {
+    int whole = tk_frozen_rows_alone(base_weight(L)) &&
+                (L->kind == TK_ADAPTER_NONE || (L->kind == TK_ADAPTER_LORA && !(L->gated && L->rand_keep > 0.0f)));
+    if (whole) {
+        ws->rows_alone = 1;
+        int rc = tk_adapted_forward(L, ws, y, x, NULL, N, TK_FWD_EVAL, NULL, err);
+        ws->rows_alone = 0;
+        return rc;
+    }
+    for (size_t i = 0; i < N; i++)
+        if (tk_adapted_forward(L, ws, y + i * L->out, x + i * L->in, NULL, 1, TK_FWD_EVAL, NULL, err)) return -1;
+    return 0;
 }
 
 static int branch_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy, const float *x,

@@ -56,6 +56,7 @@ typedef struct {
     int32_t *lane_idx; /* [TK_BRANCH_LANES, TK_BRANCH_CHUNK] kept rows of a lane's current chunk */
     float *cval;   /* [N]      c_i of the fused backward, pushed to the statistics in token order */
     float *bt;     /* [R, W]   B^T of the module whose fused LoRA forward is running */
+    int rows_alone; /* set by tk_adapted_forward_rows: the LoRA branch computes row by row */
 } tk_adapter_ws;
 
 /* The fused LoRA branch splits the N rows into this many lanes of consecutive rows, run in parallel,
@@ -121,6 +122,13 @@ enum { TK_FWD_EVAL = 0, TK_FWD_TRAIN = 1, TK_FWD_REPLAY = 2 };
  * Returns -1 only on allocation failure of the statistics. */
 int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x,
                        const uint8_t *valid, size_t N, int train, tk_rng *rng, tk_err *err);
+/* tk_adapted_forward with train 0 over N rows, each row's result bit-identical to a call with that row
+ * alone (N = 1): batched decoding, whose rows are separate sequences. A packed frozen weight runs all
+ * rows in one product (tk_frozen_rows_alone) and the LoRA branch then runs its rank-R products row by
+ * row; other forms (cblas_sgemm frozen weights, DoRA, bottleneck, the random gate rule) run one call
+ * per row. */
+int tk_adapted_forward_rows(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x, size_t N,
+                            tk_err *err);
 /* forward: h = W0 x + S * M(x).  dx [N,I] += dh W0 + S (dM/dx)^T dh; parameter gradients +=;
  * c_i of valid tokens pushed to L->stats. dy is not modified. */
 int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,

@@ -7,6 +7,9 @@
  * huge sizes (over the pixel limit, over stb's side limit, PNM fields with too many digits), a
  * configurable pixel limit; and a few thousand seeded byte corruptions, which may decode (pixel data
  * is just data) but must never crash and, when refused, refuse with one line naming the file.
+ * PNG integrity, which stb_image does not check: a flipped bit in the CRC or the data of each chunk,
+ * a wrong Adler-32 and a zlib stream cut before its end (CRCs recomputed) are refused naming the
+ * chunk; the same stream split over two IDAT chunks decodes.
  * Also: PIL-style resize invariants (constant images stay constant, identity is a copy), center crop
  * and expand2square on small hand-checked cases. Writes into a fresh mkdtemp directory.
  * Exits 1 if any check fails. (Pixel parity with PIL: tests/parity/test_vision_pil.py.)
@@ -21,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #pragma GCC diagnostic ignored "-Wunused-function"
 #pragma GCC diagnostic push
@@ -294,7 +298,7 @@ static void expect_refused(const char *what, const uint8_t *p, size_t n, size_t 
 }
 
 static void test_huge_headers(const vcase *png, const vcase *bmp, const vcase *gif, const vcase *jpeg) {
-    /* PNG IHDR width/height at bytes 16..23 (stb does not check CRCs). */
+    /* PNG IHDR width/height at bytes 16..23: the header check refuses them before the CRC is read. */
     uint8_t *p = malloc(png->data.n);
     memcpy(p, png->data.p, png->data.n);
     p[16] = 0, p[17] = 1, p[18] = 0x86, p[19] = 0xA0; /* 100000 */
@@ -346,6 +350,83 @@ static void test_huge_headers(const vcase *png, const vcase *bmp, const vcase *g
     tk_image *img = tk_image_decode(png->data.p, png->data.n, "png", (size_t)W * H, &err);
     report(img != NULL, "png at max_pixels = w * h decodes");
     tk_image_free(img);
+}
+
+/* ---- PNG integrity: chunk CRC-32 and the IDAT zlib stream's end and Adler-32 ---- */
+
+static uint32_t be32(const uint8_t *q) { return (uint32_t)q[0] << 24 | (uint32_t)q[1] << 16 | (uint32_t)q[2] << 8 | q[3]; }
+
+/* Offset of the first chunk of this type (its length field), 0 when absent. */
+static size_t png_chunk_at(const uint8_t *p, size_t n, const char *type) {
+    for (size_t pos = 8; pos + 12 <= n; pos += 12 + be32(p + pos))
+        if (memcmp(p + pos + 4, type, 4) == 0) return pos;
+    return 0;
+}
+
+/* Recomputes the CRC-32 of the chunk at pos (zlib's crc32, independent of vision/image.c's walk). */
+static void png_fix_crc(uint8_t *p, size_t pos) {
+    size_t clen = be32(p + pos);
+    uint32_t c = (uint32_t)crc32(0L, p + pos + 4, (uInt)(clen + 4));
+    uint8_t *q = p + pos + 8 + clen;
+    q[0] = (uint8_t)(c >> 24), q[1] = (uint8_t)(c >> 16), q[2] = (uint8_t)(c >> 8), q[3] = (uint8_t)c;
+}
+
+static void test_png_integrity(const vcase *png) {
+    size_t n = png->data.n;
+    uint8_t *p = malloc(n + 64);
+    const char *types[] = {"IHDR", "IDAT", "IEND"};
+    for (int t = 0; t < 3; t++) { /* one flipped bit in the stored CRC, then in the chunk's data */
+        size_t at = png_chunk_at(png->data.p, n, types[t]);
+        TK_ASSERT(at > 0);
+        size_t clen = be32(png->data.p + at);
+        char what[64], needle[64];
+        snprintf(needle, sizeof needle, "CRC-32 of the %s chunk at byte %zu", types[t], at);
+        memcpy(p, png->data.p, n);
+        p[at + 8 + clen + 3] ^= 0x01;
+        snprintf(what, sizeof what, "png %s CRC flipped", types[t]);
+        expect_refused(what, p, n, 0, needle);
+        if (clen > 0) {
+            memcpy(p, png->data.p, n);
+            p[at + 8 + clen - 1] ^= 0x80;
+            snprintf(what, sizeof what, "png %s data flipped", types[t]);
+            expect_refused(what, p, n, 0, needle);
+        }
+    }
+    /* the Adler-32 (last 4 bytes of the zlib stream) wrong, every CRC right: stb_image alone accepts it */
+    size_t idat = png_chunk_at(png->data.p, n, "IDAT");
+    size_t ilen = be32(png->data.p + idat);
+    memcpy(p, png->data.p, n);
+    p[idat + 8 + ilen - 1] ^= 0x01;
+    png_fix_crc(p, idat);
+    expect_refused("png Adler-32 wrong", p, n, 0, "Adler-32");
+    /* the zlib stream cut before its end (the IDAT shortened by its 4 Adler-32 bytes, CRC right) */
+    memcpy(p, png->data.p, idat + 8 + ilen - 4);
+    size_t m = idat + 8 + ilen - 4;
+    uint32_t nl = (uint32_t)(ilen - 4);
+    p[idat] = (uint8_t)(nl >> 24), p[idat + 1] = (uint8_t)(nl >> 16), p[idat + 2] = (uint8_t)(nl >> 8), p[idat + 3] = (uint8_t)nl;
+    memcpy(p + m, png->data.p + idat + 8 + ilen, n - (idat + 8 + ilen)); /* CRC placeholder, IEND */
+    png_fix_crc(p, idat);
+    expect_refused("png zlib stream without its end", p, n - 4, 0, "ends early");
+    /* the IDAT split in two chunks (valid PNG): the stream is followed across chunks */
+    size_t half = ilen / 2;
+    memcpy(p, png->data.p, idat);
+    size_t o = idat;
+    for (int k = 0; k < 2; k++) {
+        size_t part = k == 0 ? half : ilen - half, from = idat + 8 + (k == 0 ? 0 : half);
+        p[o] = (uint8_t)(part >> 24), p[o + 1] = (uint8_t)(part >> 16), p[o + 2] = (uint8_t)(part >> 8), p[o + 3] = (uint8_t)part;
+        memcpy(p + o + 4, "IDAT", 4);
+        memcpy(p + o + 8, png->data.p + from, part);
+        png_fix_crc(p, o);
+        o += 12 + part;
+    }
+    memcpy(p + o, png->data.p + idat + 12 + ilen, n - (idat + 12 + ilen));
+    o += n - (idat + 12 + ilen);
+    tk_err err = {0};
+    tk_image *img = tk_image_decode(p, o, "png in two IDAT chunks", 0, &err);
+    report(img && memcmp(img->rgb, png->want, (size_t)W * H * 3) == 0, "png in two IDAT chunks decodes exactly%s%s",
+           img ? "" : ": ", img ? "" : err.msg);
+    tk_image_free(img);
+    free(p);
 }
 
 static void test_misc_errors(void) {
@@ -472,6 +553,8 @@ int main(void) {
     printf("== huge headers, limits, other errors\n");
     test_huge_headers(&cases[1], &cases[3], &cases[7], &cases[8]);
     test_misc_errors();
+    printf("== PNG integrity (CRC-32, zlib stream)\n");
+    test_png_integrity(&cases[1]);
     printf("== preprocessing\n");
     test_preprocess();
     for (size_t i = 0; i < n_cases; i++) free(cases[i].data.p);

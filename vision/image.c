@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <zlib.h>
 
 /* stb declares static functions it only defines for formats left out (HDR), reported at the end of
  * the translation unit, so this one stays off for the whole file. */
@@ -236,6 +237,88 @@ static size_t gif_first_image_end(const uint8_t *p, size_t len) {
     }
 }
 
+/* A PNG's chunks (length (4, big-endian), type (4), data, CRC-32 (4)) up to and including IEND, checked
+ * for what stb_image 2.27 skips: every chunk's CRC-32 over its type and data, and the zlib stream of
+ * the IDAT chunks, inflated here by zlib to its end (stb reads the deflate blocks but neither the
+ * Adler-32 after them nor whether the stream ends): libpng and PIL refuse all three. The inflated
+ * bytes go to a small scratch buffer and are dropped; stb decodes the pixels. A file that ends before
+ * IEND is truncated. 0, or -1 with err set naming the chunk and its byte offset. */
+static int png_check(const uint8_t *p, size_t len, const char *name, size_t w, size_t h, tk_err *err) {
+    size_t pos = 8;
+    z_stream zs;
+    memset(&zs, 0, sizeof zs);
+    int z_open = 0, z_done = 0, rc = -1;
+    size_t z_at = 0; /* the IDAT chunk where the stream went wrong */
+    uint8_t scratch[16384];
+    for (;;) {
+        if (pos + 12 > len) break;
+        size_t clen = (size_t)p[pos] << 24 | (size_t)p[pos + 1] << 16 | (size_t)p[pos + 2] << 8 | p[pos + 3];
+        if (clen > 0x7FFFFFFFu) {
+            tk_fail(err, "%s: cannot decode PNG image (%zu x %zu): corrupt (chunk at byte %zu has length %zu)", name,
+                    w, h, pos, clen);
+            goto done;
+        }
+        if (clen > len - pos - 12) break;
+        const uint8_t *type = p + pos + 4, *c = p + pos + 8 + clen;
+        char tname[5];
+        for (int i = 0; i < 4; i++) tname[i] = type[i] >= 0x20 && type[i] < 0x7F ? (char)type[i] : '?';
+        tname[4] = 0;
+        uint32_t stored = (uint32_t)c[0] << 24 | (uint32_t)c[1] << 16 | (uint32_t)c[2] << 8 | c[3];
+        uint32_t crc = (uint32_t)crc32(crc32(0L, Z_NULL, 0), type, (uInt)(clen + 4));
+        if (crc != stored) {
+            tk_fail(err, "%s: corrupt PNG image: the CRC-32 of the %s chunk at byte %zu does not match its data "
+                    "(stored %08x, computed %08x)", name, tname, pos, stored, crc);
+            goto done;
+        }
+        if (memcmp(type, "IDAT", 4) == 0 && !z_done) {
+            if (!z_open) {
+                if (inflateInit(&zs) != Z_OK) {
+                    tk_fail(err, "%s: cannot decode PNG image: zlib inflateInit failed (out of memory?)", name);
+                    goto done;
+                }
+                z_open = 1;
+            }
+            zs.next_in = (Bytef *)(uintptr_t)(type + 4);
+            zs.avail_in = (uInt)clen;
+            while (zs.avail_in > 0 && !z_done) {
+                zs.next_out = scratch;
+                zs.avail_out = sizeof scratch;
+                int zr = inflate(&zs, Z_NO_FLUSH);
+                if (zr == Z_STREAM_END) {
+                    z_done = 1;
+                } else if (zr == Z_DATA_ERROR || zr == Z_NEED_DICT) {
+                    const char *why = zr == Z_NEED_DICT ? "a preset dictionary" : zs.msg ? zs.msg : "data error";
+                    if (strcmp(why, "incorrect data check") == 0) why = "Adler-32 mismatch: incorrect data check";
+                    tk_fail(err, "%s: corrupt PNG image: the zlib stream of the IDAT chunk at byte %zu is invalid "
+                            "(%s)", name, pos, why);
+                    goto done;
+                } else if (zr == Z_MEM_ERROR) {
+                    tk_fail(err, "%s: cannot decode PNG image: out of memory in zlib", name);
+                    goto done;
+                } else if (zr == Z_BUF_ERROR && zs.avail_out != 0) {
+                    break; /* needs the next chunk's bytes */
+                }
+            }
+            z_at = pos;
+        }
+        if (memcmp(type, "IEND", 4) == 0) {
+            if (z_open && !z_done) {
+                tk_fail(err, "%s: corrupt PNG image: the zlib stream of the IDAT chunks ends early (the last IDAT is "
+                        "at byte %zu; no end of stream and Adler-32 before IEND)", name, z_at);
+                goto done;
+            }
+            rc = 0; /* no IDAT at all: stb refuses it */
+            goto done;
+        }
+        pos += 12 + clen;
+    }
+    tk_fail(err, "%s: cannot decode PNG image (%zu x %zu): truncated (the file ends inside the chunk at byte %zu, "
+            "before IEND)", name, w, h, pos);
+done:
+    if (z_open) inflateEnd(&zs);
+    return rc;
+}
+
 /* stb_image reads past the end of a truncated BMP, PNM or GIF as zeros (or, for PNM, leaves the
  * buffer uninitialized) and a truncated JPEG as zero padding, reporting success: the sizes its
  * headers imply are checked here first. 0 when complete (or for stb to judge), -1 with err. */
@@ -253,22 +336,7 @@ static int check_complete(tk_image_format f, const uint8_t *p, size_t len, size_
                            "frame)", name, w, h);
         return 0;
     }
-    if (f == TK_IMAGE_FORMAT_PNG) {
-        /* chunks: length (4, big-endian), type (4), data, CRC (4), up to and including IEND */
-        size_t pos = 8;
-        for (;;) {
-            if (pos + 12 > len) break;
-            size_t clen = (size_t)p[pos] << 24 | (size_t)p[pos + 1] << 16 | (size_t)p[pos + 2] << 8 | p[pos + 3];
-            if (clen > 0x7FFFFFFFu)
-                return tk_fail(err, "%s: cannot decode PNG image (%zu x %zu): corrupt (chunk at byte %zu has length "
-                               "%zu)", name, w, h, pos, clen);
-            if (clen > len - pos - 12) break;
-            if (memcmp(p + pos + 4, "IEND", 4) == 0) return 0;
-            pos += 12 + clen;
-        }
-        return tk_fail(err, "%s: cannot decode PNG image (%zu x %zu): truncated (the file ends inside the chunk at "
-                       "byte %zu, before IEND)", name, w, h, pos);
-    }
+    if (f == TK_IMAGE_FORMAT_PNG) return png_check(p, len, name, w, h, err);
     if (f == TK_IMAGE_FORMAT_PNM) {
         size_t pw, ph, maxv, off;
         if (pnm_header(p, len, &pw, &ph, &maxv, &off, name, err) != 0) return -1;

@@ -18,6 +18,9 @@
  * 0 = TK_IMAGE_DEFAULT_MAX_PIXELS), each side at most 2^24 (stb's own limit), files under 2 GiB.
  * A JPEG must contain its end-of-image marker after the first scan: stb_image pads a truncated JPEG
  * with zeros and reports success, so a missing EOI is reported here as truncation.
+ * A PNG is checked before stb decodes it, as libpng and PIL check it (stb skips all three): every
+ * chunk's CRC-32 (zlib's crc32; ancillary chunks too), and the IDAT chunks' zlib stream inflated by
+ * zlib to its end, Adler-32 included; a mismatch is refused naming the chunk and its byte offset.
  *
  * Ownership: every returned tk_image is the caller's (tk_image_free; NULL is fine). tk_image_encode_png
  * returns a malloc'd buffer the caller free()s.

@@ -21,8 +21,10 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_util as U  # noqa: E402  (puts tests/parity on sys.path)
@@ -135,6 +137,60 @@ def data_with_line(env, name, lineno, text):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def spm_tokenizer(env):
+    """A small sentencepiece model (spm_train, one thread), trained once per run."""
+    path = env.p("tok.model")
+    if not os.path.isfile(path):
+        with open(env.p("corpus.txt"), "w") as f:
+            for i in range(200):
+                f.write("USER: What colour is shown? ASSISTANT: %s, the %d colour\n" % (("red", "green", "blue")[i % 3], i))
+        p = subprocess.run(["spm_train", "--input=" + env.p("corpus.txt"), "--model_prefix=" + env.p("tok"),
+                            "--vocab_size=400", "--model_type=bpe", "--byte_fallback=true", "--num_threads=1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if p.returncode != 0:
+            raise RuntimeError("spm_train failed: %s" % p.stderr[-300:])
+    return path
+
+
+def png_bytes(w=8, h=8, seed=0):
+    """An RGB PNG written by PIL (valid CRCs and Adler-32)."""
+    import io
+    from PIL import Image
+    px = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    b = io.BytesIO()
+    Image.fromarray(px).save(b, format="PNG")
+    return bytearray(b.getvalue())
+
+
+def png_chunk_offset(b, tag):
+    """Byte offset of the first chunk `tag` (its length field)."""
+    pos = 8
+    while pos + 12 <= len(b):
+        n = struct.unpack(">I", bytes(b[pos:pos + 4]))[0]
+        if bytes(b[pos + 4:pos + 8]) == tag:
+            return pos
+        pos += 12 + n
+    raise ValueError("no %r chunk" % tag)
+
+
+def llava_with_png(env, name, png):
+    """A LLaVA JSON of two records, the second one's image the given PNG bytes; returns (json, png path)."""
+    d = env.p(name)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "good.png"), "wb") as f:
+        f.write(bytes(png_bytes(seed=1)))
+    bad = os.path.join(d, "bad.png")
+    with open(bad, "wb") as f:
+        f.write(bytes(png))
+    recs = [{"id": str(i), "image": x, "conversations": [{"from": "human", "value": "<image>\nWhat colour is shown?"},
+                                                         {"from": "gpt", "value": "red"}]}
+            for i, x in enumerate(("good.png", "bad.png"))]
+    js = os.path.join(d, "data.json")
+    with open(js, "w") as f:
+        json.dump(recs, f)
+    return js, bad
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,6 +513,34 @@ def cases():
         os.mkdir(os.path.join(o, "train_summary.json"))
         return dict(argv=e.train(extra=["--out", o]), expect=[os.path.join(o, "train_summary.json")],
                     out=o, progress_ok=True)
+
+    # --- images: a PNG stb_image alone would accept (it skips CRCs and the Adler-32) ------------------
+    for tag, where in ((b"IHDR", "crc"), (b"IDAT", "crc"), (b"IDAT", "data"), (b"IEND", "crc")):
+        @case("convert_llava_png_%s_%s_flipped" % (tag.decode(), where))
+        def _(e, tag=tag, where=where):
+            b = png_bytes()
+            at = png_chunk_offset(b, tag)
+            n = struct.unpack(">I", bytes(b[at:at + 4]))[0]
+            b[at + 8 + n + 3 if where == "crc" else at + 8 + n // 2] ^= 0x10
+            js, bad = llava_with_png(e, "llava_%s_%s" % (tag.decode(), where), b)
+            out = e.p("llava_%s_%s.shard" % (tag.decode(), where))
+            argv = ["convert", "--format", "llava", "--input", js, "--tokenizer", spm_tokenizer(e), "--image-tokens", 4,
+                    "--out", out, "--quiet"]
+            return dict(argv=argv, verb="convert", absent=out,
+                        expect=[bad, "CRC-32 of the %s chunk at byte %d" % (tag.decode(), at)])
+
+    @case("convert_llava_png_adler32_wrong")
+    def _(e):
+        b = png_bytes()
+        at = png_chunk_offset(b, b"IDAT")
+        n = struct.unpack(">I", bytes(b[at:at + 4]))[0]
+        b[at + 8 + n - 1] ^= 0x01                          # the stream's last byte: its Adler-32
+        b[at + 8 + n:at + 12 + n] = struct.pack(">I", zlib.crc32(bytes(b[at + 4:at + 8 + n])))
+        js, bad = llava_with_png(e, "llava_adler", b)
+        out = e.p("llava_adler.shard")
+        argv = ["convert", "--format", "llava", "--input", js, "--tokenizer", spm_tokenizer(e), "--image-tokens", 4,
+                "--out", out, "--quiet"]
+        return dict(argv=argv, verb="convert", absent=out, expect=[bad, "Adler-32"])
 
     # --- gate options: refused with exit 2 before anything is read or written --------------------
     for name, extra, want in (

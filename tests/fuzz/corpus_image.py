@@ -303,9 +303,9 @@ def corpus_image(rng, bit_flips, cut):
         "png_stored_len_nlen_mismatch.png": png(idat=b"\x78\x01\x01\x10\x00\x10\x00" + b"\x00" * 16),
         "png_chunk_length_2p31.png": base[:33] + chunk(b"IDAT", b"", length=0x7FFFFFFF)[:8],
         "png_cgbi_chunk.png": b"\x89PNG\r\n\x1a\n" + chunk(b"CgBI", b"\x50\x00\x20\x02") + base[8:],
-        "any_png_crc_wrong.png": base[:29] + b"\x00\x00\x00\x00" + base[33:],
+        "png_crc_wrong.png": base[:29] + b"\x00\x00\x00\x00" + base[33:],
         "any_png_no_iend.png": png(iend=False),
-        "any_png_adler_wrong.png": png(idat=zlib_stored(png_rows(), adler=0)),
+        "png_adler_wrong.png": png(idat=zlib_stored(png_rows(), adler=0)),
         # lenient today (stb_image reads these): a GIF frame of width 0 inside the screen (the
         # screen comes out), LZW minimum code size 12 (GIF allows 2..8), no trailer; a BMP colour
         # count of 2^30 (the palette size comes from the pixel offset)

@@ -2,6 +2,7 @@
 #include "convert.h"
 
 #include "convert_fashion_mnist.h"
+#include "convert_image_folder.h"
 #include "convert_llava.h"
 #include "../src/train/multimodal.h"
 
@@ -24,6 +25,10 @@ static int run_fashion_mnist(const tk_convert_opts *o, tk_convert_stats *st, tk_
     if (one_input(o, "fashion-mnist", err)) return -1;
     tk_fmnist_opts f = {.input_dir = o->inputs[0], .out_dir = o->out, .split = o->split, .limit = o->limit,
                         .progress = o->progress, .progress_ctx = o->progress_ctx};
+    if (o->layout && strcmp(o->layout, "image-folder") == 0) f.image_folder = 1;
+    else if (o->layout && strcmp(o->layout, "llava") != 0)
+        return tk_fail(err, "--layout \"%s\": expected llava (PNGs + LLaVA JSON) or image-folder (OUT/<class>/*.png)",
+                       o->layout);
     tk_fmnist_stats fs;
     if (tk_convert_fashion_mnist(&f, &fs, err)) return -1;
     st->records = fs.available;
@@ -68,6 +73,14 @@ static int run_llava(const tk_convert_opts *o, tk_convert_stats *st, tk_err *err
     return 0;
 }
 
+static int run_image_folder(const tk_convert_opts *o, tk_convert_stats *st, tk_err *err) {
+    if (one_input(o, "image-folder", err)) return -1;
+    tk_imgfolder_opts f = {.input_dir = o->inputs[0], .out = o->out, .records_per_shard = o->records_per_shard,
+                           .limit = o->limit, .skip_bad_images = o->skip_bad_images, .progress = o->progress,
+                           .progress_ctx = o->progress_ctx};
+    return tk_convert_image_folder(&f, st, err);
+}
+
 static const tk_convert_format FORMATS[] = {
     {"llm-adapters", "LLM-Adapters JSON (instruction/input/output/answer): CSR tasks, commonsense_170k, math", tk_convert_llm_adapters},
     {"alpaca", "Alpaca JSON or JSONL (instruction/input/output)", tk_convert_alpaca},
@@ -75,6 +88,7 @@ static const tk_convert_format FORMATS[] = {
     {"jsonl", "pre-tokenized JSONL (input_ids, labels, attention_mask)", tk_convert_jsonl},
     {"fashion-mnist", "Fashion-MNIST idx directory -> PNG images + LLaVA JSON in --out", run_fashion_mnist},
     {"llava", "LLaVA conversation JSON + --image-folder -> shards with image payloads", run_llava},
+    {"image-folder", "one sub-folder of images per class (torchvision ImageFolder) -> image-classification shards", run_image_folder},
 };
 
 const tk_convert_format *tk_convert_formats(size_t *n) {

@@ -14,6 +14,8 @@
  *   jsonl         pre-tokenized JSONL (input_ids, labels, optional attention_mask) as `train` reads it
  *   fashion-mnist Fashion-MNIST idx files -> PNG images + LLaVA JSON (no shards; then --format llava)
  *   llava         LLaVA conversation JSON + image folder -> shards with image payloads
+ *   image-folder  one sub-folder of images per class (torchvision's ImageFolder) -> image-classification
+ *                 shards: one image token and payload per record (datasets/convert_image_folder.h)
  * Text records: the template's training example (LLM-Adapters' prompt by default), labels on every
  * token (LLM-Adapters' train_on_inputs default) or on responses only, kinds PROMPT/RESPONSE, and meta
  * {"task", "id", "answer", "choices", "label", "score"} for evaluation and analysis.
@@ -59,6 +61,7 @@ typedef struct {
     size_t image_tokens;
     const char *split;
     int skip_bad_images;
+    const char *layout;        /* fashion-mnist: "llava" (default: PNGs + LLaVA JSON) or "image-folder" */
     /* progress: called now and then with records done so far (total 0 when unknown) */
     void (*progress)(void *ctx, size_t done, size_t total);
     void *progress_ctx;
@@ -74,6 +77,8 @@ typedef struct {
     uint64_t tokens;     /* tokens written */
     tk_shard_stats bytes; /* summed over the shards: raw / compressed / file bytes */
     size_t images;       /* fashion-mnist: images written; llava: records with an image */
+    size_t skipped;      /* image-folder: files that are not images, skipped */
+    size_t classes;      /* image-folder: class folders */
 } tk_convert_stats;
 
 typedef struct {

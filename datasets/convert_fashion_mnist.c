@@ -9,10 +9,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <zlib.h>
 
 const char *const tk_fmnist_classes[TK_FMNIST_N_CLASSES] = {
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+};
+
+const char *const tk_fmnist_folders[TK_FMNIST_N_CLASSES] = {
+    "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 };
 
 const char *const tk_fmnist_questions[TK_FMNIST_N_QUESTIONS] = {
@@ -148,7 +153,7 @@ int tk_convert_fashion_mnist(const tk_fmnist_opts *o, tk_fmnist_stats *st, tk_er
         idx_close(&fi);
         return -1;
     }
-    int rc = -1;
+    int rc = -1, out_existed = 1;
     uint8_t *pix = NULL, *labels = NULL;
     cJSON *root = NULL;
     char *json = NULL;
@@ -174,8 +179,18 @@ int tk_convert_fashion_mnist(const tk_fmnist_opts *o, tk_fmnist_stats *st, tk_er
     size_t npix = s.rows * s.cols;
 
     char dir[4096];
+    struct stat osb;
+    out_existed = stat(o->out_dir, &osb) == 0;
     if (tk_mkdir_p(o->out_dir, err) != 0) goto done;
-    if (tk_pathf(dir, sizeof dir, err, "%s/images", o->out_dir) != 0 || tk_mkdir_p(dir, err) != 0) goto done;
+    if (o->image_folder) {
+        for (int c = 0; c < TK_FMNIST_N_CLASSES; c++) {
+            if (tk_pathf(dir, sizeof dir, err, "%s/%s", o->out_dir, tk_fmnist_folders[c]) != 0 ||
+                tk_mkdir_p(dir, err) != 0)
+                goto done;
+        }
+    } else if (tk_pathf(dir, sizeof dir, err, "%s/images", o->out_dir) != 0 || tk_mkdir_p(dir, err) != 0) {
+        goto done;
+    }
 
     labels = malloc(n);
     pix = malloc(npix);
@@ -199,11 +214,18 @@ int tk_convert_fashion_mnist(const tk_fmnist_opts *o, tk_fmnist_stats *st, tk_er
         size_t len = 0;
         uint8_t *png = tk_image_encode_png(&len, pix, s.cols, s.rows, 1, err);
         if (!png) goto done;
-        snprintf(name, sizeof name, "images/%s_%05zu.png", split, i);
+        if (o->image_folder) snprintf(name, sizeof name, "%s/%s_%05zu.png", tk_fmnist_folders[labels[i]], split, i);
+        else snprintf(name, sizeof name, "images/%s_%05zu.png", split, i);
         int wr = tk_pathf(path, sizeof path, err, "%s/%s", o->out_dir, name);
         if (wr == 0) wr = write_plain(path, png, len, err);
         free(png);
         if (wr != 0) goto done;
+        if (o->image_folder) { /* no JSON: one image is one file; it counts once written */
+            s.per_class[labels[i]]++;
+            s.items++;
+            if (o->progress && (s.items % every == 0 || s.items == n)) o->progress(o->progress_ctx, s.items, n);
+            continue;
+        }
         snprintf(id, sizeof id, "fashion-mnist-%s-%05zu", split, i);
         snprintf(q, sizeof q, "<image>\n%s", tk_fmnist_questions[i % TK_FMNIST_N_QUESTIONS]);
         cJSON *rec = cJSON_CreateObject(), *conv = cJSON_CreateArray(), *h = cJSON_CreateObject(),
@@ -247,6 +269,10 @@ int tk_convert_fashion_mnist(const tk_fmnist_opts *o, tk_fmnist_stats *st, tk_er
             goto done;
         }
     }
+    if (o->image_folder) {
+        rc = 0;
+        goto done;
+    }
     json = cJSON_Print(root);
     if (!json) {
         tk_fail(err, "fashion-mnist: out of memory printing the JSON");
@@ -257,6 +283,16 @@ int tk_convert_fashion_mnist(const tk_fmnist_opts *o, tk_fmnist_stats *st, tk_er
     if (tk_write_file_atomic(jpath, json, strlen(json), err) != 0) goto done;
     rc = 0;
 done:
+    if (rc != 0 && o->image_folder && labels) { /* take back what this run wrote */
+        char path[4200];
+        for (size_t i = 0; i < s.items; i++)
+            if (tk_pathf(path, sizeof path, NULL, "%s/%s/%s_%05zu.png", o->out_dir, tk_fmnist_folders[labels[i]], split,
+                         i) == 0)
+                remove(path);
+        for (int c = 0; c < TK_FMNIST_N_CLASSES; c++)
+            if (tk_pathf(path, sizeof path, NULL, "%s/%s", o->out_dir, tk_fmnist_folders[c]) == 0) rmdir(path);
+        if (!out_existed) rmdir(o->out_dir);
+    }
     if (st) *st = s;
     idx_close(&fi);
     idx_close(&fl);

@@ -21,8 +21,15 @@
  *                      {"from": "gpt", "value": "Ankle boot"}]}
  * The question is tk_fmnist_questions[index % TK_FMNIST_N_QUESTIONS]; the answer the class name.
  *
+ * With image_folder = 1 the layout is torchvision's ImageFolder instead (no JSON):
+ * OUT/<folder name>/<split>_<index, 5+ digits>.png, the folder names tk_fmnist_folders (the class
+ * names with '/' as '_': "T-shirt_top"), for `tspeft convert --format image-folder`. That converter
+ * numbers classes in sorted folder order, which is not Fashion-MNIST's label order (Ankle boot is 0).
+ *
  * Ownership: nothing returned needs freeing. Failure: -1 with one line in err naming the file and
  * what was wrong; images written before the failure are left in OUT/images, the JSON is not written.
+ * In the image-folder layout the images this run wrote are removed again (and the class folders and
+ * OUT when that leaves them empty), so a failed run leaves no partial class folder.
  */
 #ifndef TK_DATASETS_CONVERT_FASHION_MNIST_H
 #define TK_DATASETS_CONVERT_FASHION_MNIST_H
@@ -39,12 +46,15 @@
  * "Ankle boot" (label 0..9). */
 extern const char *const tk_fmnist_classes[TK_FMNIST_N_CLASSES];
 extern const char *const tk_fmnist_questions[TK_FMNIST_N_QUESTIONS];
+/* The class names as folder names: "T-shirt_top", "Trouser", ... "Ankle boot". */
+extern const char *const tk_fmnist_folders[TK_FMNIST_N_CLASSES];
 
 typedef struct {
     const char *input_dir; /* directory holding the idx files */
     const char *out_dir;   /* created if missing (with OUT/images) */
     const char *split;     /* "train" or "test"; NULL = "train" */
     size_t limit;          /* > 0: only the first `limit` items */
+    int image_folder;      /* 1: OUT/<class folder>/<split>_<index>.png, no JSON (see above) */
     /* optional progress: called every `progress_every` items (0 = 1000) and at the end */
     void (*progress)(void *ctx, size_t done, size_t total);
     void *progress_ctx;

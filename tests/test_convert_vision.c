@@ -6,7 +6,9 @@
  * right class names and rotating questions, --limit; then bad idx files (magic, label range, count
  * mismatch, zero rows, truncated raw and gzip data, trailing data, corrupt gzip, missing files), each
  * refused with one line naming the file. With Debian's dataset-fashion-mnist installed, the first 50
- * test items are converted and compared with the idx bytes read here through zlib.
+ * test items are converted and compared with the idx bytes read here through zlib. The image-folder
+ * layout (OUT/<class>/<split>_<i>.png) is read back by the image-folder converter, and a failed run
+ * leaves no folder behind.
  * LLaVA: a LLaMA-style tokenizer trained by spm_train (tests/text/spm_fixture.c), PNG images and a
  * JSON of records (image + two rounds, text-only, a leading gpt turn, a numeric id): the shard's ids
  * around the image run equal separate encodes of the text before and after <image> (as LLaVA's
@@ -18,6 +20,7 @@
  */
 #include "common.h"
 #include "datasets/convert_fashion_mnist.h"
+#include "datasets/convert_image_folder.h"
 #include "datasets/convert_llava.h"
 #include "tests/text/spm_fixture.h"
 #include "text/template.h"
@@ -182,6 +185,85 @@ static void fm_expect_error(const char *what, const fm_spec *s, int gz, const ch
     if (access(p, F_OK) == 0) report(0, "fashion-mnist %s: no JSON written", what);
 }
 
+/* The image-folder layout: OUT/<class folder>/<split>_<index>.png, no JSON, then read back by the
+ * image-folder converter (classes in sorted folder order); a failed run leaves nothing behind. */
+static void test_fm_image_folder(const char *in_gz) {
+    char out[256], p[600], shard[300];
+    pathf(out, sizeof out, "%s/fm_if", g_dir);
+    tk_fmnist_opts o = {.input_dir = in_gz, .out_dir = out, .split = "test", .image_folder = 1};
+    tk_fmnist_stats st;
+    tk_err err = {0};
+    int rc = tk_convert_fashion_mnist(&o, &st, &err);
+    if (!report(rc == 0 && st.items == FN, "layout image-folder: %d items written", FN)) printf("    %s\n", err.msg);
+    int pixels = 1;
+    for (size_t i = 0; i < FN; i++) {
+        pathf(p, sizeof p, "%s/%s/test_%05zu.png", out, tk_fmnist_folders[i % 10], i);
+        tk_image *img = tk_image_load(p, 0, &err);
+        int same = img && img->w == FC && img->h == FR;
+        for (size_t k = 0; same && k < (size_t)FR * FC; k++) same = img->rgb[k * 3] == fm_pix(i, k);
+        if (!same) printf("    %s: %s\n", p, img ? "pixels differ" : err.msg);
+        pixels = pixels && same;
+        tk_image_free(img);
+    }
+    report(pixels, "layout image-folder: OUT/<class>/test_<i>.png decode to the idx bytes");
+    pathf(p, sizeof p, "%s/test.json", out);
+    char p2[600];
+    pathf(p2, sizeof p2, "%s/images", out);
+    report(access(p, F_OK) != 0 && access(p2, F_OK) != 0, "layout image-folder: no JSON, no images/ folder");
+    report(strcmp(tk_fmnist_folders[0], "T-shirt_top") == 0 && strchr(tk_fmnist_folders[0], '/') == NULL,
+           "class 0's folder is T-shirt_top (no '/')");
+
+    /* the image-folder converter takes it: 10 classes in byte-wise sorted folder order */
+    pathf(shard, sizeof shard, "%s/fm_if.shard", g_dir);
+    tk_imgfolder_opts io = {.input_dir = out, .out = shard};
+    tk_convert_stats cs;
+    rc = tk_convert_image_folder(&io, &cs, &err);
+    if (!report(rc == 0 && cs.written == FN && cs.classes == 10, "convert --format image-folder on it: %d records, "
+                "10 classes", FN))
+        printf("    %s\n", err.msg);
+    const char *sorted[10];
+    for (int c = 0; c < 10; c++) sorted[c] = tk_fmnist_folders[c];
+    for (int a = 0; a < 10; a++) /* insertion sort by strcmp: the expected class order */
+        for (int b = a; b > 0 && strcmp(sorted[b - 1], sorted[b]) > 0; b--) {
+            const char *t = sorted[b];
+            sorted[b] = sorted[b - 1];
+            sorted[b - 1] = t;
+        }
+    tk_shard_reader *r = rc == 0 ? tk_shard_reader_open(shard, &err) : NULL;
+    int ok = r && tk_shard_reader_count(r) == FN;
+    size_t seen = 0;
+    for (uint64_t i = 0; ok && i < FN; i++) {
+        tk_shard_record rec;
+        ok = tk_shard_reader_get(r, i, &rec, &err) == 0;
+        cJSON *m = ok ? cJSON_Parse(rec.meta) : NULL;
+        cJSON *lab = cJSON_GetObjectItem(m, "label"), *ans = cJSON_GetObjectItem(m, "answer");
+        cJSON *id = cJSON_GetObjectItem(m, "id");
+        ok = ok && cJSON_IsNumber(lab) && cJSON_IsString(ans) && cJSON_IsString(id) && lab->valueint >= 0 &&
+             lab->valueint < 10 && strcmp(sorted[lab->valueint], ans->valuestring) == 0;
+        /* the item's Fashion-MNIST label (index % 10) names the folder its id starts with */
+        size_t idx = ok ? (size_t)atoi(strrchr(id->valuestring, '_') + 1) : 0;
+        ok = ok && strncmp(id->valuestring, tk_fmnist_folders[idx % 10], strlen(tk_fmnist_folders[idx % 10])) == 0 &&
+             strcmp(ans->valuestring, tk_fmnist_folders[idx % 10]) == 0;
+        seen += ok;
+        cJSON_Delete(m);
+    }
+    report(ok && seen == FN, "its records: label = sorted folder index, answer = the item's Fashion-MNIST class");
+    tk_shard_reader_free(r);
+
+    /* a run that fails midway (raw image data cut by 7 bytes) takes back every image it wrote */
+    char dir[256];
+    pathf(dir, sizeof dir, "%s/fm_if_cut", g_dir);
+    mkdir(dir, 0777);
+    fm_spec s = fm_good();
+    s.cut_img = 7;
+    fm_write(dir, "t10k", &s, 0);
+    pathf(out, sizeof out, "%s/fm_if_cut_out", g_dir);
+    tk_fmnist_opts o2 = {.input_dir = dir, .out_dir = out, .split = "test", .image_folder = 1};
+    rc = tk_convert_fashion_mnist(&o2, &st, &err);
+    report(rc != 0 && one_line_naming(&err, "t10k-images") && access(out, F_OK) != 0,
+           "layout image-folder, data cut: refused, OUT not left behind");
+}
+
 static void test_fashion_mnist(void) {
     printf("== Fashion-MNIST converter\n");
     char in_gz[256], in_raw[256], out[256];
@@ -208,6 +290,7 @@ static void test_fashion_mnist(void) {
     if (!report(rc == 0 && st.items == 3 && st.available == FN, "raw train files, --limit 3: 3 of %d items", FN))
         printf("    %s\n", err.msg);
     fm_check_output(out, "train", 3, "raw, limit 3");
+    test_fm_image_folder(in_gz);
 
     fm_spec s = fm_good();
     s.img_magic = 0x801;

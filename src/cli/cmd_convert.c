@@ -34,10 +34,13 @@ int tk_cmd_convert(int argc, char **argv) {
     int responses_only = 0, train_on_inputs = 0;
     tk_opt opts[] = {
         {"config", TK_OPT_STR, &config, "FILE", "JSON file of option defaults (keys = option names)", 0},
-        {"format", TK_OPT_STR, &o.format, "NAME", "llm-adapters | alpaca | glue | jsonl | fashion-mnist | llava", 0},
-        {"input", TK_OPT_STR, &input, "PATH", "input file (fashion-mnist: the idx directory); repeatable", 0},
+        {"format", TK_OPT_STR, &o.format, "NAME", "llm-adapters | alpaca | glue | jsonl | fashion-mnist | llava | image-folder", 0},
+        {"input", TK_OPT_STR, &input, "PATH", "input file (fashion-mnist: the idx directory; image-folder: the folder of "
+                                              "class folders); repeatable", 0},
         {"out", TK_OPT_STR, &o.out, "PATH", "X.shard: one shard; otherwise the prefix of X-00000.shard, ... "
                                             "(fashion-mnist: output directory)", 0},
+        {"layout", TK_OPT_STR, &o.layout, "NAME", "fashion-mnist: llava (OUT/images/*.png + OUT/<split>.json, the default) | "
+                                                  "image-folder (OUT/<class>/<split>_<index>.png)", 0},
         {"tokenizer", TK_OPT_STR, &o.tokenizer, "FILE", "sentencepiece tokenizer.model (text formats, llava)", 0},
         {"template", TK_OPT_STR, &o.template_name, "NAME", "alpaca (LLM-Adapters, default for text) | vicuna_v1 "
                                                            "(default for llava) | llava_v1 | llama2 | plain", 0},
@@ -48,14 +51,14 @@ int tk_cmd_convert(int argc, char **argv) {
         {"max-len", TK_OPT_INT, &max_len, "N", "records longer than N tokens are truncated or dropped (default: no limit)", 0},
         {"overflow", TK_OPT_STR, &overflow, "MODE", "truncate (keep the first N tokens, LLM-Adapters' cutoff) | drop", 0},
         {"records-per-shard", TK_OPT_INT, &per_shard, "N", "records per shard file (default 100000)", 0},
-        {"limit", TK_OPT_INT, &limit, "N", "only the first N records of each input", 0},
+        {"limit", TK_OPT_INT, &limit, "N", "only the first N records of each input (image-folder: of each class)", 0},
         {"vocab-size", TK_OPT_INT, &vocab, "V", "jsonl without --tokenizer: ids must be below V", 0},
         {"image-folder", TK_OPT_STR, &o.image_folder, "DIR", "llava: image paths are relative to it", 0},
         {"encoder", TK_OPT_STR, &o.encoder, "DIR", "llava: store the frozen vision tower's F16 features instead of the image "
                                                    "files (training then skips the encoder)", 0},
         {"image-tokens", TK_OPT_INT, &image_tokens, "N", "llava: tokens per image (the encoder's features, e.g. 576)", 0},
         {"split", TK_OPT_STR, &o.split, "NAME", "fashion-mnist: train | test (default train)", 0},
-        {"skip-bad-images", TK_OPT_FLAG, &o.skip_bad_images, NULL, "llava: skip (and count) missing or broken images", 0},
+        {"skip-bad-images", TK_OPT_FLAG, &o.skip_bad_images, NULL, "llava, image-folder: skip (and count) missing or broken images", 0},
         {"json", TK_OPT_FLAG, &json, NULL, "print the summary as JSON on stdout", 0},
         {"quiet", TK_OPT_FLAG, &quiet, NULL, "no progress lines", 0},
     };
@@ -112,6 +115,13 @@ int tk_cmd_convert(int argc, char **argv) {
         status = 2;
         goto fail;
     }
+    if (o.layout && (strcmp(f->name, "fashion-mnist") != 0 ||
+                     (strcmp(o.layout, "llava") != 0 && strcmp(o.layout, "image-folder") != 0))) {
+        if (strcmp(f->name, "fashion-mnist") != 0) tk_fail(&err, "--layout is an option of --format fashion-mnist only");
+        else tk_fail(&err, "--layout \"%s\": expected llava or image-folder", o.layout);
+        status = 2;
+        goto fail;
+    }
     o.inputs = inputs;
     o.n_inputs = (size_t)n_in;
     o.responses_only = responses_only;
@@ -137,10 +147,11 @@ int tk_cmd_convert(int argc, char **argv) {
         printf("{\"format\": \"%s\", \"records\": %zu, \"written\": %zu, \"tokens\": %llu, \"truncated\": %zu, "
                "\"dropped\": %zu, \"no_target\": %zu, \"shards\": %zu, \"images\": %zu, \"raw_bytes\": %llu, "
                "\"compressed_bytes\": %llu, \"file_bytes\": %llu, \"compression_ratio\": %.4f, \"seconds\": %.3f, "
-               "\"input_bytes\": %.0f, \"input_mb_per_s\": %.3f}\n",
+               "\"input_bytes\": %.0f, \"input_mb_per_s\": %.3f, \"classes\": %zu, \"skipped_files\": %zu}\n",
                f->name, st.records, st.written, (unsigned long long)st.tokens, st.truncated, st.dropped, st.no_target,
                st.shards, st.images, (unsigned long long)st.bytes.raw_bytes, (unsigned long long)st.bytes.compressed_bytes,
-               (unsigned long long)st.bytes.file_bytes, ratio, secs, in_bytes, in_bytes / 1e6 / (secs > 0 ? secs : 1e-9));
+               (unsigned long long)st.bytes.file_bytes, ratio, secs, in_bytes, in_bytes / 1e6 / (secs > 0 ? secs : 1e-9),
+               st.classes, st.skipped);
     }
     if (!quiet) {
         fprintf(stderr, "convert: %s -> %s: %zu records read, %zu written (%llu tokens), %zu truncated, %zu dropped",
@@ -150,6 +161,8 @@ int tk_cmd_convert(int argc, char **argv) {
             fprintf(stderr, "; %zu shard%s, %.1f MiB (%.2fx compression)", st.shards, st.shards == 1 ? "" : "s",
                     (double)st.bytes.file_bytes / 1048576.0, ratio);
         if (st.images) fprintf(stderr, "; %zu images", st.images);
+        if (st.classes) fprintf(stderr, " in %zu classes", st.classes);
+        if (st.skipped) fprintf(stderr, "; %zu files that are not images skipped", st.skipped);
         fprintf(stderr, "; %.1fs", secs);
         if (in_bytes > 0) fprintf(stderr, " (%.1f MB/s of input)", in_bytes / 1e6 / (secs > 0 ? secs : 1e-9));
         fprintf(stderr, "\n");

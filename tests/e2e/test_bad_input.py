@@ -542,6 +542,48 @@ def cases():
                 "--out", out, "--quiet"]
         return dict(argv=argv, verb="convert", absent=out, expect=[bad, "Adler-32"])
 
+    @case("convert_image_folder_no_classes")
+    def _(e):
+        d = e.p("if_empty")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "loose.png"), "wb") as f:          # a file beside where classes would be
+            f.write(bytes(png_bytes()))
+        out = e.p("if_empty.shard")
+        return dict(argv=["convert", "--format", "image-folder", "--input", d, "--out", out, "--quiet"],
+                    verb="convert", absent=out, expect=[d, "no class folders"])
+
+    @case("convert_image_folder_class_without_images")
+    def _(e):
+        d = e.p("if_noimg")
+        for c in ("cat", "dog"):
+            os.makedirs(os.path.join(d, c), exist_ok=True)
+        with open(os.path.join(d, "cat", "1.png"), "wb") as f:
+            f.write(bytes(png_bytes()))
+        with open(os.path.join(d, "dog", "notes.txt"), "w") as f:
+            f.write("not an image\n")
+        out = e.p("if_noimg.shard")
+        return dict(argv=["convert", "--format", "image-folder", "--input", d, "--out", out, "--quiet"],
+                    verb="convert", absent=out, expect=[os.path.join(d, "dog"), "no image"])
+
+    @case("convert_image_folder_png_crc_flipped")
+    def _(e):
+        d = e.p("if_crc")
+        os.makedirs(os.path.join(d, "cat"), exist_ok=True)
+        b = png_bytes()
+        b[29] ^= 0x01                                              # the IHDR chunk's CRC
+        bad = os.path.join(d, "cat", "1.png")
+        with open(bad, "wb") as f:
+            f.write(bytes(b))
+        out = e.p("if_crc")
+        return dict(argv=["convert", "--format", "image-folder", "--input", d, "--out", out, "--quiet"],
+                    verb="convert", absent=out + "-00000.shard", expect=[bad, "CRC-32 of the IHDR chunk"])
+
+    @case("convert_fashion_mnist_layout_unknown")
+    def _(e):
+        out = e.p("fm_layout")
+        return dict(argv=["convert", "--format", "fashion-mnist", "--input", e.p("no_idx"), "--out", out,
+                          "--layout", "folders"], verb="convert", absent=out, expect=["--layout", "folders"], status=2)
+
     # --- gate options: refused with exit 2 before anything is read or written --------------------
     for name, extra, want in (
             ("gate_keep_zero", ["--gate", "random", "--keep", "0"], ["--keep", "(0, 1]"]),

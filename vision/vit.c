@@ -6,6 +6,7 @@
  *   C  hidden width, F  MLP width, H  heads, D = C/H head width, K = 3*P*P values per patch
  */
 #include "vision/vit.h"
+#include "vision/pos_interp.h"
 
 #include "ops/blas.h"
 #include "ops/fastmath.h"
@@ -160,7 +161,7 @@ static void slot(tk_vit_slot *s, size_t *n, float **data, int ndim, int64_t d0, 
 
 size_t tk_vit_slots(tk_vit *m, tk_vit_slot *s) {
     const tk_vit_config *c = &m->cfg;
-    int64_t C = c->hidden, F = c->inter, P = c->patch_size, T = (int64_t)m->n_tokens;
+    int64_t C = c->hidden, F = c->inter, P = c->patch_size, T = (int64_t)m->n_pos;
     size_t n = 0;
     slot(s, &n, &m->patch_w, 4, C, c->channels, P, P, "embeddings.patch_embedding.weight", 0);
     if (c->kind == TK_VIT_SIGLIP) slot(s, &n, &m->patch_b, 1, C, 0, 0, 0, "embeddings.patch_embedding.bias", 0);
@@ -212,6 +213,8 @@ static tk_vit *vit_alloc(const tk_vit_config *cfg, const char *where, tk_vit_slo
     size_t side = (size_t)(cfg->image_size / cfg->patch_size);
     m->n_patches = side * side;
     m->n_tokens = m->n_patches + (cfg->kind == TK_VIT_CLIP ? 1 : 0);
+    m->image_size = cfg->image_size;
+    m->n_pos = m->n_tokens;
     m->layers = calloc((size_t)cfg->n_layers, sizeof *m->layers);
     slots = calloc(tk_vit_slot_capacity(cfg), sizeof *slots);
     if (!m->layers || !slots) goto oom;
@@ -244,6 +247,8 @@ void tk_vit_close(tk_vit *m) {
     if (!m) return;
     tk_free(m->block);
     free(m->layers);
+    tk_pos_interp_free(m->pos_map);
+    tk_free(m->pos_run);
     free(m);
 }
 
@@ -489,13 +494,13 @@ static void embed(const tk_vit *m, tk_vit_ws *ws, const float *pixels, size_t B)
     const tk_vit_config *c = &m->cfg;
     size_t C = (size_t)c->hidden, T = m->n_tokens, N = m->n_patches, P = (size_t)c->patch_size;
     size_t K = (size_t)c->channels * P * P, off = T - N; /* 1 with a class token */
-    im2col(ws->patches, pixels, B, (size_t)c->channels, (size_t)c->image_size, P);
+    im2col(ws->patches, pixels, B, (size_t)c->channels, (size_t)m->image_size, P);
     tk_linear_forward(ws->xn, ws->patches, m->patch_w, B * N, K, C, 0.0f); /* [B*N, C] */
 #pragma omp parallel for if (B * T * C >= TK_OMP_MIN_WORK)
     for (size_t r = 0; r < B * T; r++) {
         size_t b = r / T, t = r % T;
         float *xr = &ws->x[r * C];
-        const float *pr = &m->pos[t * C];
+        const float *pr = &(m->pos_run ? m->pos_run : m->pos)[t * C]; /* interpolated: pos_interp.h */
         if (t < off) {
             for (size_t j = 0; j < C; j++) xr[j] = m->cls[j] + pr[j];
         } else {
@@ -520,7 +525,7 @@ int tk_vit_forward(const tk_vit *m, tk_vit_ws *ws, float *out, const float *pixe
                        -(L + 1), L, L);
     int upto = sel->layer < 0 ? L + 1 + sel->layer : sel->layer; /* layers to run */
     size_t C = (size_t)c->hidden, T = m->n_tokens, N = m->n_patches;
-    size_t S = (size_t)c->image_size, ch = (size_t)c->channels;
+    size_t S = (size_t)m->image_size, ch = (size_t)c->channels;
     size_t skip = sel->feature == TK_VIT_FEATURE_PATCH ? T - N : 0, To = T - skip;
     for (size_t b0 = 0; b0 < B; b0 += ws->Bmax) {
         size_t nb = B - b0 < ws->Bmax ? B - b0 : ws->Bmax;
@@ -543,7 +548,7 @@ int tk_vit_run_images(const tk_vit *m, size_t n_images, size_t batch, const tk_v
     const tk_vit_config *c = &m->cfg;
     if (batch < 1) batch = 1;
     if (batch > n_images && n_images > 0) batch = n_images;
-    size_t per = (size_t)c->channels * (size_t)c->image_size * (size_t)c->image_size;
+    size_t per = (size_t)c->channels * (size_t)m->image_size * (size_t)m->image_size;
     size_t outn = tk_vit_out_tokens(m, sel->feature) * (size_t)c->hidden;
     tk_vit_ws *ws = tk_vit_ws_alloc(m, batch, err);
     float *pix = tk_calloc(batch * per, sizeof(float));

@@ -73,12 +73,17 @@ typedef struct {
 
 typedef struct {
     tk_vit_config cfg;
-    size_t n_patches;         /* N = (S / P)^2 */
+    size_t n_patches;         /* N = (S / P)^2 at the size the tower runs at (image_size below) */
     size_t n_tokens;          /* T = N + 1 (CLIP) or N (SigLIP) */
+    int image_size;           /* S the tower runs at: cfg.image_size unless tk_vit_set_image_size chose
+                               * another (vision/pos_interp.h) */
+    size_t n_pos;             /* rows of pos: the checkpoint's T (cfg.image_size) */
+    struct tk_pos_interp *pos_map; /* NULL, or the bicubic map from pos's grid to image_size's */
+    float *pos_run;           /* [T, C] pos_map applied to pos (NULL when pos_map is) */
     float *patch_w;           /* [C, 3*P*P]: the conv weight [C,3,P,P] read as a matrix */
     float *patch_b;           /* [C] SigLIP's conv bias; NULL for CLIP (bias=False) */
     float *cls;               /* [C] CLIP class_embedding; NULL for SigLIP */
-    float *pos;               /* [T, C] position_embedding.weight */
+    float *pos;               /* [n_pos, C] position_embedding.weight */
     float *pre_w, *pre_b;     /* [C] CLIP pre_layrnorm; NULL for SigLIP */
     tk_vit_layer *layers;     /* [L] */
     float *post_w, *post_b;   /* [C] post_layernorm */

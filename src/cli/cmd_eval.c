@@ -190,6 +190,9 @@ int tk_cmd_eval(int argc, char **argv) {
         {"vision-layer", TK_OPT_INT, &mo.layer, "L", "vqa: encoder hidden state used (default -2)", 0},
         {"vision-feature", TK_OPT_STR, &mo.feature, "F", "vqa: patch | cls_patch (default patch)", 0},
         {"image-preprocess", TK_OPT_STR, &mo.preprocess, "P", "vqa: clip | llava-pad | siglip (default clip)", 0},
+        {"image-size", TK_OPT_INT, &mo.image_size, "S", "vqa: preprocess images to S pixels (default: the tower's)", 0},
+        {"interpolate-pos", TK_OPT_FLAG, &mo.interpolate_pos, NULL, "vqa: interpolate the tower's position "
+                                                                     "embeddings (bicubic) for --image-size", 0},
     };
     int n_opts = (int)(sizeof opts / sizeof opts[0]);
     const char *tasks[MAX_SETS], *datas[MAX_SETS];

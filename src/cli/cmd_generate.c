@@ -154,6 +154,9 @@ int tk_cmd_generate(int argc, char **argv) {
         {"vision-tower", TK_OPT_STR, &mo.tower, "DIR", "HF CLIP/SigLIP vision tower (with --image)", 0},
         {"projector", TK_OPT_STR, &projector, "FILE", "projector (default: ADAPTER/mm_projector.safetensors)", 0},
         {"image-preprocess", TK_OPT_STR, &mo.preprocess, "P", "clip | llava-pad | siglip (default clip)", 0},
+        {"image-size", TK_OPT_INT, &mo.image_size, "S", "preprocess the image to S pixels (default: the tower's)", 0},
+        {"interpolate-pos", TK_OPT_FLAG, &mo.interpolate_pos, NULL, "interpolate the tower's position embeddings "
+                                                                     "(bicubic) for --image-size", 0},
         {"max-new-tokens", TK_OPT_INT, &max_new, "N", "tokens to generate (default 32)", 0},
         {"eos", TK_OPT_INT, &eos, "ID", "stop after this id (default: none with --ids; the tokenizer's with --prompt)", 0},
         {"threads", TK_OPT_INT, &threads, "T", "threads (default: all cores)", 0},

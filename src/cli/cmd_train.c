@@ -58,6 +58,9 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         {"vision-layer", TK_OPT_INT, &o.vision_layer, "L", "encoder hidden state used (default -2, LLaVA's)", 0},
         {"vision-feature", TK_OPT_STR, &o.vision_feature, "F", "patch | cls_patch (default patch)", 0},
         {"image-preprocess", TK_OPT_STR, &o.image_preprocess, "P", "clip | llava-pad | siglip (default clip)", 0},
+        {"image-size", TK_OPT_INT, &o.image_size, "S", "preprocess images to S pixels (default: the tower's image_size)", 0},
+        {"interpolate-pos", TK_OPT_FLAG, &o.interpolate_pos, NULL, "interpolate the tower's position embeddings "
+                                                                    "(bicubic) when --image-size is not its own", 0},
         {"dump", TK_OPT_STR, &o.dump_dir, "DIR", "write DIR/step1.safetensors: first step's loss, logits, gradients, gate", 0},
         {"steps", TK_OPT_INT, &o.steps, "N", "optimizer steps (default 100)", 0},
         {"batch-size", TK_OPT_INT, &o.batch_size, "B", "rows per micro-batch (default 1)", 0},

@@ -2,6 +2,7 @@
 #include "multimodal.h"
 
 #include "../../vision/image.h"
+#include "../../vision/pos_interp.h"
 #include "../../vision/preprocess.h"
 #include "../../vision/projector.h"
 #include "../../vision/vit.h"
@@ -49,10 +50,18 @@ tk_mm *tk_mm_open(const tk_mm_opts *o, size_t llm_dim, tk_err *err) {
     }
     if (o->preprocess && tk_preproc_mode_from_name(o->preprocess, &pm, err)) goto fail;
     if (!(mm->vit = tk_vit_open(o->tower, o->prefix, err))) goto fail;
+    if (o->image_size < 0) {
+        tk_fail(err, "--image-size %d: expected a positive number of pixels", o->image_size);
+        goto fail;
+    }
+    if (o->image_size && tk_vit_set_image_size(mm->vit, o->image_size, o->interpolate_pos, err)) {
+        tk_err_prefix(err, o->tower);
+        goto fail;
+    }
     mm->sel.layer = o->layer ? o->layer : -2;
     mm->sel.feature = feat;
     mm->sel.post_norm = 0;
-    tk_preproc_init(&mm->pre, pm, (size_t)mm->vit->cfg.image_size);
+    tk_preproc_init(&mm->pre, pm, (size_t)mm->vit->image_size);
     mm->n_tok = tk_vit_out_tokens(mm->vit, feat);
     mm->cv = (size_t)mm->vit->cfg.hidden;
     mm->cl = llm_dim;

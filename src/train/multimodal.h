@@ -31,6 +31,8 @@ typedef struct {
     int layer;                  /* hidden-state index (LLaVA's mm_vision_select_layer; 0 = -2) */
     const char *feature;        /* "patch" (default) | "cls_patch" */
     const char *preprocess;     /* "clip" (default) | "llava-pad" | "siglip" */
+    int image_size;             /* > 0: preprocess to this size; another than the tower's image_size needs */
+    int interpolate_pos;        /* 1: its position embeddings interpolated (vision/pos_interp.h) */
 } tk_mm_opts;
 
 typedef struct tk_mm tk_mm;

@@ -454,7 +454,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     const char *proj_file = o->resume_dir ? ck_proj : o->projector;
     if (o->vision_tower) {
         tk_mm_opts mo = {o->vision_tower, NULL, proj_file, o->projector_type, o->vision_layer, o->vision_feature,
-                         o->image_preprocess};
+                         o->image_preprocess, o->image_size, o->interpolate_pos};
         if (!(mm = tk_mm_open(&mo, (size_t)m->cfg.dim, err))) goto done;
         m->extra_params = tk_mm_register;
         m->extra_ctx = mm;

@@ -51,6 +51,8 @@ typedef struct {
     const char *vision_feature;  /* patch | cls_patch */
     const char *image_preprocess;/* clip | llava-pad | siglip */
     int vision_layer;            /* hidden-state index (0: -2) */
+    int image_size;              /* > 0: images preprocessed to this size (tk_mm_opts.image_size) */
+    int interpolate_pos;         /* 1: bicubic position embeddings when image_size is not the tower's */
     int stage;                   /* 1: projector only (no adapter); 2: projector + adapter (default) */
     tk_dist *dist;           /* data-parallel communicator (dist.h), or NULL for one process. With P
                                 ranks each optimizer step has P * grad_accum micro-batches; rank p runs

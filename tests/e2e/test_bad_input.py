@@ -584,6 +584,19 @@ def cases():
         return dict(argv=["convert", "--format", "fashion-mnist", "--input", e.p("no_idx"), "--out", out,
                           "--layout", "folders"], verb="convert", absent=out, expect=["--layout", "folders"], status=2)
 
+    # --- a vision tower at an image size its position embeddings do not cover -------------------------
+    @case("train_image_size_without_interpolate_pos")
+    def _(e):
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                        "examples"))
+        import make_random_vit as MV
+        t = e.p("tower32")
+        if not os.path.isdir(t):
+            MV.make(t, kind="clip", hidden=16, layers=1, heads=2, inter=32, image=32, patch=8)
+        o = e.copy(e.adapter, "o_imgsize")
+        return dict(argv=e.train(extra=["--vision-tower", t, "--image-size", 48, "--out", o]), out=o,
+                    expect=[t, "image size 48", "image_size 32", "4 x 4", "6 x 6", "--interpolate-pos"])
+
     # --- gate options: refused with exit 2 before anything is read or written --------------------
     for name, extra, want in (
             ("gate_keep_zero", ["--gate", "random", "--keep", "0"], ["--keep", "(0, 1]"]),

@@ -10,6 +10,8 @@
 must train identically: `tspeft train --model CKPT --vision-tower (CKPT or the tower dir) --projector CKPT
 --stage 2 --steps 1 --dump` gives bit-identical dumps (loss, logits, every gradient including the
 projector's, keep counts, next tau) for the three layouts, and a projector-only stage-1 step agrees too.
+Images at another size than the tower's (--image-size with --interpolate-pos) generate and train one
+step; without --interpolate-pos such a size is refused with one line.
 
     /usr/bin/python3 tests/e2e/test_llava_layouts.py --tspeft build/tspeft
 """
@@ -166,6 +168,26 @@ def main():
                               T("original"), "--tokenizer", T("tok.model"), "--image", T("img", "0.png"), "--prompt",
                               "What colour dominates?", "--max-new-tokens", 4])
         chk.ok(p2.returncode == 0 and p2.stdout == p.stdout, "the original layout generates the same text", p2.stderr)
+        # another image size: 28 px -> 42 px (6 x 6 patches instead of 4 x 4) with --interpolate-pos
+        gen = ["generate", "--model", T("original"), "--vision-tower", T("tower"), "--projector", T("original"),
+               "--tokenizer", T("tok.model"), "--image", T("img", "0.png"), "--prompt", "What colour dominates?",
+               "--max-new-tokens", 4, "--image-size", 42]
+        p3 = U.run(a.tspeft, gen + ["--interpolate-pos"])
+        chk.ok(p3.returncode == 0 and len(p3.stdout.splitlines()) == 1,
+               "generate --image-size 42 --interpolate-pos prints one line: %r" % p3.stdout.strip()[:40], p3.stderr)
+        p3 = U.run(a.tspeft, gen)
+        chk.ok(p3.returncode == 1 and len(p3.stderr.strip().splitlines()) == 1 and "--interpolate-pos" in p3.stderr,
+               "generate --image-size 42 without --interpolate-pos: one line naming it, exit 1", p3.stderr)
+        p3 = U.run(a.tspeft, ["convert", "--format", "llava", "--input", T("data.json"), "--image-folder", T("img"),
+                              "--tokenizer", T("tok.model"), "--image-tokens", 36, "--out", T("data36.shard"), "--quiet"])
+        chk.ok(p3.returncode == 0, "convert --image-tokens 36", p3.stderr)
+        p3 = U.run(a.tspeft, common[:1] + ["--data", T("data36.shard")] + common[3:] +
+                   ["--model", T("original"), "--vision-tower", T("tower"), "--projector", T("original"), "--stage", "1",
+                    "--image-size", 42, "--interpolate-pos", "--dump", T("dump-42")], env={"OMP_NUM_THREADS": "1"})
+        ok = chk.ok(p3.returncode == 0, "one stage-1 step at 42 px (36 image tokens) with --interpolate-pos", p3.stderr)
+        if ok:
+            d42 = st.load(os.path.join(T("dump-42"), "step1.safetensors"))
+            chk.ok(np.isfinite(float(d42["loss"][0])), "its loss is finite: %.4f" % float(d42["loss"][0]))
         p = U.run(a.tspeft, ["generate", "--model", T("hf"), "--tokenizer", T("tok.model"), "--image", T("img", "0.png"),
                              "--prompt", "x"])
         chk.ok(p.returncode == 2 and "--vision-tower" in p.stderr, "--image without --vision-tower: usage error", p.stderr)

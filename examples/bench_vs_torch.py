@@ -2,8 +2,18 @@
 """One configuration, timed in tspeft and in PyTorch side by side in one run; prints the ratios listed below
 with PASS/FAIL against their targets, and the gate's keep 1.0 vs 0.5 comparison.
 
-    python3 examples/bench_vs_torch.py [--tspeft build/tspeft] [--threads 1,2] [--steps 5]
+    python3 examples/bench_vs_torch.py [--tspeft build/tspeft] [--threads 1,2] [--steps 5] [--compute bf16]
         [--dim 768 --layers 12 --heads 12 --ffn 2048 --vocab 32000 --seq 512 --r 16] [--json FILE]
+
+--compute bf16 times mixed precision instead: tspeft `bench --compute bf16` (frozen products in BF16 with
+fp32 accumulation on AVX512-BF16) against PyTorch under torch.autocast("cpu", dtype=torch.bfloat16) at
+each thread setting, plus tspeft in fp32, in this order: tspeft bf16, tspeft fp32, PyTorch's runs,
+tspeft bf16 and fp32 again (each tspeft figure is over both of its runs, which bracket PyTorch's). Reported:
+  * tokens/s of tspeft bf16 / tokens/s of the best PyTorch autocast thread setting   >= 2
+  * tokens/s of tspeft bf16 / tokens/s of tspeft fp32                                 >= 1.6
+  * the peak RSS of each, and where tspeft bf16's step goes.
+On a CPU without AVX512-BF16 tspeft runs in fp32 (its JSON says "compute": "fp32") and a line says so.
+Without --compute bf16:
 
 PyTorch runs the same model (LLaMA with LoRA r on all seven projections, the TS-PEFT gate applied as a
 per-token mask, frozen fp32 base weights so autograd skips their weight gradients, AdamW on the
@@ -104,18 +114,23 @@ m = Model()
 opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
 ids = torch.randint(0, V, (1, T))
 times = []
+# mixed precision as a PyTorch user turns it on: autocast around the forward and the loss (the backward
+# runs in the forward's dtypes; parameters, gradients and AdamW stay fp32)
+import contextlib
+amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.get("autocast") else contextlib.nullcontext
 for s in range(cfg["warmup"] + cfg["steps"]):
     t = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    logits = m(ids)
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    with amp():
+        logits = m(ids)
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], 1.0)
     opt.step()
     if s >= cfg["warmup"]:
         times.append(time.perf_counter() - t)
 mean = sum(times) / len(times)
-print(json.dumps({"threads": cfg["threads"], "step_seconds": mean, "tokens_per_second": T / mean,
+print(json.dumps({"threads": cfg["threads"], "autocast_bf16": bool(cfg.get("autocast")), "step_seconds": mean, "tokens_per_second": T / mean,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                   "torch": torch.__version__, "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}))
 '''
@@ -132,6 +147,77 @@ def run_tspeft(a, shape, keep, more=()):
         subprocess.run(cmd, check=True)
         with open(out) as f:
             return json.load(f)
+
+
+def run_torch(a, shape, torch_env, autocast):
+    """PyTorch at each thread setting of --threads, each in a fresh process."""
+    runs = []
+    for t in [int(x) for x in a.threads.split(",")]:
+        cfg = dict(shape, threads=t, steps=a.steps, warmup=a.warmup, alpha=a.alpha, autocast=autocast)
+        p = subprocess.run([sys.executable, "-c", TORCH_CHILD, json.dumps(cfg)], capture_output=True, text=True,
+                           env=torch_env)
+        if p.returncode != 0:
+            sys.exit("PyTorch run failed: " + p.stderr[-2000:])
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        runs.append(r)
+        print("pytorch %s%s, %d threads: step %.3f s, %.0f tokens/s, peak RSS %.0f MiB" %
+              (r["torch"], " autocast bf16" if autocast else "", t, r["step_seconds"], r["tokens_per_second"],
+               r["peak_rss_mib"]))
+    return runs
+
+
+def torch_env_for(ts):
+    """PyTorch (Debian's) calls the same OpenBLAS: give it the kernels tspeft ran with, so that a CPU model
+    the library does not know (its SSE3 fallback; src/cli/blas_core.c) slows neither side."""
+    env = dict(os.environ)
+    if "openblas_core" in ts and "OPENBLAS_CORETYPE" not in os.environ:
+        env["OPENBLAS_CORETYPE"] = ts["openblas_core"]
+    print("OpenBLAS kernels for both: %s%s" % (ts.get("openblas_core", "?"), " (the library alone read this CPU as "
+          + ts["openblas_core_detected"] + ")" if "openblas_core_detected" in ts else ""))
+    return env
+
+
+def tokens_per_second(runs):
+    """All tokens over all step time of runs of the same shape."""
+    return len(runs) / sum(1.0 / r["tokens_per_second"] for r in runs)
+
+
+def main_bf16(a, shape):
+    """--compute bf16: tspeft bf16 and fp32 bracketing PyTorch autocast bf16 at each thread setting."""
+    bf = [run_tspeft(a, shape, 1.0, ["--compute", "bf16"])]
+    fp = [run_tspeft(a, shape, 1.0, ["--compute", "fp32"])]
+    torch_runs = run_torch(a, shape, torch_env_for(bf[0]), True)
+    bf.append(run_tspeft(a, shape, 1.0, ["--compute", "bf16"]))
+    fp.append(run_tspeft(a, shape, 1.0, ["--compute", "fp32"]))
+    best = max(torch_runs, key=lambda r: r["tokens_per_second"])
+    bf_tps, fp_tps = tokens_per_second(bf), tokens_per_second(fp)
+    vs_torch, vs_fp32 = bf_tps / best["tokens_per_second"], bf_tps / fp_tps
+    if any(r.get("compute") != "bf16" for r in bf):
+        print("NOTE tspeft ran --compute bf16 in fp32: this CPU has no AVX512-BF16 (the ratios below compare fp32)")
+    for name, runs, tps in (("bf16", bf, bf_tps), ("fp32", fp, fp_tps)):
+        print("tspeft %s, %d threads: %.0f tokens/s (%s in its runs before and after PyTorch's), peak RSS %.0f MiB" %
+              (name, runs[0]["threads"], tps, " and ".join("%.0f" % r["tokens_per_second"] for r in runs),
+               max(r["peak_rss_mib"] for r in runs)))
+    b0 = bf[0]
+    if "frozen_matmul_seconds" in b0:
+        tf, ta = b0["frozen_matmul_seconds"], b0["attention_seconds"]
+        tb = b0["adapter_forward_seconds"] + b0["adapter_backward_seconds"]
+        f0 = fp[0]
+        print("     where tspeft bf16's step goes: frozen matmuls %.3f s (%.1f GFLOP/s; fp32 run: %.3f s), attention "
+              "%.3f s, adapter branches %.3f s, the rest %.3f s" %
+              (tf, b0["frozen_matmul_flops"] / tf / 1e9, f0["frozen_matmul_seconds"], ta, tb,
+               b0["step_seconds"] - tf - ta - tb))
+    print("%s tokens/s tspeft bf16 / best PyTorch autocast bf16 (%d threads) = %.2fx (target >= 2)" %
+          (verdict(vs_torch >= 2.0), best["threads"], vs_torch))
+    print("%s tokens/s tspeft bf16 / tspeft fp32 = %.2fx (target >= 1.6)" % (verdict(vs_fp32 >= 1.6), vs_fp32))
+    print("     peak RSS tspeft bf16 / PyTorch autocast = %.2f (%.0f / %.0f MiB)" %
+          (b0["peak_rss_mib"] / best["peak_rss_mib"], b0["peak_rss_mib"], best["peak_rss_mib"]))
+    print("(one run on this machine: indicative only when other jobs share it)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"compute": "bf16", "tspeft_bf16": bf, "tspeft_fp32": fp, "pytorch_autocast": torch_runs,
+                       "tspeft_bf16_tokens_per_second": bf_tps, "tspeft_fp32_tokens_per_second": fp_tps,
+                       "ratio_vs_autocast": vs_torch, "ratio_vs_fp32": vs_fp32}, f, indent=2)
 
 
 def gate_saving(run):
@@ -158,29 +244,16 @@ def main():
     ap.add_argument("--keep-low", type=float, default=0.25, help="also time this forced keep ratio (0: skip)")
     ap.add_argument("--no-beside", dest="beside", action="store_false",
                     help="skip the diagnostic run with `--sgemm-beside` (each step against the sgemm rate right after it)")
+    ap.add_argument("--compute", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: tspeft --compute bf16 against PyTorch autocast bf16, plus tspeft fp32")
     ap.add_argument("--json", help="write all figures here")
     a = ap.parse_args()
     a.extra = a.tspeft_args.split()
     shape = {k: getattr(a, k) for k in ("dim", "layers", "heads", "ffn", "vocab", "seq", "r")}
+    if a.compute == "bf16":
+        return main_bf16(a, shape)
     ts = run_tspeft(a, shape, 1.0)
-    # PyTorch (Debian's) calls the same OpenBLAS: give it the kernels tspeft ran with, so that a CPU model
-    # the library does not know (its SSE3 fallback; src/cli/blas_core.c) slows neither side
-    torch_env = dict(os.environ)
-    if "openblas_core" in ts and "OPENBLAS_CORETYPE" not in os.environ:
-        torch_env["OPENBLAS_CORETYPE"] = ts["openblas_core"]
-    print("OpenBLAS kernels for both: %s%s" % (ts.get("openblas_core", "?"), " (the library alone read this CPU as "
-          + ts["openblas_core_detected"] + ")" if "openblas_core_detected" in ts else ""))
-    torch_runs = []
-    for t in [int(x) for x in a.threads.split(",")]:
-        cfg = dict(shape, threads=t, steps=a.steps, warmup=a.warmup, alpha=a.alpha)
-        p = subprocess.run([sys.executable, "-c", TORCH_CHILD, json.dumps(cfg)], capture_output=True, text=True,
-                           env=torch_env)
-        if p.returncode != 0:
-            sys.exit("PyTorch run failed: " + p.stderr[-2000:])
-        r = json.loads(p.stdout.strip().splitlines()[-1])
-        torch_runs.append(r)
-        print("pytorch %s, %d threads: step %.3f s, %.0f tokens/s, peak RSS %.0f MiB" %
-              (r["torch"], t, r["step_seconds"], r["tokens_per_second"], r["peak_rss_mib"]))
+    torch_runs = run_torch(a, shape, torch_env_for(ts), False)
     # keep 1.0 again right after PyTorch, each step against the sgemm's rate measured right after it
     beside = run_tspeft(a, shape, 1.0, ["--sgemm-beside"]) if a.beside else None
     half = run_tspeft(a, shape, 0.5, ["--keep-also", "1.0"])

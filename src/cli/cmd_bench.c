@@ -20,6 +20,7 @@ static const char *USAGE =
     "usage: tspeft bench [--dim 768 --layers 12 --heads 12 --ffn 2048 --vocab 32000 --seq 512 --batch 1]\n"
     "                    [--r 16 --targets all --gate on --keep 1.0] [--steps 5 --warmup 1 --threads 2] [--json FILE]\n"
     "                    [--keep-also X[,Y,Z]] [--bf16-weights] [--attention auto|full|tiled] [--recompute N|all]\n"
+    "                    [--compute fp32|bf16]\n"
     "Times full LoRA training steps (forward, loss, backward, AdamW) of a random LLaMA and prints tokens/s,\n"
     "achieved GFLOP/s (the matmul FLOPs of a dense reference step, counted from the shapes: see\n"
     "docs/performance.md), peak RSS beside a memory model from the shapes, the time per phase and in the\n"
@@ -122,11 +123,13 @@ static double step_flops(const tk_llama *m, size_t B, size_t T, double *frozen, 
 /* Bytes of the model's frozen weights (fp32, or 2 per element when BF16-resident). */
 static double weight_bytes(const tk_llama *m) {
     const tk_llama_config *c = &m->cfg;
-    double mats = 0.0, el = m->bf16 ? 2.0 : 4.0;
+    /* --compute bf16: BF16 copies replace the frozen matrices (a tied head gets one beside the embedding) */
+    double mats = 0.0, el = m->bf16 ? 2.0 : 4.0, eld = m->dot_copies ? 2.0 : el;
+    double emb = (double)c->vocab_size * c->dim;
     for (int l = 0; l < c->n_layers; l++)
         for (int p = 0; p < TK_NPROJ; p++) mats += (double)m->layers[l].proj[p].in * m->layers[l].proj[p].out;
-    mats += (double)c->vocab_size * c->dim * (c->tie_embeddings ? 1 : 2);
-    return mats * el + 4.0 * c->dim * (2.0 * c->n_layers + 1);
+    double head = c->tie_embeddings ? (m->dot_copies ? 2.0 * emb : 0.0) : eld * emb;
+    return mats * eld + emb * el + head + 4.0 * c->dim * (2.0 * c->n_layers + 1);
 }
 
 /* Thresholds that keep a fraction `keep` of each gated module's tokens, then frozen. A module's r
@@ -209,6 +212,8 @@ int tk_cmd_bench(int argc, char **argv) {
     int seq = 512, batch = 1, r = 16, gate = 1, steps = 5, warmup = 1, threads = 2, bf16 = 0;
     float keep = 1.0f, alpha = 32.0f;
     const char *targets = "all", *json_path = NULL, *type = "lora", *attention = "auto", *recompute = "0";
+    const char *compute = "fp32";
+    int compute_bf16 = 0;
     const char *keep_also = NULL;
     int beside = 0;
     uint64_t seed = 0;
@@ -241,12 +246,14 @@ int tk_cmd_bench(int argc, char **argv) {
         {"bf16-weights", TK_OPT_FLAG, &bf16, NULL, "keep the frozen matrices BF16 in memory", 0},
         {"attention", TK_OPT_STR, &attention, "K", "auto | full | tiled (default auto: tiled from 1024 positions)", 0},
         {"recompute", TK_OPT_STR, &recompute, "N", "recompute the first N layers (or all) in backward (default 0)", 0},
+        {"compute", TK_OPT_STR, &compute, "P", "fp32 | bf16: frozen products in BF16, fp32 accumulation (AVX512-BF16; default fp32)", 0},
         {"json", TK_OPT_STR, &json_path, "FILE", "also write the figures as JSON", 0},
     };
     int n = (int)(sizeof opts / sizeof opts[0]);
     tk_err err = {0};
     int pr = tk_args_parse(opts, n, argc, argv, USAGE, &err);
     if (pr == 1) return 0;
+    if (pr == 0) pr = tk_compute_parse(compute, &compute_bf16, &err);
     if (pr < 0) {
         fprintf(stderr, "tspeft bench: %s\n", err.msg);
         return 2;
@@ -300,6 +307,7 @@ int tk_cmd_bench(int argc, char **argv) {
     if (pc.kind == TK_ADAPTER_NONE) tk_peft_parse_save(&pc, "model.norm.weight", &err);
     double sg_peak = sgemm_peak(2048, TK_PEAK_REPS);
     if (!(m = tk_llama_random(&c, seed, bf16, &err)) || tk_llama_attach(m, &pc, NULL, seed, &err)) goto done;
+    m->compute_bf16 = tk_compute_resolve(compute_bf16, 0);
     int n_packed = tk_llama_pack_frozen(m, &err);
     if (n_packed < 0) goto done;
     /* LoRA B starts at zero, which makes every r_i zero: give the branches a random state so the gate
@@ -423,11 +431,11 @@ int tk_cmd_bench(int argc, char **argv) {
            ph[0] / steps, ph[1] / steps, ph[2] / steps, ph[3] / steps, flops / 1e9);
     /* where the step goes: the frozen matmuls alone bound what the whole step can reach */
     printf("  time: frozen matmuls (%s) %.3f s (%.1f GFLOP at %.1f GFLOP/s), attention %.3f s (%.1f GFLOP), adapter branches "
-           "%.3f s, the rest %.3f s\n", n_packed ? "packed" : "OpenBLAS", tf, fl_frozen / 1e9, tf > 0 ? fl_frozen / tf / 1e9 : 0.0, ta, fl_attn / 1e9, tb,
+           "%.3f s, the rest %.3f s\n", m->compute_bf16 ? "BF16 compute" : n_packed ? "packed" : "OpenBLAS", tf, fl_frozen / 1e9, tf > 0 ? fl_frozen / tf / 1e9 : 0.0, ta, fl_attn / 1e9, tb,
            mean - tf - ta - tb);
     printf("  memory model: weights %.0f MiB (%s) + trainable %.0f MiB + activations %.0f MiB (%s attention, %d of %d "
            "layers recomputed) + adapter state %.0f MiB = %.0f MiB; peak RSS %.0f MiB\n",
-           w_b / mib, bf16 ? "BF16" : "fp32", p_b / mib, a_b / mib, a->tiled ? "tiled" : "full", a->recompute, c.n_layers,
+           w_b / mib, bf16 || m->dot_copies ? "BF16" : "fp32", p_b / mib, a_b / mib, a->tiled ? "tiled" : "full", a->recompute, c.n_layers,
            ad_b / mib, (w_b + p_b + a_b + ad_b) / mib, rss_mib);
     if (json_path) {
         cJSON *j = cJSON_CreateObject();
@@ -444,6 +452,7 @@ int tk_cmd_bench(int argc, char **argv) {
         cJSON_AddBoolToObject(j, "gate", pc.gate.enabled);
         cJSON_AddNumberToObject(j, "threads", threads);
         cJSON_AddBoolToObject(j, "bf16_weights", bf16);
+        cJSON_AddStringToObject(j, "compute", m->compute_bf16 ? "bf16" : "fp32");
         cJSON_AddNumberToObject(j, "packed_matrices", n_packed);
         cJSON_AddNumberToObject(j, "keep_ratio", keep_ratio(&ks[0]));
         cJSON_AddNumberToObject(j, "step_seconds", mean);

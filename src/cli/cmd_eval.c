@@ -27,7 +27,7 @@ static const char *USAGE =
     "usage: tspeft eval --model DIR [--adapter DIR] --tokenizer tokenizer.model --data PATH [--task NAME]\n"
     "                   [--data PATH [--task NAME] ...] [--mode gen|ll|both] [--limit N] [--beams N]\n"
     "                   [--max-new-tokens N] [--out results.json] [--samples FILE.jsonl] [--threads N]\n"
-    "                   [--bf16-weights] [--eval-batch N]\n"
+    "                   [--bf16-weights] [--eval-batch N] [--compute fp32|bf16]\n"
     "Benchmarks (docs/evaluation.md). Commonsense reasoning, LLM-Adapters JSON (boolq piqa social_i_qa\n"
     "hellaswag winogrande ARC-Easy ARC-Challenge openbookqa): --mode gen generates from LLM-Adapters'\n"
     "evaluation prompt (greedy, or --beams N beam search), takes the first match of the task's answer\n"
@@ -161,7 +161,8 @@ static int write_outputs(const char *out, const char *samples_path, const tk_eva
 
 int tk_cmd_eval(int argc, char **argv) {
     const char *model_dir = NULL, *adapter_dir = NULL, *tok_path = NULL, *mode = "gen", *out = NULL,
-               *samples_arg = NULL;
+               *samples_arg = NULL, *compute = "fp32";
+    int compute_bf16 = 0;
     int limit = 0, beams = 1, max_new = 32, threads = 0, bf16 = 0, eos = -2, ll_batch = 8, eval_batch = 16;
     tk_mm_opts mo = {0};
     const char *projector = NULL;
@@ -185,6 +186,7 @@ int tk_cmd_eval(int argc, char **argv) {
         {"samples", TK_OPT_STR, &samples_arg, "FILE", "per-sample JSONL (default: --out with .samples.jsonl)", 0},
         {"threads", TK_OPT_INT, &threads, "T", "threads (default: all cores)", 0},
         {"bf16-weights", TK_OPT_FLAG, &bf16, NULL, "keep BF16 base matrices BF16 in memory (exact)", 0},
+        {"compute", TK_OPT_STR, &compute, "P", "fp32 | bf16: frozen products in BF16, fp32 accumulation (AVX512-BF16; default fp32)", 0},
         {"vision-tower", TK_OPT_STR, &mo.tower, "DIR", "vqa: HF CLIP/SigLIP vision tower of the model", 0},
         {"projector", TK_OPT_STR, &projector, "FILE", "vqa: projector (default: ADAPTER/mm_projector.safetensors)", 0},
         {"vision-layer", TK_OPT_INT, &mo.layer, "L", "vqa: encoder hidden state used (default -2)", 0},
@@ -224,6 +226,7 @@ int tk_cmd_eval(int argc, char **argv) {
         pr = tk_fail(&err, "--limit >= 0, --beams 1..64, --max-new-tokens >= 1, --ll-batch >= 1 and --eos >= -1");
     if (pr == 0 && (eval_batch < 1 || eval_batch > TK_EVAL_BATCH_MAX))
         pr = tk_fail(&err, "--eval-batch must be 1..%d, got %d", TK_EVAL_BATCH_MAX, eval_batch);
+    if (pr == 0) pr = tk_compute_parse(compute, &compute_bf16, &err);
     if (pr < 0) {
         fprintf(stderr, "tspeft eval: %s\n", err.msg);
         return 2;
@@ -234,6 +237,7 @@ int tk_cmd_eval(int argc, char **argv) {
             return 2;
         }
     tk_set_threads(threads);
+    compute_bf16 = tk_compute_resolve(compute_bf16, 0);
     if (!(tok = tk_tok_open(tok_path, &err))) goto done;
     if (!(m = tk_llama_open_ex(model_dir, bf16, &err))) goto done;
     int32_t tv = tk_tok_vocab_size(tok);
@@ -274,6 +278,7 @@ int tk_cmd_eval(int argc, char **argv) {
     }
     int rc = tk_llama_attach(m, &pc, adapter_dir, 0, &err);
     tk_peft_config_free(&pc);
+    m->compute_bf16 = compute_bf16;
     if (rc || tk_llama_pack_frozen(m, &err) < 0) goto done;
     if (mm && tk_mm_init_weights(mm, projector, 0, &err)) goto done;
     int do_gen = strcmp(mode, "ll") != 0, do_ll = strcmp(mode, "gen") != 0, any_glue = 0;
@@ -314,6 +319,7 @@ int tk_cmd_eval(int argc, char **argv) {
         tk_eval_run run = {.model = model_dir, .adapter = adapter_dir, .tokenizer = tok_path, .mode = mode,
                            .beams = (size_t)beams, .max_new = (size_t)max_new, .limit = (size_t)limit,
                            .ll_batch = (size_t)ll_batch, .eos = ctx.eos, .bf16_weights = bf16,
+                           .compute_bf16 = compute_bf16,
                            .gated = adapter_dir && m->peft.gate.enabled};
         if (write_outputs(out, sp, &run, res, (size_t)nd, &samples, &err)) goto done;
         fprintf(stderr, "tspeft eval: wrote %s and %s\n", out, sp);

@@ -137,8 +137,8 @@ static long parse_ids(const char *s, int32_t **out, tk_err *err) {
 
 int tk_cmd_generate(int argc, char **argv) {
     const char *model_dir = NULL, *adapter_dir = NULL, *ids_arg = NULL, *prompt = NULL, *tok_path = NULL;
-    const char *image = NULL, *template_name = "vicuna_v1", *projector = NULL;
-    int max_new = 32, eos = -2, threads = 0, bf16 = 0;
+    const char *image = NULL, *template_name = "vicuna_v1", *projector = NULL, *compute = "fp32";
+    int max_new = 32, eos = -2, threads = 0, bf16 = 0, compute_bf16 = 0;
     tk_mm_opts mo = {0};
     tk_mm *mm = NULL;
     tk_tokenizer *tok = NULL;
@@ -161,6 +161,7 @@ int tk_cmd_generate(int argc, char **argv) {
         {"eos", TK_OPT_INT, &eos, "ID", "stop after this id (default: none with --ids; the tokenizer's with --prompt)", 0},
         {"threads", TK_OPT_INT, &threads, "T", "threads (default: all cores)", 0},
         {"bf16-weights", TK_OPT_FLAG, &bf16, NULL, "keep BF16 base matrices BF16 in memory", 0},
+        {"compute", TK_OPT_STR, &compute, "P", "fp32 | bf16: frozen products in BF16, fp32 accumulation (AVX512-BF16; default fp32)", 0},
     };
     int n = (int)(sizeof opts / sizeof opts[0]);
     tk_err err = {0};
@@ -172,6 +173,7 @@ int tk_cmd_generate(int argc, char **argv) {
     if (pr == 0 && (!model_dir || (!ids_arg == !prompt) || (prompt && !tok_path) || (image && (!prompt || !mo.tower))))
         pr = tk_fail(&err, "generate needs --model DIR and either --ids LIST or --prompt TEXT --tokenizer FILE "
                            "(--image also needs --prompt and --vision-tower; see --help)");
+    if (pr == 0) pr = tk_compute_parse(compute, &compute_bf16, &err);
     if (pr < 0) {
         fprintf(stderr, "tspeft generate: %s\n", err.msg);
         return 2;
@@ -181,6 +183,7 @@ int tk_cmd_generate(int argc, char **argv) {
         goto done;
     }
     tk_set_threads(threads);
+    compute_bf16 = tk_compute_resolve(compute_bf16, 0);
     long np = ids_arg ? parse_ids(ids_arg, &ids, &err) : 0;
     if (np < 0) goto done;
     if (prompt && !(tok = tk_tok_open(tok_path, &err))) goto done;
@@ -209,6 +212,7 @@ int tk_cmd_generate(int argc, char **argv) {
     }
     int rc = tk_llama_attach(m, &pc, adapter_dir, 0, &err);
     tk_peft_config_free(&pc);
+    m->compute_bf16 = compute_bf16;
     if (rc || tk_llama_pack_frozen(m, &err) < 0) goto done;
     if (mm && tk_mm_init_weights(mm, projector, 0, &err)) goto done;
     if (prompt) {

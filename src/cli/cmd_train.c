@@ -34,7 +34,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     o.dist = dist;
     const char *config = NULL, *sched = "constant", *type = "lora", *targets = "q_proj,v_proj";
     const char *layers = NULL, *save = NULL, *act = "tanh", *rule = "prox", *resume = NULL, *nonfinite = "stop";
-    const char *attention = "auto", *recompute = "0", *gate_s = "on", *scope = "module";
+    const char *attention = "auto", *recompute = "0", *gate_s = "on", *scope = "module", *compute = "fp32";
     char resume_dir[4096];
     const char *data_specs[TK_LOADER_MAX_SOURCES + 1];
     int n_data = 0;
@@ -73,6 +73,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         {"max-seq-len", TK_OPT_INT, &o.max_seq_len, "N", "truncate rows to N tokens (default: the model's)", 0},
         {"shuffle", TK_OPT_FLAG, &o.shuffle, NULL, "seeded shuffle of the rows every epoch (default: file order)", 0},
         {"bf16-weights", TK_OPT_FLAG, &o.bf16_weights, NULL, "keep BF16 base matrices BF16 in memory (half the RAM; exact)", 0},
+        {"compute", TK_OPT_STR, &compute, "P", "fp32 | bf16: frozen products in BF16, fp32 accumulation (AVX512-BF16; default fp32)", 0},
         {"attention", TK_OPT_STR, &attention, "K", "auto | full | tiled (no T x T matrix; auto: tiled from 1024 positions)", 0},
         {"recompute", TK_OPT_STR, &recompute, "N", "recompute the first N layers (or all) in backward: less memory, exact (default 0)", 0},
         {"threads", TK_OPT_INT, &o.threads, "T", "OpenMP and BLAS threads (default: all cores)", 0},
@@ -182,10 +183,12 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         goto fail;
     }
     tk_attn_mode amode;
-    if (tk_attn_mode_parse(attention, &amode, &err) || tk_recompute_parse(recompute, &o.recompute, &err)) {
+    if (tk_attn_mode_parse(attention, &amode, &err) || tk_recompute_parse(recompute, &o.recompute, &err) ||
+        tk_compute_parse(compute, &o.compute_bf16, &err)) {
         status = 2;
         goto fail;
     }
+    o.compute_bf16 = tk_compute_resolve(o.compute_bf16, dist && dist->rank != 0);
     o.attention = (int)amode;
     if (strcmp(nonfinite, "stop") == 0) o.skip_nonfinite = 0;
     else if (strcmp(nonfinite, "skip") == 0) o.skip_nonfinite = 1;

@@ -104,6 +104,7 @@ char *tk_eval_results_json(const tk_eval_run *run, const tk_eval_result *r, size
     else cJSON_AddNullToObject(p, "limit");
     cJSON_AddBoolToObject(p, "ts_gate_applied", run->gated);
     cJSON_AddStringToObject(p, "weights", run->bf16_weights ? "bf16-resident (exact fp32 compute)" : "fp32");
+    cJSON_AddStringToObject(p, "compute", run->compute_bf16 ? "bf16 (fp32 accumulation)" : "fp32");
     cJSON *tasks = cJSON_AddArrayToObject(root, "tasks");
     if (!tasks) goto oom;
     for (size_t i = 0; i < n; i++) {

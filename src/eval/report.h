@@ -27,6 +27,7 @@ typedef struct {
     size_t beams, max_new, limit, ll_batch;
     int32_t eos;
     int bf16_weights;
+    int compute_bf16; /* frozen products in BF16 (--compute bf16 on a CPU that has AVX512-BF16) */
     int gated;                               /* the adapter has TS gates */
 } tk_eval_run;
 

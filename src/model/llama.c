@@ -285,6 +285,7 @@ void tk_llama_close(tk_llama *m) {
     tk_st_set_close(m->files);
     tk_free(m->owned);
     tk_free(m->packed_copies);
+    tk_free(m->dot_copies);
     free(m->inv_freq);
     free(m->rope_cos);
     free(m->rope_sin);
@@ -777,9 +778,9 @@ static void splice_image_rows(const tk_llama_acts *a, float *x, size_t N, size_t
         if (a->kinds[i] == TK_KIND_IMAGE) memcpy(x + i * C, a->image_embeds + i * C, C * sizeof(float));
 }
 
-/* The lm_head in the form it is held (natural or packed, fp32 or BF16). */
+/* The lm_head in the form it is held (natural or packed, fp32 or BF16, or for BF16 compute). */
 static tk_frozen head_weight(const tk_llama *m) {
-    return (tk_frozen){m->lm_head, m->lm_head_bf16, m->lm_head_packed, m->lm_head_packed_bf16};
+    return (tk_frozen){m->lm_head, m->lm_head_bf16, m->lm_head_packed, m->lm_head_packed_bf16, m->lm_head_dot};
 }
 
 /* logits [N,V] = xn lm_head^T */
@@ -1279,13 +1280,14 @@ static int owns(const tk_llama *m, const void *p) {
 }
 
 /* One matrix tk_llama_pack_frozen packs: its fp32 slot (f) or BF16 slot (h), where the packed
- * pointer goes (pf or ph), and its shape. */
+ * pointer goes (pf or ph; pd for BF16 compute), and its shape. */
 typedef struct {
     float **f;
     const uint16_t **h;
     const float **pf;
     const uint16_t **ph;
     size_t rows, cols;
+    const uint16_t **pd;
 } pack_entry;
 
 static size_t packable(tk_llama *m, pack_entry *e) {
@@ -1294,14 +1296,15 @@ static size_t packable(tk_llama *m, pack_entry *e) {
         for (int p = 0; p < TK_NPROJ; p++) {
             tk_adapted_linear *L = &m->layers[l].proj[p];
             if (L->dw0 || L->kind == TK_ADAPTER_DORA) continue;
-            if (L->w0) e[n++] = (pack_entry){&L->w0, NULL, &L->w0_packed, NULL, L->out, L->in};
-            else if (L->w0_bf16) e[n++] = (pack_entry){NULL, &L->w0_bf16, NULL, &L->w0_packed_bf16, L->out, L->in};
+            if (L->w0) e[n++] = (pack_entry){&L->w0, NULL, &L->w0_packed, NULL, L->out, L->in, &L->w0_dot};
+            else if (L->w0_bf16)
+                e[n++] = (pack_entry){NULL, &L->w0_bf16, NULL, &L->w0_packed_bf16, L->out, L->in, &L->w0_dot};
         }
     size_t V = (size_t)m->cfg.vocab_size, C = (size_t)m->cfg.dim;
     if (!m->d_lm_head && m->lm_head && m->lm_head != m->embed)
-        e[n++] = (pack_entry){&m->lm_head, NULL, &m->lm_head_packed, NULL, V, C};
+        e[n++] = (pack_entry){&m->lm_head, NULL, &m->lm_head_packed, NULL, V, C, &m->lm_head_dot};
     else if (!m->d_lm_head && !m->lm_head && m->lm_head_bf16 && m->lm_head_bf16 != m->embed_bf16)
-        e[n++] = (pack_entry){NULL, &m->lm_head_bf16, NULL, &m->lm_head_packed_bf16, V, C};
+        e[n++] = (pack_entry){NULL, &m->lm_head_bf16, NULL, &m->lm_head_packed_bf16, V, C, &m->lm_head_dot};
     return n;
 }
 
@@ -1318,8 +1321,43 @@ static void drop_mapped(const void *w, size_t bytes) {
     if (b > a) (void)madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
-int tk_llama_pack_frozen(tk_llama *m, tk_err *err) {
-    if (!tk_linear_packed_available() || m->packed) return 0;
+/* The frozen matrices (and a tied, frozen lm_head) into tk_bf16dot_pack's panels, in one block of
+ * copies; the sources' whole pages are dropped (nothing reads them again), except a tied head's, which
+ * is still the embedding. Returns how many, or -1 (err set) when out of memory. */
+static int pack_dot(tk_llama *m, tk_err *err) {
+    pack_entry *e = calloc(slot_capacity(&m->cfg) + 1, sizeof *e);
+    if (!e) return tk_fail(err, "out of memory packing the frozen weights");
+    size_t n = packable(m, e), V = (size_t)m->cfg.vocab_size, C = (size_t)m->cfg.dim;
+    int tied = !m->d_lm_head && !m->d_embed && ((m->lm_head && m->lm_head == m->embed) ||
+                                                (!m->lm_head && m->lm_head_bf16 && m->lm_head_bf16 == m->embed_bf16));
+    if (tied) e[n++] = m->lm_head ? (pack_entry){&m->lm_head, NULL, NULL, NULL, V, C, &m->lm_head_dot}
+                                 : (pack_entry){NULL, &m->lm_head_bf16, NULL, NULL, V, C, &m->lm_head_dot};
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) total += (tk_bf16dot_size(e[i].rows, e[i].cols) * sizeof(uint16_t) + 63) & ~(size_t)63;
+    if (n && !(m->dot_copies = tk_calloc(total, 1))) {
+        free(e);
+        return tk_fail(err, "out of memory packing the frozen weights for BF16 compute (%.1f GiB)",
+                       total / (double)(1u << 30));
+    }
+    size_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t *wd = (uint16_t *)((char *)m->dot_copies + off);
+        off += (tk_bf16dot_size(e[i].rows, e[i].cols) * sizeof(uint16_t) + 63) & ~(size_t)63;
+        const float *f = e[i].f ? *e[i].f : NULL;
+        const uint16_t *h = e[i].h ? *e[i].h : NULL;
+        tk_bf16dot_pack(wd, f, h, e[i].rows, e[i].cols);
+        *e[i].pd = wd;
+        if (tied && i + 1 == n) break; /* the embedding stays for the lookup */
+        drop_mapped(f ? (const void *)f : (const void *)h, entry_bytes(&e[i]));
+        if (e[i].f) *e[i].f = NULL;
+        else *e[i].h = NULL;
+    }
+    free(e);
+    return (int)n;
+}
+
+/* The frozen matrices into tk_linear_pack's panels (tk_llama_pack_frozen without BF16 compute). */
+static int pack_panels(tk_llama *m, tk_err *err) {
     pack_entry *e = calloc(slot_capacity(&m->cfg), sizeof *e);
     if (!e) return tk_fail(err, "out of memory packing the frozen weights");
     int rc = -1;
@@ -1354,6 +1392,31 @@ int tk_llama_pack_frozen(tk_llama *m, tk_err *err) {
 done:
     free(e);
     return rc;
+}
+
+int tk_llama_pack_frozen(tk_llama *m, tk_err *err) {
+    if (m->packed) return 0;
+    if (m->compute_bf16 && tk_bf16dot_available()) {
+        int n = pack_dot(m, err);
+        if (n > 0) m->packed = 1;
+        return n; /* what pack_dot leaves (DoRA's, trainable ones) stays natural */
+    }
+    if (!tk_linear_packed_available()) return 0;
+    return pack_panels(m, err);
+}
+
+int tk_compute_parse(const char *s, int *bf16, tk_err *err) {
+    if (strcmp(s, "fp32") == 0) *bf16 = 0;
+    else if (strcmp(s, "bf16") == 0) *bf16 = 1;
+    else return tk_fail(err, "--compute: \"%s\" is not fp32 or bf16", s);
+    return 0;
+}
+
+int tk_compute_resolve(int want_bf16, int quiet) {
+    if (!want_bf16) return 0;
+    if (tk_bf16dot_available()) return 1;
+    if (!quiet) fprintf(stderr, "note: --compute bf16: this CPU has no AVX512-BF16 (or TSPEFT_BF16DOT=0); computing in fp32\n");
+    return 0;
 }
 
 /* ---- merging ---------------------------------------------------------------------------------- */

@@ -42,6 +42,9 @@ typedef struct {
     const uint16_t *embed_bf16, *lm_head_bf16; /* [V,C] when kept BF16 (then embed/lm_head are NULL) */
     const float *lm_head_packed;     /* [V,C] in tk_linear_pack's panels (then lm_head is NULL) */
     const uint16_t *lm_head_packed_bf16; /* [V,C] the same panels of a BF16-resident lm_head */
+    const uint16_t *lm_head_dot;     /* [V,C] in tk_bf16dot_pack's panels (--compute bf16; a tied head keeps embed) */
+    void *dot_copies;                /* the tk_bf16dot_pack copies (tk_llama_pack_frozen with compute_bf16) */
+    int compute_bf16;                /* frozen products in BF16 (set before tk_llama_pack_frozen) */
     int bf16;                        /* some frozen weights are BF16-resident */
     int packed;                      /* frozen matrices packed by tk_llama_pack_frozen */
     tk_llama_layer *layers;          /* [n_layers] */
@@ -85,7 +88,11 @@ size_t tk_llama_slots(tk_llama *m, tk_llama_slot *slots);
  * drawn from seed. A trainable base tensor that is also adapted is an error. */
 int tk_llama_attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir, uint64_t seed,
                     tk_err *err);
-/* Puts every frozen matrix (the base weights of LoRA, bottleneck and unadapted projections, and an
+/* With m->compute_bf16 (and AVX512-BF16), every frozen matrix below, and a tied lm_head that is not
+ * trainable, is first put into tk_bf16dot_pack's panels (BF16, rounded to nearest even) in one block of
+ * copies; the sources are released (their whole pages dropped from the resident set; a tied lm_head
+ * keeps the embedding) and the model's frozen products compute in BF16 with fp32 accumulation.
+ * Puts every frozen matrix (the base weights of LoRA, bottleneck and unadapted projections, and an
  * untied lm_head; not DoRA's, not trainable ones), fp32 or BF16-resident, into tk_linear_pack's
  * panels where tk_linear_packed_available(): in place where the model holds its own copy (converted
  * F16/BF16 checkpoints, random models), else (read in place from the mapping) in a copy, whose mapped
@@ -93,6 +100,11 @@ int tk_llama_attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_d
  * cannot be merged. Returns how many matrices were packed (0 on a second call), or -1 (err set)
  * when out of memory. */
 int tk_llama_pack_frozen(tk_llama *m, tk_err *err);
+/* --compute: "fp32" (0) or "bf16" (1) into *bf16; anything else fails naming the option. */
+int tk_compute_parse(const char *s, int *bf16, tk_err *err);
+/* The compute mode that runs for a request: bf16 only where tk_bf16dot_available(); a request that
+ * cannot run prints one line saying so on stderr (unless quiet). Returns 1 for bf16, 0 for fp32. */
+int tk_compute_resolve(int want_bf16, int quiet);
 /* Writes out_dir/adapter_config.json and out_dir/adapter_model.safetensors (PEFT keys plus ts_tau,
  * and ts_lambda with a target keep ratio). out_dir must exist. */
 int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err);

@@ -156,13 +156,16 @@ void tk_linear_bf16_backward(float *dx, const float *dy, const uint16_t *w, size
 void tk_embedding_bf16_forward(float *out, const int32_t *ids, const uint16_t *table, size_t N, size_t C);
 
 /* ---- a frozen weight in whichever form the model holds it (linear_frozen.c) -------------------- */
-/* w [O,I]: exactly one of the four is set. f: fp32; h: BF16 (converted block by block into scratch of
- * scratch_n floats, at least I); pf / ph: fp32 / BF16 in tk_linear_pack's panels. */
+/* w [O,I]: pd, when set, is used (the model may keep its fp32 copy too: a tied lm_head); else exactly
+ * one of the other four is set. f: fp32; h: BF16 (converted block by block into scratch of scratch_n
+ * floats, at least I); pf / ph: fp32 / BF16 in tk_linear_pack's panels; pd: BF16 in tk_bf16dot_pack's
+ * panels, computed in BF16 with fp32 accumulation (--compute bf16). */
 typedef struct {
     const float *f;
     const uint16_t *h;
     const float *pf;
     const uint16_t *ph;
+    const uint16_t *pd;
 } tk_frozen;
 /* y [N,O] = x [N,I] w^T (y is overwritten). */
 void tk_frozen_forward(float *y, const float *x, tk_frozen w, size_t N, size_t I, size_t O, float *scratch,

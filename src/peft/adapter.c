@@ -404,9 +404,9 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
     }
 }
 
-/* The base weight W0 in the form it is held (natural or packed, fp32 or BF16). */
+/* The base weight W0 in the form it is held (natural or packed, fp32 or BF16, or for BF16 compute). */
 static tk_frozen base_weight(const tk_adapted_linear *L) {
-    return (tk_frozen){L->w0, L->w0_bf16, L->w0_packed, L->w0_packed_bf16};
+    return (tk_frozen){L->w0, L->w0_bf16, L->w0_packed, L->w0_packed_bf16, L->w0_dot};
 }
 
 int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x,

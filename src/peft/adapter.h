@@ -81,6 +81,7 @@ typedef struct {
     const uint16_t *w0_bf16; /* [O,I] the base weight kept as BF16 (LoRA and bottleneck only) */
     const float *w0_packed;  /* [O,I] the frozen base weight in tk_linear_pack's panels (tk_llama_pack_frozen) */
     const uint16_t *w0_packed_bf16; /* [O,I] the same panels of a BF16-resident base weight */
+    const uint16_t *w0_dot;  /* [O,I] in tk_bf16dot_pack's panels, computed in BF16 (--compute bf16) */
     float *dw0;      /* [O,I], NULL when frozen */
     /* branch parameters: views into the trainable block (NULL for kind NONE) */
     float *A, *dA;     /* [R,I]  lora_A, or adapter_down */

@@ -202,6 +202,7 @@ static cJSON *options_json(const tk_train_opts *o) {
         cJSON_AddStringToObject(c, "seed", seed);
     }
     cJSON_AddNumberToObject(c, "threads", o->threads);
+    cJSON_AddStringToObject(c, "compute", o->compute_bf16 ? "bf16" : "fp32");
     cJSON_AddStringToObject(c, "nonfinite", o->skip_nonfinite ? "skip" : "stop");
     return c;
 }
@@ -470,6 +471,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     /* a stage-1 checkpoint holds no adapter (its config has no targets): only the projector, loaded below */
     const char *attach_dir = mm && o->stage == 1 && o->resume_dir ? NULL : o->adapter_dir;
     if (tk_llama_attach(m, &pc, attach_dir, o->seed, err)) goto done;
+    m->compute_bf16 = o->compute_bf16;
     int n_packed = tk_llama_pack_frozen(m, err);
     if (n_packed < 0) goto done;
     if (mm && tk_mm_init_weights(mm, proj_file, o->seed ^ 0x9e0u, err)) goto done;
@@ -505,7 +507,8 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
                 m->peft.kind == TK_ADAPTER_NONE ? "no gate" : m->peft.gate.enabled ? "TS-gated" : "dense",
                 mm ? " + projector" : "",
                 m->params.total, tk_train_data_describe(data), o->steps, o->grad_accum, o->batch_size, threads,
-                n_packed > 0 ? ", frozen weights packed for the AVX-512 kernel" : "");
+                n_packed <= 0 ? "" : o->compute_bf16 ? ", frozen products in BF16 (AVX512-BF16)"
+                                                     : ", frozen weights packed for the AVX-512 kernel");
     if (m->params.total == 0) {
         tk_fail(err, "nothing to train: no adapter targets and no modules_to_save");
         goto done;

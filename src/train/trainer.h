@@ -34,6 +34,7 @@ typedef struct {
     int keep_checkpoints;    /* keep the newest K checkpoints (0: all) */
     int skip_nonfinite;      /* non-finite loss or gradient: 0 stop the run, 1 skip the step */
     int bf16_weights;        /* keep BF16 base matrices BF16 in memory (tk_llama_open_ex) */
+    int compute_bf16;        /* frozen products in BF16 (--compute bf16, already checked against the CPU) */
     int attention;           /* tk_attn_mode (llama.h): 0 auto, full or tiled */
     int recompute;           /* recompute the first N layers in backward (-1: all; tk_llama_mem_opts) */
     int gate_log;            /* record gates.jsonl / train_log.jsonl / tokens.jsonl in out_dir (default 1) */

@@ -609,7 +609,8 @@ def cases():
             ("ts_rule_unknown", ["--ts-rule", "quantile"], ["--ts-rule", "quantile"]),
             ("ts_rule_random_is_a_gate", ["--ts-rule", "random"], ["--ts-rule", "--gate random"]),
             ("ts_tau_scope_unknown", ["--ts-tau-scope", "model"], ["--ts-tau-scope", "model"]),
-            ("ts_trust_region_above_one", ["--ts-trust-region", "2"], ["--ts-trust-region"])):
+            ("ts_trust_region_above_one", ["--ts-trust-region", "2"], ["--ts-trust-region"]),
+            ("compute_fp16", ["--compute", "fp16"], ["--compute", "fp16"])):
         @case(name)
         def _(e, extra=extra, want=want, name=name):
             o = e.copy(e.adapter, "o_" + name)
@@ -619,6 +620,22 @@ def cases():
         def _(e, extra=extra, want=want, name=name):
             fresh = e.p("never_made_" + name)
             return dict(argv=e.train(extra=extra + ["--out", fresh]), expect=want, absent=fresh, status=2)
+
+    # --compute on the other verbs: refused with exit 2 before the model is read
+    @case("generate_compute_bogus")
+    def _(e):
+        return dict(argv=["generate", "--model", e.model, "--ids", "1,2,3", "--compute", "BF16"],
+                    expect=["--compute", "BF16"], verb="generate", status=2)
+
+    @case("eval_compute_bogus")
+    def _(e):
+        return dict(argv=["eval", "--model", e.model, "--tokenizer", e.p("tok.model"), "--data", e.p("boolq.json"),
+                          "--compute", "fp64"], expect=["--compute", "fp64"], verb="eval", status=2)
+
+    @case("bench_compute_bogus")
+    def _(e):
+        return dict(argv=["bench", "--dim", 32, "--layers", 1, "--heads", 4, "--ffn", 48, "--vocab", 64, "--seq", 8,
+                          "--compute", "int8"], expect=["--compute", "int8"], verb="bench", status=2)
 
     return C
 

@@ -13,7 +13,11 @@ its verdict lines, and its JSON agrees with itself. No timing is asserted.
     (all tokens over all step time) / the best PyTorch setting's, RSS ratio against that setting, peak =
     the best of the tspeft runs' readings, share = GFLOP/s / peak, the side-by-side share = the beside
     run's median, the sgemm's own share = its mean beside rate / peak, and the gate saving from the
-    keep-0.5 run's two by_keep entries.
+    keep-0.5 run's two by_keep entries;
+(d) with --compute bf16: exit 0; the two verdict lines (tspeft bf16 / best PyTorch autocast, tspeft bf16 /
+    tspeft fp32) read PASS or FAIL; tspeft bf16 and fp32 run before PyTorch's two autocast runs and again
+    after them; the ratios in the JSON are those of its figures; tspeft's bf16 runs computed in BF16 where
+    this CPU has AVX512-BF16, and otherwise a NOTE line says they ran in fp32.
 Exit 0 when every check passed, 1 otherwise, 77 (skipped) without python3-torch.
 """
 import argparse
@@ -38,6 +42,46 @@ def check(ok, what):
 
 def close(a, b):
     return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def bf16_cpu():
+    """The CPU has what --compute bf16 needs (the flags Linux reports for AVX-512F, BW and BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(x in flags for x in ("avx512f", "avx512bw", "avx512_bf16")) and os.environ.get("TSPEFT_BF16DOT") != "0"
+
+
+def check_bf16(a, tmp):
+    out = os.path.join(tmp, "vs_bf16.json")
+    p = subprocess.run([sys.executable, SCRIPT, "--tspeft", a.tspeft, "--threads", "1,2", "--steps", "1",
+                        "--warmup", "0", "--compute", "bf16", "--json", out] + SHAPE, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, timeout=600)
+    check(p.returncode == 0, "--compute bf16: the script exits 0 (%d: %s)" % (p.returncode, p.stderr.strip()[-300:]))
+    if p.returncode != 0:
+        return
+    for what in ("tokens/s tspeft bf16 / best PyTorch autocast bf16", "tokens/s tspeft bf16 / tspeft fp32"):
+        check(re.search(r"^(PASS|FAIL) " + re.escape(what), p.stdout, re.M) is not None, "verdict line: %s" % what)
+    lines = p.stdout.splitlines()
+    order = [("bf16" if "--compute bf16" in l else "fp32") if l.startswith("running: ") else "torch"
+             for l in lines if l.startswith("running: ") or l.startswith("pytorch ")]
+    check(order == ["bf16", "fp32", "torch", "torch", "bf16", "fp32"],
+          "tspeft bf16 and fp32, PyTorch at 1 and 2 threads, tspeft bf16 and fp32 again (%s)" % order)
+    with open(out) as f:
+        j = json.load(f)
+    bf, fp, tr = j["tspeft_bf16"], j["tspeft_fp32"], j["pytorch_autocast"]
+    check(all(r["autocast_bf16"] for r in tr) and len(tr) == 2, "PyTorch ran under autocast bf16")
+    both = lambda runs: len(runs) / sum(1.0 / r["tokens_per_second"] for r in runs)
+    best = max(r["tokens_per_second"] for r in tr)
+    check(len(bf) == 2 and len(fp) == 2 and close(j["ratio_vs_autocast"], both(bf) / best) and
+          close(j["ratio_vs_fp32"], both(bf) / both(fp)),
+          "ratios = tspeft bf16 tokens/s over both runs / best autocast, / tspeft fp32 over both runs")
+    want = "bf16" if bf16_cpu() else "fp32"
+    check(all(r["compute"] == want for r in bf) and all(r["compute"] == "fp32" for r in fp) and
+          (("NOTE tspeft ran --compute bf16 in fp32" in p.stdout) == (want == "fp32")),
+          "tspeft's bf16 runs computed in %s on this CPU, and the NOTE line says so exactly when fp32" % want)
 
 
 def main():
@@ -95,6 +139,7 @@ def main():
         check(hk["keep"] == 0.5 and hf["keep"] == 1.0 and
               close(j["adapter_backward_saving"], 1 - hk["adapter_backward_seconds"] / hf["adapter_backward_seconds"]),
               "gate saving from the keep-0.5 run's by_keep (0.5 against 1.0)")
+        check_bf16(a, tmp)
     print("all passed" if not fails else "FAILED (%d)" % fails)
     return 1 if fails else 0
 

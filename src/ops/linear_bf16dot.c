@@ -46,8 +46,7 @@
 #define DP_MR 6        /* rows per register tile */
 #define DP_KC 1024     /* forward k block, in pairs: a [1024, 64, 2] panel block is 256 KiB */
 #define DP_OC 768      /* backward depth block, in o's (a multiple of 64): the [384, 64, 2] buffer, 96 KiB */
-#define DP_FWD_ROWS 96 /* rows per forward unit */
-#define DP_BWD_ROWS 192 /* rows per backward unit (each unit builds its own transposed blocks) */
+#define DP_UNITS 4     /* units per thread at least, where the rows allow */
 #define DP_MIN_WORK 65536 /* N I O below this: one thread */
 
 int tk_bf16dot_available(void) {
@@ -192,13 +191,25 @@ static uint16_t *act_buffer(size_t n) {
 }
 
 static int threads_for(size_t N, size_t I, size_t O) { return N * I * O >= DP_MIN_WORK ? omp_get_max_threads() : 1; }
+
+/* Rows per unit for np panels of N rows on nt threads: all N rows (a unit reads its panel, or builds its
+ * transposed blocks, once for all of them) unless that leaves fewer than DP_UNITS units per thread; then
+ * N split into equal blocks, a multiple of the tile's rows. */
+static size_t unit_rows(size_t N, size_t np, int nt) {
+    size_t want = (DP_UNITS * (size_t)nt + np - 1) / np, tiles = (N + DP_MR - 1) / DP_MR;
+    size_t nrb = want < tiles ? want : tiles;
+    if (nrb < 1) nrb = 1;
+    size_t rows = (N + nrb - 1) / nrb;
+    return (rows + DP_MR - 1) / DP_MR * DP_MR;
+}
 #endif
 
 void tk_bf16dot_forward(float *y, const float *x, const uint16_t *wd, size_t N, size_t I, size_t O) {
     TK_ASSERT(tk_bf16dot_available());
     if (N == 0 || O == 0) return;
 #ifdef TK_BF16DOT
-    size_t Ip = even_up(I), np = panels_up(O) / DP_PANEL, nrb = (N + DP_FWD_ROWS - 1) / DP_FWD_ROWS;
+    int nt = threads_for(N, I, O);
+    size_t Ip = even_up(I), np = panels_up(O) / DP_PANEL, rows = unit_rows(N, np, nt), nrb = (N + rows - 1) / rows;
     uint16_t *xb = act_buffer(N * Ip);
     round_rows(xb, Ip, x, I, N, I);
     const uint32_t *A = (const uint32_t *)xb;
@@ -207,9 +218,9 @@ void tk_bf16dot_forward(float *y, const float *x, const uint16_t *wd, size_t N, 
         memset(y, 0, N * O * sizeof(float));
         return;
     }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(N, I, O))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (size_t u = 0; u < np * nrb; u++) {
-        size_t p = u / nrb, r0 = u % nrb * DP_FWD_ROWS, nr = N - r0 < DP_FWD_ROWS ? N - r0 : DP_FWD_ROWS;
+        size_t p = u / nrb, r0 = u % nrb * rows, nr = N - r0 < rows ? N - r0 : rows;
         size_t cols = O - p * DP_PANEL < DP_PANEL ? O - p * DP_PANEL : DP_PANEL;
         const uint32_t *panel = (const uint32_t *)(wd + p * DP_PANEL * Ip);
         for (size_t k0 = 0; k0 < kp_all; k0 += DP_KC) {
@@ -252,20 +263,21 @@ void tk_bf16dot_backward(float *dx, const float *dy, const uint16_t *wd, size_t 
         return;
     }
 #ifdef TK_BF16DOT
+    int nt = threads_for(N, I, O);
     size_t Ip = even_up(I), Op = panels_up(O), nq = (I + DP_PANEL - 1) / DP_PANEL;
-    size_t nrb = (N + DP_BWD_ROWS - 1) / DP_BWD_ROWS;
+    size_t rows = unit_rows(N, nq, nt), nrb = (N + rows - 1) / rows;
     uint16_t *db = act_buffer(N * Op);
     round_rows(db, Op, dy, O, N, O);
     const uint32_t *A = (const uint32_t *)db;
     size_t lda = Op / 2;
-#pragma omp parallel num_threads(threads_for(N, I, O))
+#pragma omp parallel num_threads(nt)
     {
         /* the thread's [384 pairs of o][64][2] block, 96 KiB */
         uint64_t buf[DP_OC / 2 * 32] __attribute__((aligned(64)));
         memset(buf, 0, sizeof buf);
 #pragma omp for schedule(dynamic, 1)
         for (size_t u = 0; u < nq * nrb; u++) {
-            size_t q = u / nrb, r0 = u % nrb * DP_BWD_ROWS, nr = N - r0 < DP_BWD_ROWS ? N - r0 : DP_BWD_ROWS;
+            size_t q = u / nrb, r0 = u % nrb * rows, nr = N - r0 < rows ? N - r0 : rows;
             size_t cols = I - q * DP_PANEL < DP_PANEL ? I - q * DP_PANEL : DP_PANEL;
             for (size_t o0 = 0; o0 < Op; o0 += DP_OC) {
                 size_t oc = Op - o0 < DP_OC ? Op - o0 : DP_OC;

@@ -92,13 +92,16 @@ def run_case(spec, tspeft, keep=False):
             worst = min(worst, cos)
             if not cos >= GRAD_COS:
                 errors.append("%s: cosine %.6f < %.3f" % (k, cos, GRAD_COS))
+        rr = [np.abs(b[k] - f[k]).ravel() / np.maximum(np.abs(f[k]).ravel(), 1e-30)
+              for k in sorted(set(f) & set(b)) if k.endswith(".ts_r")]
+        rr = np.concatenate(rr) if rr else np.zeros(1)
         keep_f = sum(int(f[k].sum()) for k in f if k.endswith(".keep"))
         keep_b = sum(int(b[k].sum()) for k in b if k.endswith(".keep"))
         if n_grad == 0 and not flips:
             errors.append("no gradients in the dump")
-        line = "loss rel %.1e, %s, kept tokens fp32 %d bf16 %d" % (
+        line = "loss rel %.1e, %s, kept tokens fp32 %d bf16 %d, r rel median %.1e max %.1e" % (
             loss_rel, "%d gate decisions differ: gradients not compared" % flips if flips else
-            "%d gradients, worst cosine %.6f" % (n_grad, worst), keep_f, keep_b)
+            "%d gradients, worst cosine %.6f" % (n_grad, worst), keep_f, keep_b, np.median(rr), rr.max())
         if errors:
             print("FAIL %-34s %s [%.1fs]" % (spec["name"], line, time.time() - t0))
             for e in errors[:20]:

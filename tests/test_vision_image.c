@@ -343,6 +343,13 @@ static void test_huge_headers(const vcase *png, const vcase *bmp, const vcase *g
     memcpy(p, jpeg->data.p, jpeg->data.n);
     p[at + 2] = 0, p[at + 3] = 10; /* DHT segment length 10: its 16 counts would come from the next segment */
     expect_refused("jpeg DHT segment shorter than its counts", p, jpeg->data.n, 0, "runs past");
+    /* the messages give the frame header's size once it was read (stb_image_write puts SOF0 first) */
+    char size[32];
+    snprintf(size, sizeof size, "(%d x %d)", W, H);
+    memcpy(p, jpeg->data.p, jpeg->data.n);
+    memset(p + at + 5, 0xFF, 16);
+    expect_refused("jpeg DHT with 4080 codes after SOF0, the size", p, jpeg->data.n, 0, size);
+    expect_refused("jpeg without its end-of-image marker, the size", jpeg->data.p, jpeg->data.n - 2, 0, size);
     free(p);
     /* the configurable limit */
     expect_refused("png over max_pixels 90", png->data.p, png->data.n, 90, "limit of 90");

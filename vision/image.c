@@ -94,8 +94,9 @@ void tk_image_free(tk_image *img) {
  *  - an end-of-image marker follows the first scan: stb pads a truncated JPEG with zeros and reports
  *    success.
  * Structure it cannot follow (bad segment lengths) is left to stb. 0, or -1 with err set. */
-static int jpeg_check(const uint8_t *p, size_t len, const char *name, size_t w, size_t h, tk_err *err) {
+static int jpeg_check(const uint8_t *p, size_t len, const char *name, tk_err *err) {
     size_t pos = 2;
+    char size[48] = "before its frame header"; /* the frame size once an SOF segment was passed */
     int scan = 0, progressive = 0;
     uint8_t defined[2][16] = {{0}}; /* Huffman tables [DC/AC][id] defined so far: stb decodes a scan with
                                        whatever uninitialised memory an undefined table holds */
@@ -123,8 +124,8 @@ static int jpeg_check(const uint8_t *p, size_t len, const char *name, size_t w, 
                 size_t sum = 0;
                 for (size_t i = 1; i <= 16; i++) sum += off + i < len ? p[off + i] : 0;
                 if (sum > 256)
-                    return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the Huffman table at byte "
-                                   "%zu has %zu codes, at most 256)", name, w, h, off, sum);
+                    return tk_fail(err, "%s: cannot decode JPEG image (%s): corrupt (the Huffman table at byte "
+                                   "%zu has %zu codes, at most 256)", name, size, off, sum);
                 off += 17 + sum;
             }
         }
@@ -138,17 +139,20 @@ static int jpeg_check(const uint8_t *p, size_t len, const char *name, size_t w, 
                 size_t sum = 0;
                 for (size_t i = 1; i <= 16; i++) sum += p[off + i];
                 if (sum > 256)
-                    return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the Huffman table at byte "
-                                   "%zu has %zu codes, at most 256)", name, w, h, off, sum);
+                    return tk_fail(err, "%s: cannot decode JPEG image (%s): corrupt (the Huffman table at byte "
+                                   "%zu has %zu codes, at most 256)", name, size, off, sum);
                 if (off + 17 + sum > end) break;
                 defined[(p[off] >> 4) & 1][p[off] & 15] = 1;
                 off += 17 + sum;
             }
             if (off != end) /* stb would read the rest of a table from the next segment */
-                return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the Huffman table at byte %zu "
-                               "runs past the end of its DHT segment at byte %zu)", name, w, h, off, end);
+                return tk_fail(err, "%s: cannot decode JPEG image (%s): corrupt (the Huffman table at byte %zu "
+                               "runs past the end of its DHT segment at byte %zu)", name, size, off, end);
         }
         if (m == 0xC2) progressive = 1;
+        if (m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC && seg >= 7) /* SOFn: P, Y, X */
+            snprintf(size, sizeof size, "%u x %u", (unsigned)p[pos + 7] << 8 | p[pos + 8],
+                     (unsigned)p[pos + 5] << 8 | p[pos + 6]);
         if (m == 0xDA && seg >= 6) { /* SOS: Ns, Ns x (component, Td << 4 | Ta), Ss, Se, Ah << 4 | Al */
             size_t ns = p[pos + 4];
             if (ns >= 1 && 2 * ns + 6 <= seg) {
@@ -157,8 +161,8 @@ static int jpeg_check(const uint8_t *p, size_t len, const char *name, size_t w, 
                 for (size_t i = 0; i < ns; i++) {
                     uint8_t t = p[pos + 6 + 2 * i];
                     if ((dc && !defined[0][t >> 4]) || (ac && !defined[1][t & 15]))
-                        return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): corrupt (the scan at byte %zu "
-                                       "uses a Huffman table that was never defined)", name, w, h, pos);
+                        return tk_fail(err, "%s: cannot decode JPEG image (%s): corrupt (the scan at byte %zu "
+                                       "uses a Huffman table that was never defined)", name, size, pos);
                 }
             }
         }
@@ -166,8 +170,8 @@ static int jpeg_check(const uint8_t *p, size_t len, const char *name, size_t w, 
         pos += 2 + seg;
     }
     if (!scan) return 0; /* no scan found: stb reports it */
-    return tk_fail(err, "%s: cannot decode JPEG image (%zu x %zu): truncated (no end-of-image marker after the scan)",
-                   name, w, h);
+    return tk_fail(err, "%s: cannot decode JPEG image (%s): truncated (no end-of-image marker after the scan)",
+                   name, size);
 }
 
 /* Binary PNM header, parsed as stb_image parses it (whitespace, '#' comments to end of line, decimal
@@ -326,9 +330,7 @@ static int check_complete(tk_image_format f, const uint8_t *p, size_t len, size_
                           tk_err *err) {
     const char *fn = tk_image_format_name(f);
     size_t need = 0;
-    if (f == TK_IMAGE_FORMAT_JPEG) {
-        return jpeg_check(p, len, name, w, h, err);
-    }
+    if (f == TK_IMAGE_FORMAT_JPEG) return 0; /* jpeg_check ran in tk_image_info */
     if (f == TK_IMAGE_FORMAT_GIF) {
         size_t end = gif_first_image_end(p, len);
         if (end == 0)
@@ -413,7 +415,7 @@ int tk_image_info(tk_image_format *fmt, size_t *w, size_t *h, const void *data, 
     int x = 0, y = 0, comp = 0;
     /* stbi_info already builds the Huffman tables that come before the frame header: walk the markers
      * first (a DHT of more than 256 codes overflows stb's table; found by the image fuzz target) */
-    if (f == TK_IMAGE_FORMAT_JPEG && jpeg_check(p, len, name, 0, 0, err) != 0) return -1;
+    if (f == TK_IMAGE_FORMAT_JPEG && jpeg_check(p, len, name, err) != 0) return -1;
     if (f == TK_IMAGE_FORMAT_PNM) {
         size_t pw, ph, maxv, off;
         if (pnm_header(p, len, &pw, &ph, &maxv, &off, name, err) != 0) return -1;

@@ -36,7 +36,7 @@ demo: build
 sanitize: deps
 	cmake -S . -B build-san -DCMAKE_BUILD_TYPE=Debug -DTSPEFT_SANITIZE=ON
 	cmake --build build-san -j $(JOBS)
-	cd build-san && ctest --output-on-failure
+	cd build-san && ctest --output-on-failure -LE study
 
 clean:
 	rm -rf $(BUILD) build-san

@@ -52,12 +52,29 @@ int tk_cmd_info(int argc, char **argv) {
                          pc.gate.straight_through ? ", straight-through" : "");
             printf("adapter %s: %s r=%d, scale %g, dropout %g, %zu trainable values, gate %s\n", adapter_dir,
                    tk_adapter_kind_name(pc.kind), pc.r, tk_peft_scale(&pc), pc.dropout, m->params.total, gate);
+            if (pc.kind == TK_ADAPTER_ADALORA) {
+                int total = 0, mods = 0;
+                for (int l = 0; l < c->n_layers; l++)
+                    for (int p = 0; p < TK_NPROJ; p++)
+                        if (tk_peft_targets(&pc, l, p)) {
+                            const tk_rank_entry *e = tk_peft_rank_find(&pc, l, p);
+                            total += e ? tk_rank_count(e, pc.r) : pc.r;
+                            mods++;
+                        }
+                printf("AdaLoRA: init_r %d, target_r %d, %s; %d ranks over %d modules (budget %d)\n", pc.ada.init_r,
+                       pc.ada.target_r, pc.ada.n_rank ? "rank_pattern allocated" : "no rank_pattern (every module at init_r)",
+                       total, mods, pc.ada.target_r * mods);
+            }
             for (int l = 0; l < c->n_layers; l++)
                 for (int p = 0; p < TK_NPROJ; p++) {
                     const tk_adapted_linear *L = &m->layers[l].proj[p];
                     if (L->kind == TK_ADAPTER_NONE) continue;
-                    printf("  layers.%d.%s.%s  %zux%zu  tau %.6g\n", l, tk_proj_block[p], tk_proj_short[p], L->out,
-                           L->in, L->tau);
+                    if (pc.kind == TK_ADAPTER_ADALORA) /* the final rank (rank_pattern) of init_r */
+                        printf("  layers.%d.%s.%s  %zux%zu  rank %zu/%d  tau %.6g\n", l, tk_proj_block[p], tk_proj_short[p],
+                               L->out, L->in, L->r, pc.r, L->tau);
+                    else
+                        printf("  layers.%d.%s.%s  %zux%zu  tau %.6g\n", l, tk_proj_block[p], tk_proj_short[p], L->out,
+                               L->in, L->tau);
                 }
         }
         tk_peft_config_free(&pc);

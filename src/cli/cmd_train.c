@@ -42,6 +42,9 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     float keep = 0.0f;
     float alpha = 16.0f, dropout = 0.0f, bn_scaling = 1.0f;
     tk_gate_config g = tk_gate_config_default();
+    tk_peft_config ada_defaults;
+    tk_peft_config_default(&ada_defaults);
+    tk_adalora_config ada = ada_defaults.ada; /* AdaLoraConfig's defaults */
     tk_opt opts[] = {
         {"config", TK_OPT_STR, &config, "FILE", "JSON file of option defaults (keys = option names)", 0},
         {"model", TK_OPT_STR, &o.model_dir, "DIR", "Hugging Face LLaMA directory (config.json + safetensors)", 0},
@@ -86,7 +89,16 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         {"gate-log", TK_OPT_FLAG, &o.gate_log, "on|off", "record gates.jsonl, train_log.jsonl, tokens.jsonl in --out (default on; docs/gates.md)", 0},
         {"token-view-every", TK_OPT_INT, &o.token_view_every, "N", "token view of one sample every N steps too (default 0: last step only)", 0},
         {"nonfinite", TK_OPT_STR, &nonfinite, "POLICY", "non-finite loss or gradient: stop | skip the step (default stop)", 0},
-        {"adapter-type", TK_OPT_STR, &type, "T", "new adapter: lora | dora | bottleneck (default lora)", 0},
+        {"adapter-type", TK_OPT_STR, &type, "T", "new adapter: lora | dora | bottleneck | adalora (default lora)", 0},
+        {"init-r", TK_OPT_INT, &ada.init_r, "N", "new AdaLoRA adapter: initial rank of every module (default 12)", 0},
+        {"target-r", TK_OPT_INT, &ada.target_r, "N", "new AdaLoRA adapter: target average rank (default 8)", 0},
+        {"tinit", TK_OPT_INT, &ada.tinit, "N", "AdaLoRA: steps before the rank budget starts to shrink (default 0)", 0},
+        {"tfinal", TK_OPT_INT, &ada.tfinal, "N", "AdaLoRA: final steps at the target budget (default 0)", 0},
+        {"delta-t", TK_OPT_INT, &ada.delta_t, "N", "AdaLoRA: deltaT, steps between two maskings (default 1)", 0},
+        {"beta1", TK_OPT_FLOAT, &ada.beta1, "X", "AdaLoRA: EMA factor of the sensitivity, in (0,1) (default 0.85)", 0},
+        {"beta2", TK_OPT_FLOAT, &ada.beta2, "X", "AdaLoRA: EMA factor of the uncertainty, in (0,1) (default 0.85)", 0},
+        {"orth-reg-weight", TK_OPT_FLOAT, &ada.orth_reg_weight, "X", "AdaLoRA: weight of the orthogonal regulariser (default 0.5)", 0},
+        {"total-step", TK_OPT_INT, &ada.total_step, "N", "AdaLoRA: the schedule's total steps (default: --steps)", 0},
         {"r", TK_OPT_INT, &r, "N", "new adapter: LoRA rank or bottleneck size (default 8)", 0},
         {"alpha", TK_OPT_FLOAT, &alpha, "X", "new adapter: lora_alpha (default 16)", 0},
         {"dropout", TK_OPT_FLOAT, &dropout, "P", "adapter dropout (default 0)", 0},
@@ -216,7 +228,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     if (o.projector && !resume && tk_projector_kind_of(o.projector, o.projector_type, &pk, &err)) goto fail;
     if (o.adapter_dir && !(stage1 && resume)) {
         const char *fixed[] = {"adapter-type", "r", "alpha", "rslora", "target-modules", "layers", "train-tensors",
-                               "bottleneck-act", "bottleneck-scaling"};
+                               "bottleneck-act", "bottleneck-scaling", "init-r", "target-r"};
         for (size_t i = 0; i < sizeof fixed / sizeof fixed[0] && !resume; i++)
             if (tk_opt_seen(opts, n, fixed[i])) {
                 tk_fail(&err, "--%s cannot change an existing adapter (%s/adapter_config.json decides it)", fixed[i], o.adapter_dir);
@@ -231,9 +243,10 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         if (strcmp(type, "lora") == 0) pc->kind = TK_ADAPTER_LORA;
         else if (strcmp(type, "dora") == 0) pc->kind = TK_ADAPTER_DORA;
         else if (strcmp(type, "bottleneck") == 0) pc->kind = TK_ADAPTER_BOTTLENECK;
+        else if (strcmp(type, "adalora") == 0) pc->kind = TK_ADAPTER_ADALORA;
         else if (strcmp(type, "none") == 0) pc->kind = TK_ADAPTER_NONE;
         else {
-            tk_fail(&err, "--adapter-type: \"%s\" is not lora, dora, bottleneck or none", type);
+            tk_fail(&err, "--adapter-type: \"%s\" is not lora, dora, bottleneck, adalora or none", type);
             goto fail;
         }
         if (strcmp(act, "tanh") == 0) pc->act = TK_ACT_TANH;
@@ -250,6 +263,29 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         if (r < 1) {
             tk_fail(&err, "--r must be >= 1");
             goto fail;
+        }
+        if (pc->kind == TK_ADAPTER_ADALORA) {
+            if (tk_opt_seen(opts, n, "r")) {
+                tk_fail(&err, "--r: AdaLoRA's rank is --init-r (and --target-r)");
+                goto fail;
+            }
+            if (ada.init_r < 1 || ada.init_r > TK_ADALORA_MAX_R || ada.target_r < 0) {
+                tk_fail(&err, "--init-r must be in [1, %d] and --target-r >= 0", TK_ADALORA_MAX_R);
+                goto fail;
+            }
+            if (ada.target_r > ada.init_r) {
+                tk_fail(&err, "--target-r (%d) is larger than --init-r (%d)", ada.target_r, ada.init_r);
+                goto fail;
+            }
+            pc->ada = ada;
+            pc->r = ada.init_r;
+        } else {
+            const char *only[] = {"init-r", "target-r", "tinit", "tfinal", "delta-t", "beta1", "beta2", "orth-reg-weight", "total-step"};
+            for (size_t i = 0; i < sizeof only / sizeof only[0]; i++)
+                if (tk_opt_seen(opts, n, only[i])) {
+                    tk_fail(&err, "--%s is an AdaLoRA option (--adapter-type adalora)", only[i]);
+                    goto fail;
+                }
         }
         if (tk_peft_parse_target_list(pc, targets, &err) || (layers && tk_peft_parse_layers(pc, layers, &err)) ||
             (save && tk_peft_parse_save(pc, save, &err)))
@@ -281,6 +317,36 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
             if (gate != 2 && pc->gate.rule == TK_GATE_RANDOM) pc->gate.rule = rule_v;
         }
     }
+    if (pc->kind == TK_ADAPTER_ADALORA) { /* the schedule, checked before anything is written */
+        tk_adalora_config *a = &pc->ada;
+        if (o.adapter_dir && !resume) { /* schedule options override a loaded AdaLoRA adapter's */
+            if (tk_opt_seen(opts, n, "tinit")) a->tinit = ada.tinit;
+            if (tk_opt_seen(opts, n, "tfinal")) a->tfinal = ada.tfinal;
+            if (tk_opt_seen(opts, n, "delta-t")) a->delta_t = ada.delta_t;
+            if (tk_opt_seen(opts, n, "beta1")) a->beta1 = ada.beta1;
+            if (tk_opt_seen(opts, n, "beta2")) a->beta2 = ada.beta2;
+            if (tk_opt_seen(opts, n, "orth-reg-weight")) a->orth_reg_weight = ada.orth_reg_weight;
+            if (tk_opt_seen(opts, n, "total-step")) a->total_step = ada.total_step;
+        }
+        if (a->tinit < 0 || a->tfinal < 0 || a->delta_t < 1 || a->total_step < 0) {
+            tk_fail(&err, "--tinit and --tfinal must be >= 0, --delta-t >= 1, --total-step >= 1");
+            goto fail;
+        }
+        if (!(a->beta1 > 0.0f && a->beta1 < 1.0f) || !(a->beta2 > 0.0f && a->beta2 < 1.0f)) {
+            tk_fail(&err, "--beta1 and --beta2 must be in (0, 1)");
+            goto fail;
+        }
+        if (!(a->orth_reg_weight >= 0.0f)) {
+            tk_fail(&err, "--orth-reg-weight must be >= 0");
+            goto fail;
+        }
+        int total = a->total_step > 0 ? a->total_step : o.steps;
+        if ((long)a->tinit + a->tfinal >= total) {
+            tk_fail(&err, "--tinit (%d) + --tfinal (%d) must be below the total steps (%d, %s): the schedule leaves no "
+                          "budgeting phase", a->tinit, a->tfinal, total, a->total_step > 0 ? "--total-step" : "--steps");
+            goto fail;
+        }
+    }
     if (gate == 2 && !resume) { /* the chance control: a random gate at the given keep probability */
         pc->gate.rule = TK_GATE_RANDOM;
         pc->gate.keep = keep;
@@ -305,6 +371,7 @@ fail:
     }
 out:
     tk_peft_config_free(&o.peft);
+    tk_peft_config_free(&ada_defaults);
     cJSON_Delete(json);
     return status;
 }

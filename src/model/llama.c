@@ -319,12 +319,7 @@ void tk_module_key(char *buf, size_t n, int layer, int proj) {
 static int slot_decays(const char *name) { return strstr(name, "norm") == NULL; }
 
 static int copy_peft_config(tk_peft_config *dst, const tk_peft_config *src, tk_err *err) {
-    *dst = *src;
-    dst->save = NULL;
-    dst->n_save = 0;
-    for (int i = 0; i < src->n_save; i++)
-        if (tk_peft_parse_save(dst, src->save[i], err)) return -1;
-    return 0;
+    return tk_peft_config_copy(dst, src, err);
 }
 
 static int register_adapters(tk_llama *m, tk_err *err) {
@@ -334,8 +329,13 @@ static int register_adapters(tk_llama *m, tk_err *err) {
         for (int p = 0; p < TK_NPROJ; p++) {
             tk_adapted_linear *L = &m->layers[l].proj[p];
             if (pc->kind == TK_ADAPTER_NONE || !tk_peft_targets(pc, l, p)) continue;
+            /* AdaLoRA: a module named in rank_pattern holds its kept triplets only (PEFT resizes it);
+             * one with none kept carries no update and stays a plain linear */
+            const tk_rank_entry *re = pc->kind == TK_ADAPTER_ADALORA ? tk_peft_rank_find(pc, l, p) : NULL;
+            size_t rank = re ? (size_t)tk_rank_count(re, pc->r) : (size_t)pc->r;
+            if (rank == 0) continue;
             L->kind = pc->kind;
-            L->r = (size_t)pc->r;
+            L->r = rank;
             L->scale = scale;
             L->dropout = pc->dropout;
             L->act = pc->act;
@@ -350,6 +350,16 @@ static int register_adapters(tk_llama *m, tk_err *err) {
             tk_module_key(key, sizeof key, l, p);
             int bn = pc->kind == TK_ADAPTER_BOTTLENECK;
             int64_t sa[2] = {(int64_t)L->r, (int64_t)L->in}, sb[2] = {(int64_t)L->out, (int64_t)L->r};
+            if (pc->kind == TK_ADAPTER_ADALORA) { /* PEFT's parameters (no ".weight"); E is [R,1] */
+                int64_t se[2] = {(int64_t)L->r, 1};
+                snprintf(nm, sizeof nm, "%s.lora_A", key);
+                if (tk_params_add(&m->params, nm, 2, sa, 1, &L->A, &L->dA, NULL, err)) return -1;
+                snprintf(nm, sizeof nm, "%s.lora_B", key);
+                if (tk_params_add(&m->params, nm, 2, sb, 1, &L->B, &L->dB, NULL, err)) return -1;
+                snprintf(nm, sizeof nm, "%s.lora_E", key);
+                if (tk_params_add(&m->params, nm, 2, se, 1, &L->E, &L->dE, NULL, err)) return -1;
+                continue;
+            }
             snprintf(nm, sizeof nm, "%s.%s", key, bn ? "adapter_down.weight" : "lora_A.weight");
             if (tk_params_add(&m->params, nm, 2, sa, 1, &L->A, &L->dA, NULL, err)) return -1;
             snprintf(nm, sizeof nm, "%s.%s", key, bn ? "adapter_up.weight" : "lora_B.weight");
@@ -414,8 +424,15 @@ static int register_saved_tensors(tk_llama *m, tk_llama_slot *slots, size_t ns, 
     return 0;
 }
 
+/* N(0, sd) by Box-Muller. */
+static float normal(tk_rng *rng, float sd) {
+    float u1 = tk_rng_uniform(rng), u2 = tk_rng_uniform(rng);
+    return sd * sqrtf(-2.0f * logf(1.0f - u1)) * cosf(6.28318530718f * u2);
+}
+
 /* HF PEFT's init: A (and adapter_down) Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in),
- * 1/sqrt(in)); B (adapter_up) zero; DoRA magnitude ||W0 + s B A||_row = ||W0||_row. */
+ * 1/sqrt(in)); B (adapter_up) zero; DoRA magnitude ||W0 + s B A||_row = ||W0||_row. AdaLoRA
+ * (AdaLoraLayer.reset_lora_parameters): E zero, A and B N(0, 0.02). */
 static void init_adapters(tk_llama *m, uint64_t seed) {
     tk_rng rng;
     tk_rng_seed(&rng, seed);
@@ -423,6 +440,12 @@ static void init_adapters(tk_llama *m, uint64_t seed) {
         for (int p = 0; p < TK_NPROJ; p++) {
             tk_adapted_linear *L = &m->layers[l].proj[p];
             if (L->kind == TK_ADAPTER_NONE) continue;
+            if (L->kind == TK_ADAPTER_ADALORA) {
+                memset(L->E, 0, L->r * sizeof(float));
+                for (size_t i = 0; i < L->r * L->in; i++) L->A[i] = normal(&rng, 0.02f);
+                for (size_t i = 0; i < L->out * L->r; i++) L->B[i] = normal(&rng, 0.02f);
+                continue;
+            }
             float bound = 1.0f / sqrtf((float)L->in);
             for (size_t i = 0; i < L->r * L->in; i++) L->A[i] = (2.0f * tk_rng_uniform(&rng) - 1.0f) * bound;
             memset(L->B, 0, L->out * L->r * sizeof(float));
@@ -514,7 +537,7 @@ static int attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir
         if (pc->layer_sel[i] >= m->cfg.n_layers)
             return tk_fail(err, "layers_to_transform: layer %d does not exist (the model has %d)",
                            pc->layer_sel[i], m->cfg.n_layers);
-    if (tk_peft_check_layers(pc, m->cfg.n_layers, err)) return -1;
+    if (tk_peft_check_layers(pc, m->cfg.n_layers, err) || tk_peft_check_rank_pattern(pc, m->cfg.n_layers, err)) return -1;
     if (pc->kind != TK_ADAPTER_NONE && (pc->r < 1))
         return tk_fail(err, "adapter rank must be >= 1");
     tk_llama_slot *slots = calloc(slot_capacity(&m->cfg), sizeof *slots);
@@ -540,6 +563,41 @@ static int attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir
     return 0;
 }
 
+/* AdaLoRA as PEFT saves it (resize_state_dict_by_rank_pattern): a module that holds all init_r
+ * triplets but has a rank_pattern entry is written with its kept ones only (rows of lora_A and
+ * lora_E, columns of lora_B). Points e at a compacted copy (*owned, caller frees) when so; returns -1
+ * only when out of memory. */
+static int adalora_resized(const tk_llama *m, tk_st_entry *e, float **owned) {
+    *owned = NULL;
+    if (m->peft.kind != TK_ADAPTER_ADALORA) return 0;
+    const int init_r = m->peft.r;
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        for (int p = 0; p < TK_NPROJ; p++) {
+            const tk_adapted_linear *L = &m->layers[l].proj[p];
+            if (L->kind != TK_ADAPTER_ADALORA || (e->data != L->A && e->data != L->B && e->data != L->E)) continue;
+            const tk_rank_entry *re = tk_peft_rank_find(&m->peft, l, p);
+            if (!re || L->r != (size_t)init_r) return 0;
+            size_t k = (size_t)tk_rank_count(re, init_r), I = L->in, O = L->out, R = L->r, q = 0;
+            if (k == R) return 0;
+            float *c = tk_calloc(e->data == L->B ? O * k + 1 : k * I + 1, sizeof(float));
+            if (!c) return -1;
+            for (size_t j = 0; j < R; j++) {
+                if (!tk_rank_kept(re, (int)j)) continue;
+                if (e->data == L->A) memcpy(c + q * I, L->A + j * I, I * sizeof(float));
+                else if (e->data == L->E) c[q] = L->E[j];
+                else
+                    for (size_t o = 0; o < O; o++) c[o * k + q] = L->B[o * R + j];
+                q++;
+            }
+            if (e->data == L->B) e->shape[1] = (int64_t)k;
+            else e->shape[0] = (int64_t)k;
+            e->data = c;
+            *owned = c;
+            return 0;
+        }
+    return 0;
+}
+
 int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err) {
     size_t n_mod = 0;
     for (int l = 0; l < m->cfg.n_layers; l++)
@@ -553,10 +611,23 @@ int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err) {
         return tk_fail(err, "out of memory");
     }
     size_t n = 0, k = 0;
+    float **owned = calloc(m->params.n + 1, sizeof *owned);
+    if (!owned) {
+        free(e);
+        free(names);
+        return tk_fail(err, "out of memory");
+    }
     for (size_t i = 0; i < m->params.n; i++) {
         const tk_param *p = &m->params.items[i];
         e[n] = (tk_st_entry){.name = p->name, .dtype = TK_DT_F32, .ndim = p->ndim, .data = m->params.data + p->offset};
         for (int d = 0; d < p->ndim; d++) e[n].shape[d] = p->shape[d];
+        if (adalora_resized(m, &e[n], &owned[i])) {
+            for (size_t j = 0; j <= i; j++) tk_free(owned[j]);
+            free(owned);
+            free(e);
+            free(names);
+            return tk_fail(err, "out of memory");
+        }
         n++;
     }
     for (int l = 0; l < m->cfg.n_layers; l++)
@@ -576,6 +647,8 @@ int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err) {
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", out_dir);
     const char *meta[] = {"format", "pt", NULL};
     int rc = tk_st_write(path, e, n, meta, err);
+    for (size_t i = 0; i < m->params.n; i++) tk_free(owned[i]);
+    free(owned);
     free(e);
     free(names);
     if (rc) return -1;
@@ -1429,12 +1502,19 @@ void tk_llama_set_gated(tk_llama *m, int gated) {
         }
 }
 
-/* W = W0 + s B A, and for DoRA W = mag * W / ||W||_row (PEFT's merge). out [O,I]. */
-static void merged_weight(const tk_adapted_linear *L, float *out) {
+/* W = W0 + s B A, and for DoRA W = mag * W / ||W||_row (PEFT's merge); AdaLoRA: W0 + s B (E . A).
+ * out [O,I]; ea [R,I] scratch for AdaLoRA's E . A. */
+static void merged_weight(const tk_adapted_linear *L, float *out, float *ea) {
     size_t I = L->in, O = L->out;
+    const float *A = L->A;
+    if (L->kind == TK_ADAPTER_ADALORA) {
+        for (size_t j = 0; j < L->r; j++)
+            for (size_t i = 0; i < I; i++) ea[j * I + i] = L->E[j] * L->A[j * I + i];
+        A = ea;
+    }
     memcpy(out, L->w0, O * I * sizeof(float));
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(O), tk_blas_dim(I), tk_blas_dim(L->r),
-                L->scale, L->B, tk_blas_dim(L->r), L->A, tk_blas_dim(I), 1.0f, out, tk_blas_dim(I));
+                L->scale, L->B, tk_blas_dim(L->r), A, tk_blas_dim(I), 1.0f, out, tk_blas_dim(I));
     if (L->kind != TK_ADAPTER_DORA) return;
     for (size_t o = 0; o < O; o++) {
         double ss = 0.0;
@@ -1466,11 +1546,14 @@ int tk_llama_merge(const tk_llama *mc, const char *model_dir, const char *out_di
             for (int p = 0; p < TK_NPROJ; p++) {
                 const tk_adapted_linear *L = &m->layers[l].proj[p];
                 if (slots[i].data != &m->layers[l].proj[p].w0 || L->kind == TK_ADAPTER_NONE) continue;
-                if (!(merged[i] = tk_calloc(L->out * L->in, sizeof(float)))) {
+                float *ea = tk_calloc(L->r * L->in, sizeof(float));
+                if (!(merged[i] = tk_calloc(L->out * L->in, sizeof(float))) || !ea) {
+                    tk_free(ea);
                     tk_fail(err, "out of memory merging %s", slots[i].name);
                     goto done;
                 }
-                merged_weight(L, merged[i]);
+                merged_weight(L, merged[i], ea);
+                tk_free(ea);
                 data = merged[i];
             }
         e[i] = (tk_st_entry){.name = slots[i].name, .dtype = TK_DT_F32, .ndim = slots[i].cols ? 2 : 1,

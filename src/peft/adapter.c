@@ -83,6 +83,11 @@ int tk_adapted_alloc(tk_adapted_linear *L, size_t n_tok, tk_err *err) {
         L->keepx = tk_calloc(nI, 1);
         ok = ok && L->xd && L->keepx;
     }
+    if (L->kind == TK_ADAPTER_ADALORA) {
+        L->ae = tk_calloc(L->r * L->in ? L->r * L->in : 1, sizeof(float));
+        L->dae = tk_calloc(L->r * L->in ? L->r * L->in : 1, sizeof(float));
+        ok = ok && L->ae && L->dae;
+    }
     if (L->kind == TK_ADAPTER_DORA) {
         L->base = tk_calloc(nO, sizeof(float));
         L->dora_c = tk_calloc(L->out, sizeof(float));
@@ -107,7 +112,9 @@ void tk_adapted_free(tk_adapted_linear *L) {
     tk_free(L->S_bwd);
     tk_free(L->dora_c);
     tk_free(L->dora_wn);
-    L->xd = L->u = L->base = L->rr = L->dora_c = L->dora_wn = NULL;
+    tk_free(L->ae);
+    tk_free(L->dae);
+    L->xd = L->u = L->base = L->rr = L->dora_c = L->dora_wn = L->ae = L->dae = NULL;
     L->keepx = L->S = L->S_bwd = NULL;
     L->cap = 0;
     tk_gate_stats_free(&L->stats);
@@ -117,6 +124,7 @@ size_t tk_adapted_numel(const tk_adapted_linear *L) {
     if (L->kind == TK_ADAPTER_NONE) return 0;
     size_t n = L->r * L->in + L->out * L->r;
     if (L->kind == TK_ADAPTER_DORA) n += L->out;
+    if (L->kind == TK_ADAPTER_ADALORA) n += L->r;
     return n;
 }
 
@@ -404,6 +412,28 @@ static void lora_backward_fused(tk_adapted_linear *L, tk_adapter_ws *ws, float *
     }
 }
 
+/* AdaLoRA's effective A: ae [R,I] = diag(E) A. */
+static void adalora_effective_a(tk_adapted_linear *L) {
+    size_t I = L->in;
+    for (size_t j = 0; j < L->r; j++)
+        for (size_t i = 0; i < I; i++) L->ae[j * I + i] = L->E[j] * L->A[j * I + i];
+}
+
+/* forward: A' = diag(E) A.  dA += diag(E) dA';  dE_j += <dA'_j, A_j> (dA' in dae). */
+static void adalora_chain_e(tk_adapted_linear *L) {
+    size_t I = L->in;
+    for (size_t j = 0; j < L->r; j++) {
+        const float *g = L->dae + j * I, *a = L->A + j * I;
+        float *da = L->dA + j * I, e = L->E[j];
+        double de = 0.0;
+        for (size_t i = 0; i < I; i++) {
+            da[i] += e * g[i];
+            de += (double)g[i] * a[i];
+        }
+        L->dE[j] += (float)de;
+    }
+}
+
 /* The base weight W0 in the form it is held (natural or packed, fp32 or BF16, or for BF16 compute). */
 static tk_frozen base_weight(const tk_adapted_linear *L) {
     return (tk_frozen){L->w0, L->w0_bf16, L->w0_packed, L->w0_packed_bf16, L->w0_dot};
@@ -428,6 +458,14 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
     }
     if (L->kind == TK_ADAPTER_LORA) {
         lora_forward_fused(L, ws, y, xt, N);
+        return record_r(L, ws, valid, N, train, t0, err);
+    }
+    if (L->kind == TK_ADAPTER_ADALORA) { /* LoRA's branch on A' = diag(E) A */
+        adalora_effective_a(L);
+        float *A = L->A;
+        L->A = L->ae;
+        lora_forward_fused(L, ws, y, xt, N);
+        L->A = A;
         return record_r(L, ws, valid, N, train, t0, err);
     }
     float *m = ws->m; /* [N,O] */
@@ -499,6 +537,19 @@ static int adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, 
     if (L->straight_through) L->S = L->S_bwd;
     if (L->kind == TK_ADAPTER_LORA) {
         lora_backward_fused(L, ws, dx, dy, L->dropout > 0.0f ? L->xd : x, N);
+        for (size_t i = 0; i < N && !rc; i++)
+            if (!valid || valid[i]) rc = tk_gate_stats_push_c(&L->stats, ws->cval[i], err);
+    } else if (L->kind == TK_ADAPTER_ADALORA) {
+        /* LoRA's backward on A' = diag(E) A (ae, computed by the forward) gives dA' into dae; then
+         * A' = E . A:  dA += E . dA',  dE_j += sum_i dA'_ji A_ji */
+        float *A = L->A, *dA = L->dA;
+        memset(L->dae, 0, L->r * L->in * sizeof(float));
+        L->A = L->ae;
+        L->dA = L->dae;
+        lora_backward_fused(L, ws, dx, dy, L->dropout > 0.0f ? L->xd : x, N);
+        L->A = A;
+        L->dA = dA;
+        adalora_chain_e(L);
         for (size_t i = 0; i < N && !rc; i++)
             if (!valid || valid[i]) rc = tk_gate_stats_push_c(&L->stats, ws->cval[i], err);
     } else {

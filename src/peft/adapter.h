@@ -5,6 +5,8 @@
  *   LoRA:       m_i = s B A x~_i                       s = alpha/r (rsLoRA: alpha/sqrt(r))
  *   DoRA:       m_i = (c - 1) * (W0 x~_i) + c * (s B A x~_i),  c = mag / ||W0 + s B A||_row (detached)
  *   Bottleneck: m_i = s Up act(Down x~_i)                 s = the adapter's scaling
+ *   AdaLoRA:    m_i = s B (E . A) x~_i   E [R] scales A's rows; s = alpha / (ranknum + 1e-5) (PEFT's
+ *               SVDLinear): LoRA on the effective A' = diag(E) A, so it runs LoRA's fused branch
  *   r_i = ||m_i|| / max(||b_i||, 1e-6);  S_i = [r_i >= tau] when gated, else 1
  *   h_i = b_i + S_i m_i,  x~ = dropout(x)
  * Backward: the branch's parameters and dx see only tokens with S_i = 1 (the others are skipped,
@@ -29,7 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { TK_ADAPTER_NONE, TK_ADAPTER_LORA, TK_ADAPTER_DORA, TK_ADAPTER_BOTTLENECK } tk_adapter_kind;
+typedef enum { TK_ADAPTER_NONE, TK_ADAPTER_LORA, TK_ADAPTER_DORA, TK_ADAPTER_BOTTLENECK, TK_ADAPTER_ADALORA } tk_adapter_kind;
 typedef enum { TK_ACT_RELU, TK_ACT_TANH } tk_act;
 
 /* Scratch shared by all modules of a model: sized for N tokens by tk_adapter_workspace_alloc. */
@@ -87,6 +89,7 @@ typedef struct {
     float *A, *dA;     /* [R,I]  lora_A, or adapter_down */
     float *B, *dB;     /* [O,R]  lora_B, or adapter_up */
     float *mag, *dmag; /* [O]    DoRA magnitude */
+    float *E, *dE;     /* [R]    AdaLoRA's lora_E (PEFT stores it [R,1]) */
     /* threshold state */
     float tau;
     float lambda;
@@ -108,6 +111,8 @@ typedef struct {
     uint8_t *S_bwd; /* [N]   all ones: the gate the backward sees with straight_through */
     float *dora_c;  /* [O]   mag / ||W0 + s B A||_row */
     float *dora_wn; /* [O]   ||W0 + s B A||_row */
+    float *ae;      /* [R,I] AdaLoRA: diag(E) A, the effective lora_A of the last forward */
+    float *dae;     /* [R,I] AdaLoRA: the gradient reaching diag(E) A in backward */
 } tk_adapted_linear;
 
 int tk_adapted_alloc(tk_adapted_linear *L, size_t n_tok, tk_err *err);
@@ -139,7 +144,7 @@ int tk_adapted_backward(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, cons
 int tk_adapted_backward_into(tk_adapted_linear *L, tk_adapter_ws *ws, float *dx, const float *dy,
                              const float *x, const uint8_t *valid, size_t N, tk_err *err);
 
-/* The number of parameters of the branch (A, B and magnitude). */
+/* The number of parameters of the branch (A, B, and DoRA's magnitude or AdaLoRA's E). */
 size_t tk_adapted_numel(const tk_adapted_linear *L);
 
 #endif

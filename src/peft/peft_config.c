@@ -26,6 +26,7 @@ const char *tk_adapter_kind_name(tk_adapter_kind k) {
     case TK_ADAPTER_LORA: return "lora";
     case TK_ADAPTER_DORA: return "dora";
     case TK_ADAPTER_BOTTLENECK: return "bottleneck";
+    case TK_ADAPTER_ADALORA: return "adalora";
     default: return "none";
     }
 }
@@ -39,9 +40,86 @@ void tk_peft_config_default(tk_peft_config *pc) {
     pc->act = TK_ACT_TANH;
     pc->target_mask = (1u << TK_PROJ_Q) | (1u << TK_PROJ_V);
     pc->gate = tk_gate_config_default();
+    /* AdaLoraConfig's defaults */
+    pc->ada = (tk_adalora_config){.init_r = 12, .target_r = 8, .delta_t = 1, .beta1 = 0.85f, .beta2 = 0.85f,
+                                  .orth_reg_weight = 0.5f};
 }
 
-void tk_peft_config_free(tk_peft_config *pc) { tk_peft_config_free_save(pc); }
+void tk_peft_config_free(tk_peft_config *pc) {
+    if (!pc) return;
+    tk_peft_config_free_save(pc);
+    free(pc->ada.rank);
+    pc->ada.rank = NULL;
+    pc->ada.n_rank = 0;
+}
+
+int tk_peft_config_copy(tk_peft_config *dst, const tk_peft_config *src, tk_err *err) {
+    *dst = *src;
+    dst->save = NULL;
+    dst->n_save = 0;
+    dst->ada.rank = NULL;
+    dst->ada.n_rank = 0;
+    for (int i = 0; i < src->n_save; i++)
+        if (tk_peft_parse_save(dst, src->save[i], err)) return -1;
+    if (src->ada.n_rank) {
+        if (!(dst->ada.rank = malloc((size_t)src->ada.n_rank * sizeof *dst->ada.rank))) return tk_fail(err, "out of memory");
+        memcpy(dst->ada.rank, src->ada.rank, (size_t)src->ada.n_rank * sizeof *dst->ada.rank);
+        dst->ada.n_rank = src->ada.n_rank;
+    }
+    return 0;
+}
+
+const tk_rank_entry *tk_peft_rank_find(const tk_peft_config *pc, int layer, int proj) {
+    for (int i = 0; i < pc->ada.n_rank; i++)
+        if (pc->ada.rank[i].layer == layer && pc->ada.rank[i].proj == proj) return &pc->ada.rank[i];
+    return NULL;
+}
+
+int tk_peft_rank_set(tk_peft_config *pc, int layer, int proj, const uint8_t *keep, int n, tk_err *err) {
+    TK_ASSERT(n >= 0 && n <= TK_ADALORA_MAX_R);
+    tk_rank_entry *e = (tk_rank_entry *)tk_peft_rank_find(pc, layer, proj);
+    if (!e) {
+        tk_rank_entry *grown = realloc(pc->ada.rank, (size_t)(pc->ada.n_rank + 1) * sizeof *grown);
+        if (!grown) return tk_fail(err, "out of memory");
+        pc->ada.rank = grown;
+        e = &grown[pc->ada.n_rank++];
+        e->layer = layer;
+        e->proj = proj;
+    }
+    memset(e->keep, 0, sizeof e->keep);
+    for (int j = 0; j < n; j++)
+        if (keep[j]) e->keep[j >> 6] |= 1ull << (j & 63);
+    return 0;
+}
+
+int tk_rank_count(const tk_rank_entry *e, int n) {
+    int k = 0;
+    for (int j = 0; j < n; j++) k += tk_rank_kept(e, j);
+    return k;
+}
+
+int tk_peft_check_rank_pattern(const tk_peft_config *pc, int n_layers, tk_err *err) {
+    for (int i = 0; i < pc->ada.n_rank; i++) {
+        const tk_rank_entry *e = &pc->ada.rank[i];
+        if (pc->kind != TK_ADAPTER_ADALORA || e->layer >= n_layers || !tk_peft_targets(pc, e->layer, e->proj)) {
+            char nm[96];
+            tk_module_name(nm, sizeof nm, e->layer, e->proj);
+            return tk_fail(err, "rank_pattern names %s.lora_E, which is not an adapted module of this model "
+                                "(%d layers; see target_modules)", nm, n_layers);
+        }
+    }
+    return 0;
+}
+
+int tk_adalora_check_schedule(const tk_adalora_config *a, tk_err *err) {
+    if (a->target_r > a->init_r)
+        return tk_fail(err, "AdaLoRA: target_r (%d) is larger than init_r (%d)", a->target_r, a->init_r);
+    if (a->total_step < 1) return tk_fail(err, "AdaLoRA: total_step must be >= 1");
+    if ((long)a->tinit + a->tfinal >= a->total_step)
+        return tk_fail(err, "AdaLoRA: tinit (%d) + tfinal (%d) must be below total_step (%d): the schedule leaves no "
+                            "budgeting phase", a->tinit, a->tfinal, a->total_step);
+    return 0;
+}
 
 void tk_peft_config_free_save(tk_peft_config *pc) {
     if (!pc) return;
@@ -259,6 +337,10 @@ int tk_peft_targets(const tk_peft_config *pc, int layer, int proj) {
 
 float tk_peft_scale(const tk_peft_config *pc) {
     if (pc->kind == TK_ADAPTER_BOTTLENECK) return pc->bottleneck_scaling;
+    if (pc->kind == TK_ADAPTER_ADALORA) {
+        float ranknum = (float)pc->r + 1e-5f;
+        return (pc->alpha > 0.0f ? pc->alpha : (float)pc->r) / ranknum;
+    }
     return pc->use_rslora ? pc->alpha / sqrtf((float)pc->r) : pc->alpha / (float)pc->r;
 }
 
@@ -394,6 +476,42 @@ static int parse_save_json(ctx *c, tk_peft_config *pc, const cJSON *s) {
     return 0;
 }
 
+/* rank_pattern: {"model.layers.L.<block>.<proj>.lora_E": [true, false, ...], ...}, each list init_r long
+ * (PEFT also accepts the key with the adapter name after lora_E while training; so does this). */
+static int parse_rank_pattern_json(ctx *c, tk_peft_config *pc, const cJSON *o) {
+    if (!o) return 0;
+    if (!cJSON_IsObject(o)) return tk_fail(c->err, "%s: \"rank_pattern\" must be null or an object", c->path);
+    const cJSON *e;
+    cJSON_ArrayForEach(e, o) {
+        char name[512];
+        snprintf(name, sizeof name, "%s", e->string ? e->string : "");
+        char *le = strstr(name, ".lora_E");
+        if (le && (le[7] == 0 || (le[7] == '.' && !strchr(le + 8, '.')))) *le = 0;
+        else le = NULL;
+        int l = 0, p = 0, full = le ? full_module_name(name, &l, &p, c->err) : 0;
+        if (full < 0) return tk_err_prefix(c->err, c->path);
+        if (full == 0)
+            return tk_fail(c->err, "%s: rank_pattern key \"%s\" is not a module's lora_E "
+                                   "(model.layers.L.self_attn.q_proj.lora_E, ...)", c->path, e->string);
+        int n = cJSON_GetArraySize(e);
+        if (!cJSON_IsArray(e) || n != pc->ada.init_r)
+            return tk_fail(c->err, "%s: rank_pattern \"%s\" must be a list of %d booleans (init_r)", c->path,
+                           e->string, pc->ada.init_r);
+        uint8_t keep[TK_ADALORA_MAX_R];
+        int j = 0;
+        const cJSON *b;
+        cJSON_ArrayForEach(b, e) {
+            if (!cJSON_IsBool(b))
+                return tk_fail(c->err, "%s: rank_pattern \"%s\" must hold true/false only", c->path, e->string);
+            keep[j++] = (uint8_t)cJSON_IsTrue(b);
+        }
+        if (tk_peft_rank_find(pc, l, p))
+            return tk_fail(c->err, "%s: rank_pattern names %s twice", c->path, e->string);
+        if (tk_peft_rank_set(pc, l, p, keep, n, c->err)) return -1;
+    }
+    return 0;
+}
+
 static int check_empty_object(ctx *c, const cJSON *o, const char *key) {
     const cJSON *it = item(o, key);
     if (it && !(cJSON_IsObject(it) && it->child == NULL))
@@ -463,8 +581,43 @@ int tk_peft_config_load(tk_peft_config *pc, const char *path, tk_err *err) {
                 goto done;
             }
         }
+    } else if (strcasecmp(type->valuestring, "ADALORA") == 0) {
+        tk_adalora_config *a = &pc->ada;
+        int dora = 0;
+        pc->kind = TK_ADAPTER_ADALORA;
+        pc->alpha = 8.0f; /* LoraConfig's default lora_alpha */
+        if (integer(&c, root, "init_r", 1, TK_ADALORA_MAX_R, &a->init_r) ||
+            integer(&c, root, "target_r", 0, TK_ADALORA_MAX_R, &a->target_r) ||
+            integer(&c, root, "tinit", 0, 1 << 30, &a->tinit) || integer(&c, root, "tfinal", 0, 1 << 30, &a->tfinal) ||
+            integer(&c, root, "deltaT", 1, 1 << 30, &a->delta_t) ||
+            integer(&c, root, "total_step", 1, 1 << 30, &a->total_step) ||
+            num(&c, root, "beta1", 1e-9, 1 - 1e-9, &a->beta1) || num(&c, root, "beta2", 1e-9, 1 - 1e-9, &a->beta2) ||
+            num(&c, root, "orth_reg_weight", 0, 1e9, &a->orth_reg_weight) ||
+            num(&c, root, "lora_alpha", 0, 1e9, &pc->alpha) || num(&c, root, "lora_dropout", 0, 0.999, &pc->dropout) ||
+            boolean(&c, root, "use_dora", &dora) || check_empty_object(&c, root, "alpha_pattern"))
+            goto done;
+        if (a->target_r > a->init_r) {
+            tk_fail(err, "%s: target_r (%d) is larger than init_r (%d)", path, a->target_r, a->init_r);
+            goto done;
+        }
+        if (dora) {
+            tk_fail(err, "%s: AdaLoRA does not support DoRA (use_dora must be false)", path);
+            goto done;
+        }
+        pc->r = a->init_r;
+        if (parse_rank_pattern_json(&c, pc, item(root, "rank_pattern"))) goto done;
+        const cJSON *bias = item(root, "bias");
+        if (bias && !(cJSON_IsString(bias) && strcmp(bias->valuestring, "none") == 0)) {
+            tk_fail(err, "%s: \"bias\" must be \"none\" (LLaMA projections have no bias)", path);
+            goto done;
+        }
+        const cJSON *fifo = item(root, "fan_in_fan_out");
+        if (fifo && cJSON_IsTrue(fifo)) {
+            tk_fail(err, "%s: fan_in_fan_out true is not supported for LLaMA", path);
+            goto done;
+        }
     } else {
-        tk_fail(err, "%s: peft_type \"%s\" is not supported (expected LORA or BOTTLENECK)", path,
+        tk_fail(err, "%s: peft_type \"%s\" is not supported (expected LORA, ADALORA or BOTTLENECK)", path,
                 type->valuestring);
         goto done;
     }
@@ -523,6 +676,39 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
         cJSON_AddNumberToObject(root, "scaling", pc->bottleneck_scaling);
         cJSON_AddBoolToObject(root, "use_parallel_adapter", 1);
         cJSON_AddBoolToObject(root, "use_adapterp", 0);
+    } else if (pc->kind == TK_ADAPTER_ADALORA) { /* AdaLoraConfig's fields */
+        const tk_adalora_config *a = &pc->ada;
+        cJSON_AddStringToObject(root, "peft_type", "ADALORA");
+        cJSON_AddNumberToObject(root, "init_r", a->init_r);
+        cJSON_AddNumberToObject(root, "target_r", a->target_r);
+        cJSON_AddNumberToObject(root, "tinit", a->tinit);
+        cJSON_AddNumberToObject(root, "tfinal", a->tfinal);
+        cJSON_AddNumberToObject(root, "deltaT", a->delta_t);
+        cJSON_AddNumberToObject(root, "beta1", a->beta1);
+        cJSON_AddNumberToObject(root, "beta2", a->beta2);
+        cJSON_AddNumberToObject(root, "orth_reg_weight", a->orth_reg_weight);
+        if (a->total_step > 0) cJSON_AddNumberToObject(root, "total_step", a->total_step);
+        else cJSON_AddNullToObject(root, "total_step");
+        if (a->n_rank) {
+            cJSON *rp = cJSON_AddObjectToObject(root, "rank_pattern");
+            for (int l = 0; l < TK_MAX_LAYERS; l++) /* (layer, projection) order */
+                for (int p = 0; p < TK_NPROJ; p++) {
+                    const tk_rank_entry *e = tk_peft_rank_find(pc, l, p);
+                    if (!e) continue;
+                    char nm[112];
+                    tk_module_name(nm, sizeof nm, l, p);
+                    strcat(nm, ".lora_E");
+                    cJSON *list = cJSON_AddArrayToObject(rp, nm);
+                    for (int j = 0; j < a->init_r; j++) cJSON_AddItemToArray(list, cJSON_CreateBool(tk_rank_kept(e, j)));
+                }
+        } else {
+            cJSON_AddNullToObject(root, "rank_pattern");
+        }
+        cJSON_AddNumberToObject(root, "lora_alpha", pc->alpha);
+        cJSON_AddNumberToObject(root, "lora_dropout", pc->dropout);
+        cJSON_AddStringToObject(root, "bias", "none");
+        cJSON_AddBoolToObject(root, "fan_in_fan_out", 0);
+        cJSON_AddBoolToObject(root, "inference_mode", 1);
     } else {
         cJSON_AddStringToObject(root, "peft_type", "LORA");
         cJSON_AddNumberToObject(root, "r", pc->r);

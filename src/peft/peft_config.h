@@ -26,9 +26,29 @@ int tk_proj_parse(const char *short_name); /* -1 when not a projection name */
 
 #define TK_MAX_LAYERS 4096
 
+/* AdaLoRA (PEFT's AdaLoraConfig; docs/adalora.md). rank_pattern: for a module, which of its init_r
+ * triplets (rows of lora_A, entries of lora_E, columns of lora_B) are kept; a module it does not name
+ * keeps all init_r. */
+#define TK_ADALORA_MAX_R 256
 typedef struct {
-    tk_adapter_kind kind; /* LORA, DORA or BOTTLENECK */
-    int r;                /* rank or bottleneck_size */
+    int layer, proj;
+    uint64_t keep[TK_ADALORA_MAX_R / 64]; /* bit j: triplet j kept */
+} tk_rank_entry;
+
+typedef struct {
+    int init_r, target_r;   /* initial rank of every module; target average rank */
+    int tinit, tfinal;      /* steps before the budget starts to shrink; steps at the final budget */
+    int delta_t;            /* deltaT: steps between two maskings while the budget shrinks */
+    int total_step;         /* the schedule's length (0: not set; a training run uses its --steps) */
+    float beta1, beta2;     /* EMA factors of the sensitivity and of its uncertainty */
+    float orth_reg_weight;  /* weight of the orthogonal regulariser */
+    int n_rank;             /* rank_pattern entries (0: none, every module at init_r) */
+    tk_rank_entry *rank;    /* [n_rank], owned */
+} tk_adalora_config;
+
+typedef struct {
+    tk_adapter_kind kind; /* LORA, DORA, BOTTLENECK or ADALORA */
+    int r;                /* rank or bottleneck_size (AdaLoRA: init_r) */
     float alpha;          /* lora_alpha */
     float dropout;
     int use_rslora;
@@ -44,6 +64,7 @@ typedef struct {
     char **save;
     tk_gate_config gate;
     char base_model[512];  /* base_model_name_or_path */
+    tk_adalora_config ada; /* kind ADALORA only */
 } tk_peft_config;
 
 void tk_peft_config_default(tk_peft_config *pc);
@@ -52,6 +73,20 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
 void tk_peft_config_free(tk_peft_config *pc);
 /* Empties modules_to_save. */
 void tk_peft_config_free_save(tk_peft_config *pc);
+/* A deep copy (modules_to_save and rank_pattern owned by dst). */
+int tk_peft_config_copy(tk_peft_config *dst, const tk_peft_config *src, tk_err *err);
+
+/* AdaLoRA's rank_pattern: the entry of layer l's projection p, or NULL. */
+const tk_rank_entry *tk_peft_rank_find(const tk_peft_config *pc, int layer, int proj);
+/* Sets (adds or replaces) the entry of layer l's projection p from keep [n] (n = init_r). */
+int tk_peft_rank_set(tk_peft_config *pc, int layer, int proj, const uint8_t *keep, int n, tk_err *err);
+/* The number of kept triplets of an entry (of n). */
+int tk_rank_count(const tk_rank_entry *e, int n);
+static inline int tk_rank_kept(const tk_rank_entry *e, int j) { return (int)((e->keep[j >> 6] >> (j & 63)) & 1u); }
+/* Fails when a rank_pattern entry names a module the model (n_layers) does not adapt. */
+int tk_peft_check_rank_pattern(const tk_peft_config *pc, int n_layers, tk_err *err);
+/* Fails when AdaLoRA's schedule cannot run total_step steps (tinit + tfinal >= total_step, ...). */
+int tk_adalora_check_schedule(const tk_adalora_config *a, tk_err *err);
 
 /* Parses a comma-separated list of projection short names ("q_proj,v_proj", or "all"). */
 int tk_peft_parse_targets(const char *list, unsigned *mask, tk_err *err);
@@ -75,7 +110,8 @@ int tk_peft_parse_save(tk_peft_config *pc, const char *list, tk_err *err);
 
 /* Is projection p of layer l adapted? */
 int tk_peft_targets(const tk_peft_config *pc, int layer, int proj);
-/* LoRA scale s = alpha / r (rsLoRA: alpha / sqrt(r)); bottleneck: its scaling. */
+/* LoRA scale s = alpha / r (rsLoRA: alpha / sqrt(r)); bottleneck: its scaling; AdaLoRA:
+ * alpha / (ranknum + 1e-5) with ranknum = init_r (alpha 0: init_r / (init_r + 1e-5)), as PEFT. */
 float tk_peft_scale(const tk_peft_config *pc);
 const char *tk_adapter_kind_name(tk_adapter_kind k);
 

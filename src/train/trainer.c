@@ -5,6 +5,7 @@
 #include "../io/safetensors.h"
 #include "../model/llama.h"
 #include "../analysis/gatelog.h"
+#include "adalora_train.h"
 #include "checkpoint.h"
 #include "multimodal.h"
 #include "train_data.h"
@@ -423,6 +424,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     tk_gatelog *glog = NULL;
     tk_mm *mm = NULL;
     tk_gate_stats pool = {0}; /* pooled statistics of a layer (--ts-tau-scope layer) */
+    tk_adalora_run *ada = NULL; /* AdaLoRA's regulariser and rank allocator (adalora_train.h) */
     if (o->save_every < 0 || o->keep_checkpoints < 0)
         return tk_fail(err, "--save-every and --keep-checkpoints must be >= 0");
     if ((o->save_every > 0 || o->resume_dir) && !o->out_dir)
@@ -514,6 +516,11 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         goto done;
     }
 
+    if (m->peft.kind == TK_ADAPTER_ADALORA && (o->save_every > 0 || o->resume_dir)) {
+        tk_fail(err, "AdaLoRA: checkpoints (--save-every, --resume) do not hold the rank allocator's state yet");
+        goto done;
+    }
+    if (tk_adalora_run_open(&ada, m, o->steps, lead ? o->dump_dir : NULL, err)) goto done;
     tk_train_state st = {0};
     if (!(config = options_json(o))) {
         tk_fail(err, "out of memory");
@@ -596,7 +603,9 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
                 dist->sum_f32(dist, m->params.grad, m->params.total, err) || gather_gate_stats(dist, m, err))
                 goto done;
         }
-        double loss = loss_sum / (double)sb.targets;
+        double loss = loss_sum / (double)sb.targets, reg = 0.0;
+        if (tk_adalora_run_reg(ada, step, &reg, err)) goto done; /* AdaLoRA: loss += w R, and its gradient */
+        loss += reg;
         st.rows_used = (uint64_t)step * (uint64_t)o->grad_accum * (uint64_t)o->batch_size;
         if (shards) { /* the stream position after this step, for checkpoints */
             st.has_cursor = 1;
@@ -634,6 +643,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             tk_clip_grad_to(m->params.grad, m->params.total, gnorm, o->max_grad_norm);
             float lr = tk_sched_lr(&sch, step - 1);
             tk_params_adamw(&m->params, lr, 0.9f, 0.999f, 1e-8f, o->weight_decay, step);
+            if (tk_adalora_run_step(ada, m, step, err)) goto done; /* scores, budget, masks */
             st.tokens += (double)sb.tokens;
             if (step == 1) st.first_loss = loss;
             st.last_loss = loss;
@@ -697,6 +707,7 @@ done:
     install_signal_handlers(0);
     tk_gatelog_close(glog, rc > 128); /* a signal stop keeps the partial logs for --resume */
     tk_gate_stats_free(&pool);
+    tk_adalora_run_free(ada);
     cJSON_Delete(config);
     dump_free(&dump);
     tk_llama_acts_free(m, acts);

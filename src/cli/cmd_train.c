@@ -267,14 +267,17 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         if (pc->kind == TK_ADAPTER_ADALORA) {
             if (tk_opt_seen(opts, n, "r")) {
                 tk_fail(&err, "--r: AdaLoRA's rank is --init-r (and --target-r)");
+                status = 2;
                 goto fail;
             }
             if (ada.init_r < 1 || ada.init_r > TK_ADALORA_MAX_R || ada.target_r < 0) {
                 tk_fail(&err, "--init-r must be in [1, %d] and --target-r >= 0", TK_ADALORA_MAX_R);
+                status = 2;
                 goto fail;
             }
             if (ada.target_r > ada.init_r) {
                 tk_fail(&err, "--target-r (%d) is larger than --init-r (%d)", ada.target_r, ada.init_r);
+                status = 2;
                 goto fail;
             }
             pc->ada = ada;
@@ -284,6 +287,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
             for (size_t i = 0; i < sizeof only / sizeof only[0]; i++)
                 if (tk_opt_seen(opts, n, only[i])) {
                     tk_fail(&err, "--%s is an AdaLoRA option (--adapter-type adalora)", only[i]);
+                    status = 2;
                     goto fail;
                 }
         }
@@ -330,20 +334,32 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         }
         if (a->tinit < 0 || a->tfinal < 0 || a->delta_t < 1 || a->total_step < 0) {
             tk_fail(&err, "--tinit and --tfinal must be >= 0, --delta-t >= 1, --total-step >= 1");
+            status = 2;
             goto fail;
         }
         if (!(a->beta1 > 0.0f && a->beta1 < 1.0f) || !(a->beta2 > 0.0f && a->beta2 < 1.0f)) {
             tk_fail(&err, "--beta1 and --beta2 must be in (0, 1)");
+            status = 2;
             goto fail;
         }
         if (!(a->orth_reg_weight >= 0.0f)) {
             tk_fail(&err, "--orth-reg-weight must be >= 0");
+            status = 2;
             goto fail;
         }
         int total = a->total_step > 0 ? a->total_step : o.steps;
+        int from_file = o.adapter_dir && !tk_opt_seen(opts, n, "tinit") && !tk_opt_seen(opts, n, "tfinal") &&
+                        !tk_opt_seen(opts, n, "total-step");
+        if ((long)a->tinit + a->tfinal >= total && from_file) {
+            tk_fail(&err, "%s/adapter_config.json: tinit (%d) + tfinal (%d) must be below %s (%d): the schedule leaves "
+                          "no budgeting phase", o.adapter_dir, a->tinit, a->tfinal,
+                    a->total_step > 0 ? "total_step" : "the run's --steps", total);
+            goto fail;
+        }
         if ((long)a->tinit + a->tfinal >= total) {
             tk_fail(&err, "--tinit (%d) + --tfinal (%d) must be below the total steps (%d, %s): the schedule leaves no "
                           "budgeting phase", a->tinit, a->tfinal, total, a->total_step > 0 ? "--total-step" : "--steps");
+            status = 2;
             goto fail;
         }
     }

@@ -598,6 +598,10 @@ static int adalora_resized(const tk_llama *m, tk_st_entry *e, float **owned) {
     return 0;
 }
 
+static int entry_name_cmp(const void *a, const void *b) {
+    return strcmp(((const tk_st_entry *)a)->name, ((const tk_st_entry *)b)->name);
+}
+
 int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err) {
     size_t n_mod = 0;
     for (int l = 0; l < m->cfg.n_layers; l++)
@@ -643,6 +647,9 @@ int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err) {
                 e[n++] = (tk_st_entry){.name = names[k++], .dtype = TK_DT_F32, .ndim = 1, .shape = {1}, .data = &L->lambda};
             }
         }
+    /* in name order, as the safetensors library writes (all entries are F32): the same tensors give
+     * the same file as PEFT's save_pretrained */
+    qsort(e, n, sizeof *e, entry_name_cmp);
     char path[4096];
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", out_dir);
     const char *meta[] = {"format", "pt", NULL};

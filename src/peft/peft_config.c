@@ -636,10 +636,22 @@ int tk_peft_config_load(tk_peft_config *pc, const char *path, tk_err *err) {
     rc = 0;
 done:
     cJSON_Delete(root);
+    if (rc) tk_peft_config_free(pc); /* a failed load leaves nothing owned */
     return rc;
 }
 
 /* ---- writing ---------------------------------------------------------------------------------- */
+
+/* The shortest decimal that reads back as f: 0.85f is written 0.85, not 0.850000023841858. */
+static double short_float(float f) {
+    char buf[32];
+    for (int prec = 6; prec <= 9; prec++) {
+        snprintf(buf, sizeof buf, "%.*g", prec, (double)f);
+        double d = strtod(buf, NULL);
+        if ((float)d == f) return d;
+    }
+    return (double)f;
+}
 
 int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err) {
     cJSON *root = cJSON_CreateObject();
@@ -684,14 +696,16 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
         cJSON_AddNumberToObject(root, "tinit", a->tinit);
         cJSON_AddNumberToObject(root, "tfinal", a->tfinal);
         cJSON_AddNumberToObject(root, "deltaT", a->delta_t);
-        cJSON_AddNumberToObject(root, "beta1", a->beta1);
-        cJSON_AddNumberToObject(root, "beta2", a->beta2);
-        cJSON_AddNumberToObject(root, "orth_reg_weight", a->orth_reg_weight);
+        cJSON_AddNumberToObject(root, "beta1", short_float(a->beta1));
+        cJSON_AddNumberToObject(root, "beta2", short_float(a->beta2));
+        cJSON_AddNumberToObject(root, "orth_reg_weight", short_float(a->orth_reg_weight));
         if (a->total_step > 0) cJSON_AddNumberToObject(root, "total_step", a->total_step);
         else cJSON_AddNullToObject(root, "total_step");
         if (a->n_rank) {
             cJSON *rp = cJSON_AddObjectToObject(root, "rank_pattern");
-            for (int l = 0; l < TK_MAX_LAYERS; l++) /* (layer, projection) order */
+            int top = 0;
+            for (int i = 0; i < a->n_rank; i++) top = a->rank[i].layer + 1 > top ? a->rank[i].layer + 1 : top;
+            for (int l = 0; l < top; l++) /* (layer, projection) order */
                 for (int p = 0; p < TK_NPROJ; p++) {
                     const tk_rank_entry *e = tk_peft_rank_find(pc, l, p);
                     if (!e) continue;
@@ -704,8 +718,8 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
         } else {
             cJSON_AddNullToObject(root, "rank_pattern");
         }
-        cJSON_AddNumberToObject(root, "lora_alpha", pc->alpha);
-        cJSON_AddNumberToObject(root, "lora_dropout", pc->dropout);
+        cJSON_AddNumberToObject(root, "lora_alpha", short_float(pc->alpha));
+        cJSON_AddNumberToObject(root, "lora_dropout", short_float(pc->dropout));
         cJSON_AddStringToObject(root, "bias", "none");
         cJSON_AddBoolToObject(root, "fan_in_fan_out", 0);
         cJSON_AddBoolToObject(root, "inference_mode", 1);

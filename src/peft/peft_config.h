@@ -68,6 +68,7 @@ typedef struct {
 } tk_peft_config;
 
 void tk_peft_config_default(tk_peft_config *pc);
+/* On failure pc owns nothing (tk_peft_config_free is still allowed). */
 int tk_peft_config_load(tk_peft_config *pc, const char *path, tk_err *err);
 int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err);
 void tk_peft_config_free(tk_peft_config *pc);

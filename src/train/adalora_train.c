@@ -12,6 +12,7 @@ struct tk_adalora_run {
     float w;               /* orth_reg_weight */
     double reg;            /* R of the current step */
     const char *dump_dir;  /* or NULL */
+    int fixed;             /* the adapter came with a rank_pattern: its ranks stay as they are */
     /* the dump of the current step (dumping steps only): per module, in allocator order */
     float **orth_a, **orth_b; /* [n][R*I], [n][O*R] */
     float **snap;             /* [n][R*I + O*R + R] A, B, E after the optimizer step, before masking */
@@ -38,9 +39,6 @@ int tk_adalora_run_open(tk_adalora_run **out, tk_llama *m, int steps, const char
     *out = NULL;
     tk_peft_config *pc = &m->peft;
     if (pc->kind != TK_ADAPTER_ADALORA) return 0;
-    if (pc->ada.n_rank)
-        return tk_fail(err, "AdaLoRA: the adapter's ranks are already allocated (its rank_pattern); training it "
-                            "further is not supported: start a new AdaLoRA adapter");
     if (pc->ada.total_step <= 0) pc->ada.total_step = steps;
     if (tk_adalora_check_schedule(&pc->ada, err)) return -1;
     size_t n = 0;
@@ -65,6 +63,7 @@ int tk_adalora_run_open(tk_adalora_run **out, tk_llama *m, int steps, const char
     if (!(ar->alloc = tk_adalora_new(&pc->ada, mods, layer, proj, n, err))) goto done;
     ar->w = pc->ada.orth_reg_weight;
     ar->dump_dir = dump_dir;
+    ar->fixed = pc->ada.n_rank > 0;
     if (dump_dir) {
         ar->orth_a = calloc(n + 1, sizeof(float *));
         ar->orth_b = calloc(n + 1, sizeof(float *));
@@ -214,6 +213,6 @@ int tk_adalora_run_step(tk_adalora_run *ar, tk_llama *m, int step, tk_err *err) 
             memcpy(s + L->r * L->in, L->B, L->out * L->r * sizeof(float));
             memcpy(s + L->r * L->in + L->out * L->r, L->E, L->r * sizeof(float));
         }
-    if (tk_adalora_update(a, step - 1, &m->peft, err)) return -1;
+    if (!ar->fixed && tk_adalora_update(a, step - 1, &m->peft, err)) return -1;
     return d ? write_dump(ar, step, err) : 0;
 }

@@ -28,8 +28,9 @@
 typedef struct tk_adalora_run tk_adalora_run;
 
 /* For an AdaLoRA model: sets total_step (when unset) to steps, checks the schedule, and makes the
- * allocator (*out; NULL for any other adapter). Fails for an adapter whose ranks are already
- * allocated (a rank_pattern). dump_dir may be NULL. */
+ * allocator (*out; NULL for any other adapter). An adapter whose ranks are already allocated (it came
+ * with a rank_pattern, each module holding its kept triplets only) keeps them: the regulariser still
+ * applies, the allocator does not run. dump_dir may be NULL. */
 int tk_adalora_run_open(tk_adalora_run **out, tk_llama *m, int steps, const char *dump_dir, tk_err *err);
 void tk_adalora_run_free(tk_adalora_run *ar);
 /* Adds orth_reg_weight * dR into the adapters' gradients; *reg = orth_reg_weight * R. */

@@ -128,6 +128,35 @@ def adapter_with_tensors(env, name, fn):
     return a
 
 
+def adalora_adapter(env, name, cfg_update=None, tens_fn=None):
+    """A PEFT-layout AdaLoRA adapter (init_r 4 on q_proj and v_proj) for env.model, optionally edited."""
+    a = env.p(name)
+    shutil.rmtree(a, ignore_errors=True)
+    os.makedirs(a)
+    cfg = {"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 0,
+           "deltaT": 1, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5, "total_step": None,
+           "rank_pattern": None, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+           "bias": "none"}
+    cfg.update(cfg_update or {})
+    with open(os.path.join(env.model, "config.json")) as f:
+        mc = json.load(f)
+    C, kv = mc["hidden_size"], mc["num_key_value_heads"] * (mc["hidden_size"] // mc["num_attention_heads"])
+    rng = np.random.default_rng(3)
+    t = {}
+    for L in range(mc["num_hidden_layers"]):
+        for proj, out in (("q_proj", C), ("v_proj", kv)):
+            k = U.PEFT + "model.layers.%d.self_attn.%s" % (L, proj)
+            t[k + ".lora_A"] = (rng.standard_normal((4, C)) * 0.1).astype(np.float32)
+            t[k + ".lora_B"] = (rng.standard_normal((out, 4)) * 0.1).astype(np.float32)
+            t[k + ".lora_E"] = (rng.standard_normal((4, 1)) * 0.1).astype(np.float32)
+    if tens_fn:
+        tens_fn(t)
+    with open(os.path.join(a, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    st.save(os.path.join(a, "adapter_model.safetensors"), t, metadata={"format": "pt"})
+    return a
+
+
 def data_with_line(env, name, lineno, text):
     """The good data file with line `lineno` (1-based) replaced by text (str or dict)."""
     with open(env.data) as f:
@@ -597,6 +626,79 @@ def cases():
         return dict(argv=e.train(extra=["--vision-tower", t, "--image-size", 48, "--out", o]), out=o,
                     expect=[t, "image size 48", "image_size 32", "4 x 4", "6 x 6", "--interpolate-pos"])
 
+    # --- AdaLoRA -------------------------------------------------------------------------------
+    @case("adalora_target_r_above_init_r_option")
+    def _(e):
+        o = e.copy(e.adapter, "o_ada_tr")
+        return dict(argv=e.train(extra=["--adapter-type", "adalora", "--init-r", "4", "--target-r", "6", "--out", o]),
+                    expect=["--target-r", "--init-r"], out=o, status=2)
+
+    @case("adalora_target_r_above_init_r_config")
+    def _(e):
+        a = adalora_adapter(e, "ada_tr", {"target_r": 6})
+        o = e.copy(e.adapter, "o_ada_trc")
+        return dict(argv=e.train(extra=["--adapter", a, "--out", o]),
+                    expect=[os.path.join(a, "adapter_config.json"), "target_r"], out=o)
+
+    @case("adalora_tinit_tfinal_cover_the_steps")
+    def _(e):
+        fresh = e.p("never_made_ada_sched")
+        return dict(argv=e.train(extra=["--adapter-type", "adalora", "--tinit", "1", "--tfinal", "1", "--out", fresh]),
+                    expect=["--tinit", "--tfinal", "--steps"], absent=fresh, status=2)
+
+    @case("adalora_tinit_tfinal_cover_total_step_config")
+    def _(e):
+        a = adalora_adapter(e, "ada_sched", {"tinit": 3, "tfinal": 2, "total_step": 5})
+        o = e.copy(e.adapter, "o_ada_sched")
+        return dict(argv=e.train(extra=["--adapter", a, "--out", o]), expect=[os.path.join(a, "adapter_config.json"), "tinit", "tfinal", "total_step"],
+                    out=o)
+
+    @case("adalora_rank_pattern_layer_not_in_model")
+    def _(e):
+        a = adalora_adapter(e, "ada_rp_layer", {"rank_pattern": {"model.layers.7.self_attn.q_proj.lora_E": [True] * 4}})
+        o = e.copy(e.adapter, "o_ada_rp1")
+        return dict(argv=e.train(extra=["--adapter", a, "--out", o]),
+                    expect=[os.path.join(a, "adapter_config.json"), "rank_pattern", "model.layers.7.self_attn.q_proj"],
+                    out=o)
+
+    @case("adalora_rank_pattern_module_not_targeted")
+    def _(e):
+        a = adalora_adapter(e, "ada_rp_up", {"rank_pattern": {"model.layers.0.mlp.up_proj.lora_E": [True] * 4}})
+        return dict(argv=["generate", "--model", e.model, "--adapter", a, "--ids", "5,6,7", "--max-new-tokens", "2"],
+                    verb="generate",
+                    expect=[os.path.join(a, "adapter_config.json"), "rank_pattern", "model.layers.0.mlp.up_proj"])
+
+    @case("adalora_rank_pattern_not_a_module")
+    def _(e):
+        a = adalora_adapter(e, "ada_rp_name", {"rank_pattern": {"encoder.block.0.q.lora_E": [True] * 4}})
+        return dict(argv=e.train(extra=["--adapter", a]),
+                    expect=[os.path.join(a, "adapter_config.json"), "rank_pattern", "encoder.block.0.q.lora_E"])
+
+    @case("adalora_rank_pattern_wrong_length")
+    def _(e):
+        a = adalora_adapter(e, "ada_rp_len", {"rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True] * 3}})
+        return dict(argv=e.train(extra=["--adapter", a]),
+                    expect=[os.path.join(a, "adapter_config.json"), "model.layers.0.self_attn.q_proj.lora_E", "init_r"])
+
+    @case("adalora_E_wrong_length")
+    def _(e):
+        k = PK + "1.self_attn.v_proj.lora_E"
+        a = adalora_adapter(e, "ada_elen", tens_fn=lambda t: t.__setitem__(k, np.ones((3, 1), np.float32)))
+        o = e.copy(e.adapter, "o_ada_elen")
+        return dict(argv=e.train(extra=["--adapter", a, "--out", o]),
+                    expect=[os.path.join(a, "adapter_model.safetensors"), k], out=o)
+
+    @case("adalora_E_wrong_length_for_rank_pattern")
+    def _(e):
+        k = PK + "0.self_attn.q_proj.lora_E"  # rank_pattern keeps 2 of 4: lora_A [2,C], lora_B [O,2], but E has 4
+        def fn(t):
+            t[k.replace("lora_E", "lora_A")] = t[k.replace("lora_E", "lora_A")][:2].copy()
+            t[k.replace("lora_E", "lora_B")] = t[k.replace("lora_E", "lora_B")][:, :2].copy()
+        a = adalora_adapter(e, "ada_elen_rp", {"rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E":
+                                                                [True, False, True, False]}}, tens_fn=fn)
+        return dict(argv=["info", "--model", e.model, "--adapter", a], verb="info",
+                    expect=[os.path.join(a, "adapter_model.safetensors"), k])
+
     # --- gate options: refused with exit 2 before anything is read or written --------------------
     for name, extra, want in (
             ("gate_keep_zero", ["--gate", "random", "--keep", "0"], ["--keep", "(0, 1]"]),
@@ -729,6 +831,8 @@ def main():
     if good:
         p = U.run(env.tspeft, env.train(extra=["--adapter", env.adapter]))
         chk.ok(p.returncode == 0, "fixture: the good adapter reloads and trains (exit 0)", p.stderr)
+        p = U.run(env.tspeft, env.train(extra=["--adapter", adalora_adapter(env, "ada_good")]))
+        chk.ok(p.returncode == 0, "fixture: the good AdaLoRA adapter (the AdaLoRA cases' base) trains (exit 0)", p.stderr)
     if good:
         for name, setup in cases():
             if a.case and not any(name.startswith(c) for c in a.case):

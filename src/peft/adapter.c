@@ -84,8 +84,9 @@ int tk_adapted_alloc(tk_adapted_linear *L, size_t n_tok, tk_err *err) {
         ok = ok && L->xd && L->keepx;
     }
     if (L->kind == TK_ADAPTER_ADALORA) {
-        L->ae = tk_calloc(L->r * L->in ? L->r * L->in : 1, sizeof(float));
-        L->dae = tk_calloc(L->r * L->in ? L->r * L->in : 1, sizeof(float));
+        size_t nae = L->r * L->in;
+        L->ae = tk_calloc(nae ? nae : 1, sizeof(float));
+        L->dae = tk_calloc(nae ? nae : 1, sizeof(float));
         ok = ok && L->ae && L->dae;
     }
     if (L->kind == TK_ADAPTER_DORA) {

@@ -500,7 +500,8 @@ int tk_adapted_forward(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const 
 int tk_adapted_forward_rows(tk_adapted_linear *L, tk_adapter_ws *ws, float *y, const float *x, size_t N,
                             tk_err *err) {
     int whole = tk_frozen_rows_alone(base_weight(L)) &&
-                (L->kind == TK_ADAPTER_NONE || (L->kind == TK_ADAPTER_LORA && !(L->gated && L->rand_keep > 0.0f)));
+                (L->kind == TK_ADAPTER_NONE || ((L->kind == TK_ADAPTER_LORA || L->kind == TK_ADAPTER_ADALORA) &&
+                                                 !(L->gated && L->rand_keep > 0.0f)));
     if (whole) {
         ws->rows_alone = 1;
         int rc = tk_adapted_forward(L, ws, y, x, NULL, N, TK_FWD_EVAL, NULL, err);

@@ -15,8 +15,8 @@ the demo start from random towers of any shape:
 --prefix: the tensor name prefix ("vision_model.", "vision_tower.vision_model.",
   "model.vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model.").
 --noisy-norms: LayerNorm weights 1 + N(0, 0.1) and every bias N(0, std) (tests want them non-trivial).
---extra: also write tensors the encoder must ignore (a SigLIP attention-pooling head, a text tower
-  weight, a LLaMA embedding).
+--extra: also write a SigLIP attention-pooling head (vision_model.head.*: loaded by a SigLIP tower,
+  ignored by a CLIP one) and tensors the encoder must ignore (a text tower weight, a LLaMA embedding).
 
 Initialisation: linear, conv and embedding weights N(0, std); LayerNorm weights 1, biases 0. Tensor
 names and shapes follow transformers' CLIPVisionTransformer / SiglipVisionTransformer (note HF's
@@ -119,6 +119,25 @@ def tower_tensors(kind, hidden, layers, inter, image, patch, std, noisy, rng):
     return t
 
 
+def head_tensors(hidden, inter, std, noisy, rng):
+    """SigLIP's attention-pooling head (SiglipMultiheadAttentionPoolingHead), unprefixed names."""
+    C, F = hidden, inter
+
+    def w(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * std
+
+    def bias(n):
+        return w(n) if noisy else np.zeros(n, np.float32)
+    return {"head.probe": rng.standard_normal((1, 1, C)).astype(np.float32),
+            "head.attention.in_proj_weight": w(3 * C, C), "head.attention.in_proj_bias": bias(3 * C),
+            "head.attention.out_proj.weight": w(C, C), "head.attention.out_proj.bias": bias(C),
+            "head.layernorm.weight": (1.0 + 0.1 * rng.standard_normal(C)).astype(np.float32) if noisy
+            else np.ones(C, np.float32),
+            "head.layernorm.bias": bias(C),
+            "head.mlp.fc1.weight": w(F, C), "head.mlp.fc1.bias": bias(F),
+            "head.mlp.fc2.weight": w(C, F), "head.mlp.fc2.bias": bias(C)}
+
+
 def make(out, kind="clip", hidden=64, layers=2, heads=4, inter=128, image=32, patch=8, dtype="F32",
          config="vision", prefix="vision_model.", std=0.02, noisy=False, extra=False, seed=0, act=None,
          eps=None, write=True):
@@ -146,8 +165,7 @@ def make(out, kind="clip", hidden=64, layers=2, heads=4, inter=128, image=32, pa
     t = {prefix + k: v for k, v in tower_tensors(kind, hidden, layers, inter, image, patch, std, noisy,
                                                   rng).items()}
     if extra:
-        t[prefix + "head.probe"] = rng.standard_normal((1, 1, hidden)).astype(np.float32)
-        t[prefix + "head.attention.in_proj_weight"] = rng.standard_normal((3 * hidden, hidden)).astype(np.float32)
+        t.update({prefix + k: v for k, v in head_tensors(hidden, inter, std, noisy, rng).items()})
         t["text_model.embeddings.token_embedding.weight"] = rng.standard_normal((10, hidden)).astype(np.float32)
         t["language_model.model.embed_tokens.weight"] = rng.standard_normal((10, hidden)).astype(np.float32)
     if not write:

@@ -125,6 +125,10 @@ int tk_vit_config_load(tk_vit_config *cfg, const char *path, tk_err *err) {
         }
         cfg->eps = (float)eps->valuedouble;
     }
+    if (kind == TK_VIT_SIGLIP) { /* SiglipVisionConfig.vision_use_head, default true */
+        const cJSON *uh = cJSON_GetObjectItemCaseSensitive(v, "vision_use_head");
+        cfg->use_head = !(uh && cJSON_IsFalse(uh));
+    }
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(v, "hidden_act");
     if (act && !cJSON_IsNull(act)) {
         const char *a = cJSON_IsString(act) ? act->valuestring : "";
@@ -145,7 +149,7 @@ done:
 
 /* ---- the parameter table --------------------------------------------------------------------- */
 
-size_t tk_vit_slot_capacity(const tk_vit_config *cfg) { return 10 + 16 * (size_t)cfg->n_layers; }
+size_t tk_vit_slot_capacity(const tk_vit_config *cfg) { return 21 + 16 * (size_t)cfg->n_layers; }
 
 static void slot(tk_vit_slot *s, size_t *n, float **data, int ndim, int64_t d0, int64_t d1,
                  int64_t d2, int64_t d3, const char *fmt, int layer) {
@@ -192,6 +196,19 @@ size_t tk_vit_slots(tk_vit *m, tk_vit_slot *s) {
     }
     slot(s, &n, &m->post_w, 1, C, 0, 0, 0, "post_layernorm.weight", 0);
     slot(s, &n, &m->post_b, 1, C, 0, 0, 0, "post_layernorm.bias", 0);
+    if (c->use_head) {
+        slot(s, &n, &m->head_probe, 3, 1, 1, C, 0, "head.probe", 0);
+        slot(s, &n, &m->head_in_w, 2, 3 * C, C, 0, 0, "head.attention.in_proj_weight", 0);
+        slot(s, &n, &m->head_in_b, 1, 3 * C, 0, 0, 0, "head.attention.in_proj_bias", 0);
+        slot(s, &n, &m->head_out_w, 2, C, C, 0, 0, "head.attention.out_proj.weight", 0);
+        slot(s, &n, &m->head_out_b, 1, C, 0, 0, 0, "head.attention.out_proj.bias", 0);
+        slot(s, &n, &m->head_ln_w, 1, C, 0, 0, 0, "head.layernorm.weight", 0);
+        slot(s, &n, &m->head_ln_b, 1, C, 0, 0, 0, "head.layernorm.bias", 0);
+        slot(s, &n, &m->head_fc1_w, 2, F, C, 0, 0, "head.mlp.fc1.weight", 0);
+        slot(s, &n, &m->head_fc1_b, 1, F, 0, 0, 0, "head.mlp.fc1.bias", 0);
+        slot(s, &n, &m->head_fc2_w, 2, C, F, 0, 0, "head.mlp.fc2.weight", 0);
+        slot(s, &n, &m->head_fc2_b, 1, C, 0, 0, 0, "head.mlp.fc2.bias", 0);
+    }
     TK_ASSERT(n <= tk_vit_slot_capacity(c));
     return n;
 }
@@ -278,9 +295,12 @@ tk_vit *tk_vit_open_set(const tk_vit_config *cfg, const tk_st_set *set, const ch
         tk_fail(err, "%s: tensor name prefix too long", where);
         return NULL;
     }
+    tk_vit_config c2 = *cfg;
+    snprintf(name, sizeof name, "%shead.probe", prefix);
+    if (c2.kind != TK_VIT_SIGLIP || !tk_st_set_find(set, name, &f)) c2.use_head = 0; /* where present */
     tk_vit_slot *slots = NULL;
     size_t ns = 0;
-    tk_vit *m = vit_alloc(cfg, where, &slots, &ns, err);
+    tk_vit *m = vit_alloc(&c2, where, &slots, &ns, err);
     if (!m) return NULL;
     if (cfg->kind == TK_VIT_SIGLIP) { /* a CLIP tower read with a SigLIP config (or the reverse) */
         snprintf(name, sizeof name, "%sembeddings.class_embedding", prefix);
@@ -322,6 +342,82 @@ tk_vit *tk_vit_open(const char *dir, const char *prefix, tk_err *err) {
     return m;
 }
 
+tk_vit *tk_vit_zeros(const tk_vit_config *cfg, tk_err *err) {
+    tk_vit_slot *slots = NULL;
+    size_t ns = 0;
+    tk_vit *m = vit_alloc(cfg, "vision gradients", &slots, &ns, err);
+    free(slots);
+    return m;
+}
+
+int tk_vit_save(const tk_vit *m, const char *dir, tk_err *err) {
+    const tk_vit_config *c = &m->cfg;
+    char path[4096], cfgtmp[4200];
+    size_t cap = tk_vit_slot_capacity(c);
+    tk_vit_slot *slots = calloc(cap, sizeof *slots);
+    tk_st_entry *e = calloc(cap, sizeof *e);
+    char (*names)[TK_NAME_MAX + 16] = calloc(cap, sizeof *names);
+    cJSON *j = cJSON_CreateObject();
+    char *text = NULL;
+    int rc = -1;
+    if (!slots || !e || !names || !j) {
+        tk_fail(err, "%s: out of memory", dir);
+        goto done;
+    }
+    size_t ns = tk_vit_slots((tk_vit *)m, slots); /* reads the pointers, writes only the table */
+    for (size_t i = 0; i < ns; i++) {
+        snprintf(names[i], sizeof names[i], "vision_model.%s", slots[i].name);
+        e[i].name = names[i];
+        e[i].dtype = TK_DT_F32;
+        e[i].ndim = slots[i].ndim;
+        for (int d = 0; d < slots[i].ndim; d++) e[i].shape[d] = slots[i].shape[d];
+        e[i].data = *slots[i].data;
+    }
+    int clip = c->kind == TK_VIT_CLIP;
+    cJSON_AddStringToObject(j, "model_type", clip ? "clip_vision_model" : "siglip_vision_model");
+    cJSON *arch = cJSON_AddArrayToObject(j, "architectures");
+    cJSON_AddItemToArray(arch, cJSON_CreateString(clip ? "CLIPVisionModel" : "SiglipVisionModel"));
+    cJSON_AddNumberToObject(j, "hidden_size", c->hidden);
+    cJSON_AddNumberToObject(j, "intermediate_size", c->inter);
+    cJSON_AddNumberToObject(j, "num_hidden_layers", c->n_layers);
+    cJSON_AddNumberToObject(j, "num_attention_heads", c->n_heads);
+    cJSON_AddNumberToObject(j, "num_channels", c->channels);
+    cJSON_AddNumberToObject(j, "image_size", c->image_size);
+    cJSON_AddNumberToObject(j, "patch_size", c->patch_size);
+    cJSON_AddStringToObject(j, "hidden_act", tk_gelu_name(c->act));
+    cJSON_AddNumberToObject(j, "layer_norm_eps", c->eps);
+    if (!clip) cJSON_AddBoolToObject(j, "vision_use_head", c->use_head);
+    if (!(text = cJSON_Print(j))) {
+        tk_fail(err, "%s: out of memory", dir);
+        goto done;
+    }
+    if (tk_mkdir_p(dir, err) || tk_pathf(path, sizeof path, err, "%s/model.safetensors", dir)) goto done;
+    const char *meta[] = {"format", "pt", NULL};
+    if (tk_st_write(path, e, ns, meta, err)) goto done;
+    if (tk_pathf(path, sizeof path, err, "%s/config.json", dir)) goto done;
+    snprintf(cfgtmp, sizeof cfgtmp, "%s.tmp", path);
+    FILE *fp = fopen(cfgtmp, "wb");
+    if (!fp || fputs(text, fp) < 0 || fputc('\n', fp) < 0 || fclose(fp)) {
+        if (fp) fclose(fp);
+        remove(cfgtmp);
+        tk_fail(err, "%s: cannot write", cfgtmp);
+        goto done;
+    }
+    if (rename(cfgtmp, path)) {
+        remove(cfgtmp);
+        tk_fail(err, "%s: cannot rename to %s", cfgtmp, path);
+        goto done;
+    }
+    rc = 0;
+done:
+    free(text);
+    cJSON_Delete(j);
+    free(names);
+    free(e);
+    free(slots);
+    return rc;
+}
+
 tk_vit *tk_vit_random(const tk_vit_config *cfg, uint64_t seed, tk_err *err) {
     tk_vit_slot *slots = NULL;
     size_t ns = 0;
@@ -335,7 +431,7 @@ tk_vit *tk_vit_random(const tk_vit_config *cfg, uint64_t seed, tk_err *err) {
         size_t n = slot_numel(&slots[i]);
         const char *nm = slots[i].name;
         size_t len = strlen(nm);
-        int is_bias = len > 5 && strcmp(nm + len - 5, ".bias") == 0;
+        int is_bias = len > 5 && strcmp(nm + len - 4, "bias") == 0;
         int is_norm = strstr(nm, "norm") != NULL;
         if (is_norm && !is_bias) {
             for (size_t j = 0; j < n; j++) w[j] = 1.0f;
@@ -523,6 +619,7 @@ int tk_vit_forward(const tk_vit *m, tk_vit_ws *ws, float *out, const float *pixe
     if (sel->layer < -(L + 1) || sel->layer > L)
         return tk_fail(err, "vision feature layer %d out of range [%d, %d] (%d layers)", sel->layer,
                        -(L + 1), L, L);
+    if (sel->pooled) return tk_fail(err, "vision forward: the pooled output is the training forward's");
     int upto = sel->layer < 0 ? L + 1 + sel->layer : sel->layer; /* layers to run */
     size_t C = (size_t)c->hidden, T = m->n_tokens, N = m->n_patches;
     size_t S = (size_t)m->image_size, ch = (size_t)c->channels;

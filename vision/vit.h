@@ -1,4 +1,5 @@
-/* vit.h: the frozen CLIP / SigLIP vision transformers of LLaVA-style models, in fp32, forward only.
+/* vit.h: the CLIP / SigLIP vision transformers of LLaVA-style models, in fp32: loading and the
+ * inference forward (the training forward and backward: vit_train.h).
  *
  *   tk_err err = {0};
  *   tk_vit *m = tk_vit_open("clip-vit-large-patch14-336", NULL, &err);  // config.json + safetensors
@@ -17,8 +18,9 @@
  * hidden_states[0] is x before the first layer, hidden_states[l] the output of layer l (as HF's
  * output_hidden_states); none of them has post_layernorm applied (CLIP's last_hidden_state is
  * hidden_states[-1]; SigLIP's is post_layernorm(hidden_states[-1]): select .post_norm = 1 for it).
- * SigLIP's attention-pooling head (vision_model.head.*) is not loaded: LLaVA-style models take the
- * patch features, never the pooled vector.
+ * SigLIP's attention-pooling head (vision_model.head.*) is loaded where the checkpoint has it
+ * (cfg.use_head); LLaVA-style models take the patch features, the image-classification task the
+ * pooled vector (vit_train.h).
  *
  * Ownership: tk_vit owns its weights (one fp32 block; F16/BF16 files are widened on load); the
  * workspace belongs to the model it was allocated for. Weights are read-only after loading; one
@@ -49,10 +51,13 @@ typedef struct {
     int channels;   /* num_channels (3) */
     float eps;      /* layer_norm_eps */
     tk_gelu_kind act; /* hidden_act: quick_gelu, gelu, gelu_pytorch_tanh / gelu_new */
+    int use_head;   /* SigLIP's attention-pooling head (vision_model.head.*) is part of the model */
 } tk_vit_config;
 
 /* HF's defaults of CLIPVisionConfig (ViT-B/32 shape, quick_gelu, eps 1e-5) or SiglipVisionConfig
- * (ViT-B/16 shape, gelu_pytorch_tanh, eps 1e-6). */
+ * (ViT-B/16 shape, gelu_pytorch_tanh, eps 1e-6). use_head is 0: tk_vit_config_load sets it from
+ * SigLIP's vision_use_head (default true), and tk_vit_open_set clears it when the checkpoint has no
+ * head. */
 void tk_vit_config_default(tk_vit_config *cfg, tk_vit_kind kind);
 /* Reads a config.json: a CLIPVisionConfig / SiglipVisionConfig (model_type clip_vision_model /
  * siglip_vision_model), or any config with a "vision_config" object (CLIPConfig, SiglipConfig,
@@ -87,6 +92,15 @@ typedef struct {
     float *pre_w, *pre_b;     /* [C] CLIP pre_layrnorm; NULL for SigLIP */
     tk_vit_layer *layers;     /* [L] */
     float *post_w, *post_b;   /* [C] post_layernorm */
+    /* SigLIP's attention-pooling head (cfg.use_head; NULL otherwise): one learned query (probe)
+     * attends over post_layernorm(last hidden state) through nn.MultiheadAttention (in_proj packs
+     * q, k, v), then y = a + fc2(act(fc1(layernorm(a)))); pooler_output = y. */
+    float *head_probe;              /* [C] head.probe ([1,1,C] in the file) */
+    float *head_in_w, *head_in_b;   /* [3C,C], [3C] head.attention.in_proj_{weight,bias} */
+    float *head_out_w, *head_out_b; /* [C,C], [C] head.attention.out_proj */
+    float *head_ln_w, *head_ln_b;   /* [C] head.layernorm */
+    float *head_fc1_w, *head_fc1_b; /* [F,C], [F] head.mlp.fc1 */
+    float *head_fc2_w, *head_fc2_b; /* [C,F], [C] head.mlp.fc2 */
     float *block;             /* owns every tensor above */
 } tk_vit;
 
@@ -114,6 +128,12 @@ tk_vit *tk_vit_open(const char *dir, const char *prefix, tk_err *err);
  * names the checkpoint in messages. The weights are copied: set may be closed afterwards. */
 tk_vit *tk_vit_open_set(const tk_vit_config *cfg, const tk_st_set *set, const char *where,
                         const char *prefix, tk_err *err);
+/* A tower of cfg's shape with every tensor zero (gradient accumulators of the same layout). */
+tk_vit *tk_vit_zeros(const tk_vit_config *cfg, tk_err *err);
+/* Writes m as dir/config.json (a CLIPVisionConfig / SiglipVisionConfig) and dir/model.safetensors
+ * (F32, names under "vision_model."), readable by tk_vit_open and transformers. The safetensors file
+ * is written to a temporary name and renamed, so a failure leaves no partial file. */
+int tk_vit_save(const tk_vit *m, const char *dir, tk_err *err);
 /* Random weights of the given shape (linear/conv/embeddings uniform with std 0.02, biases 0, norms
  * weight 1 bias 0), nothing read: for tests, benchmarks and the demo. */
 tk_vit *tk_vit_random(const tk_vit_config *cfg, uint64_t seed, tk_err *err);
@@ -131,6 +151,7 @@ typedef struct {
     int layer;              /* hidden_states index in [-(L+1), L]; LLaVA's mm_vision_select_layer -2 */
     tk_vit_feature feature;
     int post_norm;          /* apply post_layernorm to the selected state (SigLIP last_hidden_state) */
+    int pooled;             /* pooler_output [B,C] instead (vit_train.h; tk_vit_forward refuses it) */
 } tk_vit_select;
 
 /* Tokens per image of the output: N or T. */

@@ -9,12 +9,14 @@ F16; every tensor-name prefix; standalone, CLIPConfig/SiglipConfig and llava-hf 
 random pixels are run through `vision_probe encode`, and the selected hidden state is compared with
 a float64 re-implementation of transformers' CLIPVisionTransformer / SiglipVisionTransformer written
 here (F.conv2d patch embedding, per-head softmax attention, quick_gelu / gelu / gelu_pytorch_tanh).
-The projector (linear, mlp2x_gelu; original LLaVA and llava-hf names) is compared with torch autograd:
+The training forward and backward (`vision_probe grad`: pooled outputs with SigLIP's attention-pooling
+head, selections) are compared with torch autograd: output, pixel gradient and the gradient of every
+tower tensor. The projector (linear, mlp2x_gelu; original LLaVA and llava-hf names) is compared with torch autograd:
 output, input gradient and every weight gradient. Malformed checkpoints must fail with one line
 naming the file and the tensor or key.
 
-Tolerances: encoder max abs error <= 1e-4 * max(1, max|ref|); projector max abs error / max|ref| <=
-1e-4 per tensor. Exit status 1 when anything fails, 2 on bad usage.
+Tolerances: encoder max abs error <= 1e-4 * max(1, max|ref|); tower gradients and projector max abs
+error / max|ref| <= 1e-4 per tensor. Exit status 1 when anything fails, 2 on bad usage.
 """
 import argparse
 import json
@@ -95,6 +97,29 @@ def vit_reference(vc, W, pixels):
     def post(t):
         return F.layer_norm(t, (C,), W["post_layernorm.weight"], W["post_layernorm.bias"], eps)
     return hs, post
+
+
+def pooled_ref(vc, W, hs, post):
+    """pooler_output: CLIP post_layernorm(last)[:, 0]; SigLIP head(post_layernorm(last)) (transformers'
+    SiglipMultiheadAttentionPoolingHead through nn.MultiheadAttention), or the mean over the patches
+    of post_layernorm(last) without a head."""
+    last = post(hs[-1])
+    if vc["model_type"] == "clip_vision_model":
+        return last[:, 0]
+    if "head.probe" not in W:
+        return last.mean(dim=1)
+    C, H, eps = vc["hidden_size"], vc["num_attention_heads"], vc["layer_norm_eps"]
+    B = last.shape[0]
+    a, _ = F.multi_head_attention_forward(
+        W["head.probe"].expand(B, 1, C).transpose(0, 1), last.transpose(0, 1), last.transpose(0, 1), C, H,
+        W["head.attention.in_proj_weight"], W["head.attention.in_proj_bias"], None, None, False, 0.0,
+        W["head.attention.out_proj.weight"], W["head.attention.out_proj.bias"], training=False,
+        need_weights=False)
+    a = a.transpose(0, 1)  # [B, 1, C]
+    h = F.layer_norm(a, (C,), W["head.layernorm.weight"], W["head.layernorm.bias"], eps)
+    h = F.linear(act_fn(vc["hidden_act"], F.linear(h, W["head.mlp.fc1.weight"], W["head.mlp.fc1.bias"])),
+                 W["head.mlp.fc2.weight"], W["head.mlp.fc2.bias"])
+    return (a + h)[:, 0]
 
 
 def select_ref(vc, hs, post, layer, feature, post_norm):
@@ -227,6 +252,83 @@ def vit_case(case, probe, tmp, chk):
     diff = float((hs[-1] - hs[-2]).abs().max())
     chk.ok(diff > 100 * TOL_VIT * max(1.0, float(hs[-2].abs().max())),
            "%s: hidden_states[-1] and [-2] differ by %.3g (the test can tell layers apart)" % (case["name"], diff))
+
+
+# Gradient cases: the training forward and backward (vision_probe grad) against torch autograd in
+# float64: out, d pixels and the gradient of every tensor of the tower, each to 1e-4 of its max |ref|
+# (k_proj.bias, whose gradient is 0 up to rounding, to 1e-4 of its k_proj.weight gradient's max).
+GRAD_CASES = [
+    dict(name="g1_clip_pooled", mk=dict(kind="clip", hidden=32, layers=2, heads=4, inter=48, image=16, patch=4,
+                                        dtype="F32", config="vision", prefix="vision_model."), B=2, sel="pooled"),
+    dict(name="g2_clip_layer_patch", mk=dict(kind="clip", hidden=32, layers=3, heads=2, inter=40, image=12,
+                                             patch=4, dtype="F32", config="llava",
+                                             prefix="vision_tower.vision_model."),
+         B=2, sel=(-2, "patch", False)),
+    dict(name="g3_siglip_head_pooled", mk=dict(kind="siglip", hidden=32, layers=2, heads=4, inter=56, image=16,
+                                               patch=4, dtype="F32", config="vision", prefix="vision_model.",
+                                               extra=True), B=3, sel="pooled"),
+    dict(name="g4_siglip_nohead_pooled", mk=dict(kind="siglip", hidden=24, layers=2, heads=3, inter=40, image=12,
+                                                 patch=6, dtype="F32", config="vision", prefix="vision_model."),
+         B=2, sel="pooled"),
+    dict(name="g5_siglip_post_norm_gelu", mk=dict(kind="siglip", hidden=32, layers=2, heads=4, inter=48, image=16,
+                                                  patch=8, dtype="F32", config="full", prefix="vision_model.",
+                                                  act="gelu"), B=2, sel=(-1, "patch", True)),
+]
+
+
+def grad_case(case, probe, tmp, chk):
+    d = os.path.join(tmp, case["name"])
+    mk = dict(case["mk"])
+    cfg, stored = MV.make(os.path.join(d, "model"), std=0.15, noisy=True,
+                          seed=zlib.crc32(case["name"].encode()) % 1000, **mk)
+    vc = cfg.get("vision_config", cfg)
+    prefix = mk["prefix"]
+    W = {k[len(prefix):]: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+         for k, v in stored.items() if k.startswith(prefix)}
+    rng = np.random.default_rng(9)
+    S = vc["image_size"]
+    pixels = rng.standard_normal((case["B"], 3, S, S)).astype(np.float32)
+    px = torch.tensor(pixels, dtype=torch.float64, requires_grad=True)
+    hs, post = vit_reference(vc, W, px)
+    if case["sel"] == "pooled":
+        out = pooled_ref(vc, W, hs, post)[:, None]
+        extra = ["--pooled"]
+    else:
+        layer, feature, post_norm = case["sel"]
+        out = select_ref(vc, hs, post, layer, feature, post_norm)
+        extra = ["--layer", str(layer), "--feature", feature] + (["--post-norm"] if post_norm else [])
+    dout = rng.standard_normal(tuple(out.shape)).astype(np.float32)
+    (out * torch.tensor(dout, dtype=torch.float64)).sum().backward()
+    io_path = os.path.join(d, "io.safetensors")
+    st.save(io_path, {"pixels": pixels, "dout": dout})
+    res = os.path.join(d, "grad.safetensors")
+    p = run([probe, "grad", "--model", os.path.join(d, "model"), "--input", io_path, "--out", res] + extra)
+    if not chk.ok(p.returncode == 0, "%s: probe exits 0" % case["name"], p.stderr.strip()):
+        return
+    got = st.load(res)
+    chk.close(got["out"], out.detach().numpy(), TOL_VIT, "%s: out" % case["name"], scale="rel")
+    chk.close(got["dpixels"], px.grad.numpy(), TOL_VIT, "%s: d pixels" % case["name"], scale="rel")
+    names = sorted(k for k in got if k.startswith("grad."))
+    chk.ok(set(n[5:] for n in names) == set(W), "%s: a gradient for exactly the tower's %d tensors" %
+           (case["name"], len(W)), "got %s" % names)
+    worst, wname = 0.0, ""
+    for n in names:
+        ref = W[n[5:]].grad
+        ref = np.zeros(tuple(W[n[5:]].shape)) if ref is None else ref.numpy()
+        g = np.asarray(got[n], np.float64).reshape(ref.shape)
+        scale = float(np.max(np.abs(ref)))
+        if n.endswith("k_proj.bias"):  # exactly 0 (softmax ignores a shift shared by a row): relative to
+            kw = W[n[5:-4] + "weight"].grad  # the same projection's weight gradient instead
+            scale = float(kw.abs().max()) if kw is not None else 1.0
+        err = float(np.max(np.abs(g - ref))) / max(scale, 1e-12)
+        if not np.all(np.isfinite(g)):
+            err = float("inf")
+        if err > worst:
+            worst, wname = err, n[5:]
+        if err > TOL_VIT:
+            chk.ok(False, "%s: grad %s" % (case["name"], n[5:]), "max abs err / max|ref| %.3e" % err)
+    chk.ok(worst <= TOL_VIT, "%s: every parameter gradient within %.0e (worst %.3e, %s)" %
+           (case["name"], TOL_VIT, worst, wname))
 
 
 def self_checks(chk):
@@ -429,6 +531,10 @@ def main():
             if want(c["name"]):
                 print("%s:" % c["name"])
                 vit_case(c, probe, tmp, chk)
+        for c in GRAD_CASES:
+            if want(c["name"]):
+                print("%s:" % c["name"])
+                grad_case(c, probe, tmp, chk)
         for name, mut, expect in BAD_CASES:
             if want(name):
                 print("%s:" % name)

@@ -2,6 +2,8 @@
  *
  *   vision_probe encode  --model DIR [--prefix P] --input IN.safetensors --out OUT.safetensors
  *                        [--layer L] [--feature patch|cls_patch] [--post-norm] [--batch B]
+ *   vision_probe grad    --model DIR [--prefix P] --input IN.safetensors --out OUT.safetensors
+ *                        [--layer L] [--feature patch|cls_patch] [--post-norm] [--pooled]
  *   vision_probe project --proj PATH --kind linear|mlp2x_gelu --input IN.safetensors
  *                        --out OUT.safetensors [--save mm_projector.safetensors]
  *   vision_probe bench   [--kind clip|siglip] [--hidden 768] [--inter 3072] [--layers 12] [--heads 12]
@@ -10,6 +12,9 @@
  *
  * encode: IN holds "pixels" [B,3,S,S]; OUT gets "features" [B, tokens, C] (tk_vit_forward with the
  *   given selection; --batch sets the workspace's images per pass, default all).
+ * grad: IN holds "pixels" [B,3,S,S] and "dout" (the output's shape); OUT gets "out" (the training
+ *   forward: the selection, or pooler_output [B,C] with --pooled), "dpixels" and "grad.<name>" for every
+ *   tensor of the tower (unprefixed HF names), from one backward into zeroed gradients.
  * project: IN holds "x" [N,I] and "dy" [N,O]; OUT gets "y" [N,O], "dx" [N,I] and "grad.<name>" for
  *   every projector tensor (one forward, one backward from zeroed gradients). --save writes the
  *   projector back in the original LLaVA layout.
@@ -20,6 +25,7 @@
 #include "io/safetensors.h"
 #include "vision/projector.h"
 #include "vision/vit.h"
+#include "vision/vit_train.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,7 +63,7 @@ static float *read_all(tk_st_file *f, const char *name, const tk_st_tensor **t, 
 
 typedef struct {
     const char *model, *prefix, *input, *out, *proj, *kind, *save, *feature;
-    int layer, post_norm, threads, batch, images;
+    int layer, post_norm, pooled, threads, batch, images;
     int hidden, inter, layers, heads, image, patch;
 } opts;
 
@@ -66,6 +72,10 @@ static int parse(opts *o, int argc, char **argv) {
         const char *a = argv[i];
         if (strcmp(a, "--post-norm") == 0) {
             o->post_norm = 1;
+            continue;
+        }
+        if (strcmp(a, "--pooled") == 0) {
+            o->pooled = 1;
             continue;
         }
         if (i + 1 >= argc) return -1;
@@ -126,6 +136,69 @@ done:
     tk_free(out);
     tk_free(pix);
     tk_st_close(in);
+    tk_vit_close(m);
+    return rc ? fail(&err) : 0;
+}
+
+static int cmd_grad(const opts *o) {
+    tk_err err = {0};
+    if (!o->model || !o->input || !o->out) return usage("grad needs --model, --input and --out");
+    tk_vit_select sel = {.layer = o->layer, .feature = TK_VIT_FEATURE_PATCH, .post_norm = o->post_norm,
+                         .pooled = o->pooled};
+    if (o->feature && tk_vit_feature_parse(o->feature, &sel.feature)) return usage("bad --feature");
+    tk_vit *m = tk_vit_open(o->model, o->prefix, &err), *g = NULL;
+    if (!m) return fail(&err);
+    int rc = 1;
+    tk_st_file *in = tk_st_open(o->input, &err);
+    const tk_st_tensor *t = NULL, *td = NULL;
+    float *pix = in ? read_all(in, "pixels", &t, &err) : NULL, *dout = NULL, *out = NULL, *dpix = NULL;
+    tk_vit_act *act = NULL;
+    tk_vit_slot *sl = NULL;
+    tk_st_entry *e = NULL;
+    char (*names)[TK_NAME_MAX + 8] = NULL;
+    if (!pix || !(dout = read_all(in, "dout", &td, &err))) goto done;
+    int64_t S = m->cfg.image_size, ch = m->cfg.channels;
+    if (t->ndim != 4 || t->shape[0] < 1 || t->shape[1] != ch || t->shape[2] != S || t->shape[3] != S) {
+        tk_fail(&err, "%s: pixels must be [B,%lld,%lld,%lld]", o->input, (long long)ch, (long long)S,
+                (long long)S);
+        goto done;
+    }
+    size_t B = (size_t)t->shape[0], To = tk_vit_train_out_tokens(m, &sel), C = (size_t)m->cfg.hidden;
+    size_t np = B * (size_t)(ch * S * S);
+    if (td->numel != B * To * C) {
+        tk_fail(&err, "%s: dout must hold %zu x %zu x %zu values", o->input, B, To, C);
+        goto done;
+    }
+    size_t cap = tk_vit_slot_capacity(&m->cfg);
+    if (!(g = tk_vit_zeros(&m->cfg, &err)) || !(act = tk_vit_act_alloc(m, B, &err))) goto done;
+    out = tk_calloc(B * To * C, sizeof(float));
+    dpix = tk_calloc(np, sizeof(float));
+    sl = calloc(cap, sizeof *sl);
+    e = calloc(cap + 2, sizeof *e);
+    names = calloc(cap, sizeof *names);
+    if (!out || !dpix || !sl || !e || !names) {
+        tk_fail(&err, "out of memory");
+        goto done;
+    }
+    if (tk_vit_train_forward(m, act, out, pix, B, &sel, &err) ||
+        tk_vit_train_backward(m, act, g, dpix, dout, &err))
+        goto done;
+    size_t ns = tk_vit_slots(g, sl);
+    e[0] = (tk_st_entry){"out", TK_DT_F32, 3, {(int64_t)B, (int64_t)To, (int64_t)C}, out};
+    e[1] = (tk_st_entry){"dpixels", TK_DT_F32, 4, {(int64_t)B, ch, S, S}, dpix};
+    for (size_t i = 0; i < ns; i++) {
+        snprintf(names[i], sizeof names[i], "grad.%s", sl[i].name);
+        e[2 + i] = (tk_st_entry){names[i], TK_DT_F32, sl[i].ndim, {0}, *sl[i].data};
+        for (int d = 0; d < sl[i].ndim; d++) e[2 + i].shape[d] = sl[i].shape[d];
+    }
+    if (tk_st_write(o->out, e, 2 + ns, NULL, &err)) goto done;
+    rc = 0;
+done:
+    tk_vit_act_free(act);
+    tk_free(out), tk_free(dpix), tk_free(pix), tk_free(dout);
+    free(sl), free(e), free(names);
+    tk_st_close(in);
+    tk_vit_close(g);
     tk_vit_close(m);
     return rc ? fail(&err) : 0;
 }
@@ -221,10 +294,11 @@ static int cmd_bench(const opts *o) {
 
 int main(int argc, char **argv) {
     opts o = {.layer = -2, .threads = 2};
-    if (argc < 2) return usage("missing command (encode, project or bench)");
+    if (argc < 2) return usage("missing command (encode, grad, project or bench)");
     if (parse(&o, argc, argv)) return usage("bad or incomplete option");
     tk_set_threads(o.threads);
     if (strcmp(argv[1], "encode") == 0) return cmd_encode(&o);
+    if (strcmp(argv[1], "grad") == 0) return cmd_grad(&o);
     if (strcmp(argv[1], "project") == 0) return cmd_project(&o);
     if (strcmp(argv[1], "bench") == 0) return cmd_bench(&o);
     return usage("unknown command");

@@ -10,16 +10,13 @@
 
 #include "ops/blas.h"
 #include "ops/fastmath.h"
+#include "peft/peft_config.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const k_proj_names[TK_VIT_N_PROJ] = {"self_attn.q_proj", "self_attn.k_proj",
-                                                        "self_attn.v_proj", "self_attn.out_proj",
-                                                        "mlp.fc1", "mlp.fc2"};
-
-const char *tk_vit_proj_name(int j) { return j >= 0 && j < TK_VIT_N_PROJ ? k_proj_names[j] : "?"; }
+const char *tk_vit_proj_name(int j) { return j >= 0 && j < TK_VIT_N_PROJ ? tk_vit_proj_full[j] : "?"; }
 
 /* Activations of one layer for Bmax images; hs[l] (its input) lives in the act. */
 typedef struct {

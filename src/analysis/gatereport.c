@@ -132,6 +132,33 @@ static int grow(void **p, size_t elems, size_t size) {
     return 0;
 }
 
+const char *tk_gaterun_proj_name(int p) {
+    static const char *const tower[TK_VIT_NPROJ] = {"v.q_proj", "v.k_proj", "v.v_proj", "v.out_proj", "v.fc1", "v.fc2"};
+    if (p >= 0 && p < TK_NPROJ) return tk_proj_short[p];
+    if (p >= TK_NPROJ && p < TK_NPROJ + TK_VIT_NPROJ) return tower[p - TK_NPROJ];
+    return "?";
+}
+
+/* "[model.][vision_tower.]vision_model.encoder.layers.L.<block>.<proj>": 1 with *layer, *proj =
+ * TK_NPROJ + j. */
+static int tower_module(const char *name, int *layer, int *proj) {
+    const char *pre[] = {"vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_model."};
+    for (size_t i = 0; i < sizeof pre / sizeof *pre; i++) {
+        size_t n = strlen(pre[i]);
+        if (strncmp(name, pre[i], n) != 0) continue;
+        int l = -1, off = 0;
+        if (sscanf(name + n, "encoder.layers.%d.%n", &l, &off) != 1 || off == 0 || l < 0) return 0;
+        for (int j = 0; j < TK_VIT_NPROJ; j++)
+            if (strcmp(name + n + off, tk_vit_proj_full[j]) == 0) {
+                *layer = l;
+                *proj = TK_NPROJ + j;
+                return 1;
+            }
+        return 0;
+    }
+    return 0;
+}
+
 static int gates_line(void *vc, where *w, const cJSON *o) {
     gates_ctx *c = vc;
     tk_gaterun *r = c->r;
@@ -144,7 +171,11 @@ static int gates_line(void *vc, where *w, const cJSON *o) {
         if (!cJSON_IsNumber(ver) || ver->valueint != TK_GATELOG_VERSION) return bad(w, "unsupported \"version\"");
         if (!cJSON_IsArray(mods) || cJSON_GetArraySize(mods) < 1 || cJSON_GetArraySize(mods) > TK_MAX_LAYERS * TK_NPROJ)
             return bad(w, "\"modules\" must be a non-empty list of module names");
-        if (!cJSON_IsNumber(nl) || nl->valuedouble < 1 || nl->valuedouble > TK_MAX_LAYERS)
+        const cJSON *tl = get(o, "tower_layers");
+        if (tl && (!cJSON_IsNumber(tl) || tl->valuedouble < 0 || tl->valuedouble > TK_MAX_LAYERS))
+            return bad(w, "\"tower_layers\" must be a layer count");
+        r->tower_layers = tl ? tl->valueint : 0;
+        if (!cJSON_IsNumber(nl) || nl->valuedouble < (r->tower_layers ? 0 : 1) || nl->valuedouble > TK_MAX_LAYERS)
             return bad(w, "\"n_layers\" must be a layer count");
         r->n_layers = nl->valueint;
         r->M = (size_t)cJSON_GetArraySize(mods);
@@ -157,9 +188,14 @@ static int gates_line(void *vc, where *w, const cJSON *o) {
         cJSON_ArrayForEach(e, mods) {
             int l = -1, p = -1;
             char blk[16], pr[16];
-            if (!cJSON_IsString(e) || sscanf(e->valuestring, "model.layers.%d.%15[a-z_].%15[a-z_]", &l, blk, pr) != 3 ||
-                (p = tk_proj_parse(pr)) < 0 || l < 0 || l >= r->n_layers)
-                return bad(w, "a \"modules\" entry is not model.layers.L.<block>.<proj> of this model");
+            if (cJSON_IsString(e) && tower_module(e->valuestring, &l, &p)) {
+                if (l >= (r->tower_layers ? r->tower_layers : r->n_layers))
+                    return bad(w, "a vision tower module's layer is past \"tower_layers\"");
+            } else if (!cJSON_IsString(e) ||
+                       sscanf(e->valuestring, "model.layers.%d.%15[a-z_].%15[a-z_]", &l, blk, pr) != 3 ||
+                       (p = tk_proj_parse(pr)) < 0 || l < 0 || l >= r->n_layers)
+                return bad(w, "a \"modules\" entry is not model.layers.L.<block>.<proj> (or a vision tower module, "
+                              "vision_model.encoder.layers.L.<block>.<proj>) of this model");
             r->layer[i] = l;
             r->proj[i] = p;
             if (!(r->names[i] = strdup(e->valuestring))) return tk_fail(w->err, "out of memory");
@@ -467,7 +503,9 @@ static int save(tk_svg *svg, const char *dir, const char *name, int *n_written, 
     return 0;
 }
 
-static const char *short_name(const tk_gaterun *r, size_t m) { return r->names[m] + strlen("model."); }
+static const char *short_name(const tk_gaterun *r, size_t m) {
+    return strncmp(r->names[m], "model.", 6) == 0 ? r->names[m] + strlen("model.") : r->names[m];
+}
 
 /* Layer x projection grid of keep ratios for kind column j (-1: all tokens). */
 static int plot_heatmap(const tk_gaterun *r, const tk_gatesum *s, int j, const char *dir, int *nw, tk_err *err) {
@@ -485,6 +523,7 @@ static int plot_heatmap(const tk_gaterun *r, const tk_gatesum *s, int j, const c
             tk_svg_rect(svg, left + p * cw + 1, top + l * ch + 1, cw - 2, ch - 2, "#f0f0f0", "empty", NULL);
     }
     for (size_t m = 0; m < r->M; m++) {
+        if (r->proj[m] >= TK_NPROJ) continue; /* the LLaMA's grid: tower modules are listed in the text */
         double v = j < 0 ? s->keep[m] : s->keep_kind[m * K + j];
         char col[8], title[160];
         tk_svg_color(isnan(v) ? 0 : v, col);
@@ -570,6 +609,7 @@ static int plot_hist(const tk_gaterun *r, const tk_gatesum *s, const char *dir, 
         tk_svg_text(svg, left - 8, top + l * (ph + gap) + ph / 2 + 4, 11, "end", "layer %d", l);
     size_t s0 = r->S - (size_t)s->window;
     for (size_t m = 0; m < r->M; m++) {
+        if (r->proj[m] >= TK_NPROJ) continue;
         tk_svg_box b = {left + r->proj[m] * (pw + gap), top + r->layer[m] * (ph + gap), pw, ph, 1e-5, 1e3, 0, 1, 1};
         double h[NB] = {0}, hmax = 0;
         for (size_t t = s0; t < r->S; t++)

@@ -15,6 +15,7 @@
 #define TK_ANALYSIS_GATEREPORT_H
 
 #include "../common.h"
+#include "../peft/peft_config.h"
 #include "gatelog.h"
 
 #include <stddef.h>
@@ -26,9 +27,11 @@ typedef struct {
 
 typedef struct {
     size_t M;                 /* modules */
-    char **names;             /* [M] "model.layers.3.self_attn.q_proj" */
-    int *layer, *proj;        /* [M] */
+    char **names;             /* [M] "model.layers.3.self_attn.q_proj", or a vision tower module
+                                 "vision_model.encoder.layers.1.mlp.fc1" (also under "vision_tower.") */
+    int *layer, *proj;        /* [M]; proj: 0..TK_NPROJ-1 LLaMA, TK_NPROJ + j tower projection j */
     int n_layers, gated, with_lambda;
+    int tower_layers;         /* the header's "tower_layers" (0: none; tower modules then count n_layers) */
     double target_keep;       /* 0: none */
     size_t S;                 /* logged steps, ascending */
     int *step;                /* [S] */
@@ -49,6 +52,9 @@ typedef struct {
 } tk_gaterun;
 
 tk_gaterun *tk_gaterun_load(const char *run_dir, tk_err *err);
+/* The short name of proj index p ("q_proj", ..., "down_proj"; tower: "v.q_proj", ..., "v.fc2"). */
+const char *tk_gaterun_proj_name(int p);
+#define TK_GATERUN_NPROJ (TK_NPROJ + TK_VIT_NPROJ)
 void tk_gaterun_free(tk_gaterun *r);
 
 typedef struct {

@@ -19,6 +19,11 @@ int tk_cmd_bench(int argc, char **argv);
 /* bench --loader (bench_loader.c) */
 int tk_bench_loader(const char *spec, size_t B, size_t T, size_t batches, size_t prefetch, int threads, tk_err *err);
 int tk_cmd_eval(int argc, char **argv);
+/* cmd_image.c: the image-classification task of train and eval (vision/classify.h); tk_cmd_train and
+ * tk_cmd_eval hand over when tk_cli_is_image_task(argc, argv) (--task image-classification). */
+int tk_cli_is_image_task(int argc, char **argv);
+int tk_cmd_train_image(int argc, char **argv);
+int tk_cmd_eval_image(int argc, char **argv);
 int tk_cmd_gates(int argc, char **argv);
 int tk_cmd_select(int argc, char **argv);
 

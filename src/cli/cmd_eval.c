@@ -160,6 +160,7 @@ static int write_outputs(const char *out, const char *samples_path, const tk_eva
 }
 
 int tk_cmd_eval(int argc, char **argv) {
+    if (tk_cli_is_image_task(argc, argv)) return tk_cmd_eval_image(argc, argv);
     const char *model_dir = NULL, *adapter_dir = NULL, *tok_path = NULL, *mode = "gen", *out = NULL,
                *samples_arg = NULL, *compute = "fp32";
     int compute_bf16 = 0;

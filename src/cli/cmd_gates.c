@@ -57,7 +57,7 @@ static int print_json(FILE *f, const char *run_dir, const tk_gaterun *r, const t
     fputs(",\n  \"modules\": [\n", f);
     for (size_t m = 0; m < r->M; m++) {
         fprintf(f, "    {\"module\": \"%s\", \"layer\": %d, \"proj\": \"%s\", \"keep\": ", r->names[m], r->layer[m],
-                tk_proj_short[r->proj[m]]);
+                tk_gaterun_proj_name(r->proj[m]));
         jnum(f, s->keep[m]);
         for (int j = 0; j < TK_GATELOG_NKIND; j++) {
             fprintf(f, ", \"keep_%s\": ", tk_gate_kind_names[j]);
@@ -89,7 +89,7 @@ static void cnum(FILE *f, double v) {
 static void print_csv(FILE *f, const tk_gaterun *r, const tk_gatesum *s) {
     fputs("module,layer,proj,keep,keep_prompt,keep_response,keep_image,keep_other,tau,r_p10,r_p50,r_p90,kind_spread\n", f);
     for (size_t m = 0; m < r->M; m++) {
-        fprintf(f, "%s,%d,%s,", r->names[m], r->layer[m], tk_proj_short[r->proj[m]]);
+        fprintf(f, "%s,%d,%s,", r->names[m], r->layer[m], tk_gaterun_proj_name(r->proj[m]));
         cnum(f, s->keep[m]);
         for (int j = 0; j < TK_GATELOG_NKIND; j++) {
             fputc(',', f);
@@ -140,18 +140,27 @@ static void print_selectivity(FILE *f, const tk_gatesel *g) {
 static void print_table(FILE *f, const char *run_dir, const tk_gaterun *r, const tk_gatesum *s, int top) {
     fprintf(f, "%s: %zu %s modules, %zu logged steps; keep ratios are means over the last %d logged steps (%d-%d)\n\n",
             run_dir, r->M, r->gated ? "gated" : "ungated (dense)", r->S, s->window, s->first_step, s->last_step);
-    fprintf(f, "keep ratio (kept / seen tokens), layer x module:\n%-8s", "layer");
-    for (int p = 0; p < TK_NPROJ; p++) fprintf(f, "%10s", tk_proj_short[p]);
-    fputc('\n', f);
-    for (int l = 0; l < r->n_layers; l++) {
-        fprintf(f, "%-8d", l);
-        for (int p = 0; p < TK_NPROJ; p++) {
-            double v = NAN;
-            for (size_t m = 0; m < r->M; m++)
-                if (r->layer[m] == l && r->proj[m] == p) v = s->keep[m];
-            cell(f, v, 10);
-        }
+    int n_llm = 0, n_tower = 0;
+    for (size_t m = 0; m < r->M; m++) *(r->proj[m] < TK_NPROJ ? &n_llm : &n_tower) += 1;
+    for (int blk = 0; blk < 2; blk++) { /* the LLaMA's modules, then the vision tower's in their own block */
+        if (!(blk ? n_tower : n_llm)) continue;
+        int p0 = blk ? TK_NPROJ : 0, p1 = blk ? TK_GATERUN_NPROJ : TK_NPROJ;
+        int rows = blk && r->tower_layers ? r->tower_layers : r->n_layers;
+        fprintf(f, "%skeep ratio (kept / seen tokens), %slayer x module:\n%-8s", blk && n_llm ? "\n" : "",
+                blk ? "vision tower, " : "", "layer");
+        int w = blk ? 11 : 10;
+        for (int p = p0; p < p1; p++) fprintf(f, "%*s", w, tk_gaterun_proj_name(p));
         fputc('\n', f);
+        for (int l = 0; l < rows; l++) {
+            fprintf(f, "%-8d", l);
+            for (int p = p0; p < p1; p++) {
+                double v = NAN;
+                for (size_t m = 0; m < r->M; m++)
+                    if (r->layer[m] == l && r->proj[m] == p) v = s->keep[m];
+                cell(f, v, w);
+            }
+            fputc('\n', f);
+        }
     }
     int present[TK_GATELOG_NKIND], np = 0;
     for (int j = 0; j < TK_GATELOG_NKIND; j++) np += (present[j] = s->kind_tokens[j] > 0);
@@ -159,16 +168,16 @@ static void print_table(FILE *f, const char *run_dir, const tk_gaterun *r, const
     for (int j = 0; j < TK_GATELOG_NKIND; j++)
         if (present[j]) fprintf(f, "%10s", tk_gate_kind_names[j]);
     fputc('\n', f);
-    for (int p = 0; p <= TK_NPROJ; p++) {
+    for (int p = 0; p <= TK_GATERUN_NPROJ; p++) {
         double all = 0, n = 0, kj[TK_GATELOG_NKIND] = {0};
         for (size_t m = 0; m < r->M; m++) {
-            if (p < TK_NPROJ && r->proj[m] != p) continue;
+            if (p < TK_GATERUN_NPROJ && r->proj[m] != p) continue;
             all += s->keep[m];
             for (int j = 0; j < TK_GATELOG_NKIND; j++) kj[j] += s->keep_kind[m * TK_GATELOG_NKIND + j];
             n++;
         }
         if (n == 0) continue;
-        fprintf(f, "%-12s", p < TK_NPROJ ? tk_proj_short[p] : "all");
+        fprintf(f, "%-12s", p < TK_GATERUN_NPROJ ? tk_gaterun_proj_name(p) : "all");
         cell(f, all / n, 10);
         for (int j = 0; j < TK_GATELOG_NKIND; j++)
             if (present[j]) cell(f, kj[j] / n, 10);
@@ -183,12 +192,12 @@ static void print_table(FILE *f, const char *run_dir, const tk_gaterun *r, const
     fprintf(f, "\nmost kept (keep, final tau):\n");
     for (int i = 0; i < n; i++) {
         size_t m = s->order[i];
-        fprintf(f, "  %-40s %.3f  %.4g\n", r->names[m], s->keep[m], s->tau[m]);
+        fprintf(f, "  %-48s %.3f  %.4g\n", r->names[m], s->keep[m], s->tau[m]);
     }
     fprintf(f, "least kept:\n");
     for (int i = 0; i < n; i++) {
         size_t m = s->order[r->M - 1 - i];
-        fprintf(f, "  %-40s %.3f  %.4g\n", r->names[m], s->keep[m], s->tau[m]);
+        fprintf(f, "  %-48s %.3f  %.4g\n", r->names[m], s->keep[m], s->tau[m]);
     }
     fprintf(f, "\ntoken updates discarded: %.1f%% over the whole run, %.1f%% over the last %d logged steps\n",
             100.0 * s->discarded_run, 100.0 * s->discarded_window, s->window);

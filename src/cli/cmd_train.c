@@ -26,7 +26,10 @@ static const char *USAGE =
     "ConstantLengthDataset; the first label of each packed record is ignored). --resume continues the\n"
     "shard stream exactly from the checkpoint's loader cursor.";
 
-int tk_cmd_train(int argc, char **argv) { return tk_cmd_train_dist(argc, argv, NULL); }
+int tk_cmd_train(int argc, char **argv) {
+    if (tk_cli_is_image_task(argc, argv)) return tk_cmd_train_image(argc, argv);
+    return tk_cmd_train_dist(argc, argv, NULL);
+}
 
 int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     tk_train_opts o;

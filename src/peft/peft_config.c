@@ -15,6 +15,65 @@ const char *const tk_proj_short[TK_NPROJ] = {"q_proj", "k_proj", "v_proj", "o_pr
 const char *const tk_proj_block[TK_NPROJ] = {"self_attn", "self_attn", "self_attn", "self_attn",
                                              "mlp", "mlp", "mlp"};
 
+const char *const tk_vit_proj_full[TK_VIT_NPROJ] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                    "self_attn.out_proj", "mlp.fc1", "mlp.fc2"};
+
+static const char *const k_vit_prefixes[] = {"vision_tower.vision_model.", "model.vision_tower.vision_model.",
+                                             "vision_model."};
+
+int tk_peft_vit_targets(const tk_peft_config *pc, int layer, int j) {
+    if (pc->kind == TK_ADAPTER_NONE || layer < 0 || layer >= TK_MAX_LAYERS) return 0;
+    return ((pc->vit_proj_mask >> j) & 1u) || ((pc->vit_module_mask[layer] >> j) & 1u);
+}
+
+int tk_peft_has_vit(const tk_peft_config *pc) { return pc->vit_proj_mask != 0 || pc->n_vit_modules > 0; }
+
+void tk_vit_module_name(char *buf, size_t n, const char *prefix, int layer, int j) {
+    snprintf(buf, n, "%sencoder.layers.%d.%s", prefix, layer, tk_vit_proj_full[j]);
+}
+
+/* A tower target: "<prefix>all", "<prefix><proj>" or "<prefix>encoder.layers.L.<block>.<proj>".
+ * 1 when name is one (added), 0 when it has no tower prefix, -1 (err set) when malformed. */
+static int vit_target(tk_peft_config *pc, const char *name, tk_err *err) {
+    const char *pre = NULL;
+    for (size_t i = 0; i < sizeof k_vit_prefixes / sizeof *k_vit_prefixes && !pre; i++)
+        if (strncmp(name, k_vit_prefixes[i], strlen(k_vit_prefixes[i])) == 0) pre = k_vit_prefixes[i];
+    if (!pre) return 0;
+    if (pc->vit_prefix[0] && strcmp(pc->vit_prefix, pre) != 0)
+        return tk_fail(err, "target module \"%s\": the vision tower was named under \"%s\" already", name,
+                       pc->vit_prefix);
+    const char *s = name + strlen(pre);
+    unsigned mask = 0;
+    if (strcmp(s, "all") == 0) mask = (1u << TK_VIT_NPROJ) - 1;
+    for (int j = 0; j < TK_VIT_NPROJ && !mask; j++) {
+        const char *dot = strchr(tk_vit_proj_full[j], '.');
+        if (strcmp(s, dot + 1) == 0 || strcmp(s, tk_vit_proj_full[j]) == 0) mask = 1u << j;
+    }
+    if (mask) {
+        pc->vit_proj_mask |= mask;
+    } else {
+        const char *lp = "encoder.layers.";
+        char *end = NULL;
+        long l = -1;
+        if (strncmp(s, lp, strlen(lp)) == 0 && isdigit((unsigned char)s[strlen(lp)])) {
+            errno = 0;
+            l = strtol(s + strlen(lp), &end, 10);
+            if (errno || l >= TK_MAX_LAYERS) l = -1;
+        }
+        int j = -1;
+        for (int k = 0; k < TK_VIT_NPROJ && l >= 0 && end && *end == '.'; k++)
+            if (strcmp(end + 1, tk_vit_proj_full[k]) == 0) j = k;
+        if (j < 0)
+            return tk_fail(err, "target module \"%s\" is not a vision tower module (%sall, %s{q,k,v,out}_proj, "
+                                "%sfc1, %sfc2 or %sencoder.layers.L.self_attn.q_proj ...)",
+                           name, pre, pre, pre, pre, pre);
+        if (!(pc->vit_module_mask[l] & (1u << j))) pc->n_vit_modules++;
+        pc->vit_module_mask[l] |= (uint8_t)(1u << j);
+    }
+    snprintf(pc->vit_prefix, sizeof pc->vit_prefix, "%s", pre);
+    return 1;
+}
+
 int tk_proj_parse(const char *name) {
     for (int p = 0; p < TK_NPROJ; p++)
         if (strcmp(name, tk_proj_short[p]) == 0) return p;
@@ -164,6 +223,8 @@ static int full_module_name(const char *name, int *layer, int *proj, tk_err *err
 }
 
 int tk_peft_add_target(tk_peft_config *pc, const char *name, tk_err *err) {
+    int v = vit_target(pc, name, err);
+    if (v) return v < 0 ? -1 : 0;
     int l = 0, p = 0, full = full_module_name(name, &l, &p, err);
     if (full < 0) return -1;
     if (full) {
@@ -196,6 +257,10 @@ static void clear_targets(tk_peft_config *pc) {
     pc->target_mask = 0;
     pc->n_modules = 0;
     memset(pc->module_mask, 0, sizeof pc->module_mask);
+    pc->vit_proj_mask = 0;
+    pc->n_vit_modules = 0;
+    memset(pc->vit_module_mask, 0, sizeof pc->vit_module_mask);
+    pc->vit_prefix[0] = 0;
 }
 
 /* Splits text at commas, newlines and blanks (dropping # comments) and adds each name. */
@@ -401,7 +466,8 @@ static int parse_targets_json(ctx *c, tk_peft_config *pc, const cJSON *t) {
         if (!cJSON_IsString(e)) return tk_fail(c->err, "%s: target_modules entries must be strings", c->path);
         if (tk_peft_add_target(pc, e->valuestring, c->err)) return tk_err_prefix(c->err, c->path);
     }
-    if (!pc->target_mask && !pc->n_modules) pc->kind = TK_ADAPTER_NONE; /* only modules_to_save are trained */
+    if (!pc->target_mask && !pc->n_modules && !tk_peft_has_vit(pc))
+        pc->kind = TK_ADAPTER_NONE; /* only modules_to_save are trained */
     return 0;
 }
 
@@ -657,7 +723,8 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
     cJSON *root = cJSON_CreateObject();
     if (!root) return tk_fail(err, "%s: out of memory", path);
     cJSON_AddStringToObject(root, "base_model_name_or_path", pc->base_model);
-    cJSON_AddStringToObject(root, "task_type", "CAUSAL_LM");
+    if (pc->no_task_type) cJSON_AddNullToObject(root, "task_type");
+    else cJSON_AddStringToObject(root, "task_type", "CAUSAL_LM");
     cJSON *targets = cJSON_AddArrayToObject(root, "target_modules"); /* empty: modules_to_save only */
     for (int p = 0; p < TK_NPROJ; p++)
         if (pc->kind != TK_ADAPTER_NONE && (pc->target_mask & (1u << p))) cJSON_AddItemToArray(targets, cJSON_CreateString(tk_proj_short[p]));
@@ -668,6 +735,19 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
                 tk_module_name(nm, sizeof nm, l, p);
                 cJSON_AddItemToArray(targets, cJSON_CreateString(nm));
             }
+    for (int l = 0; l < TK_MAX_LAYERS && pc->kind != TK_ADAPTER_NONE && tk_peft_has_vit(pc); l++)
+        for (int j = 0; j < TK_VIT_NPROJ; j++) {
+            int all = (pc->vit_proj_mask >> j) & 1u;
+            if (((pc->vit_module_mask[l] >> j) & 1u) || (all && l < pc->vit_layers)) {
+                char nm[160];
+                tk_vit_module_name(nm, sizeof nm, pc->vit_prefix, l, j);
+                cJSON_AddItemToArray(targets, cJSON_CreateString(nm));
+            } else if (all && l == 0 && pc->vit_layers <= 0) { /* layer count unknown: tspeft's shorthand */
+                char nm[160];
+                snprintf(nm, sizeof nm, "%s%s", pc->vit_prefix, strchr(tk_vit_proj_full[j], '.') + 1);
+                cJSON_AddItemToArray(targets, cJSON_CreateString(nm));
+            }
+        }
     if (pc->n_layer_sel) {
         cJSON *l = cJSON_AddArrayToObject(root, "layers_to_transform");
         for (int i = 0; i < pc->n_layer_sel; i++) cJSON_AddItemToArray(l, cJSON_CreateNumber(pc->layer_sel[i]));

@@ -26,6 +26,12 @@ int tk_proj_parse(const char *short_name); /* -1 when not a projection name */
 
 #define TK_MAX_LAYERS 4096
 
+/* The vision tower's adapted projections (CLIP / SigLIP encoder layers), in vision/vit_train.h's
+ * order: "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+ * "mlp.fc1", "mlp.fc2". */
+#define TK_VIT_NPROJ 6
+extern const char *const tk_vit_proj_full[TK_VIT_NPROJ];
+
 /* AdaLoRA (PEFT's AdaLoraConfig; docs/adalora.md). rank_pattern: for a module, which of its init_r
  * triplets (rows of lora_A, entries of lora_E, columns of lora_B) are kept; a module it does not name
  * keeps all init_r. */
@@ -65,6 +71,16 @@ typedef struct {
     tk_gate_config gate;
     char base_model[512];  /* base_model_name_or_path */
     tk_adalora_config ada; /* kind ADALORA only */
+    /* vision tower targets: names under a tower prefix ("vision_tower.vision_model." in a LLaVA
+     * model, "vision_model." for a tower alone; "model.vision_tower.vision_model." accepted). A plain
+     * short name or "all" never selects them. */
+    unsigned vit_proj_mask; /* bit j: tower projection j in every tower layer ("<prefix>q_proj", "<prefix>all") */
+    int n_vit_modules;      /* explicit tower modules ("<prefix>encoder.layers.3.self_attn.q_proj") */
+    uint8_t vit_module_mask[TK_MAX_LAYERS];
+    char vit_prefix[48];    /* the prefix the tower names used ("" when there are none) */
+    int vit_layers;         /* the tower's layer count when known (set before saving: the all-layer
+                               targets are then written as full names) */
+    int no_task_type;       /* write task_type null (a tower alone) instead of CAUSAL_LM */
 } tk_peft_config;
 
 void tk_peft_config_default(tk_peft_config *pc);
@@ -108,6 +124,13 @@ int tk_peft_parse_layers(tk_peft_config *pc, const char *list, tk_err *err);
 /* Parses a comma-separated list of base tensor names into modules_to_save (appends); "all" alone
  * means every base tensor without an adapter. */
 int tk_peft_parse_save(tk_peft_config *pc, const char *list, tk_err *err);
+
+/* Is tower projection j (TK_VIT_*) of tower layer l adapted? */
+int tk_peft_vit_targets(const tk_peft_config *pc, int layer, int j);
+/* 1 when any tower module is targeted. */
+int tk_peft_has_vit(const tk_peft_config *pc);
+/* "<prefix>encoder.layers.3.self_attn.q_proj". */
+void tk_vit_module_name(char *buf, size_t n, const char *prefix, int layer, int j);
 
 /* Is projection p of layer l adapted? */
 int tk_peft_targets(const tk_peft_config *pc, int layer, int proj);

@@ -6,7 +6,8 @@
  *
  * One JSON object per line: "input_ids" (required), "labels" (default: input_ids), "kinds" (default:
  * 1 prompt where the label is -100, else 2 response), "images" (a count of small encoded-image
- * payloads to attach, default 0) and "meta" (an object, default none). Prints the shard's totals.
+ * payloads to attach, default 0) or "image_files" (a list of image files whose bytes are attached as
+ * encoded payloads, in order) and "meta" (an object, default none). Prints the shard's totals.
  * Exit 1 with a one-line error on bad input.
  */
 #include "common.h"
@@ -68,6 +69,7 @@ int main(int argc, char **argv) {
         int32_t *id = calloc(n + 1, sizeof *id), *lab = calloc(n + 1, sizeof *lab);
         uint8_t *kind = calloc(n + 1, 1);
         tk_shard_image im[8];
+        char *files[8] = {0};
         char *meta = NULL;
         if (!o || n == 0 || !id || !lab || !kind || int_array(ids, id, n)) {
             fprintf(stderr, "make_shard: %s:%d: expected an object with a non-empty input_ids array\n", argv[2], line_no);
@@ -90,6 +92,17 @@ int main(int argc, char **argv) {
             if (n_im > 8) rc = 1;
             for (size_t k = 0; k < n_im && k < 8; k++)
                 im[k] = (tk_shard_image){.kind = TK_IMAGE_ENCODED, .nbytes = sizeof png_like, .data = png_like};
+            const cJSON *imf = cJSON_GetObjectItemCaseSensitive(o, "image_files");
+            if (cJSON_IsArray(imf)) {
+                n_im = (size_t)cJSON_GetArraySize(imf);
+                if (n_im > 8) rc = 1;
+                for (size_t k = 0; k < n_im && k < 8 && rc == 0; k++) {
+                    const cJSON *e = cJSON_GetArrayItem(imf, (int)k);
+                    size_t flen = 0;
+                    if (!cJSON_IsString(e) || !(files[k] = tk_read_file(e->valuestring, &flen, &err))) rc = 1;
+                    else im[k] = (tk_shard_image){.kind = TK_IMAGE_ENCODED, .nbytes = flen, .data = (const uint8_t *)files[k]};
+                }
+            }
             if (cJSON_IsObject(m)) meta = cJSON_PrintUnformatted(m);
             if (rc) {
                 fprintf(stderr, "make_shard: %s:%d: labels/kinds must match input_ids, images <= 8\n", argv[2], line_no);
@@ -103,6 +116,7 @@ int main(int argc, char **argv) {
             }
         }
         free(meta);
+        for (int k = 0; k < 8; k++) free(files[k]);
         free(id);
         free(lab);
         free(kind);

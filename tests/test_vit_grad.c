@@ -7,7 +7,12 @@
  *   - whole tiny towers, every parameter tensor and the pixels: CLIP pooled (class token after
  *     post_layernorm), CLIP layer -2 patch features with post_norm, SigLIP with its attention-pooling
  *     head, SigLIP without a head (mean pooling), SigLIP cls_patch features of layer 1;
+ *   - the same at another image size (interpolated position embeddings, pos_interp.h: d pos through
+ *     the map's transpose), CLIP 8 -> 12 px and SigLIP 8 -> 4 px;
  *   - the training forward equals tk_vit_forward on the same selection (the same arithmetic);
+ *   - LoRA and bottleneck adapters on every projection (vit_peft.h, ungated; DoRA detaches its norm,
+ *     which central differences cannot): every adapter
+ *     tensor and the pixels;
  *   - tk_vit_save round trip through tk_vit_open;
  *   - the backward adds (two backwards from one forward give twice the gradients);
  *   - k_proj.bias has a zero gradient (a shift shared by all scores of a softmax row), checked as such:
@@ -22,6 +27,8 @@
 
 #include "common.h"
 #include "vision/vit.h"
+#include "vision/pos_interp.h"
+#include "vision/vit_peft.h"
 #include "vision/vit_train.h"
 
 #define TEST_NAME "test_vit_grad"
@@ -103,6 +110,7 @@ typedef struct {
 
 static double vit_loss(vit_ctx *c) {
     tk_err err = {0};
+    tk_vit_pos_refresh(c->m); /* an interpolated grid follows pos (a no-op without one) */
     if (tk_vit_train_forward(c->m, c->act, c->out, c->pix, c->B, &c->sel, &err)) {
         printf("forward: %s\n", err.msg);
         exit(1);
@@ -133,7 +141,7 @@ static size_t numel(const tk_vit_slot *s) {
     return n;
 }
 
-static void test_tower(const char *label, tk_vit_kind kind, int use_head, tk_vit_select sel) {
+static void test_tower(const char *label, tk_vit_kind kind, int use_head, tk_vit_select sel, int run_size) {
     tk_err err = {0};
     tk_vit_config cfg;
     tk_vit_config_default(&cfg, kind);
@@ -156,9 +164,14 @@ static void test_tower(const char *label, tk_vit_kind kind, int use_head, tk_vit
         if (norm_w) fill(*sl[i].data, n, 0.8f, 1.2f);
         else fill(*sl[i].data, n, -0.4f, 0.4f);
     }
+    if (run_size && tk_vit_set_image_size(m, run_size, 1, &err)) {
+        printf("%s: %s\n", label, err.msg);
+        g_failures++;
+        return;
+    }
     vit_ctx c = {.m = m, .sel = sel, .B = 2};
     c.act = tk_vit_act_alloc(m, c.B, &err);
-    size_t S = (size_t)cfg.image_size, C = (size_t)cfg.hidden;
+    size_t S = (size_t)m->image_size, C = (size_t)cfg.hidden;
     c.nout = c.B * tk_vit_train_out_tokens(m, &sel) * C;
     c.pix = falloc(c.B * 3 * S * S), c.out = falloc(c.nout), c.R = falloc(c.nout);
     fill(c.pix, c.B * 3 * S * S, -1, 1), fill(c.R, c.nout, -1, 1);
@@ -206,6 +219,72 @@ static void test_tower(const char *label, tk_vit_kind kind, int use_head, tk_vit
     tk_vit_close(m), tk_vit_close(g), tk_vit_close(g2);
 }
 
+/* Adapters on every projection of a tiny tower (ungated, so the loss is smooth; B non-zero): the
+ * adapters' gradients and the pixels' against central differences, through vit_peft's modules. */
+static void test_tower_adapters(const char *label, tk_vit_kind kind, tk_adapter_kind ak) {
+    tk_err err = {0};
+    tk_vit_config cfg;
+    tk_vit_config_default(&cfg, kind);
+    cfg.hidden = 8, cfg.inter = 12, cfg.n_layers = 2, cfg.n_heads = 2, cfg.image_size = 8, cfg.patch_size = 4;
+    tk_vit *m = tk_vit_random(&cfg, 9, &err);
+    size_t cap = tk_vit_slot_capacity(&cfg);
+    tk_vit_slot *sl = calloc(cap, sizeof *sl);
+    size_t ns = tk_vit_slots(m, sl);
+    for (size_t i = 0; i < ns; i++) {
+        int norm_w = strstr(sl[i].name, "norm") && strstr(sl[i].name, "weight");
+        fill(*sl[i].data, numel(&sl[i]), norm_w ? 0.8f : -0.4f, norm_w ? 1.2f : 0.4f);
+    }
+    free(sl);
+    tk_peft_config pc;
+    tk_peft_config_default(&pc);
+    pc.kind = ak;
+    pc.r = 3;
+    pc.alpha = 6.0f;
+    pc.gate.enabled = 0;
+    tk_peft_add_target(&pc, "vision_model.all", &err);
+    tk_params P = {0};
+    tk_vit_peft *vp = tk_vit_peft_new(m, &pc, "base_model.model.vision_model.", &err);
+    vit_ctx c = {.m = m, .sel = {.pooled = 1}, .B = 2};
+    if (!vp || tk_vit_peft_register(vp, &P, &err) || tk_params_alloc(&P, &err) ||
+        tk_vit_peft_alloc(vp, c.B * m->n_tokens, &err) || !(c.act = tk_vit_act_alloc(m, c.B, &err))) {
+        printf("%s: %s\n", label, err.msg);
+        g_failures++;
+        return;
+    }
+    tk_vit_peft_init(vp, 4);
+    fill(P.data, P.total, -0.5f, 0.5f); /* B non-zero too, so every path carries gradient */
+    for (size_t i = 0; i < P.n; i++)
+        if (strstr(P.items[i].name, "magnitude")) fill(P.data + P.items[i].offset, P.items[i].numel, 0.5f, 1.5f);
+    tk_vit_act_set_adapters(c.act, tk_vit_peft_table(vp), tk_vit_peft_ws(vp), TK_FWD_EVAL, NULL);
+    size_t S = (size_t)cfg.image_size, C = (size_t)cfg.hidden;
+    c.nout = c.B * C;
+    c.pix = falloc(c.B * 3 * S * S), c.out = falloc(c.nout), c.R = falloc(c.nout);
+    fill(c.pix, c.B * 3 * S * S, -1, 1), fill(c.R, c.nout, -1, 1);
+    float *dpix = falloc(c.B * 3 * S * S);
+    vit_loss(&c);
+    tk_params_zero_grad(&P);
+    if (tk_vit_train_backward(m, c.act, NULL, dpix, c.R, &err)) {
+        printf("%s: backward: %s\n", label, err.msg);
+        g_failures++;
+    }
+    char name[200];
+    snprintf(name, sizeof name, "%s: d pixels", label);
+    fd_vec(name, dpix, c.pix, c.B * 3 * S * S, &c);
+    float *ana = falloc(P.total);
+    memcpy(ana, P.grad, P.total * sizeof(float));
+    for (size_t i = 0; i < P.n; i++) {
+        const tk_param *p = &P.items[i];
+        snprintf(name, sizeof name, "%s: %s", label, p->name + strlen("base_model.model.vision_model.encoder."));
+        fd_vec(name, ana + p->offset, P.data + p->offset, p->numel, &c);
+    }
+    tk_free(ana), tk_free(dpix), tk_free(c.pix), tk_free(c.out), tk_free(c.R);
+    tk_vit_act_free(c.act);
+    tk_vit_peft_free(vp);
+    tk_params_free(&P);
+    tk_peft_config_free(&pc);
+    tk_vit_close(m);
+}
+
 /* tk_vit_save then tk_vit_open: the same tensors, bit for bit, the head included. */
 static void test_save_roundtrip(void) {
     tk_err err = {0};
@@ -240,13 +319,18 @@ int main(void) {
     test_attention();
     test_col2im();
     test_save_roundtrip();
-    test_tower("clip pooled", TK_VIT_CLIP, 0, (tk_vit_select){.pooled = 1});
+    test_tower("clip pooled", TK_VIT_CLIP, 0, (tk_vit_select){.pooled = 1}, 0);
+    test_tower("clip pooled at 12 px (interpolated)", TK_VIT_CLIP, 0, (tk_vit_select){.pooled = 1}, 12);
     test_tower("clip -2 patch post_norm", TK_VIT_CLIP, 0,
-               (tk_vit_select){.layer = -2, .feature = TK_VIT_FEATURE_PATCH, .post_norm = 1});
-    test_tower("siglip head", TK_VIT_SIGLIP, 1, (tk_vit_select){.pooled = 1});
-    test_tower("siglip mean", TK_VIT_SIGLIP, 0, (tk_vit_select){.pooled = 1});
+               (tk_vit_select){.layer = -2, .feature = TK_VIT_FEATURE_PATCH, .post_norm = 1}, 0);
+    test_tower("siglip head", TK_VIT_SIGLIP, 1, (tk_vit_select){.pooled = 1}, 0);
+    test_tower("siglip mean", TK_VIT_SIGLIP, 0, (tk_vit_select){.pooled = 1}, 0);
+    test_tower("siglip head at 4 px (interpolated)", TK_VIT_SIGLIP, 1, (tk_vit_select){.pooled = 1}, 4);
     test_tower("siglip 1 cls_patch", TK_VIT_SIGLIP, 0,
-               (tk_vit_select){.layer = 1, .feature = TK_VIT_FEATURE_CLS_PATCH});
+               (tk_vit_select){.layer = 1, .feature = TK_VIT_FEATURE_CLS_PATCH}, 0);
+    test_tower_adapters("clip + lora", TK_VIT_CLIP, TK_ADAPTER_LORA);
+    test_tower_adapters("siglip + lora", TK_VIT_SIGLIP, TK_ADAPTER_LORA);
+    test_tower_adapters("clip + bottleneck", TK_VIT_CLIP, TK_ADAPTER_BOTTLENECK);
     if (g_failures) printf("%s: %d FAILED\n", TEST_NAME, g_failures);
     else printf("%s: all passed\n", TEST_NAME);
     return g_failures ? 1 : 0;

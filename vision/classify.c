@@ -244,6 +244,9 @@ static int model_open(cls_model *cm, const tk_cls_opts *o, int K, size_t Bmax, i
     size_t C = (size_t)c->hidden, S = (size_t)c->image_size;
     cm->K = K;
     cm->Bmax = Bmax;
+    /* the whole tower first: its tensors move into cm->PT, and the adapters must take their base weights
+     * from there */
+    if (train && o->tune_tower && register_tower(cm, err)) return -1;
     if (o->peft.kind != TK_ADAPTER_NONE && tk_peft_has_vit(&o->peft)) {
         if (!(cm->vp = tk_vit_peft_new(cm->m, &o->peft, "base_model.model.vision_model.", err))) return -1;
     }
@@ -252,7 +255,6 @@ static int model_open(cls_model *cm, const tk_cls_opts *o, int K, size_t Bmax, i
         tk_params_add(&cm->P, "base_model.model.classifier.bias", 1, sb, 0, &cm->cb, &cm->dcb, NULL, err) ||
         (cm->vp && tk_vit_peft_register(cm->vp, &cm->P, err)) || tk_params_alloc(&cm->P, err))
         return -1;
-    if (train && o->tune_tower && register_tower(cm, err)) return -1;
     if (!(cm->act = tk_vit_act_alloc(cm->m, Bmax, err))) return -1;
     if (cm->vp && tk_vit_peft_alloc(cm->vp, Bmax * cm->m->n_tokens, err)) return -1;
     cm->pix = tk_calloc(Bmax * 3 * S * S, sizeof(float));

@@ -11,6 +11,7 @@
 #include "ops/blas.h"
 #include "ops/fastmath.h"
 #include "peft/peft_config.h"
+#include "vision/pos_interp.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -305,14 +306,15 @@ static void embed(const tk_vit *m, tk_vit_act *a, const float *pixels, size_t B)
     const tk_vit_config *c = &m->cfg;
     size_t C = (size_t)c->hidden, T = m->n_tokens, N = m->n_patches, P = (size_t)c->patch_size;
     size_t K = (size_t)c->channels * P * P, off = T - N;
-    tk_vit_im2col(a->patches, pixels, B, (size_t)c->channels, (size_t)c->image_size, P);
+    tk_vit_im2col(a->patches, pixels, B, (size_t)c->channels, (size_t)m->image_size, P);
     tk_linear_forward(a->dpatch, a->patches, m->patch_w, B * N, K, C, 0.0f);
     float *e = m->pre_w ? a->pre_in : a->hs[0];
+    const float *pos = m->pos_run ? m->pos_run : m->pos; /* interpolated: pos_interp.h */
 #pragma omp parallel for if (B * T * C >= TK_OMP_MIN_WORK)
     for (size_t r = 0; r < B * T; r++) {
         size_t b = r / T, t = r % T;
         float *xr = &e[r * C];
-        const float *pr = &m->pos[t * C];
+        const float *pr = &pos[t * C];
         if (t < off) {
             for (size_t j = 0; j < C; j++) xr[j] = m->cls[j] + pr[j];
         } else {
@@ -571,22 +573,25 @@ static void embed_backward(const tk_vit *m, tk_vit_act *a, tk_vit *g, float *dpi
                               R, C);
         de = a->dxn;
     }
-    if (g) {
+    if (g) { /* with an interpolated grid, d(pos_run) first (a->dq is free here), then M^T into g->pos */
+        float *dpos = m->pos_map ? a->dq : g->pos;
+        if (m->pos_map) memset(dpos, 0, T * C * sizeof(float));
         for (size_t b = 0; b < B; b++)
             for (size_t t = 0; t < T; t++) {
                 const float *dr = &de[(b * T + t) * C];
-                float *gp = &g->pos[t * C];
+                float *gp = &dpos[t * C];
                 for (size_t j = 0; j < C; j++) gp[j] += dr[j];
                 if (t < off)
                     for (size_t j = 0; j < C; j++) g->cls[j] += dr[j];
             }
+        if (m->pos_map) tk_pos_interp_backward(m->pos_map, g->pos, dpos, C);
     }
     for (size_t b = 0; b < B; b++)
         memcpy(a->dpatch + b * N * C, de + (b * T + off) * C, N * C * sizeof(float));
     if (g && g->patch_b) bias_grad(g->patch_b, a->dpatch, a->ones, B * N, C);
     if (dpixels) memset(a->dpatches, 0, B * N * K * sizeof(float));
     tk_linear_backward(dpixels ? a->dpatches : NULL, G(patch_w), a->dpatch, a->patches, m->patch_w, B * N, K, C);
-    if (dpixels) tk_vit_col2im_add(dpixels, a->dpatches, B, (size_t)c->channels, (size_t)c->image_size, P);
+    if (dpixels) tk_vit_col2im_add(dpixels, a->dpatches, B, (size_t)c->channels, (size_t)m->image_size, P);
 }
 
 int tk_vit_train_backward(const tk_vit *m, tk_vit_act *a, tk_vit *g, float *dpixels, const float *dout,

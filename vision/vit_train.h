@@ -19,6 +19,10 @@
  *                (the class token); SigLIP with its head, head(post_layernorm(last)); SigLIP without
  *                a head, the mean over the patches of post_layernorm(last) (SiglipForImageClassification).
  *
+ * At another image size (tk_vit_set_image_size with interpolation) the forward adds m->pos_run and the
+ * backward maps d(pos_run) back to g->pos through the map's transpose (pos_interp.h); after changing
+ * m->pos (an optimizer step) call tk_vit_pos_refresh. g has the checkpoint's layout (tk_vit_zeros(&m->cfg)).
+ *
  * Backward: gradients ADD (ops.h convention) into g's tensors (g NULL: no parameter gradients, the
  * frozen tower of an adapter run, only the input-side flow) and into dpixels [B,3,S,S] (NULL: not
  * wanted; the patch-embedding input gradient is then skipped). dout has out's shape.

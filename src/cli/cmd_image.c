@@ -63,7 +63,7 @@ int tk_cmd_train_image(int argc, char **argv) {
     const char *rule = "prox", *config = NULL;
     const char *data_specs[64];
     int r = 8, rslora = 0;
-    float alpha = 16.0f, dropout = 0.0f, bn_scaling = 1.0f, mm_lr = 0.0f;
+    float alpha = 16.0f, dropout = 0.0f, bn_scaling = 1.0f;
     tk_gate_config g = tk_gate_config_default();
     tk_opt opts[] = {
         {"config", TK_OPT_STR, &config, "FILE", "JSON file of option defaults (keys = option names)", 0},
@@ -75,7 +75,6 @@ int tk_cmd_train_image(int argc, char **argv) {
         {"batch-size", TK_OPT_INT, &o.batch_size, "B", "images per step (default 16)", 0},
         {"lr", TK_OPT_FLOAT, &o.lr, "X", "learning rate of the classifier and the adapters (default 1e-3)", 0},
         {"vision-tower-lr", TK_OPT_FLOAT, &o.tower_lr, "X", "learning rate of the tower with --tune-vision-tower (default --lr)", 0},
-        {"mm-projector-lr", TK_OPT_FLOAT, &mm_lr, "X", "LLaVA's projector learning rate: refused here (no projector)", 0},
         {"tune-vision-tower", TK_OPT_FLAG, &o.tune_tower, NULL, "train the whole tower too (written to OUT/vision_tower)", 0},
         {"lr-scheduler", TK_OPT_STR, &sched, "NAME", "constant | linear | cosine (default constant)", 0},
         {"warmup-steps", TK_OPT_INT, &o.warmup_steps, "N", "linear learning-rate warm-up steps (default 0)", 0},
@@ -126,11 +125,6 @@ int tk_cmd_train_image(int argc, char **argv) {
     o.n_data = n_data;
     if (!o.model_dir || n_data == 0) {
         tk_fail(&err, "train --task image-classification needs --model TOWER and --data SHARDS (see --help)");
-        status = 2;
-        goto fail;
-    }
-    if (tk_opt_seen(opts, n, "mm-projector-lr")) {
-        tk_fail(&err, "--mm-projector-lr: image classification has no projector (the LLaVA trainer's option)");
         status = 2;
         goto fail;
     }

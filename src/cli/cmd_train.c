@@ -61,6 +61,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         {"projector", TK_OPT_STR, &o.projector, "FILE", "projector to start from (mm_projector.safetensors or a LLaVA checkpoint)", 0},
         {"projector-type", TK_OPT_STR, &o.projector_type, "T", "linear | mlp2x_gelu (default mlp2x_gelu)", 0},
         {"stage", TK_OPT_INT, &o.stage, "N", "with --vision-tower: 1 projector only, 2 projector + adapter (default 2)", 0},
+        {"mm-projector-lr", TK_OPT_FLOAT, &o.mm_projector_lr, "X", "with --vision-tower: the projector's learning rate (LLaVA's; default --lr)", 0},
         {"vision-layer", TK_OPT_INT, &o.vision_layer, "L", "encoder hidden state used (default -2, LLaVA's)", 0},
         {"vision-feature", TK_OPT_STR, &o.vision_feature, "F", "patch | cls_patch (default patch)", 0},
         {"image-preprocess", TK_OPT_STR, &o.image_preprocess, "P", "clip | llava-pad | siglip (default clip)", 0},
@@ -185,6 +186,11 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     if ((gate == 2) != tk_opt_seen(opts, n, "keep")) {
         tk_fail(&err, gate == 2 ? "--gate random needs --keep P (the probability that a token's update is applied)"
                                 : "--keep is the keep probability of --gate random");
+        status = 2;
+        goto fail;
+    }
+    if (!(o.mm_projector_lr >= 0.0f)) {
+        tk_fail(&err, "--mm-projector-lr: %g is not >= 0", (double)o.mm_projector_lr);
         status = 2;
         goto fail;
     }

@@ -538,6 +538,15 @@ static int attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir
             return tk_fail(err, "layers_to_transform: layer %d does not exist (the model has %d)",
                            pc->layer_sel[i], m->cfg.n_layers);
     if (tk_peft_check_layers(pc, m->cfg.n_layers, err) || tk_peft_check_rank_pattern(pc, m->cfg.n_layers, err)) return -1;
+    if (pc->kind != TK_ADAPTER_NONE && tk_peft_has_vit(pc)) { /* vision/classify.h trains those */
+        char nm[160];
+        int first = -1;
+        for (int k = 0; k < TK_MAX_LAYERS * TK_VIT_NPROJ && first < 0; k++)
+            if (tk_peft_vit_targets(pc, k / TK_VIT_NPROJ, k % TK_VIT_NPROJ)) first = k;
+        tk_vit_module_name(nm, sizeof nm, pc->vit_prefix, first / TK_VIT_NPROJ, first % TK_VIT_NPROJ);
+        return tk_fail(err, "target module %s: vision tower modules are adapted by `tspeft train --task "
+                            "image-classification`; the LLaMA trainer adapts LLaMA modules only", nm);
+    }
     if (pc->kind != TK_ADAPTER_NONE && (pc->r < 1))
         return tk_fail(err, "adapter rank must be >= 1");
     tk_llama_slot *slots = calloc(slot_capacity(&m->cfg), sizeof *slots);

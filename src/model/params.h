@@ -25,6 +25,7 @@ typedef struct {
     int64_t shape[2];
     size_t offset, numel; /* slice of the flat arrays */
     int decay;            /* AdamW weight decay applies */
+    float lr_mult;        /* this tensor's learning rate is the step's times lr_mult (0: 1) */
     float **bind_data, **bind_grad;
     const float *init; /* optional initial values (copied at alloc), else zeros */
 } tk_param;

@@ -321,7 +321,7 @@ int tk_peft_parse_target_list(tk_peft_config *pc, const char *list, tk_err *err)
     if (!buf) return tk_fail(err, "out of memory");
     int rc = add_target_words(pc, buf, NULL, err);
     free(buf);
-    if (rc == 0 && !pc->target_mask && !pc->n_modules) rc = tk_fail(err, "empty target module list");
+    if (rc == 0 && !pc->target_mask && !pc->n_modules && !tk_peft_has_vit(pc)) rc = tk_fail(err, "empty target module list");
     return rc;
 }
 

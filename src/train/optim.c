@@ -146,13 +146,13 @@ void tk_params_adamw(tk_params *P, float lr, float b1, float b2, float eps, floa
         const tk_param *p = &P->items[i];
         if (p->numel < TK_OPTIM_PARALLEL_MIN)
             tk_adamw_update(P->data + p->offset, P->grad + p->offset, P->m + p->offset, P->v + p->offset,
-                            p->numel, lr, b1, b2, eps, p->decay ? wd : 0.0f, t);
+                            p->numel, p->lr_mult > 0.0f ? lr * p->lr_mult : lr, b1, b2, eps, p->decay ? wd : 0.0f, t);
     }
     for (size_t i = 0; i < P->n; i++) {
         const tk_param *p = &P->items[i];
         if (p->numel >= TK_OPTIM_PARALLEL_MIN)
             tk_adamw_update(P->data + p->offset, P->grad + p->offset, P->m + p->offset, P->v + p->offset,
-                            p->numel, lr, b1, b2, eps, p->decay ? wd : 0.0f, t);
+                            p->numel, p->lr_mult > 0.0f ? lr * p->lr_mult : lr, b1, b2, eps, p->decay ? wd : 0.0f, t);
     }
 }
 

@@ -38,7 +38,7 @@ void tk_adamw_update(float *p, const float *g, float *m, float *v, size_t n, flo
                      float b2, float eps, float wd, int t);
 
 /* tk_adamw_update on every tensor of P (weight decay wd where the tensor's decay flag is set, else
- * 0), tensors shared out over the threads. */
+ * 0; learning rate lr times the tensor's lr_mult where that is set), tensors shared out over the threads. */
 struct tk_params;
 void tk_params_adamw(struct tk_params *P, float lr, float b1, float b2, float eps, float wd, int t);
 

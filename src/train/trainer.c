@@ -477,6 +477,15 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     int n_packed = tk_llama_pack_frozen(m, err);
     if (n_packed < 0) goto done;
     if (mm && tk_mm_init_weights(mm, proj_file, o->seed ^ 0x9e0u, err)) goto done;
+    if (o->mm_projector_lr > 0.0f) { /* the projector's tensors step at mm_projector_lr / lr of the schedule */
+        if (!mm || !(o->lr > 0.0f)) {
+            tk_fail(err, "--mm-projector-lr needs --vision-tower and --lr > 0 (it scales the schedule)");
+            goto done;
+        }
+        for (size_t i = 0; i < m->params.n; i++)
+            if (strncmp(m->params.items[i].name, "model.mm_projector.", 19) == 0)
+                m->params.items[i].lr_mult = o->mm_projector_lr / o->lr;
+    }
     snprintf(m->peft.base_model, sizeof m->peft.base_model, "%s", o->model_dir);
     size_t max_len = o->max_seq_len > 0 ? (size_t)o->max_seq_len : (size_t)m->cfg.max_seq_len;
     if (o->shuffle_window < 0 || o->prefetch < 0) {

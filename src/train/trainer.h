@@ -55,6 +55,8 @@ typedef struct {
     int image_size;              /* > 0: images preprocessed to this size (tk_mm_opts.image_size) */
     int interpolate_pos;         /* 1: bicubic position embeddings when image_size is not the tower's */
     int stage;                   /* 1: projector only (no adapter); 2: projector + adapter (default) */
+    float mm_projector_lr;       /* the projector's peak learning rate (LLaVA's mm_projector_lr; 0: lr); it
+                                    follows the same schedule */
     tk_dist *dist;           /* data-parallel communicator (dist.h), or NULL for one process. With P
                                 ranks each optimizer step has P * grad_accum micro-batches; rank p runs
                                 micro-batches p*K .. p*K+K-1; only rank 0 prints and writes files */

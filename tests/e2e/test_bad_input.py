@@ -410,6 +410,18 @@ def cases():
         d = data_with_line(e, "d_mask.jsonl", 2, {"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 2, 1]})
         return dict(argv=e.train(data=d), expect=[d + ":2:"])
 
+    # --- vision tower modules: the LLaMA trainer does not train the tower ----------------------
+    @case("train_tower_target_without_tower_training")
+    def _(e):
+        return dict(argv=e.train(extra=["--target-modules", "q_proj,vision_tower.vision_model.encoder.layers.1.mlp.fc1"]),
+                    expect=["vision_tower.vision_model.encoder.layers.1.mlp.fc1", "image-classification"])
+
+    @case("adapter_config_tower_targets_into_llama")
+    def _(e):
+        a = adapter_with_config(e, "a_tower", target_modules=["q_proj", "vision_model.encoder.layers.0.self_attn.q_proj"])
+        return dict(argv=e.train(extra=["--adapter", a]),
+                    expect=[os.path.join(a, "adapter_config.json"), "vision_model.encoder.layers.0.self_attn.q_proj"])
+
     # --- adapter --------------------------------------------------------------------------------
     @case("adapter_config_missing")
     def _(e):

@@ -15,8 +15,8 @@ accuracy is well above chance (> 0.5 for 4 classes; chance 0.25); the adapter is
 (tower module keys under base_model.model.vision_model., the classifier as modules_to_save, ts_tau
 per module, full tower names in target_modules, task_type null); `tspeft eval` writes its results
 JSON; `tspeft gates` shows the tower modules in their own block; a linear probe (--adapter-type
-none) and --tune-vision-tower (the tower written as OUT/vision_tower, its weights changed, usable
-as --model) run; bad input is refused with one line and nothing written: the classifier's class
+none) and --tune-vision-tower with LoRA (the tower written as OUT/vision_tower, its weights changed,
+usable as --model) run; bad input is refused with one line and nothing written: the classifier's class
 count against the data's n_classes, records disagreeing on n_classes, a LLaMA target name.
 """
 import argparse
@@ -174,7 +174,7 @@ def main():
                "--adapter-type none trains the classifier alone (no gates.jsonl)", p.stderr)
         full = os.path.join(tmp, "full")
         p = U.run(tsp, ["train", "--task", "image-classification", "--model", tower, "--data", train, "--steps", 10,
-                        "--batch-size", 16, "--lr", 3e-3, "--adapter-type", "none", "--tune-vision-tower",
+                        "--batch-size", 16, "--lr", 3e-3, "--target-modules", "q_proj,fc2", "--tune-vision-tower",
                         "--vision-tower-lr", 1e-3, "--out", full, "--threads", 2, "--quiet"], timeout=120)
         ok = p.returncode == 0 and os.path.exists(os.path.join(full, "vision_tower", "model.safetensors"))
         if ok:
@@ -183,10 +183,11 @@ def main():
             moved = [k for k in a if not np.array_equal(a[k], b[k])]
             fixed = [k for k in a if k not in moved and not k.endswith("k_proj.bias")]
             ok = set(a) == set(b) and not fixed  # k_proj.bias: a zero gradient (softmax shift)
-        chk.ok(ok, "--tune-vision-tower writes OUT/vision_tower with every tensor trained", p.stderr)
+        chk.ok(ok, "--tune-vision-tower (with LoRA on q_proj, fc2) writes OUT/vision_tower with every tensor trained",
+               p.stderr)
         p = U.run(tsp, ["eval", "--task", "image-classification", "--model", os.path.join(full, "vision_tower"),
                         "--adapter", full, "--data", test, "--threads", 2], timeout=120)
-        chk.ok(p.returncode == 0, "the trained tower evaluates as --model", p.stderr)
+        chk.ok(p.returncode == 0, "the trained tower evaluates as --model with its adapter", p.stderr)
 
         chk.section("bad input")
         test5 = make_split(tsp, tmp, "test", 5, n_classes=5)

@@ -146,6 +146,23 @@ def main():
         chk.ok(sorted(s2p) == sorted(PROJ) and any(not np.array_equal(s1p[k], s2p[k]) for k in PROJ),
                "stage 2 wrote its projector, trained further from stage 1's")
 
+        chk.section("--mm-projector-lr: the projector's own learning rate")
+        # one AdamW step from zero moments moves each tensor by lr * g / (|g| + eps): max |change| = its lr
+        p = U.run(B, ["train"] + common + ["--stage", "2", "--projector", T("s1", "mm_projector.safetensors"),
+                                           "--target-modules", "all", "--gate", "off", "--steps", "1", "--lr", "1e-3",
+                                           "--mm-projector-lr", "1e-2", "--max-grad-norm", "0", "--out", T("plr")])
+        if chk.ok(p.returncode == 0, "stage 2 with --lr 1e-3 --mm-projector-lr 1e-2 runs", p.stderr):
+            pp = st.load(T("plr", "mm_projector.safetensors"))
+            pa = st.load(T("plr", "adapter_model.safetensors"))
+            dp = max(float(np.abs(pp[k] - s1p[k]).max()) for k in PROJ)
+            db = max(float(np.abs(v).max()) for k, v in pa.items() if ".lora_B." in k)  # lora_B starts at 0
+            chk.ok(0.99e-2 <= dp <= 1.0001e-2 and 0.99e-3 <= db <= 1.0001e-3,
+                   "one step: the projector moved by %.4g (its lr 1e-2), lora_B by %.4g (--lr 1e-3)" % (dp, db))
+        p = U.run(B, ["train", "--model", T("model"), "--data", T("sh", "train.shard"), "--steps", "1",
+                      "--mm-projector-lr", "1e-2"] + TH)
+        ok, line = one_line_error(p, "--mm-projector-lr", "--vision-tower")
+        chk.ok(ok, "--mm-projector-lr without --vision-tower: one line", p.stderr)
+
         chk.section("exact --resume with a projector (stage 1 and stage 2)")
         for stage, extra in (("1", []), ("2", ["--projector", T("s1", "mm_projector.safetensors"), "--target-modules",
                                                 "all"])):

@@ -157,7 +157,7 @@ static int cmd_grad(const opts *o) {
     tk_st_entry *e = NULL;
     char (*names)[TK_NAME_MAX + 8] = NULL;
     if (!pix || !(dout = read_all(in, "dout", &td, &err))) goto done;
-    int64_t S = m->cfg.image_size, ch = m->cfg.channels;
+    int64_t S = m->image_size, ch = m->cfg.channels;
     if (t->ndim != 4 || t->shape[0] < 1 || t->shape[1] != ch || t->shape[2] != S || t->shape[3] != S) {
         tk_fail(&err, "%s: pixels must be [B,%lld,%lld,%lld]", o->input, (long long)ch, (long long)S,
                 (long long)S);

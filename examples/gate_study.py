@@ -129,9 +129,11 @@ def parse_args(argv):
                     help="evaluate only the first N examples per task (default 0: all; --quick 100)")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="demo.sh stage 5 steps (default demo's)")
     ap.add_argument("--stage1-steps", type=int, default=None, help="demo.sh stage 6 steps (default demo's)")
+    ap.add_argument("--tower-steps", type=int, default=None,
+                    help="demo.sh stage 4's tower pretraining steps (default demo's; --quick 30)")
     ap.add_argument("--quick", action="store_true",
-                    help="a plumbing check: defaults of 2 seeds, 30 steps, 600 images, 60 pretraining and 60 "
-                         "stage-1 steps, 100 examples per task, ts warm-up 10 steps (explicit options win)")
+                    help="a plumbing check: defaults of 2 seeds, 30 steps, 600 images, 30 tower, 60 pretraining and "
+                         "60 stage-1 steps, 100 examples per task, ts warm-up 10 steps (explicit options win)")
     ap.add_argument("--check", action="store_true",
                     help="after the run, validate the outputs; exit 1 on a missing row, a non-finite value or a failed cell")
     ap.add_argument("--fresh", action="store_true", help="delete --out first (nothing is reused)")
@@ -139,7 +141,7 @@ def parse_args(argv):
     defaults = {"seeds": 5, "steps": 800, "images": 3000, "eval_limit": 0, "ts_flags": DEFAULT_TS_FLAGS}
     if a.quick:
         defaults.update(seeds=2, steps=30, images=600, eval_limit=100, ts_flags=QUICK_TS_FLAGS,
-                        pretrain_steps=60, stage1_steps=60)
+                        pretrain_steps=60, stage1_steps=60, tower_steps=30)
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -196,7 +198,8 @@ def is_gated(name, a):
 
 def prepare(a, out):
     prep = os.path.join(out, "prep")
-    want = {"images": a.images, "pretrain_steps": a.pretrain_steps, "stage1_steps": a.stage1_steps}
+    want = {"images": a.images, "pretrain_steps": a.pretrain_steps, "stage1_steps": a.stage1_steps,
+            "tower_steps": a.tower_steps}
     record = os.path.join(prep, "study_prep.json")
     if os.path.exists(os.path.join(prep, "stage1", "mm_projector.safetensors")):
         if os.path.exists(record):
@@ -215,7 +218,8 @@ def prepare(a, out):
         log("gate_study: skipped: the preparation needs %s (make deps installs them)" % ", ".join(missing))
         sys.exit(77)
     env = dict(os.environ, DEMO_UNTIL="6", DEMO_IMAGES=str(a.images), THREADS=str(a.threads))
-    for k, v in (("DEMO_PRETRAIN_STEPS", a.pretrain_steps), ("DEMO_STAGE1_STEPS", a.stage1_steps)):
+    for k, v in (("DEMO_PRETRAIN_STEPS", a.pretrain_steps), ("DEMO_STAGE1_STEPS", a.stage1_steps),
+                 ("DEMO_TOWER_STEPS", a.tower_steps)):
         if v is not None:
             env[k] = str(v)
         else:
@@ -729,6 +733,7 @@ def main(argv):
                 "threads": a.threads, "ts_flags": a.ts_flags, "controls_for": a.controls_for,
                 "bootstrap_resamples": a.bootstrap, "bootstrap_seed": BOOT_SEED, "eval_limit": a.eval_limit,
                 "quick": a.quick, "pretrain_steps": a.pretrain_steps, "stage1_steps": a.stage1_steps,
+                "tower_steps": a.tower_steps,
                 "interior_range": list(INTERIOR), "tspeft": a.tspeft, "seconds": round(elapsed, 1)}
     study = dict(settings=settings, methods=res["methods"], tasks=res["tasks"], readings=res["readings"],
                  cells={"%s/seed%d" % k: {"status": c["status"], "error": c["error"],

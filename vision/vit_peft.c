@@ -31,6 +31,10 @@ static float *base_weight(const tk_vit *m, int l, int j, size_t *out, size_t *in
 
 tk_vit_peft *tk_vit_peft_new(const tk_vit *m, const tk_peft_config *pc, const char *key_prefix, tk_err *err) {
     int NL = m->cfg.n_layers;
+    if (pc->kind != TK_ADAPTER_LORA && pc->kind != TK_ADAPTER_DORA && pc->kind != TK_ADAPTER_BOTTLENECK) {
+        tk_fail(err, "vision tower adapters are LoRA, DoRA or bottleneck, not %s", tk_adapter_kind_name(pc->kind));
+        return NULL;
+    }
     for (int l = NL; l < TK_MAX_LAYERS; l++)
         if (pc->vit_module_mask[l]) {
             int j = 0;

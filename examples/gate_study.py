@@ -15,6 +15,9 @@ Methods (a name plus `tspeft train` flags):
   module-off  dense LoRA on the modules the ts run of the same seed kept: modules ranked by their keep
               over the ts run's last logged steps, the lowest switched off until the switched-off share
               of modules is >= the ts run's discarded fraction (--target-modules @FILE)
+  adalora     --gate off, AdaLoRA at LoRA's final budget: --init-r 24 --target-r 16, tinit/tfinal/deltaT
+              10%/20%/1.25% of the steps (not in the default list; docs/adalora.md)
+  ts-adalora  the same with --gate on plus --ts-flags (TS-AdaLoRA)
   --method NAME="FLAGS" adds a method (repeatable), e.g. --method ts-imp="--gate on --ts-rule importance".
 Every method whose flags hold "--gate on" is a gated method: the four readings are given for each
 (random and module-off are matched to the ts run; --controls-for names another method).
@@ -43,7 +46,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("image", "text")
-BUILTIN = ("lora", "ts", "random", "module-off")
+BUILTIN = ("lora", "ts", "random", "module-off", "adalora", "ts-adalora")
+DEFAULT_METHODS = ("lora", "ts", "random", "module-off")
 DEFAULT_TS_FLAGS = "--ts-lambda 0.2 --ts-warmup-steps 50"
 QUICK_TS_FLAGS = "--ts-lambda 0.2 --ts-warmup-steps 10"  # 30 steps: the gate must move before the end
 INTERIOR = (0.05, 0.95)  # a module is interior when its keep lies in this range (docs/gates.md)
@@ -157,7 +161,7 @@ def parse_args(argv):
             ap.error("--method %s: the built-in methods are %s" % (name, ", ".join(BUILTIN)))
         extra[name] = shlex.split(flags)
     if a.methods is None:
-        names = list(BUILTIN) + list(extra)
+        names = list(DEFAULT_METHODS) + list(extra)
     else:
         names = [n for part in a.methods for n in part.split(",") if n]
     unknown = [n for n in names if n not in BUILTIN and n not in extra]
@@ -175,12 +179,24 @@ def parse_args(argv):
     return a
 
 
+def adalora_flags(a):
+    """AdaLoRA at LoRA's final parameter budget (target_r 16 = the lora rows' r, init_r 1.5x as in the
+    AdaLoRA paper), its schedule scaled to the run: tinit 10% of the steps, tfinal 20%, a masking every
+    1.25% (docs/adalora.md)."""
+    return ["--adapter-type", "adalora", "--init-r", "24", "--target-r", "16", "--tinit", str(a.steps // 10),
+            "--tfinal", str(a.steps // 5), "--delta-t", str(max(1, a.steps // 80))]
+
+
 def method_flags(name, a):
     """The method's own flags; None for the controls, whose flags depend on the paired gated run."""
     if name == "lora":
         return ["--gate", "off"]
     if name == "ts":
         return ["--gate", "on"] + shlex.split(a.ts_flags)
+    if name == "adalora":
+        return ["--gate", "off"] + adalora_flags(a)
+    if name == "ts-adalora":
+        return ["--gate", "on"] + shlex.split(a.ts_flags) + adalora_flags(a)
     if name in ("random", "module-off"):
         return None
     return list(a.extra[name])
@@ -298,7 +314,9 @@ def train_run(a, prep, out, method, seed, flags, extra_record):
            "--data", os.path.join(prep, "shards", "text_train.shard") + ":1"]
     if "--target-modules" not in flags:
         cmd += ["--target-modules", "all"]
-    cmd += ["--r", "16", "--alpha", "32"] + flags + [
+    if "adalora" not in flags:  # AdaLoRA's rank is --init-r / --target-r
+        cmd += ["--r", "16"]
+    cmd += ["--alpha", "32"] + flags + [
         "--steps", str(a.steps), "--batch-size", "16", "--lr", "2e-3", "--lr-scheduler", "cosine",
         "--warmup-steps", "20", "--shuffle", "--seed", str(seed), "--max-seq-len", "128", "--out", tdir,
         "--log-every", "100", "--threads", str(a.threads)]

@@ -70,6 +70,89 @@ static char *meta_answer(const tk_shard_record *r, strlist *choices) {
     return ans;
 }
 
+/* KV caches of the candidate rows of one batch together at most (the rows are fewer when a record's
+ * caches are larger). */
+#define TK_VQA_MC_CACHE_BYTES ((size_t)1 << 30)
+
+/* The multiple-choice protocol with the candidates as batches of rows: each row a copy of the
+ * prompt's cache kv (p positions, l0 the logits after it), one token per step (tk_llama_step_rows).
+ * The scores, and so *best_c, are bit-identical to the candidates scored one at a time. */
+static int mc_batched(const tk_eval_ctx *ctx, const strlist *choices, const char *gold, const tk_llama_kv *kv,
+                      const float *l0, size_t p, size_t cap, size_t *best_c, size_t *gold_c, tk_err *err) {
+    tk_llama *m = ctx->m;
+    size_t V = (size_t)m->cfg.vocab_size, K = choices->n, Lmax = 1, R = 0;
+    size_t GD = (size_t)m->cfg.n_kv_heads * (size_t)m->cfg.head_dim, L = (size_t)m->cfg.n_layers;
+    tk_ids *cand = calloc(K, sizeof *cand);
+    double *lp = calloc(K, sizeof *lp);
+    tk_llama_kv **rk = NULL, **act = NULL;
+    tk_llama_rows *rows = NULL;
+    int32_t *ids = NULL;
+    size_t *who = NULL;
+    float *logits = NULL;
+    int rc = -1;
+    if (!cand || !lp) {
+        tk_fail(err, "out of memory");
+        goto done;
+    }
+    for (size_t c = 0; c < K; c++) {
+        if (strcmp(choices->text[c], gold) == 0) *gold_c = c;
+        if (tk_tok_encode(ctx->tok, choices->text[c], strlen(choices->text[c]), 0, ctx->eos >= 0, &cand[c], err))
+            goto done;
+        if (p + cand[c].n > cap) cand[c].n = cap - p; /* what fits below the model's positions */
+        Lmax = cand[c].n > Lmax ? cand[c].n : Lmax;
+    }
+    size_t S = p + Lmax, per = 2 * L * S * GD * sizeof(float);
+    R = ctx->eval_batch;
+    if (R > TK_VQA_MC_CACHE_BYTES / per) R = TK_VQA_MC_CACHE_BYTES / per > 0 ? TK_VQA_MC_CACHE_BYTES / per : 1;
+    if (R > K) R = K;
+    rk = calloc(R, sizeof *rk);
+    act = calloc(R, sizeof *act);
+    ids = calloc(R, sizeof *ids);
+    who = calloc(R, sizeof *who);
+    logits = malloc(R * V * sizeof *logits);
+    if (!rk || !act || !ids || !who || !logits) {
+        tk_fail(err, "out of memory");
+        goto done;
+    }
+    for (size_t r = 0; r < R; r++)
+        if (!(rk[r] = tk_llama_kv_alloc(m, S, 1, err))) goto done;
+    if (!(rows = tk_llama_rows_alloc(m, R, S, err))) goto done;
+    for (size_t c0 = 0; c0 < K; c0 += R) {
+        size_t nr = K - c0 < R ? K - c0 : R;
+        for (size_t r = 0; r < nr; r++) {
+            tk_llama_kv_reset(rk[r]);
+            if (tk_llama_kv_copy(rk[r], kv, 0, err)) goto done;
+            if (cand[c0 + r].n) lp[c0 + r] = logprob(l0, V, cand[c0 + r].ids[0]);
+        }
+        for (size_t t = 0; t + 1 < Lmax; t++) { /* rows whose candidate has a token t + 1 to score */
+            size_t n = 0;
+            for (size_t r = 0; r < nr; r++)
+                if (t + 1 < cand[c0 + r].n) act[n] = rk[r], ids[n] = cand[c0 + r].ids[t], who[n++] = c0 + r;
+            if (n == 0) break;
+            if (tk_llama_step_rows(m, rows, act, ids, n, logits, err)) goto done;
+            for (size_t i = 0; i < n; i++) lp[who[i]] += logprob(logits + i * V, V, cand[who[i]].ids[t + 1]);
+        }
+    }
+    double best = -INFINITY;
+    for (size_t c = 0; c < K; c++)
+        if (lp[c] > best) best = lp[c], *best_c = c;
+    rc = 0;
+done:
+    if (cand)
+        for (size_t c = 0; c < K; c++) tk_ids_free(&cand[c]);
+    if (rk)
+        for (size_t r = 0; r < R; r++) tk_llama_kv_free(rk[r]);
+    free(cand);
+    free(lp);
+    free(rk);
+    free(act);
+    free(ids);
+    free(who);
+    free(logits);
+    tk_llama_rows_free(rows);
+    return rc;
+}
+
 int tk_eval_vqa(const tk_eval_ctx *ctx, tk_mm *mm, const char *path, tk_eval_result *res, tk_strbuf *samples,
                 tk_err *err) {
     tk_llama *m = ctx->m;
@@ -182,22 +265,26 @@ int tk_eval_vqa(const tk_eval_ctx *ctx, tk_mm *mm, const char *path, tk_eval_res
         /* multiple choice */
         double best_lp = -INFINITY;
         size_t best_c = 0, gold_c = SIZE_MAX;
-        for (size_t c = 0; c < choices.n; c++) {
-            if (strcmp(choices.text[c], gold) == 0) gold_c = c;
-            cand.n = 0;
-            if (tk_tok_encode(ctx->tok, choices.text[c], strlen(choices.text[c]), 0, ctx->eos >= 0, &cand, err) ||
-                tk_llama_kv_copy(kc, kv, 0, err))
-                goto done;
-            double lp = 0.0;
-            memcpy(logits, l0, V * sizeof *logits);
-            if (p + cand.n > cap) cand.n = cap - p; /* what fits below the model's positions */
-            for (size_t t = 0; t < cand.n; t++) {
-                lp += logprob(logits, V, cand.ids[t]);
-                if (t + 1 < cand.n && tk_llama_step(m, kc, &cand.ids[t], 1, logits, err)) goto done;
-            }
-            if (lp > best_lp) {
-                best_lp = lp;
-                best_c = c;
+        if (ctx->eval_batch > 1) {
+            if (mc_batched(ctx, &choices, gold, kv, l0, p, cap, &best_c, &gold_c, err)) goto done;
+        } else {
+            for (size_t c = 0; c < choices.n; c++) {
+                if (strcmp(choices.text[c], gold) == 0) gold_c = c;
+                cand.n = 0;
+                if (tk_tok_encode(ctx->tok, choices.text[c], strlen(choices.text[c]), 0, ctx->eos >= 0, &cand, err) ||
+                    tk_llama_kv_copy(kc, kv, 0, err))
+                    goto done;
+                double lp = 0.0;
+                memcpy(logits, l0, V * sizeof *logits);
+                if (p + cand.n > cap) cand.n = cap - p; /* what fits below the model's positions */
+                for (size_t t = 0; t < cand.n; t++) {
+                    lp += logprob(logits, V, cand.ids[t]);
+                    if (t + 1 < cand.n && tk_llama_step(m, kc, &cand.ids[t], 1, logits, err)) goto done;
+                }
+                if (lp > best_lp) {
+                    best_lp = lp;
+                    best_c = c;
+                }
             }
         }
         int mc = best_c == gold_c;

@@ -12,7 +12,8 @@ TK_KIND_IMAGE positions per record, gold answers in the meta); what each stage t
 the results JSON against its per-sample JSONL (n, metrics in [0,1] and equal to the samples' means,
 em = normalised exact match, mc_correct = choice is gold, gold answers in the data's order); the
 saved projector reloaded (re-written by Python) gives an identical eval and a bit-identical training
-step, the stage-1 projector a different step; `generate --image` prints the answer eval generated for
+step, the stage-1 projector a different step; eval with the multiple-choice candidates one at a time
+(--eval-batch 1) gives the batched eval's samples exactly; `generate --image` prints the answer eval generated for
 the same image and question. Bad input (one-line error naming the file, non-zero exit, no crash): a
 text-only model on image shards, image runs of the wrong length (names the record), eval of a
 .shard without --vision-tower, generate with a missing image.
@@ -216,6 +217,11 @@ def main():
         same = p.returncode == 0 and open(T("ev2.samples.jsonl")).read() == open(T("ev1.samples.jsonl")).read() \
             and json.load(open(T("ev2.json")))["tasks"][0]["metrics"] == m
         chk.ok(same, "eval with the projector re-written by Python: identical samples and metrics", p.stderr)
+        # the candidates scored as batches of rows (the default) against one candidate at a time
+        p = U.run(B, ev + ["--eval-batch", "1", "--out", T("ev3.json")])
+        same = p.returncode == 0 and open(T("ev3.samples.jsonl")).read() == open(T("ev1.samples.jsonl")).read() \
+            and json.load(open(T("ev3.json")))["tasks"][0]["metrics"] == m
+        chk.ok(same, "eval --eval-batch 1 (one candidate at a time): identical samples and metrics", p.stderr)
         losses = {}
         for tag, proj in (("saved", T("s2", "mm_projector.safetensors")), ("reloaded", T("reload", "proj.safetensors")),
                           ("stage1", T("s1", "mm_projector.safetensors"))):

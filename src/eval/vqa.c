@@ -153,6 +153,109 @@ done:
     return rc;
 }
 
+/* One record's sample line and progress report, after its generation (text) and choice. */
+static int record_out(const tk_eval_ctx *ctx, tk_strbuf *samples, uint64_t i, uint64_t n, const char *gold,
+                      const char *text, const strlist *choices, size_t best_c, size_t gold_c, size_t *hits_em,
+                      size_t *hits_mc, double t0, tk_err *err) {
+    char *ng_text = normalise(text), *ng_gold = normalise(gold);
+    int em = ng_text && ng_gold && strcmp(ng_text, ng_gold) == 0;
+    free(ng_text);
+    free(ng_gold);
+    *hits_em += (size_t)em;
+    int mc = best_c == gold_c;
+    *hits_mc += (size_t)mc;
+    if (samples) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "task", "vqa");
+        cJSON_AddNumberToObject(o, "record", (double)i);
+        cJSON_AddStringToObject(o, "gold", gold);
+        cJSON_AddStringToObject(o, "generation", text);
+        cJSON_AddBoolToObject(o, "em", em);
+        cJSON_AddStringToObject(o, "choice", choices->text[best_c]);
+        cJSON_AddBoolToObject(o, "mc_correct", mc);
+        char *s = cJSON_PrintUnformatted(o);
+        cJSON_Delete(o);
+        if (!s) return tk_fail(err, "out of memory");
+        int bad = tk_strbuf_append(samples, s, strlen(s), err) || tk_strbuf_append(samples, "\n", 1, err);
+        free(s);
+        if (bad) return -1;
+    }
+    if (ctx->progress) {
+        char run[96];
+        snprintf(run, sizeof run, "em %.2f  mc %.2f", 100.0 * *hits_em / (double)(i + 1),
+                 100.0 * *hits_mc / (double)(i + 1));
+        tk_eval_progress pg = {"vqa", (size_t)i + 1, (size_t)n, run, tk_time() - t0};
+        ctx->progress(ctx->user, &pg);
+    }
+    return 0;
+}
+
+/* A record whose generation waits for its batch (--eval-batch > 1): its cache (the prompt, then the
+ * generated tokens), the logits after its last position, and what its sample line needs. */
+typedef struct {
+    uint64_t i;
+    char *gold;
+    tk_llama_kv *kv;  /* p + max_new positions */
+    float *logits;    /* [V] */
+    int32_t *gen;     /* [max_new] */
+    size_t max_new, ng, best_c, gold_c;
+} vqa_row;
+
+static void vqa_row_free(vqa_row *w) {
+    free(w->gold);
+    tk_llama_kv_free(w->kv);
+    free(w->logits);
+    free(w->gen);
+    *w = (vqa_row){0};
+}
+
+/* Generation caches of one batch together at most (fewer records for long prompts). */
+#define TK_VQA_GEN_CACHE_BYTES ((size_t)1 << 30)
+
+/* The greedy generation of rows w[0..n) as one batch, each row exactly as the one-record loop decodes
+ * it (argmax among the tokenizer's Vt ids, stop before an eos, at most max_new tokens). */
+static int gen_rows(tk_llama *m, vqa_row *w, size_t n, size_t Vt, int32_t eos, tk_err *err) {
+    size_t V = (size_t)m->cfg.vocab_size, S = 0;
+    for (size_t k = 0; k < n; k++) S = tk_llama_kv_len(w[k].kv) + w[k].max_new > S ? tk_llama_kv_len(w[k].kv) + w[k].max_new : S;
+    tk_llama_rows *rows = tk_llama_rows_alloc(m, n, S, err);
+    tk_llama_kv **act = calloc(n, sizeof *act);
+    size_t *who = calloc(n, sizeof *who);
+    int32_t *ids = calloc(n, sizeof *ids);
+    float *logits = malloc(n * V * sizeof *logits);
+    int rc = -1;
+    if (!rows || !act || !who || !ids || !logits) {
+        if (rows) tk_fail(err, "out of memory");
+        goto done;
+    }
+    for (;;) {
+        size_t k = 0;
+        for (size_t r = 0; r < n; r++) {
+            if (w[r].ng == w[r].max_new) continue; /* finished (an eos sets ng = max_new below) */
+            const float *lg = w[r].logits;
+            int32_t best = 0;
+            for (size_t v = 1; v < Vt; v++)
+                if (lg[v] > lg[best]) best = (int32_t)v;
+            if (eos >= 0 && best == eos) {
+                w[r].max_new = w[r].ng;
+                continue;
+            }
+            w[r].gen[w[r].ng++] = best;
+            if (w[r].ng < w[r].max_new) act[k] = w[r].kv, ids[k] = best, who[k++] = r;
+        }
+        if (k == 0) break;
+        if (tk_llama_step_rows(m, rows, act, ids, k, logits, err)) goto done;
+        for (size_t j = 0; j < k; j++) memcpy(w[who[j]].logits, logits + j * V, V * sizeof *logits);
+    }
+    rc = 0;
+done:
+    tk_llama_rows_free(rows);
+    free(act);
+    free(who);
+    free(ids);
+    free(logits);
+    return rc;
+}
+
 int tk_eval_vqa(const tk_eval_ctx *ctx, tk_mm *mm, const char *path, tk_eval_result *res, tk_strbuf *samples,
                 tk_err *err) {
     tk_llama *m = ctx->m;
@@ -167,6 +270,8 @@ int tk_eval_vqa(const tk_eval_ctx *ctx, tk_mm *mm, const char *path, tk_eval_res
     float *embeds = NULL, *logits = NULL, *l0 = NULL;
     int32_t *gen = NULL;
     char *gold = NULL, *text = NULL;
+    vqa_row pend[TK_EVAL_BATCH_MAX]; /* records waiting for their batch's generation */
+    size_t n_pend = 0, pend_bytes = 0;
     int rc = -1;
     double t0 = tk_time();
     /* candidates: every record's meta choices, else its distinct answers */
@@ -240,9 +345,39 @@ int tk_eval_vqa(const tk_eval_ctx *ctx, tk_mm *mm, const char *path, tk_eval_res
             goto done;
         }
         size_t max_new = ctx->max_new < cap - p ? ctx->max_new : cap - p;
-        if (!(kv = tk_llama_kv_alloc(m, cap, p, err)) || !(kc = tk_llama_kv_alloc(m, cap, p, err)) ||
+        if (!(kv = tk_llama_kv_alloc(m, cap, p, err)) ||
+            (ctx->eval_batch <= 1 && !(kc = tk_llama_kv_alloc(m, cap, p, err))) ||
             tk_llama_step_ex(m, kv, rec.input_ids, embeds, rec.kinds, p, l0, err))
             goto done;
+        if (ctx->eval_batch > 1) { /* the choice now; the generation with its batch */
+            vqa_row *w = &pend[n_pend];
+            size_t best_c = 0, gold_c = SIZE_MAX;
+            if (mc_batched(ctx, &choices, gold, kv, l0, p, cap, &best_c, &gold_c, err)) goto done;
+            *w = (vqa_row){.i = i, .max_new = max_new, .best_c = best_c, .gold_c = gold_c};
+            n_pend++;
+            if (!(w->gold = strdup(gold)) || !(w->logits = malloc(V * sizeof *w->logits)) ||
+                !(w->gen = malloc(max_new * sizeof *w->gen))) {
+                tk_fail(err, "out of memory");
+                goto done;
+            }
+            memcpy(w->logits, l0, V * sizeof *l0);
+            if (!(w->kv = tk_llama_kv_alloc(m, p + max_new, 1, err)) || tk_llama_kv_copy(w->kv, kv, 0, err)) goto done;
+            pend_bytes += 2 * (size_t)m->cfg.n_layers * (p + max_new) * (size_t)m->cfg.n_kv_heads *
+                           (size_t)m->cfg.head_dim * sizeof(float);
+            if (n_pend < ctx->eval_batch && pend_bytes < TK_VQA_GEN_CACHE_BYTES && i + 1 < n) continue;
+            if (gen_rows(m, pend, n_pend, Vt, ctx->eos, err)) goto done;
+            for (size_t k = 0; k < n_pend; k++) {
+                free(text);
+                if (!(text = tk_tok_decode(ctx->tok, pend[k].gen, pend[k].ng, NULL, err)) ||
+                    record_out(ctx, samples, pend[k].i, n, pend[k].gold, text, &choices, pend[k].best_c, pend[k].gold_c,
+                               &hits_em, &hits_mc, t0, err))
+                    goto done;
+            }
+            for (size_t k = 0; k < n_pend; k++) vqa_row_free(&pend[k]);
+            n_pend = 0;
+            pend_bytes = 0;
+            continue;
+        }
         /* greedy generation */
         if (tk_llama_kv_copy(kc, kv, 0, err)) goto done;
         memcpy(logits, l0, V * sizeof *logits);
@@ -257,60 +392,29 @@ int tk_eval_vqa(const tk_eval_ctx *ctx, tk_mm *mm, const char *path, tk_eval_res
         }
         free(text);
         if (!(text = tk_tok_decode(ctx->tok, gen, ng, NULL, err))) goto done;
-        char *ng_text = normalise(text), *ng_gold = normalise(gold);
-        int em = ng_text && ng_gold && strcmp(ng_text, ng_gold) == 0;
-        free(ng_text);
-        free(ng_gold);
-        hits_em += (size_t)em;
         /* multiple choice */
         double best_lp = -INFINITY;
         size_t best_c = 0, gold_c = SIZE_MAX;
-        if (ctx->eval_batch > 1) {
-            if (mc_batched(ctx, &choices, gold, kv, l0, p, cap, &best_c, &gold_c, err)) goto done;
-        } else {
-            for (size_t c = 0; c < choices.n; c++) {
-                if (strcmp(choices.text[c], gold) == 0) gold_c = c;
-                cand.n = 0;
-                if (tk_tok_encode(ctx->tok, choices.text[c], strlen(choices.text[c]), 0, ctx->eos >= 0, &cand, err) ||
-                    tk_llama_kv_copy(kc, kv, 0, err))
-                    goto done;
-                double lp = 0.0;
-                memcpy(logits, l0, V * sizeof *logits);
-                if (p + cand.n > cap) cand.n = cap - p; /* what fits below the model's positions */
-                for (size_t t = 0; t < cand.n; t++) {
-                    lp += logprob(logits, V, cand.ids[t]);
-                    if (t + 1 < cand.n && tk_llama_step(m, kc, &cand.ids[t], 1, logits, err)) goto done;
-                }
-                if (lp > best_lp) {
-                    best_lp = lp;
-                    best_c = c;
-                }
+        for (size_t c = 0; c < choices.n; c++) {
+            if (strcmp(choices.text[c], gold) == 0) gold_c = c;
+            cand.n = 0;
+            if (tk_tok_encode(ctx->tok, choices.text[c], strlen(choices.text[c]), 0, ctx->eos >= 0, &cand, err) ||
+                tk_llama_kv_copy(kc, kv, 0, err))
+                goto done;
+            double lp = 0.0;
+            memcpy(logits, l0, V * sizeof *logits);
+            if (p + cand.n > cap) cand.n = cap - p; /* what fits below the model's positions */
+            for (size_t t = 0; t < cand.n; t++) {
+                lp += logprob(logits, V, cand.ids[t]);
+                if (t + 1 < cand.n && tk_llama_step(m, kc, &cand.ids[t], 1, logits, err)) goto done;
+            }
+            if (lp > best_lp) {
+                best_lp = lp;
+                best_c = c;
             }
         }
-        int mc = best_c == gold_c;
-        hits_mc += (size_t)mc;
-        if (samples) {
-            cJSON *o = cJSON_CreateObject();
-            cJSON_AddStringToObject(o, "task", "vqa");
-            cJSON_AddNumberToObject(o, "record", (double)i);
-            cJSON_AddStringToObject(o, "gold", gold);
-            cJSON_AddStringToObject(o, "generation", text);
-            cJSON_AddBoolToObject(o, "em", em);
-            cJSON_AddStringToObject(o, "choice", choices.text[best_c]);
-            cJSON_AddBoolToObject(o, "mc_correct", mc);
-            char *s = cJSON_PrintUnformatted(o);
-            cJSON_Delete(o);
-            int bad = !s || tk_strbuf_append(samples, s, strlen(s), err) || tk_strbuf_append(samples, "\n", 1, err);
-            free(s);
-            if (bad) goto done;
-        }
-        if (ctx->progress) {
-            char run[96];
-            snprintf(run, sizeof run, "em %.2f  mc %.2f", 100.0 * hits_em / (double)(i + 1),
-                     100.0 * hits_mc / (double)(i + 1));
-            tk_eval_progress pg = {"vqa", (size_t)i + 1, (size_t)n, run, tk_time() - t0};
-            ctx->progress(ctx->user, &pg);
-        }
+        if (record_out(ctx, samples, i, n, gold, text, &choices, best_c, gold_c, &hits_em, &hits_mc, t0, err))
+            goto done;
     }
     memset(res, 0, sizeof *res);
     snprintf(res->task, sizeof res->task, "vqa");
@@ -322,6 +426,7 @@ int tk_eval_vqa(const tk_eval_ctx *ctx, tk_mm *mm, const char *path, tk_eval_res
     res->seconds = tk_time() - t0;
     rc = 0;
 done:
+    for (size_t k = 0; k < n_pend; k++) vqa_row_free(&pend[k]);
     tk_llama_kv_free(kv);
     tk_llama_kv_free(kc);
     tk_shard_reader_free(r);

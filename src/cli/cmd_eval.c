@@ -164,7 +164,7 @@ int tk_cmd_eval(int argc, char **argv) {
     const char *model_dir = NULL, *adapter_dir = NULL, *tok_path = NULL, *mode = "gen", *out = NULL,
                *samples_arg = NULL, *compute = "fp32";
     int compute_bf16 = 0;
-    int limit = 0, beams = 1, max_new = 32, threads = 0, bf16 = 0, eos = -2, ll_batch = 8, eval_batch = 16;
+    int limit = 0, beams = 1, max_new = 32, threads = 0, bf16 = 0, eos = -2, ll_batch = 8, eval_batch = 64;
     tk_mm_opts mo = {0};
     const char *projector = NULL;
     char proj_buf[4200];
@@ -182,7 +182,8 @@ int tk_cmd_eval(int argc, char **argv) {
         {"eos", TK_OPT_INT, &eos, "ID", "end-of-sequence id (default: the tokenizer's; -1: none)", 0},
         {"ll-batch", TK_OPT_INT, &ll_batch, "N", "candidate sequences per log-likelihood forward (default 8)", 0},
         {"eval-batch", TK_OPT_INT, &eval_batch, "N",
-         "records decoded together (default 16; 1: one at a time; results are identical)", 0},
+         "records decoded together (default 64, fewer where their KV caches pass 1 GiB; 1: one at a time; "
+         "results are identical)", 0},
         {"out", TK_OPT_STR, &out, "FILE", "results JSON (metrics + protocol settings)", 0},
         {"samples", TK_OPT_STR, &samples_arg, "FILE", "per-sample JSONL (default: --out with .samples.jsonl)", 0},
         {"threads", TK_OPT_INT, &threads, "T", "threads (default: all cores)", 0},

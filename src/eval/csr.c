@@ -241,8 +241,12 @@ int tk_eval_csr(const tk_eval_ctx *ctx, const tk_csr_task *task, const char *pat
     }
     size_t ok_gen = 0, ok_ll = 0, ok_norm = 0, i = 0;
     int gold_idx[TK_EVAL_BATCH_MAX];
-    for (size_t i0 = 0; i0 < n; i0 += E) {
-        size_t nb = n - i0 < E ? n - i0 : E;
+    /* KV cache bytes per position: a batch stops growing at TK_EVAL_KV_BYTES of caches */
+    size_t per_pos = 2 * (size_t)ctx->m->cfg.n_layers * (size_t)ctx->m->cfg.n_kv_heads * (size_t)ctx->m->cfg.head_dim *
+                     sizeof(float);
+    for (size_t i0 = 0, nb = 0; i0 < n; i0 += nb) {
+        size_t bytes = 0;
+        nb = n - i0 < E ? n - i0 : E;
         for (size_t k = 0; k < nb; k++) {
             i = i0 + k;
             const tk_instruct *r = &recs[i];
@@ -258,6 +262,8 @@ int tk_eval_csr(const tk_eval_ctx *ctx, const tk_csr_task *task, const char *pat
             free(prompt[k]);
             prompt[k] = NULL;
             if (tk_eval_prompt(&ex[k], &prompt[k], ctx->tok, r->instruction, r->input, err)) goto record_err;
+            bytes += (ex[k].n + ctx->max_new) * per_pos;
+            if (bytes >= TK_EVAL_KV_BYTES) nb = k + 1;
         }
         if (E > 1 && gen_batch(ctx, path, i0, ex, nb, gen, got, err)) goto done;
         for (size_t k = 0; k < nb; k++) {

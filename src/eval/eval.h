@@ -48,8 +48,8 @@ typedef struct {
     size_t max_new;         /* new tokens per generation */
     size_t limit;           /* > 0: only the first `limit` examples of each dataset */
     size_t ll_batch;        /* candidate sequences per forward (memory bound), >= 1 */
-    size_t eval_batch;      /* > 1: greedy generation decodes this many records together (tk_greedy_batch;
-                               at most TK_EVAL_BATCH_MAX) and beam search runs a record's beams as one
+    size_t eval_batch;      /* > 1: greedy generation decodes up to this many records together
+                               (tk_greedy_batch; at most TK_EVAL_BATCH_MAX, and TK_EVAL_KV_BYTES of caches) and beam search runs a record's beams as one
                                batch; 0 or 1: one record, one beam at a time. Identical results. */
     int32_t eos;            /* generation stops after it; < 0: none */
     tk_eval_progress_fn progress; /* optional, called after every example */
@@ -59,6 +59,9 @@ typedef struct {
 
 /* Records per batch at most (--eval-batch). */
 #define TK_EVAL_BATCH_MAX 64
+/* A batch holds at most about this many bytes of KV caches (fewer rows for larger models and longer
+ * prompts; the last row may pass it). */
+#define TK_EVAL_KV_BYTES ((size_t)1 << 30)
 
 #define TK_EVAL_MAX_METRICS 6
 typedef struct {

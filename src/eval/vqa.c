@@ -70,10 +70,6 @@ static char *meta_answer(const tk_shard_record *r, strlist *choices) {
     return ans;
 }
 
-/* KV caches of the candidate rows of one batch together at most (the rows are fewer when a record's
- * caches are larger). */
-#define TK_VQA_MC_CACHE_BYTES ((size_t)1 << 30)
-
 /* The multiple-choice protocol with the candidates as batches of rows: each row a copy of the
  * prompt's cache kv (p positions, l0 the logits after it), one token per step (tk_llama_step_rows).
  * The scores, and so *best_c, are bit-identical to the candidates scored one at a time. */
@@ -103,7 +99,7 @@ static int mc_batched(const tk_eval_ctx *ctx, const strlist *choices, const char
     }
     size_t S = p + Lmax, per = 2 * L * S * GD * sizeof(float);
     R = ctx->eval_batch;
-    if (R > TK_VQA_MC_CACHE_BYTES / per) R = TK_VQA_MC_CACHE_BYTES / per > 0 ? TK_VQA_MC_CACHE_BYTES / per : 1;
+    if (R > TK_EVAL_KV_BYTES / per) R = TK_EVAL_KV_BYTES / per > 0 ? TK_EVAL_KV_BYTES / per : 1;
     if (R > K) R = K;
     rk = calloc(R, sizeof *rk);
     act = calloc(R, sizeof *act);
@@ -208,9 +204,6 @@ static void vqa_row_free(vqa_row *w) {
     free(w->gen);
     *w = (vqa_row){0};
 }
-
-/* Generation caches of one batch together at most (fewer records for long prompts). */
-#define TK_VQA_GEN_CACHE_BYTES ((size_t)1 << 30)
 
 /* The greedy generation of rows w[0..n) as one batch, each row exactly as the one-record loop decodes
  * it (argmax among the tokenizer's Vt ids, stop before an eos, at most max_new tokens). */
@@ -364,7 +357,7 @@ int tk_eval_vqa(const tk_eval_ctx *ctx, tk_mm *mm, const char *path, tk_eval_res
             if (!(w->kv = tk_llama_kv_alloc(m, p + max_new, 1, err)) || tk_llama_kv_copy(w->kv, kv, 0, err)) goto done;
             pend_bytes += 2 * (size_t)m->cfg.n_layers * (p + max_new) * (size_t)m->cfg.n_kv_heads *
                            (size_t)m->cfg.head_dim * sizeof(float);
-            if (n_pend < ctx->eval_batch && pend_bytes < TK_VQA_GEN_CACHE_BYTES && i + 1 < n) continue;
+            if (n_pend < ctx->eval_batch && pend_bytes < TK_EVAL_KV_BYTES && i + 1 < n) continue;
             if (gen_rows(m, pend, n_pend, Vt, ctx->eos, err)) goto done;
             for (size_t k = 0; k < n_pend; k++) {
                 free(text);

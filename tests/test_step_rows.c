@@ -6,12 +6,14 @@
  * leave the batch on the way (a shrinking batch, the rows in a new order).
  * Models: the tiny LoRA model of tiny_llama.h with the gate on, and a wider one (dim 128, ffn 256,
  * vocabulary 320, LoRA r 8 on every projection, gate on: several 64-wide panels, threaded products)
- * with its frozen matrices packed, fp32 and BF16-resident. ctest also runs it with TSPEFT_PACKED=0 and
+ * with its frozen matrices packed, fp32 and BF16-resident, and in BF16 compute (--compute bf16, on CPUs
+ * with AVX512-BF16). ctest also runs it with TSPEFT_PACKED=0 and
  * TSPEFT_GEMM_SMALL=blas (cblas_sgemm everywhere). A bad step (too many rows, a full cache, a token
  * outside the vocabulary) is refused with the caches unchanged.
  * Exit status 1 on any mismatch.
  */
 #include "model/llama.h"
+#include "ops/ops.h"
 #include "tiny_llama.h"
 
 #include <stdio.h>
@@ -24,7 +26,7 @@
 
 static int fails = 0;
 
-static tk_llama *wide_llama(int bf16, tk_err *err) {
+static tk_llama *wide_llama(int bf16, int compute_bf16, tk_err *err) {
     tk_llama_config c = {0};
     c.dim = 128;
     c.hidden_dim = 256;
@@ -47,6 +49,7 @@ static tk_llama *wide_llama(int bf16, tk_err *err) {
     pc.gate.enabled = 1;
     int rc = tk_llama_attach(m, &pc, NULL, 15, err);
     tk_peft_config_free(&pc);
+    m->compute_bf16 = compute_bf16;
     if (rc || tk_llama_pack_frozen(m, err) < 0) {
         tk_llama_close(m);
         return NULL;
@@ -177,10 +180,17 @@ int main(void) {
     struct {
         const char *name;
         tk_llama *m;
-    } models[3] = {{"tiny gated LoRA", tiny_llama(2, 64, 0, 3, 0.0f, 1, &err)},
-                   {"wide gated LoRA, packed fp32", wide_llama(0, &err)},
-                   {"wide gated LoRA, packed BF16", wide_llama(1, &err)}};
-    for (int k = 0; k < 3; k++) {
+    } models[4] = {{"tiny gated LoRA", tiny_llama(2, 64, 0, 3, 0.0f, 1, &err)},
+                   {"wide gated LoRA, packed fp32", wide_llama(0, 0, &err)},
+                   {"wide gated LoRA, packed BF16", wide_llama(1, 0, &err)},
+                   {"wide gated LoRA, BF16 compute", tk_bf16dot_available() ? wide_llama(0, 1, &err) : NULL}};
+    int nm = models[3].m ? 4 : 3;
+    if (nm == 4 && !models[3].m->layers[0].proj[TK_PROJ_Q].w0_dot) {
+        printf("FAIL BF16 compute: the frozen weights were not put into the BF16 kernel's panels\n");
+        return 1;
+    }
+    if (nm == 3) printf("skip BF16 compute: this CPU has no AVX512-BF16 (or TSPEFT_BF16DOT=0)\n");
+    for (int k = 0; k < nm; k++) {
         if (!models[k].m) {
             printf("FAIL %s: %s\n", models[k].name, err.msg);
             return 1;
@@ -188,7 +198,7 @@ int main(void) {
         for (size_t i = 0; i < sizeof Bs / sizeof Bs[0]; i++) fails += run(models[k].m, Bs[i], 100 + i, models[k].name);
     }
     refusals(models[0].m);
-    for (int k = 0; k < 3; k++) tk_llama_close(models[k].m);
+    for (int k = 0; k < nm; k++) tk_llama_close(models[k].m);
     printf(fails ? "test_step_rows: %d FAILED\n" : "test_step_rows: all passed\n", fails);
     return fails ? 1 : 0;
 }

@@ -36,4 +36,4 @@ void tk_frozen_backward(float *dx, const float *dy, tk_frozen w, size_t N, size_
     }
 }
 
-int tk_frozen_rows_alone(tk_frozen w) { return w.pf != NULL || w.ph != NULL; }
+int tk_frozen_rows_alone(tk_frozen w) { return w.pf != NULL || w.ph != NULL || w.pd != NULL; }

@@ -174,8 +174,9 @@ void tk_frozen_forward(float *y, const float *x, tk_frozen w, size_t N, size_t I
 void tk_frozen_backward(float *dx, const float *dy, tk_frozen w, size_t N, size_t I, size_t O, float beta,
                         float *scratch, size_t scratch_n);
 /* 1 when tk_frozen_forward computes every row of x exactly as a call with that row alone would (the
- * packed kernel: each output summed in k order, whatever the rows around it); 0 for cblas_sgemm, whose
- * results for a row change with the number of rows (its kernels differ by row tile). */
+ * packed fp32 and BF16-compute kernels: each output summed in k order, whatever the rows around it); 0
+ * for cblas_sgemm, whose results for a row change with the number of rows (its kernels differ by row
+ * tile). */
 int tk_frozen_rows_alone(tk_frozen w);
 
 /* ---- transpose (transpose.c) ------------------------------------------------------------------ */

@@ -48,7 +48,6 @@ int tk_greedy_batch(tk_llama *m, const int32_t *const *prompts, const size_t *le
         tk_fail(err, "out of memory");
         goto done;
     }
-    if (!(rows = tk_llama_rows_alloc(m, B, S, err))) goto done;
     size_t n = 0; /* rows still going: row[0..n) */
     for (size_t b = 0; b < B; b++) {
         *bad_row = b;
@@ -58,7 +57,8 @@ int tk_greedy_batch(tk_llama *m, const int32_t *const *prompts, const size_t *le
         outs[b][got[b]++] = t;
         if ((size_t)got[b] < M && t != eos) row[n++] = b;
     }
-    *bad_row = B;
+    *bad_row = B; /* the prompts fit (their caches were allocated): S positions do too */
+    if (n > 0 && !(rows = tk_llama_rows_alloc(m, n, S, err))) goto done;
     while (n > 0) {
         for (size_t i = 0; i < n; i++) act[i] = kv[row[i]], next[i] = outs[row[i]][got[row[i]] - 1];
         if (tk_llama_step_rows(m, rows, act, next, n, logits, err)) goto done;

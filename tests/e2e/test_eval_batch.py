@@ -12,7 +12,9 @@ Checks:
       is a token that the model emits early in record 0, so that rows leave the batch at different
       steps (checked: some generations stop before --max-new-tokens and some do not);
   (b) --beams 4 with the beams batched against one beam at a time (the eos as in (a));
-  (c) --eval-batch 0 and 65: one-line usage error, exit 2.
+  (c) --eval-batch 0 and 65: one-line usage error, exit 2;
+  (d) a record longer than the model's positions: the same error line (file, record) at --eval-batch 1
+      and 4, no output written.
 Exit status 0 when every check passed, 1 otherwise.
 """
 import argparse
@@ -119,6 +121,24 @@ def run_checks(chk, tspeft, tmp):
         p = U.run(tspeft, ["eval", "--model", model, "--tokenizer", tok, "--data", data, "--eval-batch", v])
         chk.ok(p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--eval-batch" in p.stderr,
                "(c) --eval-batch %d: one-line usage error, exit 2" % v, p.stderr)
+
+    chk.section("(d) a record longer than the model's positions: the same error batched or not")
+    long_rows = [dict(r) for r in rows[:6]]
+    long_rows[3]["instruction"] += " very" * 1500
+    os.makedirs(os.path.join(tmp, "long", "boolq"))
+    long_data = os.path.join(tmp, "long", "boolq", "test.json")
+    with open(long_data, "w") as f:
+        json.dump(long_rows, f)
+    errs = []
+    for eb in (1, 4):
+        out = os.path.join(tmp, "long%d.json" % eb)
+        p = U.run(tspeft, ["eval", "--model", model, "--adapter", adapter, "--tokenizer", tok, "--data", long_data,
+                           "--eval-batch", eb, "--out", out])
+        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+        chk.ok(p.returncode != 0 and "record 3" in last and long_data in last and not os.path.exists(out),
+               "(d) --eval-batch %d: exits non-zero naming the file and record 3, writes nothing" % eb, p.stderr)
+        errs.append(last)
+    chk.ok(errs[0] == errs[1], "(d) the error line is the same at --eval-batch 1 and 4", "\n".join(errs))
 
 
 if __name__ == "__main__":

@@ -539,19 +539,17 @@ static void im2col(float *patches, const float *pixels, size_t B, size_t ch, siz
     }
 }
 
-/* Bidirectional multi-head attention of one image: att [T,C] = softmax(q k^T / sqrt(D)) v per head,
- * q, k, v [T,C] (head h in columns h*D..h*D+D-1), scores [H,T,T] scratch. */
-static void attention_image(float *att, float *scores, const float *q, const float *k, const float *v,
-                            size_t T, size_t H, size_t D) {
+void tk_vit_attention_forward(float *att, float *probs, const float *q, const float *k, const float *v,
+                              size_t T, size_t H, size_t D) {
     size_t C = H * D;
     float scale = 1.0f / sqrtf((float)D);
     for (size_t h = 0; h < H; h++)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(T), tk_blas_dim(T),
                     tk_blas_dim(D), scale, q + h * D, tk_blas_dim(C), k + h * D, tk_blas_dim(C), 0.0f,
-                    scores + h * T * T, tk_blas_dim(T));
+                    probs + h * T * T, tk_blas_dim(T));
 #pragma omp parallel for if (H * T * T >= TK_OMP_MIN_WORK)
     for (size_t r = 0; r < H * T; r++) {
-        float *s = &scores[r * T];
+        float *s = &probs[r * T];
         float mx = s[0];
         for (size_t j = 1; j < T; j++) mx = s[j] > mx ? s[j] : mx;
         for (size_t j = 0; j < T; j++) s[j] = tk_expf(s[j] - mx);
@@ -562,7 +560,7 @@ static void attention_image(float *att, float *scores, const float *q, const flo
     }
     for (size_t h = 0; h < H; h++)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(T), tk_blas_dim(D),
-                    tk_blas_dim(T), 1.0f, scores + h * T * T, tk_blas_dim(T), v + h * D,
+                    tk_blas_dim(T), 1.0f, probs + h * T * T, tk_blas_dim(T), v + h * D,
                     tk_blas_dim(C), 0.0f, att + h * D, tk_blas_dim(C));
 }
 
@@ -576,7 +574,7 @@ static void layer_forward(const tk_vit *m, tk_vit_ws *ws, const tk_vit_layer *L,
     linear_bias(ws->k, ws->xn, L->k_w, L->k_b, R, C, C, 0);
     linear_bias(ws->v, ws->xn, L->v_w, L->v_b, R, C, C, 0);
     for (size_t b = 0; b < B; b++)
-        attention_image(ws->att + b * T * C, ws->scores, ws->q + b * T * C, ws->k + b * T * C,
+        tk_vit_attention_forward(ws->att + b * T * C, ws->scores, ws->q + b * T * C, ws->k + b * T * C,
                         ws->v + b * T * C, T, H, D);
     linear_bias(ws->x, ws->att, L->o_w, L->o_b, R, C, C, 1);
     tk_layernorm_forward(ws->xn, NULL, NULL, ws->x, L->ln2_w, L->ln2_b, R, C, c->eps);

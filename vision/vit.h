@@ -162,6 +162,11 @@ typedef struct tk_vit_ws tk_vit_ws;
 tk_vit_ws *tk_vit_ws_alloc(const tk_vit *m, size_t Bmax, tk_err *err);
 void tk_vit_ws_free(tk_vit_ws *ws); /* NULL is fine */
 
+/* Bidirectional multi-head attention of one image: att [T,C] = softmax(q k^T / sqrt(D)) v per head,
+ * q, k, v [T,C] (head h in columns h*D..h*D+D-1); probs [H,T,T] is written with the softmax weights
+ * (the training forward keeps them for the backward; inference uses it as scratch). */
+void tk_vit_attention_forward(float *att, float *probs, const float *q, const float *k, const float *v,
+                              size_t T, size_t H, size_t D);
 /* out [B, tk_vit_out_tokens(m, sel->feature), C] = the selected hidden state of pixels [B,3,S,S]
  * (the preprocessed images, fp32). B may exceed the workspace's Bmax: the images then run in chunks
  * of Bmax. Only the layers up to the selected one run. -1 on a bad selection (err set). */

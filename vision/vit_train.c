@@ -179,32 +179,6 @@ void tk_vit_col2im_add(float *dpixels, const float *dpatches, size_t B, size_t c
     }
 }
 
-/* The same arithmetic as vit.c's attention_image, with the probabilities kept. */
-void tk_vit_attention_forward(float *att, float *probs, const float *q, const float *k, const float *v,
-                              size_t T, size_t H, size_t D) {
-    size_t C = H * D;
-    float scale = 1.0f / sqrtf((float)D);
-    for (size_t h = 0; h < H; h++)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tk_blas_dim(T), tk_blas_dim(T),
-                    tk_blas_dim(D), scale, q + h * D, tk_blas_dim(C), k + h * D, tk_blas_dim(C), 0.0f,
-                    probs + h * T * T, tk_blas_dim(T));
-#pragma omp parallel for if (H * T * T >= TK_OMP_MIN_WORK)
-    for (size_t r = 0; r < H * T; r++) {
-        float *s = &probs[r * T];
-        float mx = s[0];
-        for (size_t j = 1; j < T; j++) mx = s[j] > mx ? s[j] : mx;
-        for (size_t j = 0; j < T; j++) s[j] = tk_expf(s[j] - mx);
-        double sum = 0.0;
-        for (size_t j = 0; j < T; j++) sum += (double)s[j];
-        float inv = (float)(1.0 / sum);
-        for (size_t j = 0; j < T; j++) s[j] *= inv;
-    }
-    for (size_t h = 0; h < H; h++)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tk_blas_dim(T), tk_blas_dim(D),
-                    tk_blas_dim(T), 1.0f, probs + h * T * T, tk_blas_dim(T), v + h * D,
-                    tk_blas_dim(C), 0.0f, att + h * D, tk_blas_dim(C));
-}
-
 /* Per head: dP = datt v^T; dv += P^T datt; dS = P (dP - rowsum(P dP)); dq += s dS k; dk += s dS^T q. */
 void tk_vit_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *datt,
                                const float *probs, const float *q, const float *k, const float *v,

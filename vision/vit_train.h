@@ -72,10 +72,7 @@ int tk_vit_train_backward(const tk_vit *m, tk_vit_act *a, tk_vit *g, float *dpix
                           tk_err *err);
 
 /* ---- the kernels, exposed for the finite-difference tests ------------------------------------ */
-/* Bidirectional multi-head attention of one image, q, k, v, att [T,C] (head h in columns h*D..),
- * probs [H,T,T] (written: the softmax weights). */
-void tk_vit_attention_forward(float *att, float *probs, const float *q, const float *k, const float *v,
-                              size_t T, size_t H, size_t D);
+/* the forward, tk_vit_attention_forward, is in vit.h */
 /* forward: att = softmax(q k^T / sqrt(D)) v.  dq, dk, dv [T,C] +=; scratch [T*T]. */
 void tk_vit_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *datt,
                                const float *probs, const float *q, const float *k, const float *v,

@@ -1423,7 +1423,11 @@ static int pack_dot(tk_llama *m, tk_err *err) {
                                  : (pack_entry){NULL, &m->lm_head_bf16, NULL, NULL, V, C, &m->lm_head_dot};
     size_t total = 0;
     for (size_t i = 0; i < n; i++) total += (tk_bf16dot_size(e[i].rows, e[i].cols) * sizeof(uint16_t) + 63) & ~(size_t)63;
-    if (n && !(m->dot_copies = tk_calloc(total, 1))) {
+    /* Not zero-filled (tk_calloc would make the whole block resident at once, beside every source: a
+     * 7B model's 12.6 GiB twice): tk_bf16dot_pack writes every value of a copy, and each source is
+     * dropped right after its copy is written, so the resident set grows by one matrix at a time. */
+    size_t huge = (size_t)1 << 21, rounded = (total + huge - 1) & ~(huge - 1);
+    if (n && !(m->dot_copies = aligned_alloc(huge, rounded))) {
         free(e);
         return tk_fail(err, "out of memory packing the frozen weights for BF16 compute (%.1f GiB)",
                        total / (double)(1u << 30));

@@ -508,8 +508,7 @@ void tk_vit_ws_free(tk_vit_ws *ws) {
 
 /* ---- forward kernels ------------------------------------------------------------------------- */
 
-/* y [R,O] = x [R,I] w [O,I]^T + b [O] (+ y when accumulate). */
-static void linear_bias(float *y, const float *x, const float *w, const float *b, size_t R, size_t I,
+void tk_vit_linear_bias(float *y, const float *x, const float *w, const float *b, size_t R, size_t I,
                         size_t O, int accumulate) {
 #pragma omp parallel for if (R * O >= TK_OMP_MIN_WORK)
     for (size_t r = 0; r < R; r++) {
@@ -523,9 +522,7 @@ static void linear_bias(float *y, const float *x, const float *w, const float *b
     tk_linear_forward(y, x, w, R, I, O, 1.0f);
 }
 
-/* patches [B*N, K] from pixels [B,ch,S,S]: row (b, py, px), column (c, ky, kx), the order of the
- * conv weight [C,ch,P,P] flattened, so the conv is patches w^T. */
-static void im2col(float *patches, const float *pixels, size_t B, size_t ch, size_t S, size_t P) {
+void tk_vit_im2col(float *patches, const float *pixels, size_t B, size_t ch, size_t S, size_t P) {
     size_t side = S / P, N = side * side, K = ch * P * P;
 #pragma omp parallel for if (B * N * K >= TK_OMP_MIN_WORK)
     for (size_t r = 0; r < B * N; r++) {
@@ -570,17 +567,17 @@ static void layer_forward(const tk_vit *m, tk_vit_ws *ws, const tk_vit_layer *L,
     size_t C = (size_t)c->hidden, F = (size_t)c->inter, T = m->n_tokens, R = B * T;
     size_t H = (size_t)c->n_heads, D = C / H;
     tk_layernorm_forward(ws->xn, NULL, NULL, ws->x, L->ln1_w, L->ln1_b, R, C, c->eps);
-    linear_bias(ws->q, ws->xn, L->q_w, L->q_b, R, C, C, 0);
-    linear_bias(ws->k, ws->xn, L->k_w, L->k_b, R, C, C, 0);
-    linear_bias(ws->v, ws->xn, L->v_w, L->v_b, R, C, C, 0);
+    tk_vit_linear_bias(ws->q, ws->xn, L->q_w, L->q_b, R, C, C, 0);
+    tk_vit_linear_bias(ws->k, ws->xn, L->k_w, L->k_b, R, C, C, 0);
+    tk_vit_linear_bias(ws->v, ws->xn, L->v_w, L->v_b, R, C, C, 0);
     for (size_t b = 0; b < B; b++)
         tk_vit_attention_forward(ws->att + b * T * C, ws->scores, ws->q + b * T * C, ws->k + b * T * C,
                         ws->v + b * T * C, T, H, D);
-    linear_bias(ws->x, ws->att, L->o_w, L->o_b, R, C, C, 1);
+    tk_vit_linear_bias(ws->x, ws->att, L->o_w, L->o_b, R, C, C, 1);
     tk_layernorm_forward(ws->xn, NULL, NULL, ws->x, L->ln2_w, L->ln2_b, R, C, c->eps);
-    linear_bias(ws->h, ws->xn, L->fc1_w, L->fc1_b, R, C, F, 0);
+    tk_vit_linear_bias(ws->h, ws->xn, L->fc1_w, L->fc1_b, R, C, F, 0);
     tk_gelu_forward(ws->h, ws->h, R * F, c->act);
-    linear_bias(ws->x, ws->h, L->fc2_w, L->fc2_b, R, F, C, 1);
+    tk_vit_linear_bias(ws->x, ws->h, L->fc2_w, L->fc2_b, R, F, C, 1);
 }
 
 /* hidden_states[0] of B images into ws->x. */
@@ -588,7 +585,7 @@ static void embed(const tk_vit *m, tk_vit_ws *ws, const float *pixels, size_t B)
     const tk_vit_config *c = &m->cfg;
     size_t C = (size_t)c->hidden, T = m->n_tokens, N = m->n_patches, P = (size_t)c->patch_size;
     size_t K = (size_t)c->channels * P * P, off = T - N; /* 1 with a class token */
-    im2col(ws->patches, pixels, B, (size_t)c->channels, (size_t)m->image_size, P);
+    tk_vit_im2col(ws->patches, pixels, B, (size_t)c->channels, (size_t)m->image_size, P);
     tk_linear_forward(ws->xn, ws->patches, m->patch_w, B * N, K, C, 0.0f); /* [B*N, C] */
 #pragma omp parallel for if (B * T * C >= TK_OMP_MIN_WORK)
     for (size_t r = 0; r < B * T; r++) {

@@ -162,6 +162,13 @@ typedef struct tk_vit_ws tk_vit_ws;
 tk_vit_ws *tk_vit_ws_alloc(const tk_vit *m, size_t Bmax, tk_err *err);
 void tk_vit_ws_free(tk_vit_ws *ws); /* NULL is fine */
 
+/* The tower's kernels, shared by the inference forward (vit.c) and the training forward (vit_train.c).
+ * y [R,O] = x [R,I] w [O,I]^T + b [O] (y += that when accumulate). */
+void tk_vit_linear_bias(float *y, const float *x, const float *w, const float *b, size_t R, size_t I, size_t O,
+                        int accumulate);
+/* patches [B*N, K] from pixels [B,ch,S,S]: row (b, py, px), column (c, ky, kx), the order of the conv
+ * weight [C,ch,P,P] flattened, so the conv is patches w^T. */
+void tk_vit_im2col(float *patches, const float *pixels, size_t B, size_t ch, size_t S, size_t P);
 /* Bidirectional multi-head attention of one image: att [T,C] = softmax(q k^T / sqrt(D)) v per head,
  * q, k, v [T,C] (head h in columns h*D..h*D+D-1); probs [H,T,T] is written with the softmax weights
  * (the training forward keeps them for the backward; inference uses it as scratch). */

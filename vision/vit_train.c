@@ -151,19 +151,6 @@ size_t tk_vit_train_out_tokens(const tk_vit *m, const tk_vit_select *sel) {
 
 /* ---- kernels --------------------------------------------------------------------------------- */
 
-void tk_vit_im2col(float *patches, const float *pixels, size_t B, size_t ch, size_t S, size_t P) {
-    size_t side = S / P, N = side * side, K = ch * P * P;
-#pragma omp parallel for if (B * N * K >= TK_OMP_MIN_WORK)
-    for (size_t r = 0; r < B * N; r++) {
-        size_t b = r / N, p = r % N, py = p / side, px = p % side;
-        float *dst = &patches[r * K];
-        for (size_t c = 0; c < ch; c++)
-            for (size_t ky = 0; ky < P; ky++)
-                memcpy(&dst[(c * P + ky) * P], &pixels[((b * ch + c) * S + py * P + ky) * S + px * P],
-                       P * sizeof(float));
-    }
-}
-
 void tk_vit_col2im_add(float *dpixels, const float *dpatches, size_t B, size_t ch, size_t S, size_t P) {
     size_t side = S / P, N = side * side, K = ch * P * P;
 #pragma omp parallel for if (B * N * K >= TK_OMP_MIN_WORK)
@@ -218,21 +205,6 @@ static void bias_grad(float *db, const float *dy, const float *ones, size_t R, s
                 1.0f, db, 1);
 }
 
-/* y [R,O] = x w^T + b, or y += that when acc. */
-static void linear_bias(float *y, const float *x, const float *w, const float *b, size_t R, size_t I,
-                        size_t O, int acc) {
-#pragma omp parallel for if (R * O >= TK_OMP_MIN_WORK)
-    for (size_t r = 0; r < R; r++) {
-        float *yr = &y[r * O];
-        if (acc) {
-            for (size_t o = 0; o < O; o++) yr[o] += b[o];
-        } else {
-            for (size_t o = 0; o < O; o++) yr[o] = b[o];
-        }
-    }
-    tk_linear_forward(y, x, w, R, I, O, 1.0f);
-}
-
 static tk_adapted_linear *mod_of(const tk_vit_act *a, int l, int j) {
     return a->mods ? a->mods[(size_t)l * TK_VIT_N_PROJ + (size_t)j] : NULL;
 }
@@ -242,7 +214,7 @@ static int proj_forward(tk_vit_act *a, int l, int j, float *y, const float *x, c
                         const float *b, size_t R, size_t I, size_t O, int acc, tk_err *err) {
     tk_adapted_linear *mod = mod_of(a, l, j);
     if (!mod) {
-        linear_bias(y, x, w, b, R, I, O, acc);
+        tk_vit_linear_bias(y, x, w, b, R, I, O, acc);
         return 0;
     }
     float *t = acc ? a->dh : y;
@@ -336,9 +308,9 @@ static void head_forward(const tk_vit *m, tk_vit_act *a, float *out, size_t B) {
     size_t C = (size_t)c->hidden, F = (size_t)c->inter, T = m->n_tokens, R = B * T;
     size_t H = (size_t)c->n_heads, D = C / H;
     float scale = 1.0f / sqrtf((float)D);
-    linear_bias(a->hq, m->head_probe, m->head_in_w, m->head_in_b, 1, C, C, 0);
-    linear_bias(a->hk, a->post, m->head_in_w + C * C, m->head_in_b + C, R, C, C, 0);
-    linear_bias(a->hv, a->post, m->head_in_w + 2 * C * C, m->head_in_b + 2 * C, R, C, C, 0);
+    tk_vit_linear_bias(a->hq, m->head_probe, m->head_in_w, m->head_in_b, 1, C, C, 0);
+    tk_vit_linear_bias(a->hk, a->post, m->head_in_w + C * C, m->head_in_b + C, R, C, C, 0);
+    tk_vit_linear_bias(a->hv, a->post, m->head_in_w + 2 * C * C, m->head_in_b + 2 * C, R, C, C, 0);
 #pragma omp parallel for if (B * H * T * D >= TK_OMP_MIN_WORK)
     for (size_t bh = 0; bh < B * H; bh++) {
         size_t b = bh / H, h = bh % H;
@@ -363,12 +335,12 @@ static void head_forward(const tk_vit *m, tk_vit_act *a, float *out, size_t B) {
             for (size_t d = 0; d < D; d++) o[d] += p[t] * vr[d];
         }
     }
-    linear_bias(a->ha, a->ho, m->head_out_w, m->head_out_b, B, C, C, 0);
+    tk_vit_linear_bias(a->ha, a->ho, m->head_out_w, m->head_out_b, B, C, C, 0);
     tk_layernorm_forward(a->hln, a->hmean, a->hrstd, a->ha, m->head_ln_w, m->head_ln_b, B, C, c->eps);
-    linear_bias(a->hfpre, a->hln, m->head_fc1_w, m->head_fc1_b, B, C, F, 0);
+    tk_vit_linear_bias(a->hfpre, a->hln, m->head_fc1_w, m->head_fc1_b, B, C, F, 0);
     tk_gelu_forward(a->hfact, a->hfpre, B * F, c->act);
     memcpy(out, a->ha, B * C * sizeof(float));
-    linear_bias(out, a->hfact, m->head_fc2_w, m->head_fc2_b, B, F, C, 1);
+    tk_vit_linear_bias(out, a->hfact, m->head_fc2_w, m->head_fc2_b, B, F, C, 1);
 }
 
 int tk_vit_train_forward(const tk_vit *m, tk_vit_act *a, float *out, const float *pixels, size_t B,

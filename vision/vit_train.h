@@ -77,9 +77,8 @@ int tk_vit_train_backward(const tk_vit *m, tk_vit_act *a, tk_vit *g, float *dpix
 void tk_vit_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *datt,
                                const float *probs, const float *q, const float *k, const float *v,
                                size_t T, size_t H, size_t D);
-/* patches [B*N, K] from pixels [B,ch,S,S] (vit.c's layout); the backward adds patch gradients back
- * into dpixels (the patches do not overlap: a scatter). */
-void tk_vit_im2col(float *patches, const float *pixels, size_t B, size_t ch, size_t S, size_t P);
+/* The backward of tk_vit_im2col (vit.h): adds patch gradients back into dpixels (the patches do not
+ * overlap: a scatter). */
 void tk_vit_col2im_add(float *dpixels, const float *dpatches, size_t B, size_t ch, size_t S, size_t P);
 
 #endif

@@ -62,17 +62,8 @@ tk_vit_peft *tk_vit_peft_new(const tk_vit *m, const tk_peft_config *pc, const ch
             if (!tk_peft_vit_targets(pc, l, j)) continue;
             tk_adapted_linear *L = &vp->mods[(size_t)l * TK_VIT_N_PROJ + (size_t)j];
             L->w0 = base_weight(m, l, j, &L->out, &L->in);
-            L->kind = pc->kind;
-            L->r = (size_t)pc->r;
-            L->scale = scale;
-            L->dropout = pc->dropout;
-            L->act = pc->act;
-            L->gated = pc->gate.enabled;
-            L->tau = pc->gate.tau0;
-            L->lambda = pc->gate.lambda;
-            L->rand_keep = pc->gate.rule == TK_GATE_RANDOM ? pc->gate.keep : 0.0f;
-            L->straight_through = pc->gate.enabled && pc->gate.straight_through;
-            L->rand_seed = 0x5851f42d4c957f2dull * (uint64_t)(l * TK_VIT_N_PROJ + j + 1);
+            tk_peft_module_init(L, pc, (size_t)pc->r, scale,
+                                0x5851f42d4c957f2dull * (uint64_t)(l * TK_VIT_N_PROJ + j + 1));
             vp->table[(size_t)l * TK_VIT_N_PROJ + (size_t)j] = L;
             vp->n_mod++;
         }

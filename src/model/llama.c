@@ -334,17 +334,7 @@ static int register_adapters(tk_llama *m, tk_err *err) {
             const tk_rank_entry *re = pc->kind == TK_ADAPTER_ADALORA ? tk_peft_rank_find(pc, l, p) : NULL;
             size_t rank = re ? (size_t)tk_rank_count(re, pc->r) : (size_t)pc->r;
             if (rank == 0) continue;
-            L->kind = pc->kind;
-            L->r = rank;
-            L->scale = scale;
-            L->dropout = pc->dropout;
-            L->act = pc->act;
-            L->gated = pc->gate.enabled;
-            L->tau = pc->gate.tau0;
-            L->lambda = pc->gate.lambda;
-            L->rand_keep = pc->gate.rule == TK_GATE_RANDOM ? pc->gate.keep : 0.0f;
-            L->straight_through = pc->gate.enabled && pc->gate.straight_through;
-            L->rand_seed = 0x8f1bbcdcca62c1d6ull * (uint64_t)(l * TK_NPROJ + p + 1);
+            tk_peft_module_init(L, pc, rank, scale, 0x8f1bbcdcca62c1d6ull * (uint64_t)(l * TK_NPROJ + p + 1));
             if (L->r > m->max_rank) m->max_rank = L->r;
             char key[TK_NAME_MAX], nm[TK_NAME_MAX + 64];
             tk_module_key(key, sizeof key, l, p);

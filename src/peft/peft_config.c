@@ -838,3 +838,17 @@ int tk_peft_config_save(const tk_peft_config *pc, const char *path, tk_err *err)
     free(text);
     return rc;
 }
+
+void tk_peft_module_init(tk_adapted_linear *L, const tk_peft_config *pc, size_t r, float scale, uint64_t rand_seed) {
+    L->kind = pc->kind;
+    L->r = r;
+    L->scale = scale;
+    L->dropout = pc->dropout;
+    L->act = pc->act;
+    L->gated = pc->gate.enabled;
+    L->tau = pc->gate.tau0;
+    L->lambda = pc->gate.lambda;
+    L->rand_keep = pc->gate.rule == TK_GATE_RANDOM ? pc->gate.keep : 0.0f;
+    L->straight_through = pc->gate.enabled && pc->gate.straight_through;
+    L->rand_seed = rand_seed;
+}

@@ -134,6 +134,9 @@ void tk_vit_module_name(char *buf, size_t n, const char *prefix, int layer, int 
 
 /* Is projection p of layer l adapted? */
 int tk_peft_targets(const tk_peft_config *pc, int layer, int proj);
+/* Sets one adapted module's settings from the config: kind, rank r, scale, dropout, activation and
+ * the gate's (enabled, tau0, lambda, random keep, straight-through); rand_seed keys its random gate. */
+void tk_peft_module_init(tk_adapted_linear *L, const tk_peft_config *pc, size_t r, float scale, uint64_t rand_seed);
 /* LoRA scale s = alpha / r (rsLoRA: alpha / sqrt(r)); bottleneck: its scaling; AdaLoRA:
  * alpha / (ranknum + 1e-5) with ranknum = init_r (alpha 0: init_r / (init_r + 1e-5)), as PEFT. */
 float tk_peft_scale(const tk_peft_config *pc);

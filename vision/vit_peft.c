@@ -132,6 +132,14 @@ int tk_vit_peft_register(tk_vit_peft *vp, tk_params *P, tk_err *err) {
     return 0;
 }
 
+void tk_vit_peft_bind_base(tk_vit_peft *vp) {
+    for (size_t i = 0; i < vp->n_mod; i++) {
+        int l = 0, j = 0;
+        tk_adapted_linear *L = tk_vit_peft_module(vp, i, &l, &j);
+        L->w0 = base_weight(vp->m, l, j, &L->out, &L->in);
+    }
+}
+
 void tk_vit_peft_init(tk_vit_peft *vp, uint64_t seed) {
     tk_rng rng;
     tk_rng_seed(&rng, seed);

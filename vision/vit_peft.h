@@ -46,6 +46,8 @@ tk_adapted_linear **tk_vit_peft_table(tk_vit_peft *vp);
 tk_adapter_ws *tk_vit_peft_ws(tk_vit_peft *vp);
 
 int tk_vit_peft_register(tk_vit_peft *vp, tk_params *P, tk_err *err);
+/* Re-reads the modules' base weights from the tower (after its tensors moved into a trainable block). */
+void tk_vit_peft_bind_base(tk_vit_peft *vp);
 void tk_vit_peft_init(tk_vit_peft *vp, uint64_t seed);
 /* Activations of n_tok rows (B * T) for every module, and the shared scratch. */
 int tk_vit_peft_alloc(tk_vit_peft *vp, size_t n_tok, tk_err *err);

@@ -267,8 +267,7 @@ int tk_cmd_eval(int argc, char **argv) {
         }
         mo.projector = projector;
         if (!(mm = tk_mm_open(&mo, (size_t)m->cfg.dim, &err))) goto done;
-        m->extra_params = tk_mm_register;
-        m->extra_ctx = mm;
+        tk_mm_hook(mm, m);
     }
     tk_peft_config pc;
     tk_peft_config_default(&pc);
@@ -278,7 +277,8 @@ int tk_cmd_eval(int argc, char **argv) {
         snprintf(path, sizeof path, "%s/adapter_config.json", adapter_dir);
         if (tk_peft_config_load(&pc, path, &err)) goto done;
     }
-    int rc = tk_llama_attach(m, &pc, adapter_dir, 0, &err);
+    if (!mm) m->vit_targets = TK_VIT_IGNORE; /* text only: a LLaVA adapter's tower modules are not used */
+    int rc = (mm && tk_mm_set_tower_training(mm, &pc, 0, 0.0f, 0, &err)) || tk_llama_attach(m, &pc, adapter_dir, 0, &err);
     tk_peft_config_free(&pc);
     m->compute_bf16 = compute_bf16;
     if (rc || tk_llama_pack_frozen(m, &err) < 0) goto done;

@@ -39,6 +39,7 @@ int tk_cmd_info(int argc, char **argv) {
         char path[4096];
         tk_peft_config pc;
         snprintf(path, sizeof path, "%s/adapter_config.json", adapter_dir);
+        m->vit_targets = TK_VIT_IGNORE; /* the LLaMA's part; the tower's modules are counted below */
         if (tk_peft_config_load(&pc, path, &err) || tk_llama_attach(m, &pc, adapter_dir, 0, &err)) {
             fprintf(stderr, "tspeft info: %s\n", err.msg);
             status = 1;
@@ -52,6 +53,11 @@ int tk_cmd_info(int argc, char **argv) {
                          pc.gate.straight_through ? ", straight-through" : "");
             printf("adapter %s: %s r=%d, scale %g, dropout %g, %zu trainable values, gate %s\n", adapter_dir,
                    tk_adapter_kind_name(pc.kind), pc.r, tk_peft_scale(&pc), pc.dropout, m->params.total, gate);
+            if (pc.kind != TK_ADAPTER_NONE && tk_peft_has_vit(&pc)) { /* not attached here: no tower */
+                if (pc.vit_proj_mask) printf("  vision tower (%s): the targeted projections of every layer", pc.vit_prefix);
+                else printf("  vision tower (%s): %d adapted modules", pc.vit_prefix, pc.n_vit_modules);
+                printf(", not counted above (eval and generate use them with --vision-tower)\n");
+            }
             if (pc.kind == TK_ADAPTER_ADALORA) {
                 int total = 0, mods = 0;
                 for (int l = 0; l < c->n_layers; l++)

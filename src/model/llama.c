@@ -474,6 +474,7 @@ static int load_adapter_tensors(tk_llama *m, const char *dir, tk_err *err) {
             t = tk_st_find(f, alt);
         }
         if (!t && strncmp(p->name, "model.mm_projector.", 19) == 0) continue; /* a projector given apart */
+        if (p->external) continue;
         if (!t) {
             tk_fail(err, "%s: tensor '%s' is missing (the adapter config targets this module)", path, p->name);
             goto done;
@@ -498,6 +499,7 @@ static int load_adapter_tensors(tk_llama *m, const char *dir, tk_err *err) {
             snprintf(nm, sizeof nm, "%s.ts_lambda", key);
             if (read_scalar(f, nm, &L->lambda, err)) goto done;
         }
+    if (m->extra_load && m->extra_load(m->extra_ctx, f, err)) goto done;
     rc = 0;
 done:
     tk_st_close(f);
@@ -528,14 +530,14 @@ static int attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir
             return tk_fail(err, "layers_to_transform: layer %d does not exist (the model has %d)",
                            pc->layer_sel[i], m->cfg.n_layers);
     if (tk_peft_check_layers(pc, m->cfg.n_layers, err) || tk_peft_check_rank_pattern(pc, m->cfg.n_layers, err)) return -1;
-    if (pc->kind != TK_ADAPTER_NONE && tk_peft_has_vit(pc)) { /* vision/classify.h trains those */
+    if (pc->kind != TK_ADAPTER_NONE && tk_peft_has_vit(pc) && m->vit_targets == TK_VIT_REFUSE) {
         char nm[160];
         int first = -1;
         for (int k = 0; k < TK_MAX_LAYERS * TK_VIT_NPROJ && first < 0; k++)
             if (tk_peft_vit_targets(pc, k / TK_VIT_NPROJ, k % TK_VIT_NPROJ)) first = k;
         tk_vit_module_name(nm, sizeof nm, pc->vit_prefix, first / TK_VIT_NPROJ, first % TK_VIT_NPROJ);
-        return tk_fail(err, "target module %s: vision tower modules are adapted by `tspeft train --task "
-                            "image-classification`; the LLaMA trainer adapts LLaMA modules only", nm);
+        return tk_fail(err, "target module %s is a vision tower module: train, eval and generate take the tower "
+                            "with --vision-tower DIR (merge folds LLaMA modules only)", nm);
     }
     if (pc->kind != TK_ADAPTER_NONE && (pc->r < 1))
         return tk_fail(err, "adapter rank must be >= 1");
@@ -545,6 +547,7 @@ static int attach(tk_llama *m, const tk_peft_config *pc, const char *adapter_dir
     int rc = register_adapters(m, err) || register_saved_tensors(m, slots, ns, err) ||
              (m->extra_params && m->extra_params(m->extra_ctx, &m->params, err)) || tk_params_alloc(&m->params, err);
     if (rc == 0) fill_from_bf16(slots, ns);
+    if (rc == 0 && m->extra_init) m->extra_init(m->extra_ctx, seed);
     free(slots);
     if (rc) return -1;
     if (m->cfg.tie_embeddings) {
@@ -605,7 +608,8 @@ int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err) {
     size_t n_mod = 0;
     for (int l = 0; l < m->cfg.n_layers; l++)
         for (int p = 0; p < TK_NPROJ; p++) n_mod += m->layers[l].proj[p].kind != TK_ADAPTER_NONE;
-    size_t cap = m->params.n + 2 * n_mod;
+    size_t n_extra = m->extra_entries ? m->extra_entries(m->extra_ctx, NULL) : 0;
+    size_t cap = m->params.n + 2 * n_mod + n_extra;
     tk_st_entry *e = calloc(cap ? cap : 1, sizeof *e);
     char(*names)[TK_NAME_MAX + 16] = calloc(2 * n_mod + 1, sizeof *names);
     if (!e || !names) {
@@ -622,6 +626,7 @@ int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err) {
     }
     for (size_t i = 0; i < m->params.n; i++) {
         const tk_param *p = &m->params.items[i];
+        if (p->external) continue;
         e[n] = (tk_st_entry){.name = p->name, .dtype = TK_DT_F32, .ndim = p->ndim, .data = m->params.data + p->offset};
         for (int d = 0; d < p->ndim; d++) e[n].shape[d] = p->shape[d];
         if (adalora_resized(m, &e[n], &owned[i])) {
@@ -646,6 +651,7 @@ int tk_llama_save_adapter(const tk_llama *m, const char *out_dir, tk_err *err) {
                 e[n++] = (tk_st_entry){.name = names[k++], .dtype = TK_DT_F32, .ndim = 1, .shape = {1}, .data = &L->lambda};
             }
         }
+    if (n_extra) n += m->extra_entries(m->extra_ctx, e + n);
     /* in name order, as the safetensors library writes (all entries are F32): the same tensors give
      * the same file as PEFT's save_pretrained */
     qsort(e, n, sizeof *e, entry_name_cmp);

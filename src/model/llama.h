@@ -30,6 +30,8 @@ typedef struct {
     tk_adapted_linear proj[TK_NPROJ];
 } tk_llama_layer;
 
+enum { TK_VIT_REFUSE, TK_VIT_EXTRA, TK_VIT_IGNORE }; /* tk_llama.vit_targets */
+
 typedef struct {
     tk_llama_config cfg;
     tk_st_set *files;  /* kept open: F32 weights point into the mapping */
@@ -53,10 +55,20 @@ typedef struct {
     size_t rope_len;
     tk_peft_config peft;             /* the adapter attached (kind NONE before tk_llama_attach) */
     tk_params params;                /* the trainable block */
-    /* optional: registers more trainable tensors (a vision projector) in the block, called by
-     * tk_llama_attach before the block is allocated */
+    /* optional, for parts outside the LLaMA (a LLaVA projector and vision tower; set together by
+     * tk_mm_hook): extra_params registers their trainable tensors before tk_llama_attach allocates the
+     * block; extra_init initialises them once it is allocated, before an adapter file is read;
+     * extra_entries gives more entries for the adapter file (the tower modules' thresholds; e NULL: how
+     * many) and extra_load reads them back from one. */
     int (*extra_params)(void *ctx, tk_params *P, tk_err *err);
+    void (*extra_init)(void *ctx, uint64_t seed);
+    size_t (*extra_entries)(void *ctx, tk_st_entry *e);
+    int (*extra_load)(void *ctx, const tk_st_file *f, tk_err *err);
     void *extra_ctx;
+    /* vision tower target modules in the adapter config: TK_VIT_REFUSE (an error naming the first),
+     * TK_VIT_EXTRA (the extra adapts them: LLaVA with a tower) or TK_VIT_IGNORE (text-only use of a
+     * LLaVA adapter: the tower's tensors are not read) */
+    int vit_targets;
     tk_adapter_ws ws;                /* adapter scratch, sized by acts_alloc */
     size_t max_rank;
 } tk_llama;

@@ -26,6 +26,8 @@ typedef struct {
     size_t offset, numel; /* slice of the flat arrays */
     int decay;            /* AdamW weight decay applies */
     float lr_mult;        /* this tensor's learning rate is the step's times lr_mult (0: 1) */
+    int external;         /* saved and read by its owner (a tuned vision tower's directory), not in
+                           * adapter files */
     float **bind_data, **bind_grad;
     const float *init; /* optional initial values (copied at alloc), else zeros */
 } tk_param;

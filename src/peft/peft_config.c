@@ -317,8 +317,24 @@ int tk_peft_parse_target_list(tk_peft_config *pc, const char *list, tk_err *err)
         return 0;
     }
     if (list[0] == '@') return targets_from_file(pc, list + 1, err);
-    char *buf = strdup(list);
-    if (!buf) return tk_fail(err, "out of memory");
+    char *buf = strdup(list), *rest = strdup(list);
+    if (!buf || !rest) {
+        free(buf);
+        free(rest);
+        return tk_fail(err, "out of memory");
+    }
+    /* "all" inside a list (e.g. "all,vision_tower.vision_model.all"): every LLaMA projection */
+    rest[0] = 0;
+    for (char *save = NULL, *w = strtok_r(buf, ", \t\r\n", &save); w; w = strtok_r(NULL, ", \t\r\n", &save)) {
+        if (strcmp(w, "all") == 0 || strcmp(w, "all-linear") == 0) {
+            pc->target_mask = (1u << TK_NPROJ) - 1;
+            continue;
+        }
+        if (rest[0]) strcat(rest, ",");
+        strcat(rest, w);
+    }
+    free(buf);
+    buf = rest;
     int rc = add_target_words(pc, buf, NULL, err);
     free(buf);
     if (rc == 0 && !pc->target_mask && !pc->n_modules && !tk_peft_has_vit(pc)) rc = tk_fail(err, "empty target module list");

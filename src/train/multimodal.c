@@ -6,6 +6,8 @@
 #include "../../vision/preprocess.h"
 #include "../../vision/projector.h"
 #include "../../vision/vit.h"
+#include "../../vision/vit_peft.h"
+#include "../../vision/vit_train.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,7 +28,30 @@ struct tk_mm {
     float *embeds, *d_embeds; /* [rows_cap, cl] rows of the batch (only image runs are used) */
     size_t *dst;     /* [img_cap] first batch row (b*T + t) of each image's run */
     size_t n_img;
+    /* a trained tower (adapters on its projections and/or every tensor): the training forward keeps
+     * the activations the backward needs (vit_train.h) */
+    tk_vit_peft *vp;     /* adapters on the tower, or NULL */
+    int tune;            /* every tower tensor trains (--tune-vision-tower) */
+    float tower_lr_mult; /* the tower's tensors and adapters step at this times the schedule (0: 1) */
+    tk_vit *g;           /* the tower's gradients (tune) */
+    tk_vit_act *act;     /* activations of act_cap images */
+    size_t act_cap;
+    float *dfeat;        /* [img_cap * n_tok, cv] d(features), then compacted to the encoded images */
+    size_t *enc_of;      /* [img_cap] 1-based slot of each image among the encoded ones (0: cached) */
+    size_t n_enc;        /* images the tower ran on in the last forward */
+    int mode;            /* TK_FWD_TRAIN or TK_FWD_EVAL for the tower's adapters */
+    tk_rng rng;          /* the tower adapters' dropout, seeded per micro-batch (tk_mm_set_train) */
+    uint64_t seed;
 };
+
+static int tower_trains(const tk_mm *mm) { return mm->tune || mm->vp != NULL; }
+
+/* Layers the selected hidden state needs (vit.h: hidden state k is the output of layer k - 1; the
+ * later layers never run, so their adapters see no token). */
+static int layers_run(const tk_mm *mm) {
+    int L = mm->vit->cfg.n_layers;
+    return mm->sel.layer < 0 ? L + 1 + mm->sel.layer : mm->sel.layer;
+}
 
 size_t tk_mm_tokens(const tk_mm *mm) { return mm->n_tok; }
 
@@ -74,6 +99,11 @@ fail:
 
 void tk_mm_free(tk_mm *mm) {
     if (!mm) return;
+    tk_vit_act_free(mm->act);
+    tk_vit_peft_free(mm->vp);
+    tk_vit_close(mm->g);
+    free(mm->dfeat);
+    free(mm->enc_of);
     tk_vit_ws_free(mm->ws);
     tk_vit_close(mm->vit);
     tk_projector_free(&mm->proj);
@@ -87,9 +117,90 @@ void tk_mm_free(tk_mm *mm) {
     free(mm);
 }
 
+int tk_mm_set_tower_training(tk_mm *mm, const tk_peft_config *pc, int tune, float lr_mult, uint64_t seed,
+                             tk_err *err) {
+    TK_ASSERT(!mm->vp && !mm->g);
+    mm->tune = tune;
+    mm->tower_lr_mult = lr_mult;
+    mm->seed = seed;
+    if (pc && pc->kind != TK_ADAPTER_NONE && tk_peft_has_vit(pc)) {
+        char prefix[96];
+        snprintf(prefix, sizeof prefix, "base_model.model.%s", pc->vit_prefix);
+        if (!(mm->vp = tk_vit_peft_new(mm->vit, pc, prefix, err))) return -1;
+    }
+    if (tune && !(mm->g = tk_vit_zeros(&mm->vit->cfg, err))) return -1;
+    return 0;
+}
+
+/* Every tower tensor as "vision_tower.vision_model.<name>", bound to the tower (data) and mm->g
+ * (gradients); external: the tuned tower is saved as its own directory (tk_mm_save_tower). */
+static int register_tower(tk_mm *mm, tk_params *P, tk_err *err) {
+    size_t cap = tk_vit_slot_capacity(&mm->vit->cfg);
+    tk_vit_slot *sm = calloc(cap, sizeof *sm), *sg = calloc(cap, sizeof *sg);
+    int rc = -1;
+    if (!sm || !sg) {
+        tk_fail(err, "out of memory");
+        goto done;
+    }
+    size_t ns = tk_vit_slots(mm->vit, sm);
+    tk_vit_slots(mm->g, sg);
+    for (size_t i = 0; i < ns; i++) {
+        char nm[TK_NAME_MAX];
+        snprintf(nm, sizeof nm, "vision_tower.vision_model.%s", sm[i].name);
+        size_t n = 1;
+        for (int d = 0; d < sm[i].ndim; d++) n *= (size_t)sm[i].shape[d];
+        int64_t shape[2] = {sm[i].ndim >= 2 ? sm[i].shape[0] : (int64_t)n, 0};
+        if (sm[i].ndim >= 2) shape[1] = (int64_t)(n / (size_t)sm[i].shape[0]);
+        int decay = sm[i].ndim >= 2 && !strstr(nm, "position_embedding") && !strstr(nm, "probe");
+        if (tk_params_add(P, nm, sm[i].ndim >= 2 ? 2 : 1, shape, decay, sm[i].data, sg[i].data, *sm[i].data, err))
+            goto done;
+        P->items[P->n - 1].external = 1;
+    }
+    rc = 0;
+done:
+    free(sm);
+    free(sg);
+    return rc;
+}
+
 int tk_mm_register(void *ctx, tk_params *P, tk_err *err) {
     tk_mm *mm = ctx;
-    return tk_projector_register(&mm->proj, P, NULL, err);
+    if (tk_projector_register(&mm->proj, P, NULL, err)) return -1;
+    size_t first = P->n;
+    /* the tower's tensors before its adapters: the adapters take their base weights from the block */
+    if (mm->tune && register_tower(mm, P, err)) return -1;
+    if (mm->vp && tk_vit_peft_register(mm->vp, P, err)) return -1;
+    for (size_t i = first; i < P->n && mm->tower_lr_mult > 0.0f; i++) P->items[i].lr_mult = mm->tower_lr_mult;
+    return 0;
+}
+
+/* tk_llama.extra_init: the block is allocated (the tower's tensors may have moved into it). */
+static void mm_init(void *ctx, uint64_t seed) {
+    tk_mm *mm = ctx;
+    if (!mm->vp) return;
+    tk_vit_peft_bind_base(mm->vp);
+    tk_vit_peft_init(mm->vp, seed ^ 0x7157u);
+}
+
+static size_t mm_entries(void *ctx, tk_st_entry *e) {
+    tk_mm *mm = ctx;
+    if (!mm->vp) return 0;
+    if (!e) return 2 * tk_vit_peft_count(mm->vp);
+    return tk_vit_peft_gate_entries(mm->vp, e);
+}
+
+static int mm_load(void *ctx, const tk_st_file *f, tk_err *err) {
+    tk_mm *mm = ctx;
+    return mm->vp ? tk_vit_peft_load_gates(mm->vp, f, err) : 0;
+}
+
+void tk_mm_hook(tk_mm *mm, tk_llama *m) {
+    m->extra_params = tk_mm_register;
+    m->extra_init = mm_init;
+    m->extra_entries = mm_entries;
+    m->extra_load = mm_load;
+    m->extra_ctx = mm;
+    m->vit_targets = TK_VIT_EXTRA;
 }
 
 int tk_mm_init_weights(tk_mm *mm, const char *file, uint64_t seed, tk_err *err) {
@@ -97,6 +208,49 @@ int tk_mm_init_weights(tk_mm *mm, const char *file, uint64_t seed, tk_err *err) 
     tk_projector_random(&mm->proj, seed);
     return 0;
 }
+
+void tk_mm_set_train(tk_mm *mm, int train, uint64_t key) {
+    mm->mode = train ? TK_FWD_TRAIN : TK_FWD_EVAL;
+    if (train) tk_rng_seed(&mm->rng, mm->seed ^ 0x70e3u ^ (key * 0x9e3779b97f4a7c15ull));
+}
+
+void tk_mm_reset_gate_stats(tk_mm *mm) {
+    if (mm->vp) tk_vit_peft_reset_stats(mm->vp);
+}
+
+int tk_mm_update_gates(tk_mm *mm, int step, tk_err *err) {
+    return mm->vp ? tk_vit_peft_update_gates(mm->vp, step, err) : 0;
+}
+
+void tk_mm_after_optimizer(tk_mm *mm) {
+    if (mm->tune && mm->vit->pos_map) tk_vit_pos_refresh(mm->vit);
+}
+
+size_t tk_mm_tower_modules(tk_mm *mm, tk_adapted_linear **mods, int *layer, int *proj) {
+    size_t n = mm->vp ? tk_vit_peft_count(mm->vp) : 0, k = 0;
+    for (size_t i = 0; i < n; i++) {
+        int l = 0, j = 0;
+        tk_adapted_linear *L = tk_vit_peft_module(mm->vp, i, &l, &j);
+        if (l >= layers_run(mm)) continue;
+        if (mods) {
+            mods[k] = L;
+            layer[k] = l;
+            proj[k] = j;
+        }
+        k++;
+    }
+    return k;
+}
+
+void tk_mm_tower_key(const tk_mm *mm, int layer, int proj, char *buf, size_t n) {
+    tk_vit_peft_key(mm->vp, layer, proj, buf, n);
+}
+
+int tk_mm_tower_layers(const tk_mm *mm) { return mm->vit->cfg.n_layers; }
+
+size_t tk_mm_tower_rows(const tk_mm *mm) { return mm->n_enc * (size_t)mm->vit->n_tokens; }
+
+int tk_mm_save_tower(const tk_mm *mm, const char *dir, tk_err *err) { return tk_vit_save(mm->vit, dir, err); }
 
 int tk_mm_save(const tk_mm *mm, const char *path, tk_err *err) { return tk_projector_save(&mm->proj, path, err); }
 
@@ -117,8 +271,13 @@ static int reserve(tk_mm *mm, size_t n, size_t R, tk_err *err) {
         size_t cf = tk_projector_cache_floats(&mm->proj, nt);
         mm->cache = malloc((cf ? cf : 1) * sizeof(float));
         mm->dst = malloc(n * sizeof *mm->dst);
+        free(mm->dfeat);
+        free(mm->enc_of);
+        mm->dfeat = tower_trains(mm) ? malloc(nt * mm->cv * sizeof(float)) : NULL;
+        mm->enc_of = calloc(n, sizeof *mm->enc_of);
         mm->img_cap = n;
-        if (!mm->pix || !mm->feat || !mm->out || !mm->cache || !mm->dst || !(mm->ws = tk_vit_ws_alloc(mm->vit, n, err))) {
+        if (!mm->pix || !mm->feat || !mm->out || !mm->cache || !mm->dst || !mm->enc_of ||
+            (tower_trains(mm) && !mm->dfeat) || !(mm->ws = tk_vit_ws_alloc(mm->vit, n, err))) {
             mm->img_cap = 0;
             return tk_fail(err, "out of memory for %zu images", n);
         }
@@ -146,6 +305,23 @@ static int load_pixels(tk_mm *mm, float *px, const uint8_t *bytes, size_t n, con
     return rc;
 }
 
+/* out [n, n_tok, cv] = the selected features of mm->pix's first n images: the inference forward for a
+ * frozen tower, the training forward (activations kept for tk_mm_backward; adapters applied) else. */
+static int tower_forward(tk_mm *mm, float *out, size_t n, tk_err *err) {
+    if (!tower_trains(mm)) return tk_vit_forward(mm->vit, mm->ws, out, mm->pix, n, &mm->sel, err);
+    if (n > mm->act_cap) {
+        tk_vit_act_free(mm->act);
+        mm->act_cap = 0;
+        if (!(mm->act = tk_vit_act_alloc(mm->vit, n, err))) return -1;
+        mm->act_cap = n;
+    }
+    if (mm->vp) {
+        if (tk_vit_peft_alloc(mm->vp, n * mm->vit->n_tokens, err)) return -1;
+        tk_vit_act_set_adapters(mm->act, tk_vit_peft_table(mm->vp), tk_vit_peft_ws(mm->vp), mm->mode, &mm->rng);
+    }
+    return tk_vit_train_forward(mm->vit, mm->act, out, mm->pix, n, &mm->sel, err);
+}
+
 int tk_mm_forward(tk_mm *mm, const tk_loader_batch *b, size_t B, size_t T, tk_llama_acts *a, size_t llm_dim,
                   const char *where, tk_err *err) {
     TK_ASSERT(llm_dim == mm->cl);
@@ -157,8 +333,9 @@ int tk_mm_forward(tk_mm *mm, const tk_loader_batch *b, size_t B, size_t T, tk_ll
     if (reserve(mm, n, B * T, err)) return -1;
     size_t S = tk_preproc_numel(&mm->pre), nt = mm->n_tok, cv = mm->cv;
     /* pixels of encoded images (compacted), features of cached ones */
-    size_t n_enc = 0, *enc_of = calloc(n, sizeof *enc_of);
-    if (!enc_of) return tk_fail(err, "out of memory");
+    size_t n_enc = 0, *enc_of = mm->enc_of;
+    memset(enc_of, 0, n * sizeof *enc_of);
+    mm->n_enc = 0;
     int rc = -1;
     for (size_t i = 0; i < n; i++) {
         const tk_shard_image *im = &b->images[i].image;
@@ -168,6 +345,11 @@ int tk_mm_forward(tk_mm *mm, const tk_loader_batch *b, size_t B, size_t T, tk_ll
             if (load_pixels(mm, mm->pix + n_enc * S, im->data, im->nbytes, name, err)) goto done;
             enc_of[i] = ++n_enc; /* 1-based slot */
         } else if (im->kind == TK_IMAGE_F16_FEATURES) {
+            if (tower_trains(mm)) {
+                tk_fail(err, "%s holds cached encoder features, but the vision tower trains (adapters on it or "
+                             "--tune-vision-tower): convert the images without --cache-features", name);
+                goto done;
+            }
             if (im->ndim != 2 || im->shape[0] != nt || im->shape[1] != cv || im->nbytes != 2 * nt * cv) {
                 tk_fail(err, "%s: cached features of shape [%llu, %llu], but the encoder gives [%zu, %zu]", name,
                         (unsigned long long)im->shape[0], (unsigned long long)(im->ndim > 1 ? im->shape[1] : 0), nt, cv);
@@ -190,10 +372,11 @@ int tk_mm_forward(tk_mm *mm, const tk_loader_batch *b, size_t B, size_t T, tk_ll
             tk_fail(err, "out of memory");
             goto done;
         }
-        if (tk_vit_forward(mm->vit, mm->ws, tmp, mm->pix, n_enc, &mm->sel, err)) {
+        if (tower_forward(mm, tmp, n_enc, err)) {
             if (tmp != mm->feat) free(tmp);
             goto done;
         }
+        mm->n_enc = n_enc;
         if (tmp != mm->feat) {
             for (size_t i = 0; i < n; i++)
                 if (enc_of[i]) memcpy(mm->feat + i * nt * cv, tmp + (enc_of[i] - 1) * nt * cv, nt * cv * sizeof(float));
@@ -241,22 +424,32 @@ int tk_mm_forward(tk_mm *mm, const tk_loader_batch *b, size_t B, size_t T, tk_ll
     a->d_image_embeds = mm->d_embeds;
     rc = 0;
 done:
-    free(enc_of);
     return rc;
 }
 
-void tk_mm_backward(tk_mm *mm) {
-    size_t n = mm->n_img, nt = mm->n_tok;
-    if (!n) return;
-    /* d(projections) = the image rows of d(embeddings); the encoder is frozen: no dx */
+int tk_mm_backward(tk_mm *mm, tk_err *err) {
+    size_t n = mm->n_img, nt = mm->n_tok, cv = mm->cv;
+    if (!n) return 0;
+    /* d(projections) = the image rows of d(embeddings) */
     for (size_t i = 0; i < n; i++)
         memcpy(mm->out + i * nt * mm->cl, mm->d_embeds + mm->dst[i] * mm->cl, nt * mm->cl * sizeof(float));
-    tk_projector_backward(&mm->proj, NULL, mm->cache, mm->out, mm->feat, n * nt);
+    if (!tower_trains(mm) || !mm->n_enc) { /* a frozen encoder: no d(features) */
+        tk_projector_backward(&mm->proj, NULL, mm->cache, mm->out, mm->feat, n * nt);
+        return 0;
+    }
+    memset(mm->dfeat, 0, n * nt * cv * sizeof(float));
+    tk_projector_backward(&mm->proj, mm->dfeat, mm->cache, mm->out, mm->feat, n * nt);
+    /* compacted to the encoded images' order (every image is encoded when the tower trains) */
+    for (size_t i = 0; i < n; i++)
+        if (mm->enc_of[i] != i + 1)
+            return tk_fail(err, "internal: image %zu of the batch is not the tower's image %zu", i, i);
+    return tk_vit_train_backward(mm->vit, mm->act, mm->g, NULL, mm->dfeat, err);
 }
 
 int tk_mm_embed_image(tk_mm *mm, const uint8_t *bytes, size_t n, const char *name, float *out, tk_err *err) {
+    mm->mode = TK_FWD_EVAL;
     if (reserve(mm, 1, 1, err) || load_pixels(mm, mm->pix, bytes, n, name, err) ||
-        tk_vit_forward(mm->vit, mm->ws, mm->feat, mm->pix, 1, &mm->sel, err))
+        tower_forward(mm, mm->feat, 1, err))
         return -1;
     tk_projector_forward(&mm->proj, out, mm->cache, mm->feat, mm->n_tok);
     return 0;

@@ -134,9 +134,31 @@ static void dump_free(dump_list *d) {
     free(d->owned);
 }
 
-/* Gradients, keep counts, r, c and the new thresholds, once the step's tau update is done. */
-static int dump_step(dump_list *d, tk_llama *m, float loss, tk_err *err) {
+/* One gated module's keep count, next threshold (and lambda), r and c under its key. */
+static int dump_gate(dump_list *d, const char *key, const tk_adapted_linear *L, int with_lambda, tk_err *err) {
+    char nm[TK_NAME_MAX + 32];
+    int64_t one[1] = {1}, kept = (int64_t)L->stats.kept, nn[1] = {(int64_t)L->stats.n};
+    snprintf(nm, sizeof nm, "%s.keep", key);
+    if (dump_add(d, nm, TK_DT_I64, 1, one, &kept, sizeof kept, err)) return -1;
+    snprintf(nm, sizeof nm, "%s.ts_tau.next", key);
+    if (dump_add(d, nm, TK_DT_F32, 1, one, &L->tau, sizeof(float), err)) return -1;
+    snprintf(nm, sizeof nm, "%s.ts_r", key);
+    if (dump_add(d, nm, TK_DT_F32, 1, nn, L->stats.r, L->stats.n * sizeof(float), err)) return -1;
+    snprintf(nm, sizeof nm, "%s.ts_c", key);
+    if (dump_add(d, nm, TK_DT_F32, 1, nn, L->stats.c, L->stats.n * sizeof(float), err)) return -1;
+    if (with_lambda) {
+        snprintf(nm, sizeof nm, "%s.ts_lambda.next", key);
+        if (dump_add(d, nm, TK_DT_F32, 1, one, &L->lambda, sizeof(float), err)) return -1;
+    }
+    return 0;
+}
+
+/* Gradients, keep counts, r, c and the new thresholds (the LLaMA's and the tower's gated modules,
+ * under their adapter-file keys), once the step's tau update is done. */
+static int dump_step(dump_list *d, tk_llama *m, tk_mm *mm, tk_adapted_linear *const *tower, const int *tl,
+                     const int *tp, size_t n_tower, float loss, tk_err *err) {
     int64_t one[1] = {1};
+    int with_lambda = m->peft.gate.target_keep > 0.0f;
     if (dump_add(d, "loss", TK_DT_F32, 1, one, &loss, sizeof loss, err)) return -1;
     for (size_t i = 0; i < m->params.n; i++) {
         const tk_param *p = &m->params.items[i];
@@ -145,23 +167,16 @@ static int dump_step(dump_list *d, tk_llama *m, float loss, tk_err *err) {
         if (dump_add(d, nm, TK_DT_F32, p->ndim, p->shape, m->params.grad + p->offset, p->numel * sizeof(float), err))
             return -1;
     }
+    char key[TK_NAME_MAX];
     FOR_EACH_ADAPTED(m, L, l, p) {
         if (!L->gated) continue;
-        char key[TK_NAME_MAX], nm[TK_NAME_MAX + 32];
         tk_module_key(key, sizeof key, l, p);
-        int64_t kept = (int64_t)L->stats.kept, nn[1] = {(int64_t)L->stats.n};
-        snprintf(nm, sizeof nm, "%s.keep", key);
-        if (dump_add(d, nm, TK_DT_I64, 1, one, &kept, sizeof kept, err)) return -1;
-        snprintf(nm, sizeof nm, "%s.ts_tau.next", key);
-        if (dump_add(d, nm, TK_DT_F32, 1, one, &L->tau, sizeof(float), err)) return -1;
-        snprintf(nm, sizeof nm, "%s.ts_r", key);
-        if (dump_add(d, nm, TK_DT_F32, 1, nn, L->stats.r, L->stats.n * sizeof(float), err)) return -1;
-        snprintf(nm, sizeof nm, "%s.ts_c", key);
-        if (dump_add(d, nm, TK_DT_F32, 1, nn, L->stats.c, L->stats.n * sizeof(float), err)) return -1;
-        if (m->peft.gate.target_keep > 0.0f) {
-            snprintf(nm, sizeof nm, "%s.ts_lambda.next", key);
-            if (dump_add(d, nm, TK_DT_F32, 1, one, &L->lambda, sizeof(float), err)) return -1;
-        }
+        if (dump_gate(d, key, L, with_lambda, err)) return -1;
+    }
+    for (size_t i = 0; i < n_tower; i++) {
+        if (!tower[i]->gated) continue;
+        tk_mm_tower_key(mm, tl[i], tp[i], key, sizeof key);
+        if (dump_gate(d, key, tower[i], with_lambda, err)) return -1;
     }
     return 0;
 }
@@ -205,6 +220,13 @@ static cJSON *options_json(const tk_train_opts *o) {
     cJSON_AddNumberToObject(c, "threads", o->threads);
     cJSON_AddStringToObject(c, "compute", o->compute_bf16 ? "bf16" : "fp32");
     cJSON_AddStringToObject(c, "nonfinite", o->skip_nonfinite ? "skip" : "stop");
+    if (o->vision_tower) {
+        cJSON_AddStringToObject(c, "vision_tower", o->vision_tower);
+        cJSON_AddNumberToObject(c, "stage", o->stage ? o->stage : 2);
+        cJSON_AddBoolToObject(c, "tune_vision_tower", o->tune_vision_tower);
+        if (o->vision_tower_lr > 0.0f) cJSON_AddNumberToObject(c, "vision_tower_lr", o->vision_tower_lr);
+        if (o->mm_projector_lr > 0.0f) cJSON_AddNumberToObject(c, "mm_projector_lr", o->mm_projector_lr);
+    }
     return c;
 }
 
@@ -290,6 +312,38 @@ static int write_summary(const tk_train_opts *o, const char *dir, const tk_llama
     return rc;
 }
 
+/* The tuned tower as out_dir/vision_tower (config.json, model.safetensors): written in the staging
+ * directory, then swapped in for an earlier one. */
+static int save_tower(const tk_train_opts *o, const tk_mm *mm, const char *stage, tk_err *err) {
+    static const char *const files[] = {"config.json", "model.safetensors"};
+    char dir[4200], to[4200], old[4200], f[4300];
+    snprintf(dir, sizeof dir, "%s/vision_tower", stage);
+    snprintf(to, sizeof to, "%s/vision_tower", o->out_dir);
+    snprintf(old, sizeof old, "%s/vision_tower.old", stage);
+    int rc = tk_mm_save_tower(mm, dir, err), moved = 0;
+    struct stat st;
+    if (rc == 0 && stat(to, &st) == 0) {
+        if (!S_ISDIR(st.st_mode)) rc = tk_fail(err, "%s: exists and is not a directory", to);
+        else if (rename(to, old) != 0) rc = tk_fail(err, "%s: cannot move aside: %s", to, strerror(errno));
+        else moved = 1;
+    }
+    if (rc == 0 && rename(dir, to) != 0) {
+        rc = tk_fail(err, "%s: cannot rename into place: %s", to, strerror(errno));
+        if (moved) rename(old, to);
+        moved = 0;
+    }
+    for (int pass = 0; pass < 2; pass++) { /* the replaced tower, or a failed new one */
+        const char *d = pass ? old : dir;
+        if (pass && !moved) continue;
+        for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+            snprintf(f, sizeof f, "%s/%s", d, files[i]);
+            remove(f);
+        }
+        rmdir(d);
+    }
+    return rc;
+}
+
 /* Writes the adapter and the summary into out_dir as one unit: every file goes to a staging directory
  * inside out_dir first and is renamed into place only when all were written, so a failure leaves an
  * earlier adapter in out_dir untouched (never new weights beside an old config). */
@@ -317,6 +371,7 @@ static int save_outputs(const tk_train_opts *o, const tk_llama *m, const tk_mm *
         snprintf(to, sizeof to, "%s/%s", o->out_dir, names[i]);
         if (rename(from, to) != 0) rc = tk_fail(err, "%s: cannot rename into place: %s", to, strerror(errno));
     }
+    if (rc == 0 && o->tune_vision_tower) rc = save_tower(o, mm, stage, err);
     for (size_t i = 0; i < n_names; i++) { /* leftovers after a failure */
         snprintf(from, sizeof from, "%s/%s", stage, names[i]);
         remove(from);
@@ -357,16 +412,12 @@ static void microbatch_rng(tk_rng *r, uint64_t seed, int step, size_t global_k) 
 
 /* Data parallel: the step's gate statistics of every rank, in rank order, replace each gated module's
  * local ones, so the threshold step sees exactly the tokens one process would (same r_i, c_i, order).
- * Each rank packs, per gated module in a fixed order, [kept, r_0..r_n-1, c_0..c_n-1]; n (the rank's
- * non-pad tokens) is the same for every module. */
-static int gather_gate_stats(tk_dist *d, tk_llama *m, tk_err *err) {
-    size_t G = 0, n = SIZE_MAX;
-    FOR_EACH_ADAPTED(m, L, l, p) if (L->gated) {
-        G++;
-        if (n == SIZE_MAX) n = L->stats.n;
-        TK_ASSERT(L->stats.n == n && L->stats.n_c == n);
-    }
-    if (G == 0) return 0;
+ * Each rank packs, per module of mods [G] in their order, [kept, r_0..r_n-1, c_0..c_n-1]; n (the
+ * rank's tokens through these modules) is the same for every module of the list (the LLaMA's
+ * modules see the non-pad tokens, the tower's the image patches: one call per list). */
+static int gather_stats(tk_dist *d, tk_adapted_linear *const *mods, size_t G, tk_err *err) {
+    size_t n = G ? mods[0]->stats.n : 0;
+    for (size_t g = 0; g < G; g++) TK_ASSERT(mods[g]->stats.n == n && mods[g]->stats.n_c == n);
     size_t local = G * (1 + 2 * n);
     uint64_t *counts = calloc((size_t)d->size, sizeof *counts);
     if (!counts || d->gather_count(d, local, counts, err)) {
@@ -375,14 +426,15 @@ static int gather_gate_stats(tk_dist *d, tk_llama *m, tk_err *err) {
     }
     uint64_t total = 0;
     for (int r = 0; r < d->size; r++) total += counts[r];
-    float *send = malloc((local ? local : 1) * sizeof *send), *recv = malloc((size_t)total * sizeof *recv);
+    float *send = malloc((local ? local : 1) * sizeof *send), *recv = malloc((size_t)(total ? total : 1) * sizeof *recv);
     int rc = -1;
     if (!send || !recv) {
         tk_fail(err, "out of memory");
         goto out;
     }
     float *w = send;
-    FOR_EACH_ADAPTED(m, L, l, p) if (L->gated) {
+    for (size_t g = 0; g < G; g++) {
+        const tk_adapted_linear *L = mods[g];
         TK_ASSERT(L->stats.kept < (1u << 24)); /* exact as a float */
         *w++ = (float)L->stats.kept;
         memcpy(w, L->stats.r, n * sizeof *w);
@@ -390,12 +442,13 @@ static int gather_gate_stats(tk_dist *d, tk_llama *m, tk_err *err) {
         w += 2 * n;
     }
     if (d->gather_f32(d, send, local, recv, counts, err)) goto out;
-    FOR_EACH_ADAPTED(m, L, l, p) if (L->gated) tk_gate_stats_reset(&L->stats);
+    for (size_t g = 0; g < G; g++) tk_gate_stats_reset(&mods[g]->stats);
     const float *blk = recv;
     for (int r = 0; r < d->size; r++) {
-        size_t nr = (size_t)((counts[r] / G - 1) / 2);
+        size_t nr = G ? (size_t)((counts[r] / G - 1) / 2) : 0;
         const float *q = blk;
-        FOR_EACH_ADAPTED(m, L, l, p) if (L->gated) {
+        for (size_t g = 0; g < G; g++) {
+            tk_adapted_linear *L = mods[g];
             size_t kept = (size_t)q[0];
             for (size_t i = 0; i < nr; i++)
                 if (tk_gate_stats_push_r(&L->stats, q[1 + i], 0, err) || tk_gate_stats_push_c(&L->stats, q[1 + nr + i], err))
@@ -413,6 +466,21 @@ out:
     return rc;
 }
 
+/* gather_stats over the LLaMA's gated modules, then the tower's (tw [nt]). */
+static int gather_gate_stats(tk_dist *d, tk_llama *m, tk_adapted_linear *const *tw, size_t nt, tk_err *err) {
+    size_t G = 0;
+    FOR_EACH_ADAPTED(m, L, l, p) G += L->gated != 0;
+    tk_adapted_linear **mods = malloc((G ? G : 1) * sizeof *mods);
+    if (!mods) return tk_fail(err, "out of memory");
+    G = 0;
+    FOR_EACH_ADAPTED(m, L, l, p) if (L->gated) mods[G++] = L;
+    size_t gt = 0;
+    for (size_t i = 0; i < nt; i++) gt += tw[i]->gated != 0;
+    int rc = (G && gather_stats(d, mods, G, err)) || (gt && gather_stats(d, tw, nt, err)) ? -1 : 0;
+    free(mods);
+    return rc;
+}
+
 int tk_train_run(const tk_train_opts *o, tk_err *err) {
     int rc = -1;
     tk_llama *m = NULL;
@@ -425,6 +493,9 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     tk_mm *mm = NULL;
     tk_gate_stats pool = {0}; /* pooled statistics of a layer (--ts-tau-scope layer) */
     tk_adalora_run *ada = NULL; /* AdaLoRA's regulariser and rank allocator (adalora_train.h) */
+    tk_adapted_linear **tower = NULL; /* the tower's adapted modules that run (multimodal.h) */
+    int *tower_layer = NULL, *tower_proj = NULL;
+    size_t n_tower = 0;
     if (o->save_every < 0 || o->keep_checkpoints < 0)
         return tk_fail(err, "--save-every and --keep-checkpoints must be >= 0");
     if ((o->save_every > 0 || o->resume_dir) && !o->out_dir)
@@ -459,24 +530,55 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         tk_mm_opts mo = {o->vision_tower, NULL, proj_file, o->projector_type, o->vision_layer, o->vision_feature,
                          o->image_preprocess, o->image_size, o->interpolate_pos};
         if (!(mm = tk_mm_open(&mo, (size_t)m->cfg.dim, err))) goto done;
-        m->extra_params = tk_mm_register;
-        m->extra_ctx = mm;
-        if (o->stage == 1) { /* LLaVA stage 1: only the projector learns */
+        if (o->stage == 1 && pc.kind != TK_ADAPTER_NONE && tk_peft_has_vit(&pc)) {
+            tk_fail(err, "--stage 1 trains the projector (and with --tune-vision-tower the tower) alone: tower "
+                         "adapters (target modules %s...) belong to stage 2", pc.vit_prefix);
+            goto done;
+        }
+        if (o->stage == 1) { /* LLaVA stage 1: only the projector (and a tuned tower) learns */
             pc.kind = TK_ADAPTER_NONE;
             pc.target_mask = 0;
             pc.n_save = 0;
         }
-    } else if (o->stage == 1 || o->projector) {
-        tk_fail(err, "--stage 1 and --projector need --vision-tower DIR");
+        if (o->vision_tower_lr > 0.0f && !(o->lr > 0.0f)) {
+            tk_fail(err, "--vision-tower-lr needs --lr > 0 (it scales the schedule)");
+            goto done;
+        }
+        if (tk_mm_set_tower_training(mm, &pc, o->tune_vision_tower, o->vision_tower_lr > 0.0f ? o->vision_tower_lr / o->lr : 0.0f,
+                                     o->seed, err))
+            goto done;
+        if (o->vision_tower_lr > 0.0f && !o->tune_vision_tower && !tk_mm_tower_modules(mm, NULL, NULL, NULL)) {
+            tk_fail(err, "--vision-tower-lr: nothing of the tower trains (adapt its modules with --target-modules "
+                         "vision_tower.vision_model.*, or --tune-vision-tower)");
+            goto done;
+        }
+        tk_mm_hook(mm, m);
+    } else if (o->stage == 1 || o->projector || o->tune_vision_tower || o->vision_tower_lr > 0.0f) {
+        tk_fail(err, "--stage 1, --projector, --tune-vision-tower and --vision-tower-lr need --vision-tower DIR");
+        goto done;
+    }
+    if (o->tune_vision_tower && (o->save_every > 0 || o->resume_dir)) {
+        tk_fail(err, "--tune-vision-tower: checkpoints (--save-every, --resume) do not hold the tower's weights yet");
         goto done;
     }
     /* a stage-1 checkpoint holds no adapter (its config has no targets): only the projector, loaded below */
     const char *attach_dir = mm && o->stage == 1 && o->resume_dir ? NULL : o->adapter_dir;
     if (tk_llama_attach(m, &pc, attach_dir, o->seed, err)) goto done;
+    if (mm) m->peft.vit_layers = tk_mm_tower_layers(mm); /* the saved config names every tower module */
     m->compute_bf16 = o->compute_bf16;
     int n_packed = tk_llama_pack_frozen(m, err);
     if (n_packed < 0) goto done;
     if (mm && tk_mm_init_weights(mm, proj_file, o->seed ^ 0x9e0u, err)) goto done;
+    if (mm && (n_tower = tk_mm_tower_modules(mm, NULL, NULL, NULL)) > 0) {
+        tower = malloc(n_tower * sizeof *tower);
+        tower_layer = malloc(n_tower * sizeof *tower_layer);
+        tower_proj = malloc(n_tower * sizeof *tower_proj);
+        if (!tower || !tower_layer || !tower_proj) {
+            tk_fail(err, "out of memory");
+            goto done;
+        }
+        tk_mm_tower_modules(mm, tower, tower_layer, tower_proj);
+    }
     if (o->mm_projector_lr > 0.0f) { /* the projector's tensors step at mm_projector_lr / lr of the schedule */
         if (!mm || !(o->lr > 0.0f)) {
             tk_fail(err, "--mm-projector-lr needs --vision-tower and --lr > 0 (it scales the schedule)");
@@ -513,10 +615,11 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
     tk_rng_seed(&rng, o->seed ^ 0xd40u);
     tk_sched sch = {o->sched, o->lr, o->warmup_steps, o->steps};
     if (!quiet)
-        fprintf(stderr, "tspeft train: %s adapter (%s)%s, %zu trainable parameters, %s, %d steps x %d x %d, %d threads%s\n",
+        fprintf(stderr, "tspeft train: %s adapter (%s)%s%s%s, %zu trainable parameters, %s, %d steps x %d x %d, %d threads%s\n",
                 tk_adapter_kind_name(m->peft.kind),
                 m->peft.kind == TK_ADAPTER_NONE ? "no gate" : m->peft.gate.enabled ? "TS-gated" : "dense",
-                mm ? " + projector" : "",
+                mm ? " + projector" : "", n_tower ? " + vision tower adapters" : "",
+                o->tune_vision_tower ? " + the whole vision tower" : "",
                 m->params.total, tk_train_data_describe(data), o->steps, o->grad_accum, o->batch_size, threads,
                 n_packed <= 0 ? "" : o->compute_bf16 ? ", frozen products in BF16 (AVX512-BF16)"
                                                      : ", frozen weights packed for the AVX-512 kernel");
@@ -582,6 +685,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         }
         tk_params_zero_grad(&m->params);
         FOR_EACH_ADAPTED(m, L, l, p) tk_gate_stats_reset(&L->stats);
+        if (mm) tk_mm_reset_gate_stats(mm);
         int dumping = o->dump_dir && step == 1;
         double loss_sum = 0.0;
         float scale = 1.0f / (float)sb.targets;
@@ -590,9 +694,10 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             const tk_train_mb *mb = tk_train_data_mb(data, gk);
             const tk_batch *b = mb->text;
             acts->kinds = mb->kinds; /* [B*T] TK_KIND_* for gate statistics */
+            microbatch_rng(&rng, o->seed, step, gk);
+            if (mm) tk_mm_set_train(mm, 1, ((uint64_t)(unsigned)step << 24) ^ (uint64_t)gk);
             if (mm && tk_mm_forward(mm, mb->batch, b->B, b->T, acts, (size_t)m->cfg.dim, tk_train_data_name(data), err))
                 goto done;
-            microbatch_rng(&rng, o->seed, step, gk);
             if (tk_llama_forward(m, acts, b->input_ids, b->attention_mask, b->B, b->T, 1, &rng, err)) goto done;
             if (dumping) {
                 char nm[32];
@@ -604,12 +709,12 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             }
             loss_sum += tk_llama_loss(m, acts, b->labels, b->B, b->T, scale, NULL);
             if (tk_llama_backward(m, acts, b->B, b->T, err)) goto done;
-            if (mm) tk_mm_backward(mm);
+            if (mm && tk_mm_backward(mm, err)) goto done;
             if (glog && tk_gatelog_batch(glog, m, acts, b->B, b->T, step, err)) goto done;
         }
         if (dist) { /* the step's sums over every rank's micro-batches (counts are already global) */
             if (dist->sum_f64(dist, &loss_sum, 1, err) ||
-                dist->sum_f32(dist, m->params.grad, m->params.total, err) || gather_gate_stats(dist, m, err))
+                dist->sum_f32(dist, m->params.grad, m->params.total, err) || gather_gate_stats(dist, m, tower, n_tower, err))
                 goto done;
         }
         double loss = loss_sum / (double)sb.targets, reg = 0.0;
@@ -635,16 +740,22 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             fprintf(stderr, "step %d/%d  the %s is not finite: step skipped (%d so far)\n", step, o->steps, what,
                     st.skipped);
         } else {
-            size_t kept = 0, seen = 0;
+            size_t kept = 0, seen = 0, tkept = 0, tseen = 0;
             FOR_EACH_ADAPTED(m, L, l, p) {
                 kept += L->stats.kept;
                 seen += L->stats.n;
             }
-            if (update_thresholds(m, step, &pool, err)) goto done;
+            for (size_t i = 0; i < n_tower; i++) {
+                tkept += tower[i]->stats.kept;
+                tseen += tower[i]->stats.n;
+            }
+            char tkeep[40] = ""; /* the tower's modules see image patches: their own figure */
+            if (n_tower && tower[0]->gated) snprintf(tkeep, sizeof tkeep, "  tower keep %.3f", tseen ? (double)tkept / (double)tseen : 1.0);
+            if (update_thresholds(m, step, &pool, err) || (mm && tk_mm_update_gates(mm, step, err))) goto done;
             if (dumping && lead) {
                 char path[4200];
                 const char *meta[] = {"format", "pt", NULL};
-                if (make_dir(o->dump_dir, err) || dump_step(&dump, m, (float)loss, err) ||
+                if (make_dir(o->dump_dir, err) || dump_step(&dump, m, mm, tower, tower_layer, tower_proj, n_tower, (float)loss, err) ||
                     tk_pathf(path, sizeof path, err, "%s/step1.safetensors", o->dump_dir) ||
                     tk_st_write(path, dump.e, dump.n, meta, err))
                     goto done;
@@ -652,6 +763,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             tk_clip_grad_to(m->params.grad, m->params.total, gnorm, o->max_grad_norm);
             float lr = tk_sched_lr(&sch, step - 1);
             tk_params_adamw(&m->params, lr, 0.9f, 0.999f, 1e-8f, o->weight_decay, step);
+            if (mm) tk_mm_after_optimizer(mm);
             if (tk_adalora_run_step(ada, m, step, err)) goto done; /* scores, budget, masks */
             st.tokens += (double)sb.tokens;
             if (step == 1) st.first_loss = loss;
@@ -660,8 +772,8 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             char epoch[40] = ""; /* shards: loader epochs so far */
             if (shards) snprintf(epoch, sizeof epoch, "  epoch %.3f", st.epoch);
             if (!quiet && (step % o->log_every == 0 || step == o->steps || step == first_step))
-                fprintf(stderr, "step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  keep %.3f%s  %.0f tok/s  step %.2fs  eta %.0fs\n",
-                        step, o->steps, loss, lr, gnorm, seen ? (double)kept / (double)seen : 1.0, epoch,
+                fprintf(stderr, "step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  keep %.3f%s%s  %.0f tok/s  step %.2fs  eta %.0fs\n",
+                        step, o->steps, loss, lr, gnorm, seen ? (double)kept / (double)seen : 1.0, tkeep, epoch,
                         (double)sb.tokens / (now - ts), now - ts, el / step * (o->steps - step));
             if (glog && tk_gatelog_step(glog, m, &(tk_gatelog_step_info){step, loss, lr, gnorm, (double)sb.tokens, now - ts}, err))
                 goto done;
@@ -698,6 +810,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         if (tk_train_data_first_step(data, err)) goto done;
         sb.targets = tk_train_data_targets(data);
         double s = 0.0;
+        if (mm) tk_mm_set_train(mm, 0, 0);
         for (int k = 0; k < o->grad_accum * P; k++) {
             const tk_train_mb *mb = tk_train_data_mb(data, (size_t)k);
             const tk_batch *b = mb->text;
@@ -717,6 +830,9 @@ done:
     tk_gatelog_close(glog, rc > 128); /* a signal stop keeps the partial logs for --resume */
     tk_gate_stats_free(&pool);
     tk_adalora_run_free(ada);
+    free(tower);
+    free(tower_layer);
+    free(tower_proj);
     cJSON_Delete(config);
     dump_free(&dump);
     tk_llama_acts_free(m, acts);

@@ -45,7 +45,11 @@ typedef struct {
     int warmup_steps;
     tk_peft_config peft;     /* adapter description (ignored for tensors when adapter_dir is set) */
     /* vision (LLaVA-style; docs/vision.md "Training"): NULL tower = text only */
-    const char *vision_tower;    /* HF CLIP/SigLIP vision tower directory (frozen) */
+    const char *vision_tower;    /* HF CLIP/SigLIP vision tower directory (frozen unless the adapter config
+                                    targets its modules or tune_vision_tower) */
+    int tune_vision_tower;       /* 1: every tower tensor trains; saved as out_dir/vision_tower */
+    float vision_tower_lr;       /* the tower's (tensors and adapters) peak learning rate (LLaVA's
+                                    mm_vision_tower_lr; 0: lr); it follows the same schedule */
     const char *projector;       /* projector weights to start from (mm_projector.safetensors or a LLaVA
                                     checkpoint); NULL: nn.Linear initialisation */
     const char *projector_type;  /* linear | mlp2x_gelu */

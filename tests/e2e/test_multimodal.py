@@ -249,6 +249,84 @@ def main():
                        "--image", T("fm", recs["test"][1]["image"])] + TH)
         chk.ok(p1.returncode == 0, "generate with the stage-1 projector and no adapter", p1.stderr)
 
+        chk.section("the tower trains too: TS-LoRA on its projections and --tune-vision-tower")
+        tw_args = ["--stage", "2", "--projector", T("s1", "mm_projector.safetensors"), "--target-modules",
+                   "all,vision_tower.vision_model.all", "--steps", "10"]
+        p = U.run(B, ["train"] + common + tw_args + ["--tune-vision-tower", "--vision-tower-lr", "1e-3", "--out", T("tw")])
+        prog = U.progress(p.stderr)
+        if chk.ok(p.returncode == 0 and len(prog) > 0 and all(np.isfinite(x["loss"]) for x in prog),
+                  "stage 2 with tower adapters and the whole tower trains (10 steps, finite losses)", p.stderr):
+            twa = st.load(T("tw", "adapter_model.safetensors"))
+            tmods = {k.split(".lora_")[0] for k in twa if ".lora_A." in k and "vision_tower" in k}
+            want = {"base_model.model.vision_tower.vision_model.encoder.layers.%d.%s" % (L, m) for L in (0, 1)
+                    for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                              "mlp.fc1", "mlp.fc2")}
+            chk.ok(tmods == want, "the adapter holds LoRA on the tower's 12 projections under PEFT's LLaVA keys",
+                   sorted(tmods))
+            moved0 = all(np.abs(twa[k + ".lora_B.weight"]).max() > 0 for k in want if ".layers.0." in k)
+            still1 = all(np.abs(twa[k + ".lora_B.weight"]).max() == 0 for k in want if ".layers.1." in k)
+            chk.ok(moved0 and still1, "layer 0's tower adapters trained; layer 1's (past hidden state -2) kept lora_B = 0")
+            chk.ok(all(k + ".ts_tau" in twa for k in want), "every tower module's threshold is saved (ts_tau)")
+            cfg = json.load(open(T("tw", "adapter_config.json")))
+            chk.ok(sum(t.startswith("vision_tower.vision_model.encoder.layers.") for t in cfg["target_modules"]) == 12,
+                   "adapter_config.json names the 12 tower modules in target_modules", cfg["target_modules"])
+            chk.ok(any("tower keep" in l for l in p.stderr.splitlines()), "progress lines report the tower's keep")
+            t0 = st.load(T("tower", "model.safetensors"))
+            t1 = st.load(T("tw", "vision_tower", "model.safetensors")) if os.path.exists(
+                T("tw", "vision_tower", "model.safetensors")) else {}
+            chk.ok(len(t1) == len(t0) and any(not np.array_equal(np.asarray(t0[k]), np.asarray(t1[k])) for k in t0)
+                   and os.path.exists(T("tw", "vision_tower", "config.json")),
+                   "the tuned tower is written as OUT/vision_tower (config.json, model.safetensors; %d tensors, moved)"
+                   % len(t1))
+            evt = ["eval", "--model", T("model"), "--adapter", T("tw"), "--tokenizer", tok, "--vision-tower",
+                   T("tw", "vision_tower"), "--data", T("sh", "test.shard"), "--max-new-tokens", "8"] + TH
+            p = U.run(B, evt + ["--out", T("evt.json")])
+            if chk.ok(p.returncode == 0, "eval with the tower adapters and the tuned tower", p.stderr):
+                st_t = [json.loads(l) for l in open(T("evt.samples.jsonl"))]
+                gt = ["generate", "--model", T("model"), "--adapter", T("tw"), "--tokenizer", tok, "--vision-tower",
+                      T("tw", "vision_tower"), "--prompt", q0, "--max-new-tokens", "8",
+                      "--image", T("fm", recs["test"][0]["image"])] + TH
+                p = U.run(B, gt)
+                chk.ok(p.returncode == 0 and p.stdout.strip() == st_t[0]["generation"].strip(),
+                       "generate --image with them prints eval's generation (%r)" % st_t[0]["generation"],
+                       p.stdout + p.stderr)
+            p = U.run(B, ["info", "--model", T("model"), "--adapter", T("tw")])
+            chk.ok(p.returncode == 0 and "vision tower" in p.stdout, "info shows the adapter's tower modules",
+                   p.stdout + p.stderr)
+            p = U.run(B, ["merge", "--model", T("model"), "--adapter", T("tw"), "--out", T("merged")])
+            ok, line = one_line_error(p, "vision tower")
+            chk.ok(ok and not os.path.exists(T("merged", "model.safetensors")),
+                   "merge refuses an adapter with tower modules in one line", p.stderr)
+        # resumed runs with tower adapters: the thresholds and the dropout stream continue exactly
+        base = ["train"] + common + tw_args[:-1] + ["6", "--dropout", "0.1"]
+        ra, rb = T("twa"), T("twb")
+        p1 = U.run(B, base + ["--out", ra])
+        p2 = U.run(B, base + ["--save-every", "3", "--out", rb])
+        shutil.rmtree(os.path.join(rb, "checkpoint-6"), ignore_errors=True)
+        for f in ("mm_projector.safetensors", "adapter_model.safetensors"):
+            if os.path.exists(os.path.join(rb, f)):
+                os.remove(os.path.join(rb, f))
+        p3 = U.run(B, base + ["--save-every", "3", "--out", rb, "--resume", os.path.join(rb, "checkpoint-3")])
+        same = all(p.returncode == 0 for p in (p1, p2, p3)) and all(
+            os.path.exists(os.path.join(rb, f)) and
+            U.read_bytes(os.path.join(ra, f)) == U.read_bytes(os.path.join(rb, f))
+            for f in ("mm_projector.safetensors", "adapter_model.safetensors"))
+        chk.ok(same, "tower adapters with dropout, resumed from checkpoint-3: the uninterrupted run's bytes",
+               p1.stderr + p2.stderr + p3.stderr)
+        for args, needles, what in (
+                (["--stage", "1", "--target-modules", "vision_tower.vision_model.q_proj"], ["stage 1", "stage 2"],
+                 "stage 1 with tower adapters"),
+                (["--tune-vision-tower", "--save-every", "2"], ["--tune-vision-tower", "checkpoints"],
+                 "--tune-vision-tower with checkpoints"),
+                (["--vision-tower-lr", "1e-3"], ["--vision-tower-lr", "nothing of the tower trains"],
+                 "--vision-tower-lr with a frozen tower")):
+            ok, line = one_line_error(U.run(B, ["train"] + common + args + ["--steps", "1", "--out", T("badt")]),
+                                      *needles)
+            chk.ok(ok and not os.path.exists(T("badt", "adapter_model.safetensors")), what + ": one line", line)
+        ok, line = one_line_error(U.run(B, ["train", "--model", T("model"), "--data", T("sh", "train.shard"),
+                                            "--tune-vision-tower", "--steps", "1"] + TH), "--vision-tower")
+        chk.ok(ok, "--tune-vision-tower without --vision-tower: one line", line)
+
         chk.section("bad input")
         ok, line = one_line_error(U.run(B, ["train", "--model", T("model"), "--data", T("sh", "train.shard"),
                                             "--steps", "1", "--out", T("bad1")] + TH), T("sh", "train.shard"), "text-only")

@@ -7,7 +7,10 @@ tokens), the projector, the projections spliced over the image-token rows of the
 the LLaMA with the gated adapter (reference.Reference), the shifted cross-entropy, autograd.
 Compared: loss, logits, every adapter gradient, the projector's gradients, keep counts (exact) and
 next tau; tolerance 1e-4 relative to each tensor's max magnitude. Stage 1 (projector only, no
-adapter) too. The C side's CLIP preprocessing at the tower's own size is the identity resize, so the
+adapter) too. A third case trains the tower as well: gated LoRA on tower projections (layer 0 runs;
+layer 1's modules sit past the selected hidden state -2 and must get zero gradients) plus
+--tune-vision-tower, against the reference tower with the same gated adapters under autograd: the
+tower adapters' gradients, keep counts and next thresholds, and every tower tensor's gradient. The C side's CLIP preprocessing at the tower's own size is the identity resize, so the
 reference pixels are (rgb/255 - mean)/std.
 
     /usr/bin/python3 tests/parity/test_mm_parity.py --tspeft build/tspeft
@@ -56,6 +59,80 @@ class Splice:
             if len(pos):
                 x[b, torch.from_numpy(pos)] = self.proj[b]
         return x
+
+
+VPRE = "vision_tower.vision_model."          # the tower's target-module prefix (a LLaVA model)
+KPRE = "base_model.model." + VPRE            # its PEFT keys
+TOWER_TARGETS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.fc1"]
+
+
+def gated_lora(P, tw, scale, recs):
+    """vit_reference's adapt hook: h = b + S m with m = scale B A x, r = ||m|| / ||b||, S = [r >= tau]
+    (tau from tw; modules without tensors plain). Records r, S, m, h per module for the checks."""
+    def adapt(name, x, b):
+        key = KPRE + name
+        if key + ".lora_A.weight" not in P:
+            return b
+        m = scale * ((x @ P[key + ".lora_A.weight"].t()) @ P[key + ".lora_B.weight"].t())
+        with torch.no_grad():
+            r = m.norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-6)
+        tau = float(np.asarray(tw.get(key + ".ts_tau", [0.0]))[0])
+        S = (r.float() >= np.float32(tau)).to(b.dtype)
+        h = b + S.unsqueeze(-1) * m
+        if h.requires_grad:
+            h.retain_grad()
+        recs[key] = {"r": r, "S": S, "m": m, "h": h}
+        return h
+    return adapt
+
+
+def tower_r(vc, W, pix, tw, scale):
+    """r_i of every tower module that runs, at tau 0 (to place the thresholds)."""
+    P = {k: torch.tensor(np.asarray(v, np.float64)) for k, v in tw.items()}
+    recs = {}
+    VP.vit_reference(vc, W, torch.tensor(pix), adapt=gated_lora(P, {}, scale, recs))
+    return {k: v["r"].numpy().reshape(-1) for k, v in recs.items()
+            if int(k.split("encoder.layers.")[1].split(".")[0]) == 0}
+
+
+def tower_checks(dump, Wt, Pt, recs, tw):
+    """Errors of the tower's gradients and gate against the dump; keep-count mismatches; kept, seen."""
+    errs, bad, kept_all, seen_all = {}, [], 0, 0
+    for k, p in Pt.items():
+        ref = p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape))
+        if k + ".grad" not in dump:
+            bad.append("%s.grad missing" % k)
+            continue
+        got = dump[k + ".grad"]
+        errs[k] = rel(ref, got) if np.max(np.abs(ref)) > 0 else float(np.max(np.abs(got)))
+    for k, w in Wt.items():
+        ref = w.grad.numpy() if w.grad is not None else np.zeros(tuple(w.shape))
+        nm = VPRE + k + ".grad"
+        if nm not in dump:
+            bad.append("%s missing" % nm)
+            continue
+        got = np.asarray(dump[nm]).reshape(ref.shape)
+        scale = float(np.max(np.abs(ref)))
+        if k.endswith("k_proj.bias") and Wt[k[:-4] + "weight"].grad is not None:  # 0 in theory: relative to its weight's
+            scale = float(np.max(np.abs(Wt[k[:-4] + "weight"].grad.numpy())))
+        errs["tower " + k] = float(np.max(np.abs(got - ref))) / max(scale, 1e-12) if scale > 0 \
+            else float(np.max(np.abs(got)))
+    for key, rec in recs.items():
+        layer = int(key.split("encoder.layers.")[1].split(".")[0])
+        if layer != 0:
+            continue
+        keep, n = int(rec["S"].sum()), int(rec["S"].numel())
+        kept_all += keep
+        seen_all += n
+        if key + ".keep" not in dump or int(dump[key + ".keep"][0]) != keep:
+            bad.append("%s %s vs %d" % (key, dump.get(key + ".keep", ["missing"])[0], keep))
+            continue
+        c = (rec["h"].grad * rec["m"].detach()).sum(-1).numpy().reshape(-1)
+        r = rec["r"].numpy().reshape(-1).astype(np.float32)
+        tau = np.float32(np.asarray(tw[key + ".ts_tau"])[0])
+        nxt = R.prox_step(r, c, 0.1, n, tau, 0.05)
+        errs[key + ".ts_tau.next"] = abs(float(dump[key + ".ts_tau.next"][0]) - float(nxt))
+    return errs, bad, kept_all, seen_all
 
 
 def rel(a, b):
@@ -124,14 +201,32 @@ def main():
         hs, post = VP.vit_reference(vc, W, torch.tensor(pix))
         feats = VP.select_ref(vc, hs, post, -2, "patch", False).float()      # [4, 16, VH]
 
-        for stage in (2, 1):
-            tag = "stage %d" % stage
+        for stage in (2, 1, "tower"):
+            tower_case = stage == "tower"
+            tag = "stage 2, tower adapters + --tune-vision-tower" if tower_case else "stage %d" % stage
+            stage = 2 if tower_case else stage
             targets = ["q_proj", "v_proj", "down_proj"]
             acfg = FX.adapter_config("lora", targets, r=4, alpha=8,
                                      ts={"rule": "prox", "lambda": 0.1, "eta_tau": 0.05, "tau0": 0.0})
             tensors = FX.make_adapter_tensors(acfg, T("model"), 7)
             for name in [n for L in range(2) for n in R.linear_names(L) if R._targeted(n, acfg)]:
                 tensors[R.PEFT_PREFIX + name + ".ts_tau"] = np.array([0.35], np.float32)
+            tw = {}  # the tower adapters: PEFT key -> tensor
+            if tower_case:
+                acfg["target_modules"] = targets + [VPRE + "encoder.layers.%d.%s" % (L, m) for L in (0, 1)
+                                                    for m in TOWER_TARGETS]
+                trng = np.random.default_rng(11)
+                for L in (0, 1):
+                    for m in TOWER_TARGETS:
+                        key = KPRE + "encoder.layers.%d.%s" % (L, m)
+                        out = 32 if m == "mlp.fc1" else VH
+                        tw[key + ".lora_A.weight"] = (trng.standard_normal((4, VH)) * 0.3).astype(np.float32)
+                        tw[key + ".lora_B.weight"] = (trng.standard_normal((out, 4)) * 0.3).astype(np.float32)
+                # each tower module's threshold at the median of its r_i: some patches gated off
+                r0 = tower_r(vc, W, pix, tw, 2.0)
+                for key, r in r0.items():
+                    tw[key + ".ts_tau"] = np.array([np.median(r)], np.float32)
+                tensors.update(tw)
             FX.write_adapter(T("adapter"), acfg, tensors)
             args = [a.tspeft, "train", "--model", T("model"), "--vision-tower", T("tower"), "--projector",
                     T("mm_projector.safetensors"), "--data", T("data.shard"), "--steps", "1", "--batch-size", "4",
@@ -139,6 +234,8 @@ def main():
                     "--dump", T("dump%d" % stage)]
             if stage == 2:
                 args += ["--adapter", T("adapter")]
+            if tower_case:
+                args += ["--tune-vision-tower"]
             p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS="1"))
             if p.returncode:
@@ -152,7 +249,15 @@ def main():
                 FX.write_adapter(T("noadapter"), FX.adapter_config("lora", [], r=4, alpha=8), {})
                 ref = R.Reference(T("model"), T("noadapter"))
             pt = {k: torch.tensor(v, requires_grad=True) for k, v in proj.items()}
-            y = F.linear(F.gelu(F.linear(feats, pt["w1"], pt["b1"])), pt["w2"], pt["b2"])   # [4,16,HID]
+            f_in = feats
+            if tower_case:  # the tower in the graph: its tensors and adapters get gradients
+                Wt = {k: v.clone().requires_grad_(True) for k, v in W.items()}
+                Pt = {k: torch.tensor(np.asarray(v, np.float64), requires_grad=True) for k, v in tw.items()
+                      if not k.endswith(".ts_tau")}
+                recs = {}
+                hs_t, post_t = VP.vit_reference(vc, Wt, torch.tensor(pix), adapt=gated_lora(Pt, tw, 2.0, recs))
+                f_in = VP.select_ref(vc, hs_t, post_t, -2, "patch", False).float()
+            y = F.linear(F.gelu(F.linear(f_in, pt["w1"], pt["b1"])), pt["w2"], pt["b2"])   # [4,16,HID]
             ref.base["model.embed_tokens.weight"] = Splice(ref.base["model.embed_tokens.weight"], kinds, y)
             res = ref.step([(ids, lab, msk)])
             errs = {"loss": abs(res["loss"] - float(dump["loss"][0])) / abs(res["loss"]),
@@ -172,6 +277,10 @@ def main():
                 if int(dump[key + ".keep"][0]) != info["keep"]:
                     keep_bad.append("%s %d vs %d" % (name, int(dump[key + ".keep"][0]), info["keep"]))
                 errs[key + ".ts_tau.next"] = abs(float(dump[key + ".ts_tau.next"][0]) - float(info["tau_next"]))
+            if tower_case:
+                t_errs, t_keep_bad, t_kept, t_seen = tower_checks(dump, Wt, Pt, recs, tw)
+                errs.update(t_errs)
+                keep_bad += t_keep_bad
             worst = max(errs, key=errs.get)
             kept = sum(info["keep"] for info in res["gate"].values())
             seen = sum(info["N"] for info in res["gate"].values())
@@ -184,6 +293,11 @@ def main():
             if stage == 2 and not (0 < kept < seen):
                 failures.append("%s: the case should gate some tokens off and keep others (kept %d of %d)" %
                                 (tag, kept, seen))
+            if tower_case:
+                print("%s: tower gates keep %d of %d patch-token updates" % (tag, t_kept, t_seen))
+                if not (0 < t_kept < t_seen):
+                    failures.append("%s: the tower's gates should keep some tokens and drop others (kept %d of %d)"
+                                    % (tag, t_kept, t_seen))
     finally:
         if a.keep:
             print("kept", tmp)

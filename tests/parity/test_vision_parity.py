@@ -56,8 +56,10 @@ def act_fn(name, x):
     raise ValueError(name)
 
 
-def vit_reference(vc, W, pixels):
+def vit_reference(vc, W, pixels, adapt=None):
     """vc: the vision config dict; W: unprefixed name -> float64 tensor; pixels [B,3,S,S].
+    adapt(name, x, b) -> the projection's output before its bias, given b = x W0^T (a gated adapter's
+    h = b + S m), for every projection ("encoder.layers.L.self_attn.q_proj", ...); None: plain.
     Returns (hidden_states list of [B,T,C], post_layernorm function)."""
     clip = vc["model_type"] == "clip_vision_model"
     C, H, P, eps = vc["hidden_size"], vc["num_attention_heads"], vc["patch_size"], vc["layer_norm_eps"]
@@ -77,7 +79,9 @@ def vit_reference(vc, W, pixels):
         p = "encoder.layers.%d." % L
 
         def lin(h, name):
-            return F.linear(h, W[p + name + ".weight"], W[p + name + ".bias"])
+            if adapt is None:
+                return F.linear(h, W[p + name + ".weight"], W[p + name + ".bias"])
+            return adapt(p + name, h, F.linear(h, W[p + name + ".weight"])) + W[p + name + ".bias"]
 
         r = x
         h = F.layer_norm(x, (C,), W[p + "layer_norm1.weight"], W[p + "layer_norm1.bias"], eps)

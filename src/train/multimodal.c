@@ -347,7 +347,7 @@ int tk_mm_forward(tk_mm *mm, const tk_loader_batch *b, size_t B, size_t T, tk_ll
         } else if (im->kind == TK_IMAGE_F16_FEATURES) {
             if (tower_trains(mm)) {
                 tk_fail(err, "%s holds cached encoder features, but the vision tower trains (adapters on it or "
-                             "--tune-vision-tower): convert the images without --cache-features", name);
+                             "--tune-vision-tower): convert the images without --encoder", name);
                 goto done;
             }
             if (im->ndim != 2 || im->shape[0] != nt || im->shape[1] != cv || im->nbytes != 2 * nt * cv) {

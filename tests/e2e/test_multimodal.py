@@ -14,7 +14,12 @@ em = normalised exact match, mc_correct = choice is gold, gold answers in the da
 saved projector reloaded (re-written by Python) gives an identical eval and a bit-identical training
 step, the stage-1 projector a different step; eval with the multiple-choice candidates one at a time
 (--eval-batch 1) gives the batched eval's samples exactly; `generate --image` prints the answer eval generated for
-the same image and question. Bad input (one-line error naming the file, non-zero exit, no crash): a
+the same image and question. The tower trains too: stage 2 with TS-LoRA on every tower projection
+plus --tune-vision-tower writes the tower adapters under PEFT's LLaVA keys with their thresholds
+(layer 1, past hidden state -2, untouched) and OUT/vision_tower; eval and generate use them alike;
+info lists them and merge refuses them; a run with tower adapters and dropout resumes exactly; the
+tower options' misuse (stage 1 tower adapters, tuning with checkpoints, --vision-tower-lr with a
+frozen tower, cached features) gets one line. Bad input (one-line error naming the file, non-zero exit, no crash): a
 text-only model on image shards, image runs of the wrong length (names the record), eval of a
 .shard without --vision-tower, generate with a missing image.
 
@@ -326,6 +331,15 @@ def main():
         ok, line = one_line_error(U.run(B, ["train", "--model", T("model"), "--data", T("sh", "train.shard"),
                                             "--tune-vision-tower", "--steps", "1"] + TH), "--vision-tower")
         chk.ok(ok, "--tune-vision-tower without --vision-tower: one line", line)
+        p = U.run(B, ["convert", "--format", "llava", "--input", T("fm", "test.json"), "--image-folder", T("fm"),
+                      "--tokenizer", tok, "--image-tokens", "16", "--encoder", T("tower"), "--out", T("sh", "feat.shard"),
+                      "--quiet"])
+        if chk.ok(p.returncode == 0, "convert with --encoder (cached tower features)", p.stderr):
+            ok, line = one_line_error(U.run(B, ["train", "--model", T("model"), "--vision-tower", T("tower"), "--data",
+                                                T("sh", "feat.shard"), "--tune-vision-tower", "--steps", "1", "--out",
+                                                T("badf")] + TH), T("sh", "feat.shard"), "--encoder")
+            chk.ok(ok and not os.path.exists(T("badf", "adapter_model.safetensors")),
+                   "cached features cannot train the tower: one line naming the shard", line)
 
         chk.section("bad input")
         ok, line = one_line_error(U.run(B, ["train", "--model", T("model"), "--data", T("sh", "train.shard"),

@@ -1,7 +1,7 @@
 /* gatelog.c: the gate recorder (gatelog.h, docs/gates.md).
  *
- * Shapes: M adapted modules, K = TK_GATELOG_NKIND token kinds, NB = TK_GATELOG_NBIN bins, B rows,
- * T positions.
+ * Shapes: M adapted modules (the LLaMA's M_llm, then the vision tower's), K = TK_GATELOG_NKIND token
+ * kinds, NB = TK_GATELOG_NBIN bins, B rows, T positions.
  */
 #include "gatelog.h"
 
@@ -19,13 +19,17 @@
 struct tk_gatelog {
     FILE *gates, *train, *tokens;
     char dir[4096];
-    size_t M;
-    int *layer, *proj;   /* [M] */
+    size_t M;            /* every recorded module: the LLaMA's [0, M_llm), then the tower's */
+    size_t M_llm;
+    int *layer, *proj;   /* [M_llm] */
+    tk_gatelog_tower tower; /* tower.n = M - M_llm modules (arrays borrowed from the caller) */
     int with_lambda;     /* target keep ratio: lambda is a dual variable worth logging */
     tk_gatelog_opts o;
     /* the step being accumulated */
     int step, open;
-    uint64_t n[TK_GATELOG_NKIND];   /* [K] tokens seen per kind (the same for every module) */
+    int llm_seen;                   /* tk_gatelog_batch ran in the step (the LLaMA's tau were read) */
+    uint64_t n[TK_GATELOG_NKIND];   /* [K] tokens seen per kind by the LLaMA's modules */
+    uint64_t n_tower[TK_GATELOG_NKIND]; /* [K] rows seen by the tower's modules (all image) */
     uint64_t *kept;                 /* [M,K] */
     uint64_t *hist;                 /* [M,NB] */
     float *tau, *lambda;            /* [M] values applied in the step */
@@ -236,6 +240,45 @@ static int check_write(tk_gatelog *g, FILE *f, const char *name, tk_err *err) {
     return 0;
 }
 
+static const char *const tower_prefixes[] = {"vision_tower.vision_model.", "model.vision_tower.vision_model.",
+                                             "vision_model."};
+
+int tk_gatelog_tower_module(const char *name, int *layer, int *proj) {
+    for (size_t i = 0; i < sizeof tower_prefixes / sizeof *tower_prefixes; i++) {
+        size_t n = strlen(tower_prefixes[i]);
+        if (strncmp(name, tower_prefixes[i], n) != 0) continue;
+        int l = -1, off = 0;
+        if (sscanf(name + n, "encoder.layers.%d.%n", &l, &off) != 1 || off == 0 || l < 0) return 0;
+        for (int j = 0; j < TK_VIT_NPROJ; j++)
+            if (strcmp(name + n + off, tk_vit_proj_full[j]) == 0) {
+                *layer = l;
+                *proj = j;
+                return 1;
+            }
+        return 0;
+    }
+    return 0;
+}
+
+/* The tower's modules must be named so that the readers find them again. */
+static int check_tower(const tk_gatelog_tower *t, tk_err *err) {
+    if (!t->n) return 0;
+    if (!t->mods || !t->layer || !t->proj || !t->prefix || t->n_layers < 1 || t->n_layers > TK_MAX_LAYERS)
+        return tk_fail(err, "gate log: the vision tower's module list is incomplete");
+    for (size_t k = 0; k < t->n; k++) {
+        char name[TK_NAME_MAX];
+        int l, p;
+        if (!t->mods[k] || t->layer[k] < 0 || t->layer[k] >= t->n_layers || t->proj[k] < 0 || t->proj[k] >= TK_VIT_NPROJ)
+            return tk_fail(err, "gate log: vision tower module %zu: no module, or layer %d / projection %d out of range",
+                           k, t->layer[k], t->proj[k]);
+        tk_vit_module_name(name, sizeof name, t->prefix, t->layer[k], t->proj[k]);
+        if (!tk_gatelog_tower_module(name, &l, &p))
+            return tk_fail(err, "gate log: vision tower prefix \"%s\" is not vision_tower.vision_model., "
+                                "model.vision_tower.vision_model. or vision_model.", t->prefix);
+    }
+    return 0;
+}
+
 tk_gatelog *tk_gatelog_open(const char *run_dir, const tk_llama *m, const tk_gatelog_opts *o, tk_err *err) {
     tk_gatelog *g = calloc(1, sizeof *g);
     if (!g) {
@@ -244,8 +287,12 @@ tk_gatelog *tk_gatelog_open(const char *run_dir, const tk_llama *m, const tk_gat
     }
     g->o = *o;
     snprintf(g->dir, sizeof g->dir, "%s", run_dir);
+    if (o->tower) g->tower = *o->tower;
+    g->o.tower = NULL;
     for (int l = 0; l < m->cfg.n_layers; l++)
-        for (int p = 0; p < TK_NPROJ; p++) g->M += m->layers[l].proj[p].kind != TK_ADAPTER_NONE;
+        for (int p = 0; p < TK_NPROJ; p++) g->M_llm += m->layers[l].proj[p].kind != TK_ADAPTER_NONE;
+    g->M = g->M_llm + g->tower.n;
+    if (check_tower(&g->tower, err)) goto fail;
     size_t M = g->M ? g->M : 1;
     g->layer = calloc(M, sizeof(int));
     g->proj = calloc(M, sizeof(int));
@@ -272,21 +319,34 @@ tk_gatelog *tk_gatelog_open(const char *run_dir, const tk_llama *m, const tk_gat
         if (!(g->gates = open_log(g, "gates.jsonl", &fresh, err))) goto fail;
         if (fresh) { /* the header line: what the columns of every step line mean */
             const tk_gate_config *gc = &m->peft.gate;
+            tk_adapter_kind kind = m->peft.kind;
+            int gated = gc->enabled;
+            if (kind == TK_ADAPTER_NONE && g->tower.n) { /* no LLaMA adapter config: the tower's modules say */
+                kind = g->tower.mods[0]->kind;
+                gated = g->tower.mods[0]->gated;
+            }
             FILE *f = g->gates;
             fprintf(f, "{\"format\":\"tspeft-gates\",\"version\":%d,\"adapter\":\"%s\",\"gated\":%s,"
                        "\"rule\":\"%s\",\"lambda\":%.9g,\"eta_tau\":%.9g,\"target_keep\":",
-                    TK_GATELOG_VERSION, tk_adapter_kind_name(m->peft.kind), gc->enabled ? "true" : "false",
+                    TK_GATELOG_VERSION, tk_adapter_kind_name(kind), gated ? "true" : "false",
                     tk_gate_rule_name(gc->rule), gc->lambda, gc->eta_tau);
             if (gc->target_keep > 0.0f) fprintf(f, "%.9g", gc->target_keep);
             else fputs("null", f);
-            fprintf(f, ",\"warmup_steps\":%d,\"n_layers\":%d,\"kinds\":[", gc->warmup_steps, m->cfg.n_layers);
+            fprintf(f, ",\"warmup_steps\":%d,\"n_layers\":%d,", gc->warmup_steps, m->cfg.n_layers);
+            if (g->tower.n) fprintf(f, "\"tower_layers\":%d,", g->tower.n_layers);
+            fputs("\"kinds\":[", f);
             for (int j = 0; j < TK_GATELOG_NKIND; j++) fprintf(f, "%s\"%s\"", j ? "," : "", kind_names[j]);
             fputs("],\"hist_lo\":[", f);
             for (int j = 0; j < TK_GATELOG_NBIN; j++) fprintf(f, "%s%.9g", j ? "," : "", tk_gatelog_bin_lo(j));
             fputs("],\"modules\":[", f);
-            for (size_t i = 0; i < g->M; i++)
+            for (size_t i = 0; i < g->M_llm; i++)
                 fprintf(f, "%s\"model.layers.%d.%s.%s\"", i ? "," : "", g->layer[i], tk_proj_block[g->proj[i]],
                         tk_proj_short[g->proj[i]]);
+            for (size_t i = 0; i < g->tower.n; i++) {
+                char name[TK_NAME_MAX];
+                tk_vit_module_name(name, sizeof name, g->tower.prefix, g->tower.layer[i], g->tower.proj[i]);
+                fprintf(f, "%s\"%s\"", g->M_llm + i ? "," : "", name);
+            }
             fputs("]}\n", f);
             if (check_write(g, f, "gates.jsonl", err)) goto fail;
         }
@@ -329,16 +389,30 @@ static int step_lines(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_in
 
 double tk_gatelog_seconds(const tk_gatelog *g) { return g ? g->secs : 0.0; }
 
-static void start_step(tk_gatelog *g, const tk_llama *m, int step) {
-    g->step = step;
-    g->open = 1;
-    memset(g->n, 0, sizeof g->n);
-    memset(g->kept, 0, g->M * TK_GATELOG_NKIND * sizeof(uint64_t));
-    memset(g->hist, 0, g->M * TK_GATELOG_NBIN * sizeof(uint64_t));
-    for (size_t k = 0; k < g->M; k++) {
+/* The LLaMA's thresholds applied in the step (read before the step's update). */
+static void read_llm_tau(tk_gatelog *g, const tk_llama *m) {
+    for (size_t k = 0; k < g->M_llm; k++) {
         const tk_adapted_linear *L = &m->layers[g->layer[k]].proj[g->proj[k]];
         g->tau[k] = L->tau;
         g->lambda[k] = L->lambda;
+    }
+    g->llm_seen = 1;
+}
+
+/* New counts for `step`; the LLaMA's thresholds are read when m is given (else by the step's first
+ * tk_gatelog_batch), the tower's here. */
+static void start_step(tk_gatelog *g, const tk_llama *m, int step) {
+    g->step = step;
+    g->open = 1;
+    g->llm_seen = 0;
+    memset(g->n, 0, sizeof g->n);
+    memset(g->n_tower, 0, sizeof g->n_tower);
+    memset(g->kept, 0, g->M * TK_GATELOG_NKIND * sizeof(uint64_t));
+    memset(g->hist, 0, g->M * TK_GATELOG_NBIN * sizeof(uint64_t));
+    if (m) read_llm_tau(g, m);
+    for (size_t k = 0; k < g->tower.n; k++) {
+        g->tau[g->M_llm + k] = g->tower.mods[k]->tau;
+        g->lambda[g->M_llm + k] = g->tower.mods[k]->lambda;
     }
 }
 
@@ -358,12 +432,12 @@ static int write_view(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, 
     size_t len = 0; /* rows are right-padded: the valid prefix */
     while (len < T && a->valid[len]) len++;
     memset(g->view, 0, T * sizeof *g->view);
-    for (size_t k = 0; k < g->M; k++) {
+    for (size_t k = 0; k < g->M_llm; k++) {
         const uint8_t *S = m->layers[g->layer[k]].proj[g->proj[k]].S;
         for (size_t t = 0; t < len; t++) g->view[t] += S[t];
     }
     FILE *f = g->tokens;
-    fprintf(f, "{\"step\":%d,\"row\":0,\"n_modules\":%zu,\"ids\":[", g->step, g->M);
+    fprintf(f, "{\"step\":%d,\"row\":0,\"n_modules\":%zu,\"ids\":[", g->step, g->M_llm);
     for (size_t t = 0; t < len; t++) fprintf(f, "%s%d", t ? "," : "", (int)a->ids[t]);
     fputs("],\"kinds\":", f);
     if (a->kinds) {
@@ -389,8 +463,9 @@ int tk_gatelog_batch(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, s
 
 static int batch(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, size_t B, size_t T, int step,
                  tk_err *err) {
-    int first = !g->open || step != g->step;
-    if (first) start_step(g, m, step);
+    int first = !g->open || step != g->step || !g->llm_seen; /* the step's first LLaMA micro-batch */
+    if (!g->open || step != g->step) start_step(g, m, step);
+    else if (!g->llm_seen) read_llm_tau(g, m); /* the tower's batch came first */
     size_t N = B * T, nv = 0;
     const uint8_t *valid = a->valid, *kinds = a->kinds;
     if (N > g->tok_cap) {
@@ -407,7 +482,7 @@ static int batch(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, size_
             g->col[nv] = (uint8_t)kind_col(kinds, i);
             g->n[g->col[nv++]]++;
         }
-    for (size_t k = 0; k < g->M; k++) {
+    for (size_t k = 0; k < g->M_llm; k++) {
         const tk_adapted_linear *L = &m->layers[g->layer[k]].proj[g->proj[k]];
         uint64_t *kept = g->kept + k * TK_GATELOG_NKIND, *hist = g->hist + k * TK_GATELOG_NBIN;
         TK_ASSERT(N <= L->cap);
@@ -417,7 +492,28 @@ static int batch(tk_gatelog *g, const tk_llama *m, const tk_llama_acts *a, size_
             hist[tk_gatelog_bin(L->rr[i])]++;
         }
     }
-    if (first && g->M && a->ids && view_step(g, step)) return write_view(g, m, a, T, err);
+    if (first && g->M_llm && a->ids && view_step(g, step)) return write_view(g, m, a, T, err);
+    return 0;
+}
+
+int tk_gatelog_tower_batch(tk_gatelog *g, size_t rows, int step, tk_err *err) {
+    (void)err;
+    double t0 = tk_time();
+    if (!g->open || step != g->step) start_step(g, NULL, step);
+    const int img = 2; /* kind column of image tokens: every row of the tower is one */
+    g->n_tower[img] += rows;
+    for (size_t k = 0; k < g->tower.n; k++) {
+        const tk_adapted_linear *L = g->tower.mods[k];
+        uint64_t *kept = g->kept + (g->M_llm + k) * TK_GATELOG_NKIND, *hist = g->hist + (g->M_llm + k) * TK_GATELOG_NBIN;
+        TK_ASSERT(rows <= L->cap);
+        uint64_t kk = 0;
+        for (size_t i = 0; i < rows; i++) {
+            kk += L->S[i];
+            hist[tk_gatelog_bin(L->rr[i])]++;
+        }
+        kept[img] += kk;
+    }
+    g->secs += tk_time() - t0;
     return 0;
 }
 
@@ -520,10 +616,16 @@ int tk_gatelog_step(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_info
 
 static int step_lines(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_info *s, tk_err *err) {
     if (!g->open || g->step != s->step) start_step(g, m, s->step); /* no micro-batch seen: zero counts */
-    uint64_t seen = 0, kept = 0;
-    for (int j = 0; j < TK_GATELOG_NKIND; j++) seen += g->n[j];
+    else if (!g->llm_seen) read_llm_tau(g, m);                       /* only the tower's batches were seen */
+    uint64_t seen = 0, seen_tower = 0, kept = 0;
+    for (int j = 0; j < TK_GATELOG_NKIND; j++) {
+        seen += g->n[j];
+        seen_tower += g->n_tower[j];
+    }
     for (size_t k = 0; k < g->M * TK_GATELOG_NKIND; k++) kept += g->kept[k];
-    double keep = g->M && seen ? (double)kept / ((double)seen * (double)g->M) : 1.0;
+    /* token decisions of every module: the LLaMA's see `seen` tokens each, the tower's `seen_tower` */
+    double decisions = (double)seen * (double)g->M_llm + (double)seen_tower * (double)g->tower.n;
+    double keep = decisions > 0 ? (double)kept / decisions : 1.0;
     fprintf(g->train, "{\"step\":%d,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"tokens\":%.0f,\"seconds\":%.6g,"
                       "\"tokens_per_s\":%.6g,\"keep\":%.9g,\"log_seconds\":%.6g}\n",
             s->step, s->loss, s->lr, s->grad_norm, s->tokens, s->seconds, s->seconds > 0 ? s->tokens / s->seconds : 0.0,
@@ -536,6 +638,10 @@ static int step_lines(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_in
         snprintf(head, sizeof head, "{\"step\":%d,\"n\":[", s->step);
         put_s(g, head);
         for (int j = 0; j < TK_GATELOG_NKIND; j++) put_u64(g, j ? ',' : 0, g->n[j]);
+        if (g->tower.n) {
+            put_s(g, "],\"n_tower\":[");
+            for (int j = 0; j < TK_GATELOG_NKIND; j++) put_u64(g, j ? ',' : 0, g->n_tower[j]);
+        }
         put_s(g, "],\"tau\":[");
         for (size_t k = 0; k < g->M; k++) put_g(g, k ? ',' : 0, g->tau[k]);
         if (g->with_lambda) {
@@ -552,8 +658,9 @@ static int step_lines(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_in
         put_s(g, "],\"q\":[");
         for (size_t k = 0; k < g->M; k++) {
             if (k) put_s(g, ",");
-            if (put_quantiles(g, &m->layers[g->layer[k]].proj[g->proj[k]].stats, g->hist + k * TK_GATELOG_NBIN, err))
-                return -1;
+            const tk_gate_stats *st = k < g->M_llm ? &m->layers[g->layer[k]].proj[g->proj[k]].stats
+                                                   : &g->tower.mods[k - g->M_llm]->stats;
+            if (put_quantiles(g, st, g->hist + k * TK_GATELOG_NBIN, err)) return -1;
         }
         put_s(g, "],\"hist\":[");
         for (size_t k = 0; k < g->M; k++) {
@@ -573,27 +680,29 @@ static int step_lines(tk_gatelog *g, const tk_llama *m, const tk_gatelog_step_in
 
 /* ---- selectivity ------------------------------------------------------------------------------ */
 
-void tk_gatesel_compute(tk_gatesel *s, const double *n, const double *kept, size_t M, double *spread) {
+/* n [M,K] with stride n_step per module (0: one n [K] shared by every module). */
+static void gatesel(tk_gatesel *s, const double *n, size_t n_step, const double *kept, size_t M, double *spread) {
     const int K = TK_GATELOG_NKIND;
-    double tokens = 0.0;
     s->modules = M;
     s->interior_modules = s->modules_open = s->modules_closed = 0;
     s->kinds = 0;
-    for (int j = 0; j < K; j++) {
-        tokens += n[j];
-        if (n[j] > 0) s->kinds |= 1u << j;
-    }
-    /* every module sees the same tokens (tokens_m = tokens), but the shares are weighted by them */
     double w_all = 0.0, w_in = 0.0, w_spread = 0.0, spread_max = NAN, kind_lo = INFINITY, kind_hi = -INFINITY;
+    double kind_kept[TK_GATELOG_NKIND] = {0}, kind_seen[TK_GATELOG_NKIND] = {0};
     for (size_t m = 0; m < M; m++) {
-        const double *km = kept + m * (size_t)K;
-        double sm = NAN;
-        if (tokens > 0) {
+        const double *km = kept + m * (size_t)K, *nm = n + m * n_step;
+        double sm = NAN, tokens = 0.0;
+        for (int j = 0; j < K; j++) {
+            tokens += nm[j];
+            if (nm[j] > 0) s->kinds |= 1u << j;
+            kind_kept[j] += km[j];
+            kind_seen[j] += nm[j];
+        }
+        if (tokens > 0) { /* a module's decisions are weighted by the tokens it saw */
             double all = 0.0, lo = INFINITY, hi = -INFINITY;
             for (int j = 0; j < K; j++) {
                 all += km[j];
-                if (n[j] > 0) {
-                    double v = km[j] / n[j];
+                if (nm[j] > 0) {
+                    double v = km[j] / nm[j];
                     lo = v < lo ? v : lo;
                     hi = v > hi ? v : hi;
                 }
@@ -612,11 +721,9 @@ void tk_gatesel_compute(tk_gatesel *s, const double *n, const double *kept, size
         }
         if (spread) spread[m] = sm;
     }
-    for (int j = 0; j < K && M > 0; j++) {
-        if (!(n[j] > 0)) continue;
-        double all = 0.0;
-        for (size_t m = 0; m < M; m++) all += kept[m * (size_t)K + j];
-        double v = all / (n[j] * (double)M);
+    for (int j = 0; j < K; j++) {
+        if (!(kind_seen[j] > 0)) continue;
+        double v = kind_kept[j] / kind_seen[j];
         kind_lo = v < kind_lo ? v : kind_lo;
         kind_hi = v > kind_hi ? v : kind_hi;
     }
@@ -624,6 +731,14 @@ void tk_gatesel_compute(tk_gatesel *s, const double *n, const double *kept, size
     s->kind_spread_mean = w_all > 0 ? w_spread / w_all : NAN;
     s->kind_spread_max = spread_max;
     s->kind_spread_overall = kind_hi >= kind_lo ? kind_hi - kind_lo : NAN;
+}
+
+void tk_gatesel_compute(tk_gatesel *s, const double *n, const double *kept, size_t M, double *spread) {
+    gatesel(s, n, 0, kept, M, spread);
+}
+
+void tk_gatesel_compute_own(tk_gatesel *s, const double *n, const double *kept, size_t M, double *spread) {
+    gatesel(s, n, TK_GATELOG_NKIND, kept, M, spread);
 }
 
 static cJSON *add_num_or_null(cJSON *o, const char *key, double v) {
@@ -666,28 +781,50 @@ cJSON *tk_gatesel_json(const tk_gatesel *s) {
     return o;
 }
 
-/* The counts of one step line (n [K], kept [M,K]) added into the window sums. */
-static int sel_add_line(const cJSON *o, size_t M, double *n, double *kept, int *step, const char **what) {
+/* A list of 4 token counts into out[K]; 0, or -1 with *what set. */
+static int sel_counts(const cJSON *a, double *out, const char **what, const char *shape, const char *entries) {
+    if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != TK_GATELOG_NKIND) return *what = shape, -1;
+    for (int j = 0; j < TK_GATELOG_NKIND; j++) {
+        const cJSON *e = cJSON_GetArrayItem(a, j);
+        if (!cJSON_IsNumber(e) || !(e->valuedouble >= 0) || !isfinite(e->valuedouble)) return *what = entries, -1;
+        out[j] = e->valuedouble;
+    }
+    return 0;
+}
+
+/* The counts of one step line added into the window sums: n [K] (the tokens of modules counting "n"),
+ * nt [K] (those of the tower's modules, tower[m] = 1: "n_tower", or "n" in a line without it) and
+ * kept [M,K]. */
+static int sel_add_line(const cJSON *o, size_t M, const unsigned char *tower, double *n, double *nt, double *kept,
+                        int *step, const char **what) {
     const int K = TK_GATELOG_NKIND;
     const cJSON *st = cJSON_GetObjectItemCaseSensitive(o, "step"), *nn = cJSON_GetObjectItemCaseSensitive(o, "n"),
-                *kk = cJSON_GetObjectItemCaseSensitive(o, "kept");
-    double nl[TK_GATELOG_NKIND];
+                *ntw = cJSON_GetObjectItemCaseSensitive(o, "n_tower"), *kk = cJSON_GetObjectItemCaseSensitive(o, "kept");
+    double nl[TK_GATELOG_NKIND], ntl[TK_GATELOG_NKIND];
     if (!cJSON_IsNumber(st) || st->valuedouble < 0 || st->valuedouble > 2e9) return *what = "\"step\" must be a step number", -1;
-    if (!cJSON_IsArray(nn) || cJSON_GetArraySize(nn) != K) return *what = "\"n\" must be a list of 4 counts", -1;
-    for (int j = 0; j < K; j++) {
-        const cJSON *e = cJSON_GetArrayItem(nn, j);
-        if (!cJSON_IsNumber(e) || !(e->valuedouble >= 0) || !isfinite(e->valuedouble)) return *what = "\"n\" entries must be counts", -1;
-        nl[j] = e->valuedouble;
+    if (sel_counts(nn, nl, what, "\"n\" must be a list of 4 counts", "\"n\" entries must be counts")) return -1;
+    int any_tower = 0;
+    for (size_t m = 0; m < M; m++) any_tower |= tower[m];
+    if (ntw) {
+        if (!any_tower) return *what = "\"n_tower\" in a log without vision tower modules", -1;
+        if (sel_counts(ntw, ntl, what, "\"n_tower\" must be a list of 4 counts", "\"n_tower\" entries must be counts"))
+            return -1;
+    } else {
+        memcpy(ntl, nl, sizeof ntl);
     }
     if (!cJSON_IsArray(kk) || (size_t)cJSON_GetArraySize(kk) != M) return *what = "\"kept\" must hold one list per module", -1;
     size_t m = 0;
     const cJSON *row;
     cJSON_ArrayForEach(row, kk) { /* validated before anything is added */
         if (!cJSON_IsArray(row) || cJSON_GetArraySize(row) != K) return *what = "a \"kept\" entry must be a list of 4 counts", -1;
+        const double *own = tower[m] ? ntl : nl;
         for (int j = 0; j < K; j++) {
             const cJSON *e = cJSON_GetArrayItem(row, j);
-            if (!cJSON_IsNumber(e) || !(e->valuedouble >= 0) || e->valuedouble > nl[j])
-                return *what = "a \"kept\" count is not a count within the step's tokens", -1;
+            if (!cJSON_IsNumber(e) || !(e->valuedouble >= 0) || e->valuedouble > own[j])
+                return *what = tower[m] && ntw ? "a vision tower module's \"kept\" count is not a count within the "
+                                                 "step's \"n_tower\""
+                                               : "a \"kept\" count is not a count within the step's tokens",
+                       -1;
         }
         m++;
     }
@@ -696,7 +833,10 @@ static int sel_add_line(const cJSON *o, size_t M, double *n, double *kept, int *
         for (int j = 0; j < K; j++) kept[m * (size_t)K + j] += cJSON_GetArrayItem(row, j)->valuedouble;
         m++;
     }
-    for (int j = 0; j < K; j++) n[j] += nl[j];
+    for (int j = 0; j < K; j++) {
+        n[j] += nl[j];
+        nt[j] += ntl[j];
+    }
     *step = st->valueint;
     return 0;
 }
@@ -709,7 +849,8 @@ int tk_gatesel_read(tk_gatesel *s, const char *path, int window, int *found, tk_
     if (!f) return errno == ENOENT ? 0 : tk_fail(err, "%s: cannot open: %s", path, strerror(errno));
     int rc = -1;
     char *head = NULL, *buf = NULL;
-    double *kept = NULL;
+    double *kept = NULL, *n_mod = NULL;
+    unsigned char *tower = NULL;
     int *steps = NULL;
     cJSON *h = NULL;
     size_t head_cap = 0;
@@ -721,11 +862,27 @@ int tk_gatesel_read(tk_gatesel *s, const char *path, int window, int *found, tk_
     h = cJSON_Parse(head);
     const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(h, "format"), *mods = cJSON_GetObjectItemCaseSensitive(h, "modules");
     if (!cJSON_IsString(fmt) || strcmp(fmt->valuestring, "tspeft-gates") != 0 || !cJSON_IsArray(mods) ||
-        cJSON_GetArraySize(mods) < 1 || cJSON_GetArraySize(mods) > TK_MAX_LAYERS * TK_NPROJ) {
+        cJSON_GetArraySize(mods) < 1 || (size_t)cJSON_GetArraySize(mods) > TK_GATELOG_MAX_MODULES) {
         tk_fail(err, "%s: line 1: not a tspeft-gates header with a list of modules", path);
         goto done;
     }
     size_t M = (size_t)cJSON_GetArraySize(mods);
+    if (!(tower = calloc(M, 1)) || !(n_mod = calloc(M * (size_t)K, sizeof *n_mod))) {
+        tk_fail(err, "out of memory");
+        goto done;
+    }
+    {
+        size_t i = 0;
+        const cJSON *e;
+        cJSON_ArrayForEach(e, mods) {
+            int l, p;
+            if (!cJSON_IsString(e)) {
+                tk_fail(err, "%s: line 1: a \"modules\" entry is not a module name", path);
+                goto done;
+            }
+            tower[i++] = (unsigned char)tk_gatelog_tower_module(e->valuestring, &l, &p);
+        }
+    }
     int gated = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(h, "gated"));
     off_t body = (off_t)hl, size;
     if (fseeko(f, 0, SEEK_END) != 0 || (size = ftello(f)) < body) {
@@ -754,7 +911,7 @@ int tk_gatesel_read(tk_gatesel *s, const char *path, int window, int *found, tk_
             goto done;
         }
         buf[len] = 0;
-        double n[TK_GATELOG_NKIND] = {0};
+        double n[TK_GATELOG_NKIND] = {0}, nt[TK_GATELOG_NKIND] = {0};
         memset(kept, 0, M * (size_t)K * sizeof *kept);
         int count = 0, first = 0, last = 0, done_window = 0;
         size_t end = len;
@@ -782,7 +939,7 @@ int tk_gatesel_read(tk_gatesel *s, const char *path, int window, int *found, tk_
                     cJSON_Delete(o);
                     continue;
                 }
-                sel_add_line(o, M, n, kept, &step, &what);
+                sel_add_line(o, M, tower, n, nt, kept, &step, &what);
             }
             cJSON_Delete(o);
             if (what) {
@@ -805,7 +962,8 @@ int tk_gatesel_read(tk_gatesel *s, const char *path, int window, int *found, tk_
         }
         if (done_window || start == body) {
             if (count > 0) {
-                tk_gatesel_compute(s, n, kept, M, NULL);
+                for (size_t m = 0; m < M; m++) memcpy(n_mod + m * (size_t)K, tower[m] ? nt : n, sizeof n);
+                tk_gatesel_compute_own(s, n_mod, kept, M, NULL);
                 s->gated = gated;
                 s->steps = count;
                 s->first_step = first;
@@ -821,6 +979,8 @@ done:
     free(head);
     free(buf);
     free(kept);
+    free(n_mod);
+    free(tower);
     free(steps);
     fclose(f);
     return rc;

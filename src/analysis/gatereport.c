@@ -28,6 +28,7 @@ void tk_gaterun_free(tk_gaterun *r) {
     free(r->proj);
     free(r->step);
     free(r->n);
+    free(r->n_tower);
     free(r->tau);
     free(r->lambda);
     free(r->kept);
@@ -139,24 +140,16 @@ const char *tk_gaterun_proj_name(int p) {
     return "?";
 }
 
-/* "[model.][vision_tower.]vision_model.encoder.layers.L.<block>.<proj>": 1 with *layer, *proj =
- * TK_NPROJ + j. */
+/* A vision tower module name (gatelog.h): 1 with *layer, *proj = TK_NPROJ + j. */
 static int tower_module(const char *name, int *layer, int *proj) {
-    const char *pre[] = {"vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_model."};
-    for (size_t i = 0; i < sizeof pre / sizeof *pre; i++) {
-        size_t n = strlen(pre[i]);
-        if (strncmp(name, pre[i], n) != 0) continue;
-        int l = -1, off = 0;
-        if (sscanf(name + n, "encoder.layers.%d.%n", &l, &off) != 1 || off == 0 || l < 0) return 0;
-        for (int j = 0; j < TK_VIT_NPROJ; j++)
-            if (strcmp(name + n + off, tk_vit_proj_full[j]) == 0) {
-                *layer = l;
-                *proj = TK_NPROJ + j;
-                return 1;
-            }
-        return 0;
-    }
-    return 0;
+    int j;
+    if (!tk_gatelog_tower_module(name, layer, &j)) return 0;
+    *proj = TK_NPROJ + j;
+    return 1;
+}
+
+const double *tk_gaterun_seen(const tk_gaterun *r, size_t s, size_t m) {
+    return (r->proj[m] >= TK_NPROJ ? r->n_tower : r->n) + s * K;
 }
 
 static int gates_line(void *vc, where *w, const cJSON *o) {
@@ -169,7 +162,7 @@ static int gates_line(void *vc, where *w, const cJSON *o) {
         if (c->have_header) return 0; /* a resumed run may repeat the header: it must be the same run */
         const cJSON *ver = get(o, "version"), *mods = get(o, "modules"), *nl = get(o, "n_layers");
         if (!cJSON_IsNumber(ver) || ver->valueint != TK_GATELOG_VERSION) return bad(w, "unsupported \"version\"");
-        if (!cJSON_IsArray(mods) || cJSON_GetArraySize(mods) < 1 || cJSON_GetArraySize(mods) > TK_MAX_LAYERS * TK_NPROJ)
+        if (!cJSON_IsArray(mods) || cJSON_GetArraySize(mods) < 1 || (size_t)cJSON_GetArraySize(mods) > TK_GATELOG_MAX_MODULES)
             return bad(w, "\"modules\" must be a non-empty list of module names");
         const cJSON *tl = get(o, "tower_layers");
         if (tl && (!cJSON_IsNumber(tl) || tl->valuedouble < 0 || tl->valuedouble > TK_MAX_LAYERS))
@@ -198,6 +191,7 @@ static int gates_line(void *vc, where *w, const cJSON *o) {
                               "vision_model.encoder.layers.L.<block>.<proj>) of this model");
             r->layer[i] = l;
             r->proj[i] = p;
+            r->M_tower += p >= TK_NPROJ;
             if (!(r->names[i] = strdup(e->valuestring))) return tk_fail(w->err, "out of memory");
             i++;
         }
@@ -215,6 +209,7 @@ static int gates_line(void *vc, where *w, const cJSON *o) {
     if (r->S == c->cap) {
         size_t cap = c->cap ? 2 * c->cap : 64;
         if (grow((void **)&r->step, cap, sizeof(int)) || grow((void **)&r->n, cap * K, sizeof(double)) ||
+            grow((void **)&r->n_tower, cap * K, sizeof(double)) ||
             grow((void **)&r->tau, cap * M, sizeof(double)) || grow((void **)&r->lambda, cap * M, sizeof(double)) ||
             grow((void **)&r->kept, cap * M * K, sizeof(double)) || grow((void **)&r->q, cap * M * 3, sizeof(double)) ||
             grow((void **)&r->hist, cap * M * NB, sizeof(double)))
@@ -223,7 +218,11 @@ static int gates_line(void *vc, where *w, const cJSON *o) {
     }
     size_t s = r->S;
     r->step[s] = st->valueint;
-    if (num_array(w, get(o, "n"), K, r->n + s * K, 0, "n") || num_array(w, get(o, "tau"), M, r->tau + s * M, 0, "tau") ||
+    const cJSON *ntw = get(o, "n_tower");
+    if (ntw && !r->M_tower) return bad(w, "\"n_tower\" in a log without vision tower modules");
+    if (num_array(w, get(o, "n"), K, r->n + s * K, 0, "n") ||
+        (ntw && num_array(w, ntw, K, r->n_tower + s * K, 0, "n_tower")) ||
+        num_array(w, get(o, "tau"), M, r->tau + s * M, 0, "tau") ||
         nested(w, get(o, "kept"), M, K, r->kept + s * M * K, 0, "kept") ||
         nested(w, get(o, "q"), M, 3, r->q + s * M * 3, 1, "q") ||
         nested(w, get(o, "hist"), M, NB, r->hist + s * M * NB, 0, "hist"))
@@ -233,10 +232,21 @@ static int gates_line(void *vc, where *w, const cJSON *o) {
     } else {
         for (size_t k = 0; k < M; k++) r->lambda[s * M + k] = NAN;
     }
-    for (size_t k = 0; k < M; k++)
+    if (ntw) {
         for (int j = 0; j < K; j++)
-            if (r->kept[(s * M + k) * K + j] > r->n[s * K + j] || r->kept[(s * M + k) * K + j] < 0)
-                return bad(w, "a \"kept\" count exceeds the step's token count");
+            if (r->n_tower[s * K + j] < 0) return bad(w, "\"n_tower\" entries must be token counts");
+        r->has_n_tower = 1;
+    } else { /* every module counts "n" (a log without tower modules, or a tower-only one) */
+        memcpy(r->n_tower + s * K, r->n + s * K, K * sizeof(double));
+    }
+    for (size_t k = 0; k < M; k++) {
+        const double *seen = tk_gaterun_seen(r, s, k);
+        for (int j = 0; j < K; j++)
+            if (r->kept[(s * M + k) * K + j] > seen[j] || r->kept[(s * M + k) * K + j] < 0)
+                return bad(w, ntw && r->proj[k] >= TK_NPROJ
+                                  ? "a vision tower module's \"kept\" count exceeds the step's \"n_tower\""
+                                  : "a \"kept\" count exceeds the step's token count");
+    }
     r->S++;
     return 0;
 }
@@ -351,7 +361,7 @@ static int dedupe_steps(tk_gaterun *r, tk_err *err) {
         idx[pos] = s;
     }
     for (size_t i = 0; i < n; i++) steps[i] = r->step[idx[i]];
-    int rc = pick_rows(&r->n, K, idx, n) || pick_rows(&r->tau, M, idx, n) || pick_rows(&r->lambda, M, idx, n) ||
+    int rc = pick_rows(&r->n, K, idx, n) || pick_rows(&r->n_tower, K, idx, n) || pick_rows(&r->tau, M, idx, n) || pick_rows(&r->lambda, M, idx, n) ||
              pick_rows(&r->kept, M * K, idx, n) || pick_rows(&r->q, M * 3, idx, n) || pick_rows(&r->hist, M * NB, idx, n);
     free(idx);
     free(r->step);
@@ -425,8 +435,10 @@ int tk_gatesum_compute(tk_gatesum *s, const tk_gaterun *r, int window, tk_err *e
     s->order = calloc(M, sizeof(size_t));
     s->kind_spread = calloc(M, sizeof(double));
     double *kept_win = calloc(M * K, sizeof(double)); /* [M,K] window sums */
-    if (!s->keep || !s->keep_kind || !s->tau || !s->q || !s->order || !s->kind_spread || !kept_win) {
+    double *seen_win = calloc(M * K, sizeof(double)); /* [M,K] the tokens each module saw in the window */
+    if (!s->keep || !s->keep_kind || !s->tau || !s->q || !s->order || !s->kind_spread || !kept_win || !seen_win) {
         free(kept_win);
+        free(seen_win);
         tk_gatesum_free(s);
         return tk_fail(err, "out of memory");
     }
@@ -434,44 +446,53 @@ int tk_gatesum_compute(tk_gatesum *s, const tk_gaterun *r, int window, tk_err *e
     s->window = (int)w;
     s->first_step = S ? r->step[s0] : 0;
     s->last_step = S ? r->step[S - 1] : 0;
-    double kept_all = 0, seen_all = 0, kept_w = 0, seen_w = 0, kk[K] = {0};
-    for (size_t t = 0; t < S; t++)
+    for (size_t t = s0; t < S; t++)
         for (int j = 0; j < K; j++) {
-            seen_all += r->n[t * K + j] * (double)M;
-            if (t >= s0) {
-                s->kind_tokens[j] += r->n[t * K + j];
-                seen_w += r->n[t * K + j] * (double)M;
-            }
-            for (size_t m = 0; m < M; m++) {
+            s->kind_tokens[j] += r->n[t * K + j];
+            if (r->has_n_tower) s->tower_tokens[j] += r->n_tower[t * K + j];
+        }
+    /* every module with its own tokens: kept / seen sums over modules and kinds */
+    double kept_all = 0, seen_all = 0, kept_w = 0, seen_w = 0;
+    double kk[K] = {0}, kn[K] = {0}, tk[K] = {0}, tn[K] = {0}; /* by kind: modules counting "n", the tower's */
+    for (size_t m = 0; m < M; m++) {
+        int own = r->has_n_tower && r->proj[m] >= TK_NPROJ;
+        double kept = 0, seen = 0, *kj = kept_win + m * K, *nj = seen_win + m * K;
+        for (size_t t = 0; t < S; t++) {
+            const double *n = tk_gaterun_seen(r, t, m);
+            for (int j = 0; j < K; j++) {
                 double v = r->kept[(t * M + m) * K + j];
                 kept_all += v;
+                seen_all += n[j];
                 if (t >= s0) {
-                    kept_w += v;
-                    kk[j] += v;
+                    kept += v;
+                    seen += n[j];
+                    kj[j] += v;
+                    nj[j] += n[j];
                 }
             }
         }
-    for (size_t m = 0; m < M; m++) {
-        double kept = 0, seen = 0, kj[K] = {0};
-        for (size_t t = s0; t < S; t++)
-            for (int j = 0; j < K; j++) {
-                kept += r->kept[(t * M + m) * K + j];
-                kj[j] += r->kept[(t * M + m) * K + j];
-                seen += r->n[t * K + j];
-            }
-        for (int j = 0; j < K; j++) kept_win[m * K + j] = kj[j];
+        kept_w += kept;
+        seen_w += seen;
+        for (int j = 0; j < K; j++) {
+            *(own ? &tk[j] : &kk[j]) += kj[j];
+            *(own ? &tn[j] : &kn[j]) += nj[j];
+        }
         s->keep[m] = seen > 0 ? kept / seen : NAN;
-        for (int j = 0; j < K; j++) s->keep_kind[m * K + j] = s->kind_tokens[j] > 0 ? kj[j] / s->kind_tokens[j] : NAN;
+        for (int j = 0; j < K; j++) s->keep_kind[m * K + j] = nj[j] > 0 ? kj[j] / nj[j] : NAN;
         s->tau[m] = S ? r->tau[(S - 1) * M + m] : NAN;
         for (int j = 0; j < 3; j++) s->q[m * 3 + j] = S ? r->q[((S - 1) * M + m) * 3 + j] : NAN;
         s->order[m] = m;
     }
-    for (int j = 0; j < K; j++) s->kind_keep[j] = s->kind_tokens[j] > 0 ? kk[j] / (s->kind_tokens[j] * (double)M) : NAN;
+    for (int j = 0; j < K; j++) {
+        s->kind_keep[j] = kn[j] > 0 ? kk[j] / kn[j] : NAN;
+        s->tower_keep[j] = tn[j] > 0 ? tk[j] / tn[j] : NAN;
+    }
     s->keep_window = seen_w > 0 ? kept_w / seen_w : NAN;
     s->discarded_run = seen_all > 0 ? 1.0 - kept_all / seen_all : NAN;
     s->discarded_window = seen_w > 0 ? 1.0 - kept_w / seen_w : NAN;
-    tk_gatesel_compute(&s->sel, s->kind_tokens, kept_win, M, s->kind_spread);
+    tk_gatesel_compute_own(&s->sel, seen_win, kept_win, M, s->kind_spread);
     free(kept_win);
+    free(seen_win);
     s->sel.gated = r->gated;
     s->sel.steps = s->window;
     s->sel.first_step = s->first_step;
@@ -507,28 +528,68 @@ static const char *short_name(const tk_gaterun *r, size_t m) {
     return strncmp(r->names[m], "model.", 6) == 0 ? r->names[m] + strlen("model.") : r->names[m];
 }
 
-/* Layer x projection grid of keep ratios for kind column j (-1: all tokens). */
+/* The pictures' grids: the LLaMA's (layer x projection) and, under it, the vision tower's (tower layer
+ * x tower projection) when the log has tower modules. A log of tower modules only has the tower's. */
+typedef struct {
+    int p0, np;   /* projections p0 .. p0 + np - 1 (tk_gaterun's proj numbering) */
+    int rows;     /* layers */
+    int tower;
+} grid;
+
+static int grids(const tk_gaterun *r, grid g[2]) {
+    int n = 0, tower_rows = r->tower_layers;
+    for (size_t m = 0; m < r->M; m++)
+        if (r->proj[m] >= TK_NPROJ && r->layer[m] >= tower_rows && !r->tower_layers) tower_rows = r->layer[m] + 1;
+    if (r->M_tower < r->M || !r->M_tower) g[n++] = (grid){0, TK_NPROJ, r->n_layers, 0};
+    if (r->M_tower) g[n++] = (grid){TK_NPROJ, TK_VIT_NPROJ, tower_rows, 1};
+    return n;
+}
+
+/* The grid of module m (0 or 1 of grids()'s). */
+static int grid_of(const tk_gaterun *r, const grid *g, int n, size_t m) {
+    return n > 1 && r->proj[m] >= TK_NPROJ ? 1 : 0;
+}
+
+/* The tower's projection labels ("q_proj", ..., "fc2") above its grid. */
+static const char *grid_proj_label(const grid *g, int i) {
+    return g->tower ? strchr(tk_vit_proj_full[i], '.') + 1 : tk_proj_short[g->p0 + i];
+}
+
+/* Layer x projection grid of keep ratios for kind column j (-1: all tokens); the tower's grid under
+ * the LLaMA's. */
 static int plot_heatmap(const tk_gaterun *r, const tk_gatesum *s, int j, const char *dir, int *nw, tk_err *err) {
-    const double cw = 64, ch = r->n_layers > 24 ? 16 : 22, left = 70, top = 72;
-    double W = left + TK_NPROJ * cw + 110, H = top + r->n_layers * ch + 50;
+    grid g[2];
+    int ng = grids(r, g), rows = 0;
+    for (int i = 0; i < ng; i++) rows += g[i].rows;
+    const double cw = 64, ch = rows > 24 ? 16 : 22, left = 70, top = 72, block_gap = 48;
+    double y0[2] = {top, top};
+    if (ng > 1) y0[1] = top + g[0].rows * ch + block_gap;
+    double bottom = y0[ng - 1] + g[ng - 1].rows * ch;
+    double W = left + TK_NPROJ * cw + 110, H = bottom + 50;
     tk_svg *svg = tk_svg_open(W, H);
     tk_svg_text(svg, W / 2, 22, 15, "middle", "Keep ratio per module, %s tokens", j < 0 ? "all" : tk_gate_kind_names[j]);
     tk_svg_text(svg, W / 2, 40, 11, "middle", "mean over logged steps %d-%d (%d steps)", s->first_step, s->last_step,
                 s->window);
-    for (int p = 0; p < TK_NPROJ; p++)
-        tk_svg_text(svg, left + (p + 0.5) * cw, top - 6, 11, "middle", "%s", tk_proj_short[p]);
-    for (int l = 0; l < r->n_layers; l++) {
-        tk_svg_text(svg, left - 8, top + (l + 0.5) * ch + 4, 11, "end", "layer %d", l);
-        for (int p = 0; p < TK_NPROJ; p++)
-            tk_svg_rect(svg, left + p * cw + 1, top + l * ch + 1, cw - 2, ch - 2, "#f0f0f0", "empty", NULL);
+    for (int i = 0; i < ng; i++) {
+        if (g[i].tower)
+            tk_svg_text(svg, left, y0[i] - 22, 12, "start", "vision tower (%d layers)%s", g[i].rows,
+                        r->has_n_tower ? ": keep of its own image tokens" : "");
+        for (int p = 0; p < g[i].np; p++)
+            tk_svg_text(svg, left + (p + 0.5) * cw, y0[i] - 6, 11, "middle", "%s", grid_proj_label(&g[i], p));
+        for (int l = 0; l < g[i].rows; l++) {
+            tk_svg_text(svg, left - 8, y0[i] + (l + 0.5) * ch + 4, 11, "end", "layer %d", l);
+            for (int p = 0; p < g[i].np; p++)
+                tk_svg_rect(svg, left + p * cw + 1, y0[i] + l * ch + 1, cw - 2, ch - 2, "#f0f0f0", "empty", NULL);
+        }
     }
     for (size_t m = 0; m < r->M; m++) {
-        if (r->proj[m] >= TK_NPROJ) continue; /* the LLaMA's grid: tower modules are listed in the text */
+        int gi = grid_of(r, g, ng, m);
+        if (r->proj[m] < g[gi].p0 || r->proj[m] >= g[gi].p0 + g[gi].np) continue;
         double v = j < 0 ? s->keep[m] : s->keep_kind[m * K + j];
         char col[8], title[160];
         tk_svg_color(isnan(v) ? 0 : v, col);
         snprintf(title, sizeof title, "%s: keep %.3f, tau %.4g", short_name(r, m), v, s->tau[m]);
-        double x = left + r->proj[m] * cw + 1, y = top + r->layer[m] * ch + 1;
+        double x = left + (r->proj[m] - g[gi].p0) * cw + 1, y = y0[gi] + r->layer[m] * ch + 1;
         tk_svg_rect(svg, x, y, cw - 2, ch - 2, isnan(v) ? "#f0f0f0" : col, "cell", title);
         if (ch >= 18 && !isnan(v)) {
             char txt[400];
@@ -538,7 +599,7 @@ static int plot_heatmap(const tk_gaterun *r, const tk_gatesum *s, int j, const c
         }
     }
     /* colour bar */
-    double bx = left + TK_NPROJ * cw + 30, by = top, bh = r->n_layers * ch;
+    double bx = left + TK_NPROJ * cw + 30, by = top, bh = bottom - top;
     for (int i = 0; i < 50; i++) {
         char col[8];
         tk_svg_color(1.0 - (i + 0.5) / 50.0, col);
@@ -580,37 +641,59 @@ static int plot_tau(const tk_gaterun *r, const char *dir, int *nw, tk_err *err) 
         }
         char title[160];
         snprintf(title, sizeof title, "%s (final tau %.4g)", short_name(r, m), r->S ? r->tau[(r->S - 1) * r->M + m] : 0.0);
-        tk_svg_polyline(svg, xs, ys, r->S, tk_svg_series_color((size_t)r->proj[m]), 1.2, "series", title);
+        if (r->proj[m] < TK_NPROJ)
+            tk_svg_polyline(svg, xs, ys, r->S, tk_svg_series_color((size_t)r->proj[m]), 1.2, "series", title);
+        else /* the tower's: dashed, coloured by the tower projection */
+            tk_svg_polyline_dashed(svg, xs, ys, r->S, tk_svg_series_color((size_t)(r->proj[m] - TK_NPROJ)), 1.2, "5,3",
+                                   "series", title);
     }
     free(xs);
     free(ys);
-    for (int p = 0; p < TK_NPROJ; p++) {
-        double y = b.y + 10 + p * 18;
-        tk_svg_line(svg, b.x + b.w + 20, y, b.x + b.w + 44, y, tk_svg_series_color((size_t)p), 2.5, "legend");
-        tk_svg_text(svg, b.x + b.w + 50, y + 4, 11, "start", "%s", tk_proj_short[p]);
+    double ly = b.y + 10; /* legend: the LLaMA's projections, then the tower's */
+    if (r->M_tower < r->M || !r->M_tower)
+        for (int p = 0; p < TK_NPROJ; p++, ly += 18) {
+            tk_svg_line(svg, b.x + b.w + 20, ly, b.x + b.w + 44, ly, tk_svg_series_color((size_t)p), 2.5, "legend");
+            tk_svg_text(svg, b.x + b.w + 50, ly + 4, 11, "start", "%s", tk_proj_short[p]);
+        }
+    if (r->M_tower) {
+        tk_svg_text(svg, b.x + b.w + 20, ly + 4, 11, "start", "vision tower (dashed):");
+        ly += 18;
+        for (int j = 0; j < TK_VIT_NPROJ; j++, ly += 18) {
+            double lx[2] = {b.x + b.w + 20, b.x + b.w + 44}, lyy[2] = {ly, ly};
+            tk_svg_polyline_dashed(svg, lx, lyy, 2, tk_svg_series_color((size_t)j), 2.5, "5,3", "legend", NULL);
+            tk_svg_text(svg, b.x + b.w + 50, ly + 4, 11, "start", "%s", strchr(tk_vit_proj_full[j], '.') + 1);
+        }
     }
-    tk_svg_text(svg, b.x + b.w + 20, b.y + 10 + TK_NPROJ * 18 + 8, 10, "start", "one line per layer");
+    tk_svg_text(svg, b.x + b.w + 20, ly + 8, 10, "start", "one line per layer");
     return save(svg, dir, "tau.svg", nw, err);
 }
 
 /* Small multiples: the window's histogram of r per module (log x), final tau marked. */
 static int plot_hist(const tk_gaterun *r, const tk_gatesum *s, const char *dir, int *nw, tk_err *err) {
-    const double pw = 150, ph = 70, gap = 14, left = 70, top = 60;
-    int rows = r->n_layers;
-    double W = left + TK_NPROJ * (pw + gap) + 20, H = top + rows * (ph + gap) + 50;
+    const double pw = 150, ph = 70, gap = 14, left = 70, top = 60, block_gap = 44;
+    grid g[2];
+    int ng = grids(r, g);
+    double y0[2] = {top, top};
+    if (ng > 1) y0[1] = top + g[0].rows * (ph + gap) + block_gap;
+    double W = left + TK_NPROJ * (pw + gap) + 20, H = y0[ng - 1] + g[ng - 1].rows * (ph + gap) + 50;
     tk_svg *svg = tk_svg_open(W, H);
     tk_svg_text(svg, W / 2, 22, 15, "middle", "Relative update size r = |m| / |W0 x| per module (log scale), tau in red");
     tk_svg_text(svg, W / 2, 40, 11, "middle",
                 "token counts over logged steps %d-%d; x from 1e-5 to 1e3, first bar r < 1e-4, last r >= 100",
                 s->first_step, s->last_step);
-    for (int p = 0; p < TK_NPROJ; p++)
-        tk_svg_text(svg, left + p * (pw + gap) + pw / 2, top - 6, 11, "middle", "%s", tk_proj_short[p]);
-    for (int l = 0; l < rows; l++)
-        tk_svg_text(svg, left - 8, top + l * (ph + gap) + ph / 2 + 4, 11, "end", "layer %d", l);
+    for (int i = 0; i < ng; i++) {
+        if (g[i].tower) tk_svg_text(svg, left, y0[i] - 22, 12, "start", "vision tower (%d layers)", g[i].rows);
+        for (int p = 0; p < g[i].np; p++)
+            tk_svg_text(svg, left + p * (pw + gap) + pw / 2, y0[i] - 6, 11, "middle", "%s", grid_proj_label(&g[i], p));
+        for (int l = 0; l < g[i].rows; l++)
+            tk_svg_text(svg, left - 8, y0[i] + l * (ph + gap) + ph / 2 + 4, 11, "end", "layer %d", l);
+    }
     size_t s0 = r->S - (size_t)s->window;
     for (size_t m = 0; m < r->M; m++) {
-        if (r->proj[m] >= TK_NPROJ) continue;
-        tk_svg_box b = {left + r->proj[m] * (pw + gap), top + r->layer[m] * (ph + gap), pw, ph, 1e-5, 1e3, 0, 1, 1};
+        int gi = grid_of(r, g, ng, m), rows = g[gi].rows;
+        if (r->proj[m] < g[gi].p0 || r->proj[m] >= g[gi].p0 + g[gi].np) continue;
+        tk_svg_box b = {left + (r->proj[m] - g[gi].p0) * (pw + gap), y0[gi] + r->layer[m] * (ph + gap), pw, ph, 1e-5, 1e3,
+                        0, 1, 1};
         double h[NB] = {0}, hmax = 0;
         for (size_t t = s0; t < r->S; t++)
             for (int j = 0; j < NB; j++) h[j] += r->hist[(t * r->M + m) * NB + j];

@@ -32,10 +32,14 @@ typedef struct {
     int *layer, *proj;        /* [M]; proj: 0..TK_NPROJ-1 LLaMA, TK_NPROJ + j tower projection j */
     int n_layers, gated, with_lambda;
     int tower_layers;         /* the header's "tower_layers" (0: none; tower modules then count n_layers) */
+    size_t M_tower;           /* modules with proj >= TK_NPROJ */
+    int has_n_tower;          /* some step line has "n_tower" (a LLaVA run that adapts the tower) */
     double target_keep;       /* 0: none */
     size_t S;                 /* logged steps, ascending */
     int *step;                /* [S] */
-    double *n;                /* [S,K] tokens per kind */
+    double *n;                /* [S,K] tokens per kind ("n": the LLaMA's modules see them) */
+    double *n_tower;          /* [S,K] tokens per kind the tower's modules see ("n_tower"; "n" in a line
+                                 without it): use tk_gaterun_seen */
     double *tau;              /* [S,M] applied in the step */
     double *lambda;           /* [S,M] (with_lambda) */
     double *kept;             /* [S,M,K] */
@@ -52,6 +56,8 @@ typedef struct {
 } tk_gaterun;
 
 tk_gaterun *tk_gaterun_load(const char *run_dir, tk_err *err);
+/* The tokens per kind [K] module m saw at logged step s: "n_tower" for a tower module, else "n". */
+const double *tk_gaterun_seen(const tk_gaterun *r, size_t s, size_t m);
 /* The short name of proj index p ("q_proj", ..., "down_proj"; tower: "v.q_proj", ..., "v.fc2"). */
 const char *tk_gaterun_proj_name(int p);
 #define TK_GATERUN_NPROJ (TK_NPROJ + TK_VIT_NPROJ)
@@ -60,13 +66,15 @@ void tk_gaterun_free(tk_gaterun *r);
 typedef struct {
     int window;               /* steps averaged (the last `window` logged steps) */
     int first_step, last_step;
-    double *keep;             /* [M] kept / seen in the window */
-    double *keep_kind;        /* [M,K] (NAN where the kind has no tokens) */
+    double *keep;             /* [M] kept / seen in the window (each module its own tokens) */
+    double *keep_kind;        /* [M,K] (NAN where the module saw no tokens of the kind) */
     double *tau;              /* [M] tau applied at the last logged step */
     double *q;                /* [M,3] r quantiles at the last logged step */
-    double kind_tokens[TK_GATELOG_NKIND]; /* tokens per kind in the window */
-    double kind_keep[TK_GATELOG_NKIND];   /* over all modules (NAN: no tokens) */
-    double keep_window;       /* over all modules and kinds in the window */
+    double kind_tokens[TK_GATELOG_NKIND]; /* tokens per kind in the window ("n") */
+    double kind_keep[TK_GATELOG_NKIND];   /* over the modules that count "n" (NAN: no tokens) */
+    double tower_tokens[TK_GATELOG_NKIND]; /* the tower's tokens per kind in the window (has_n_tower) */
+    double tower_keep[TK_GATELOG_NKIND];  /* over the tower's modules, when has_n_tower (else NAN) */
+    double keep_window;       /* kept / seen over all modules and kinds in the window */
     double discarded_run;     /* 1 - kept / seen over every module and logged step */
     double discarded_window;
     size_t *order;            /* [M] module indices by keep, descending (ties: module order) */

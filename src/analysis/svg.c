@@ -137,13 +137,22 @@ void tk_svg_line(tk_svg *s, double x1, double y1, double x2, double y2, const ch
     put(s, "/>\n", 3);
 }
 
-void tk_svg_polyline(tk_svg *s, const double *xs, const double *ys, size_t n, const char *stroke, double width,
-                     const char *cls, const char *title) {
+void tk_svg_polyline_dashed(tk_svg *s, const double *xs, const double *ys, size_t n, const char *stroke, double width,
+                            const char *dash, const char *cls, const char *title) {
     put(s, "<polyline points=\"", 18);
     for (size_t i = 0; i < n; i++) putf(s, "%s%.2f,%.2f", i ? " " : "", xs[i], ys[i]);
     putf(s, "\" fill=\"none\" stroke=\"%s\" stroke-width=\"%.2f\" stroke-linejoin=\"round\"", stroke, width);
+    if (dash) {
+        char e[64];
+        putf(s, " stroke-dasharray=\"%s\"", tk_svg_escape(e, sizeof e, dash));
+    }
     attrs(s, cls);
     close_with_title(s, "polyline", title);
+}
+
+void tk_svg_polyline(tk_svg *s, const double *xs, const double *ys, size_t n, const char *stroke, double width,
+                     const char *cls, const char *title) {
+    tk_svg_polyline_dashed(s, xs, ys, n, stroke, width, NULL, cls, title);
 }
 
 void tk_svg_text(tk_svg *s, double x, double y, double size, const char *anchor, const char *fmt, ...) {

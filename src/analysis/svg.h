@@ -38,6 +38,9 @@ void tk_svg_line(tk_svg *s, double x1, double y1, double x2, double y2, const ch
 /* xs, ys [n] in pixels. */
 void tk_svg_polyline(tk_svg *s, const double *xs, const double *ys, size_t n, const char *stroke, double width,
                      const char *cls, const char *title);
+/* The same, dashed: dash is an SVG stroke-dasharray ("5,3"); NULL: solid. */
+void tk_svg_polyline_dashed(tk_svg *s, const double *xs, const double *ys, size_t n, const char *stroke, double width,
+                            const char *dash, const char *cls, const char *title);
 void tk_svg_text(tk_svg *s, double x, double y, double size, const char *anchor, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
 /* Raw markup appended as is (the caller escapes). */

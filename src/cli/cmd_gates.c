@@ -52,6 +52,14 @@ static int print_json(FILE *f, const char *run_dir, const tk_gaterun *r, const t
         jnum(f, s->kind_keep[j]);
         fputc('}', f);
     }
+    if (r->has_n_tower) { /* the vision tower's modules, with their own tokens */
+        fputs("},\n  \"tower_kinds\": {", f);
+        for (int j = 0; j < TK_GATELOG_NKIND; j++) {
+            fprintf(f, "%s\"%s\": {\"tokens\": %.0f, \"keep\": ", j ? ", " : "", tk_gate_kind_names[j], s->tower_tokens[j]);
+            jnum(f, s->tower_keep[j]);
+            fputc('}', f);
+        }
+    }
     fprintf(f, "},\n  \"selectivity\": %s", sel_text);
     free(sel_text);
     fputs(",\n  \"modules\": [\n", f);
@@ -163,7 +171,7 @@ static void print_table(FILE *f, const char *run_dir, const tk_gaterun *r, const
         }
     }
     int present[TK_GATELOG_NKIND], np = 0;
-    for (int j = 0; j < TK_GATELOG_NKIND; j++) np += (present[j] = s->kind_tokens[j] > 0);
+    for (int j = 0; j < TK_GATELOG_NKIND; j++) np += (present[j] = s->kind_tokens[j] > 0 || s->tower_tokens[j] > 0);
     fprintf(f, "\nkeep ratio by token kind (module type averaged over layers):\n%-12s%10s", "module", "all");
     for (int j = 0; j < TK_GATELOG_NKIND; j++)
         if (present[j]) fprintf(f, "%10s", tk_gate_kind_names[j]);
@@ -187,6 +195,12 @@ static void print_table(FILE *f, const char *run_dir, const tk_gaterun *r, const
     for (int j = 0; j < TK_GATELOG_NKIND; j++)
         if (present[j]) fprintf(f, "%10.0f", s->kind_tokens[j]);
     fputc('\n', f);
+    if (r->has_n_tower) { /* the tower's modules see their own tokens: images x tokens per image */
+        fprintf(f, "%-12s%10s", "tower tokens", "");
+        for (int j = 0; j < TK_GATELOG_NKIND; j++)
+            if (present[j]) fprintf(f, "%10.0f", s->tower_tokens[j]);
+        fputc('\n', f);
+    }
     if (np == 1 && present[3]) fputs("(token kinds were not recorded: the data had none)\n", f);
     int n = top < (int)r->M ? top : (int)r->M;
     fprintf(f, "\nmost kept (keep, final tau):\n");

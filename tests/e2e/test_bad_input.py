@@ -226,6 +226,22 @@ def llava_with_png(env, name, png):
 # the cases: (name, setup(env) -> dict(argv=..., expect=[substrings], out=DIR?, out_file=PATH?,
 #                                      progress_ok=bool, rc=(1, 2)))
 
+def tower_gate_log(env, name, step_line):
+    """RUN/gates.jsonl of a LLaVA run (one LLaMA module, two vision tower modules) whose step line is
+    step_line (a dict); returns RUN."""
+    run = env.p(name)
+    os.makedirs(run, exist_ok=True)
+    head = {"format": "tspeft-gates", "version": 1, "gated": True, "n_layers": 1, "tower_layers": 1,
+            "modules": ["model.layers.0.self_attn.q_proj", "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
+                        "vision_tower.vision_model.encoder.layers.0.mlp.fc1"]}
+    line = {"step": 1, "n": [4, 6, 0, 0], "n_tower": [0, 0, 20, 0], "tau": [0.1] * 3,
+            "kept": [[2, 3, 0, 0], [0, 0, 12, 0], [0, 0, 20, 0]], "q": [None] * 3, "hist": [[0] * 26] * 3}
+    line.update(step_line)
+    with open(os.path.join(run, "gates.jsonl"), "w") as f:
+        f.write(json.dumps(head) + "\n" + json.dumps(line) + "\n")
+    return run
+
+
 def cases():
     L0Q = "model.layers.0.self_attn.q_proj.weight"
     L0K = "model.layers.0.self_attn.k_proj.weight"
@@ -710,6 +726,31 @@ def cases():
                                                                 [True, False, True, False]}}, tens_fn=fn)
         return dict(argv=["info", "--model", e.model, "--adapter", a], verb="info",
                     expect=[os.path.join(a, "adapter_model.safetensors"), k])
+
+    # --- gate logs of a LLaVA run with vision tower modules (tspeft gates): nothing written ---------
+    for name, line, want in (
+            ("gates_n_tower_3_counts", {"n_tower": [0, 0, 20]}, ["n_tower", "4 numbers"]),
+            ("gates_tower_kept_above_n_tower", {"kept": [[2, 3, 0, 0], [0, 0, 21, 0], [0, 0, 20, 0]]},
+             ["n_tower", "kept"]),
+            ("gates_n_tower_negative", {"n_tower": [0, 0, -20, 0]}, ["n_tower"])):
+        @case(name)
+        def _(e, line=line, want=want, name=name):
+            run = tower_gate_log(e, "run_" + name, line)
+            return dict(argv=["gates", run], verb="gates", status=1, absent=os.path.join(run, "report"),
+                        expect=[os.path.join(run, "gates.jsonl"), "line 2"] + want)
+
+    @case("gates_n_tower_without_tower_modules")
+    def _(e):
+        run = e.p("run_gates_no_tower")
+        os.makedirs(run, exist_ok=True)
+        head = {"format": "tspeft-gates", "version": 1, "gated": True, "n_layers": 1,
+                "modules": ["model.layers.0.self_attn.q_proj"]}
+        line = {"step": 1, "n": [4, 6, 0, 0], "n_tower": [0, 0, 20, 0], "tau": [0.1], "kept": [[2, 3, 0, 0]],
+                "q": [None], "hist": [[0] * 26]}
+        with open(os.path.join(run, "gates.jsonl"), "w") as f:
+            f.write(json.dumps(head) + "\n" + json.dumps(line) + "\n")
+        return dict(argv=["gates", run], verb="gates", status=1, absent=os.path.join(run, "report"),
+                    expect=[os.path.join(run, "gates.jsonl"), "line 2", "n_tower", "without vision tower modules"])
 
     # --- gate options: refused with exit 2 before anything is read or written --------------------
     for name, extra, want in (

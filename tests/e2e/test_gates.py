@@ -25,6 +25,11 @@
     spreads, the table and CSV show them; train_summary.json's "selectivity" equals the one of
     `gates --last 10` and the one recomputed here (gated run, resumed run); a dense run gives 0 and
     says "dense"; --gate-log off gives null.
+(h) vision tower modules: on a hand-written gates.jsonl of a LLaVA run (2 LLaMA modules, 3 tower
+    modules whose kept counts refer to "n_tower"), every module's keep is over its own tokens in the
+    JSON, the table's tower block and the CSV; the tower's tokens and keep by kind, the selectivity
+    with per-module token counts; keep_heatmap.svg and r_hist.svg draw the tower's grid under the
+    LLaMA's, tau.svg its dashed lines.
 Exit status 0 when every check passed, 1 otherwise.
 """
 import argparse
@@ -115,27 +120,40 @@ def summary_from_log(rows, last):
     return out
 
 
+def is_tower(name):
+    return any(name.startswith(p + "encoder.layers.") for p in
+               ("vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_model."))
+
+
+def seen(line, name):
+    """The tokens per kind a module saw in a step line: "n_tower" for a tower module, else "n"."""
+    return line["n_tower"] if is_tower(name) and "n_tower" in line else line["n"]
+
+
 def selectivity_from_log(rows, last):
-    """interior share, module counts and kind spreads over the last `last` steps (docs/gates.md)."""
+    """interior share, module counts and kind spreads over the last `last` steps (docs/gates.md), each
+    module over its own tokens."""
     head, steps = rows[0], {}
     for r in rows[1:]:
         if "format" not in r:
             steps[r["step"]] = r
     win = sorted(steps)[-last:]
-    M = len(head["modules"])
-    n = [sum(steps[s]["n"][j] for s in win) for j in range(K_KINDS)]
+    names = head["modules"]
+    M = len(names)
+    n = [[sum(seen(steps[s], names[m])[j] for s in win) for j in range(K_KINDS)] for m in range(M)]
     kept = [[sum(steps[s]["kept"][m][j] for s in win) for j in range(K_KINDS)] for m in range(M)]
-    tok = float(sum(n))
-    present = [j for j in range(K_KINDS) if n[j] > 0]
-    keep = [sum(kept[m]) / tok for m in range(M)]
-    spread = [max(kept[m][j] / n[j] for j in present) - min(kept[m][j] / n[j] for j in present) for m in range(M)]
-    kk = [sum(kept[m][j] for m in range(M)) / (n[j] * M) for j in present]
+    tok = [float(sum(n[m])) for m in range(M)]
+    present = [j for j in range(K_KINDS) if any(n[m][j] > 0 for m in range(M))]
+    keep = [sum(kept[m]) / tok[m] for m in range(M)]
+    spread = [max(kept[m][j] / n[m][j] for j in present if n[m][j]) - min(kept[m][j] / n[m][j] for j in present if n[m][j])
+              for m in range(M)]
+    kk = [sum(kept[m][j] for m in range(M)) / sum(n[m][j] for m in range(M)) for j in present]
     interior = [m for m in range(M) if 0.05 <= keep[m] <= 0.95]
     return {"window": {"steps": len(win), "first_step": win[0], "last_step": win[-1]}, "gated": head["gated"],
-            "interior_range": [0.05, 0.95], "interior_share": len(interior) * tok / (M * tok),
+            "interior_range": [0.05, 0.95], "interior_share": sum(tok[m] for m in interior) / sum(tok),
             "interior_modules": len(interior), "modules_open": sum(1 for k in keep if k > 0.95),
             "modules_closed": sum(1 for k in keep if k < 0.05), "modules": M,
-            "kind_spread_mean": sum(x * tok for x in spread) / (M * tok), "kind_spread_max": max(spread),
+            "kind_spread_mean": sum(x * t for x, t in zip(spread, tok)) / sum(tok), "kind_spread_max": max(spread),
             "kind_spread_overall": max(kk) - min(kk), "kinds": [["prompt", "response", "image", "other"][j] for j in present]}
 
 
@@ -162,6 +180,29 @@ def synthetic_gates(path):
             line(2, [20, 20, 0, 0], win), line(3, [20, 20, 0, 0], win)]
     with open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+TOWER_MODS = ["vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
+              "vision_tower.vision_model.encoder.layers.0.mlp.fc1",
+              "vision_tower.vision_model.encoder.layers.1.self_attn.out_proj"]
+
+
+def tower_gates(path):
+    """A LLaVA run's log: the LLaMA's q_proj and v_proj (layer 0) see 36 tokens per step (10 prompt, 20
+    response, 6 image), 3 tower modules see 50 image rows per step ("n_tower"). Over steps 2-3 the keeps
+    are 21/36, 30/36 (LLaMA) and 0.5, 1.0, 0.1 (tower); step 1 is outside the window (--last 2)."""
+    mods = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"] + TOWER_MODS
+    M = len(mods)
+
+    def line(step, kept):
+        return {"step": step, "n": [10, 20, 6, 0], "n_tower": [0, 0, 50, 0], "tau": [0.1, 0.2, 0.3, 0.4, 0.5],
+                "kept": kept, "q": [None] * M, "hist": [[0] * NB] * M}
+    win = [[5, 10, 6, 0], [10, 20, 0, 0], [0, 0, 25, 0], [0, 0, 50, 0], [0, 0, 5, 0]]
+    rows = [{"format": "tspeft-gates", "version": 1, "gated": True, "n_layers": 1, "tower_layers": 2, "modules": mods},
+            line(1, [[0, 0, 0, 0]] * 2 + [[0, 0, 50, 0]] * 3), line(2, win), line(3, win)]
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def svg_count(path, tag, cls=None):
@@ -432,6 +473,73 @@ def main():
     summ = json.load(open(os.path.join(off, "train_summary.json"))) if p.returncode == 0 else {}
     chk.ok("selectivity" in summ and summ["selectivity"] is None, "--gate-log off: train_summary.json selectivity null",
            p.stderr)
+
+    chk.section("(h) vision tower modules with their own token counts")
+    tw = os.path.join(tmp, "tower")
+    os.makedirs(tw)
+    trows = tower_gates(os.path.join(tw, "gates.jsonl"))
+    want_keep = [21 / 36, 30 / 36, 0.5, 1.0, 0.1]
+    twrep = os.path.join(tmp, "tower_rep")
+    p = U.run(a.tspeft, ["gates", tw, "--format", "json", "--last", 2, "--out", twrep])
+    js = json.loads(p.stdout) if p.returncode == 0 else {}
+    mods = js.get("modules", [])
+    chk.ok(p.returncode == 0 and [x["module"] for x in mods] == trows[0]["modules"] and
+           all(close(x["keep"], w, 1e-8) for x, w in zip(mods, want_keep)) and
+           close(mods[2].get("keep_image"), 0.5, 1e-8) and mods[2].get("keep_prompt") is None and
+           close(mods[0].get("keep_image"), 1.0, 1e-8) and close(mods[0].get("keep_prompt"), 0.5, 1e-8),
+           "JSON: keep per module over its own tokens (tower: kept / n_tower)", p.stderr + p.stdout[:800])
+    chk.ok(js.get("tower_kinds", {}).get("image") == {"tokens": 100, "keep": js["tower_kinds"]["image"]["keep"]} and
+           close(js["tower_kinds"]["image"]["keep"], 80 / 150, 1e-8) and js["kinds"]["image"]["tokens"] == 12 and
+           close(js["kinds"]["image"]["keep"], 0.5, 1e-8) and
+           close(js.get("keep_window"), (21 + 30 + 80) / (2 * 36 + 3 * 50), 1e-8),
+           "JSON: the tower's tokens and keep by kind apart from the LLaMA's; keep_window over every module's tokens",
+           json.dumps({k: js.get(k) for k in ("kinds", "tower_kinds", "keep_window")}))
+    want_sel = selectivity_from_log(trows, 2)
+    chk.ok(same_selectivity(js.get("selectivity"), want_sel) and want_sel["interior_modules"] == 4 and
+           close(want_sel["interior_share"], (36 + 36 + 50 + 50) / (2 * 36 + 3 * 50), 1e-12),
+           "selectivity over all 5 modules, each weighted by its own tokens (interior: 36 + 36 + 50 + 50 of 222)",
+           json.dumps([js.get("selectivity"), want_sel]))
+    p = U.run(a.tspeft, ["gates", tw, "--last", 2, "--plots", "off"])
+    out = p.stdout
+    blk = out[out.find("vision tower, layer x module"):] if "vision tower, layer x module" in out else ""
+    rows_txt = blk.splitlines()[1:4]
+    chk.ok(p.returncode == 0 and len(rows_txt) == 3 and rows_txt[0].split()[:4] == ["layer", "v.q_proj", "v.k_proj", "v.v_proj"] and
+           rows_txt[1].split() == ["0", "0.500", "-", "-", "-", "1.000", "-"] and
+           rows_txt[2].split() == ["1", "-", "-", "-", "0.100", "-", "-"] and
+           "tower tokens" in out and out.split("tower tokens")[1].split()[:3] == ["0", "0", "100"],
+           "table: the tower block's keeps 0.5, 1.0 (layer 0) and 0.1 (layer 1), and the tower's tokens", out)
+    p = U.run(a.tspeft, ["gates", tw, "--format", "csv", "--last", 2, "--plots", "off"])
+    lines = p.stdout.strip().splitlines()
+    chk.ok(p.returncode == 0 and len(lines) == 6 and
+           all(close(float(l.split(",")[3]), w, 1e-8) for l, w in zip(lines[1:], want_keep)),
+           "CSV: keep per module over its own tokens", p.stdout)
+    try:
+        hm = os.path.join(twrep, "keep_heatmap.svg")
+        cells = svg_count(hm, "rect", "cell")
+        titles = [c.find(SVG + "title").text for c in cells]
+        empty = svg_count(hm, "rect", "empty")
+        texts = [t.text or "" for t in svg_count(hm, "text")]
+        ys = {t.split(":")[0]: float(c.get("y")) for t, c in zip(titles, cells)}
+        chk.ok(len(cells) == 5 and len(empty) == 7 * 1 + 6 * 2 and
+               any(t.startswith(TOWER_MODS[0] + ": keep 0.500") for t in titles) and
+               any(t.startswith(TOWER_MODS[2] + ": keep 0.100") for t in titles) and
+               any(t.startswith("vision tower (2 layers)") for t in texts) and "fc1" in texts and "out_proj" in texts and
+               ys[TOWER_MODS[0]] > ys["layers.0.self_attn.q_proj"] and ys[TOWER_MODS[2]] > ys[TOWER_MODS[0]],
+               "keep_heatmap.svg: a labelled tower grid (2 layers x 6) under the LLaMA's, one cell per tower module",
+               json.dumps([titles, len(empty)]))
+        chk.ok(sorted(f for f in os.listdir(twrep) if f.startswith("keep_heatmap_")) ==
+               ["keep_heatmap_image.svg", "keep_heatmap_prompt.svg", "keep_heatmap_response.svg"] and
+               len(svg_count(os.path.join(twrep, "keep_heatmap_image.svg"), "rect", "cell")) == 5,
+               "a heatmap per kind, the image one with the tower's cells", os.listdir(twrep))
+        rh = os.path.join(twrep, "r_hist.svg")
+        chk.ok(len(svg_count(rh, "rect", "bar")) == 5 * NB and len(svg_count(rh, "line", "tau")) == 5 and
+               any((t.text or "").startswith("vision tower") for t in svg_count(rh, "text")),
+               "r_hist.svg: 26 bars and a tau marker for each of the 5 modules, the tower's labelled")
+        series = svg_count(os.path.join(twrep, "tau.svg"), "polyline", "series")
+        chk.ok(len(series) == 5 and sum(1 for e in series if e.get("stroke-dasharray")) == 3,
+               "tau.svg: one line per module, the tower's 3 dashed")
+    except (ET.ParseError, OSError, KeyError, AttributeError) as e:
+        chk.ok(False, "tower SVGs parse and hold the tower grid", repr(e))
 
     if a.keep:
         print("kept", tmp)

@@ -328,6 +328,7 @@ int tk_mm_forward(tk_mm *mm, const tk_loader_batch *b, size_t B, size_t T, tk_ll
     a->image_embeds = NULL;
     a->d_image_embeds = NULL;
     mm->n_img = 0;
+    mm->n_enc = 0;
     size_t n = b ? b->n_images : 0;
     if (n == 0) return 0;
     if (reserve(mm, n, B * T, err)) return -1;

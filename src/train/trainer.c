@@ -668,7 +668,12 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
         fprintf(stderr, "tspeft train: data parallel over %d ranks: %d micro-batches of %d rows per step\n", P,
                 P * o->grad_accum, o->batch_size);
     if (o->out_dir && lead && o->gate_log && /* gate and training logs, docs/gates.md */
-        !(glog = tk_gatelog_open(o->out_dir, m, &(tk_gatelog_opts){o->token_view_every, o->steps, o->resume_dir != NULL}, err)))
+        !(glog = tk_gatelog_open(o->out_dir, m,
+                                 &(tk_gatelog_opts){o->token_view_every, o->steps, o->resume_dir != NULL,
+                                                    n_tower ? &(tk_gatelog_tower){n_tower, tower, tower_layer, tower_proj,
+                                                                                  tk_mm_tower_layers(mm), m->peft.vit_prefix}
+                                                            : NULL},
+                                 err)))
         goto done;
     tk_stop_signal = 0;
     install_signal_handlers(1);
@@ -711,6 +716,7 @@ int tk_train_run(const tk_train_opts *o, tk_err *err) {
             if (tk_llama_backward(m, acts, b->B, b->T, err)) goto done;
             if (mm && tk_mm_backward(mm, err)) goto done;
             if (glog && tk_gatelog_batch(glog, m, acts, b->B, b->T, step, err)) goto done;
+            if (glog && n_tower && tk_gatelog_tower_batch(glog, tk_mm_tower_rows(mm), step, err)) goto done;
         }
         if (dist) { /* the step's sums over every rank's micro-batches (counts are already global) */
             if (dist->sum_f64(dist, &loss_sum, 1, err) ||

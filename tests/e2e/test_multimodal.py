@@ -16,7 +16,8 @@ step, the stage-1 projector a different step; eval with the multiple-choice cand
 (--eval-batch 1) gives the batched eval's samples exactly; `generate --image` prints the answer eval generated for
 the same image and question. The tower trains too: stage 2 with TS-LoRA on every tower projection
 plus --tune-vision-tower writes the tower adapters under PEFT's LLaVA keys with their thresholds
-(layer 1, past hidden state -2, untouched) and OUT/vision_tower; eval and generate use them alike;
+(layer 1, past hidden state -2, untouched) and OUT/vision_tower, logs the tower modules' gates
+(gates.jsonl with n_tower, `tspeft gates` in their own block); eval and generate use them alike;
 info lists them and merge refuses them; a run with tower adapters and dropout resumes exactly; the
 tower options' misuse (stage 1 tower adapters, tuning with checkpoints, --vision-tower-lr with a
 frozen tower, cached features) gets one line. Bad input (one-line error naming the file, non-zero exit, no crash): a
@@ -276,6 +277,16 @@ def main():
             chk.ok(sum(t.startswith("vision_tower.vision_model.encoder.layers.") for t in cfg["target_modules"]) == 12,
                    "adapter_config.json names the 12 tower modules in target_modules", cfg["target_modules"])
             chk.ok(any("tower keep" in l for l in p.stderr.splitlines()), "progress lines report the tower's keep")
+            lines = [json.loads(l) for l in open(T("tw", "gates.jsonl"))]
+            tmod = [x for x in lines[0]["modules"] if x.startswith("vision_tower.")]
+            chk.ok(lines[0].get("tower_layers") == 2 and len(tmod) == 6 and
+                   all(".layers.0." in x for x in tmod) and len(lines) == 11 and
+                   all(l["n_tower"] == [0, 0, 8 * 17, 0] for l in lines[1:]),
+                   "gates.jsonl: the 6 tower modules that run (layer 0) after the LLaMA's, n_tower = 8 images x 17 "
+                   "tokens per step", lines[0].get("modules"))
+            pg = U.run(B, ["gates", T("tw")])
+            chk.ok(pg.returncode == 0 and "vision tower, layer x module" in pg.stdout and "tower tokens" in pg.stdout,
+                   "tspeft gates shows the tower's gates in their own block", pg.stdout + pg.stderr)
             t0 = st.load(T("tower", "model.safetensors"))
             t1 = st.load(T("tw", "vision_tower", "model.safetensors")) if os.path.exists(
                 T("tw", "vision_tower", "model.safetensors")) else {}

@@ -196,40 +196,10 @@ static void model_free(cls_model *cm) {
     memset(cm, 0, sizeof *cm);
 }
 
-static size_t slot_numel(const tk_vit_slot *s) {
-    size_t n = 1;
-    for (int d = 0; d < s->ndim; d++) n *= (size_t)s->shape[d];
-    return n;
-}
-
-/* Registers every tower tensor in cm->PT, bound to the tower (data) and cm->g (gradients). */
+/* Every tower tensor in cm->PT, bound to the tower (data) and cm->g (gradients). */
 static int register_tower(cls_model *cm, tk_err *err) {
     if (!(cm->g = tk_vit_zeros(&cm->m->cfg, err))) return -1;
-    size_t cap = tk_vit_slot_capacity(&cm->m->cfg);
-    tk_vit_slot *sm = calloc(cap, sizeof *sm), *sg = calloc(cap, sizeof *sg);
-    int rc = -1;
-    if (!sm || !sg) {
-        tk_fail(err, "out of memory");
-        goto done;
-    }
-    size_t ns = tk_vit_slots(cm->m, sm);
-    tk_vit_slots(cm->g, sg);
-    for (size_t i = 0; i < ns; i++) {
-        char nm[TK_NAME_MAX];
-        snprintf(nm, sizeof nm, "vision_model.%s", sm[i].name);
-        size_t n = slot_numel(&sm[i]);
-        int64_t shape[2] = {sm[i].ndim >= 2 ? sm[i].shape[0] : (int64_t)n, 0};
-        if (sm[i].ndim >= 2) shape[1] = (int64_t)(n / (size_t)sm[i].shape[0]);
-        int decay = sm[i].ndim >= 2 && !strstr(nm, "position_embedding") && !strstr(nm, "probe");
-        if (tk_params_add(&cm->PT, nm, sm[i].ndim >= 2 ? 2 : 1, shape, decay, sm[i].data, sg[i].data, *sm[i].data,
-                          err))
-            goto done;
-    }
-    rc = tk_params_alloc(&cm->PT, err);
-done:
-    free(sm);
-    free(sg);
-    return rc;
+    return tk_vit_register_params(cm->m, cm->g, &cm->PT, "vision_model.", 0, err) || tk_params_alloc(&cm->PT, err) ? -1 : 0;
 }
 
 static int model_open(cls_model *cm, const tk_cls_opts *o, int K, size_t Bmax, int train, tk_err *err) {

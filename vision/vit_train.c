@@ -579,3 +579,32 @@ int tk_vit_train_backward(const tk_vit *m, tk_vit_act *a, tk_vit *g, float *dpix
     embed_backward(m, a, g, dpixels, B);
     return 0;
 }
+
+int tk_vit_register_params(tk_vit *m, tk_vit *g, tk_params *P, const char *prefix, int external, tk_err *err) {
+    size_t cap = tk_vit_slot_capacity(&m->cfg);
+    tk_vit_slot *sm = calloc(cap, sizeof *sm), *sg = calloc(cap, sizeof *sg);
+    int rc = -1;
+    if (!sm || !sg) {
+        tk_fail(err, "out of memory");
+        goto done;
+    }
+    size_t ns = tk_vit_slots(m, sm);
+    tk_vit_slots(g, sg);
+    for (size_t i = 0; i < ns; i++) {
+        char nm[TK_NAME_MAX];
+        snprintf(nm, sizeof nm, "%s%s", prefix, sm[i].name);
+        size_t n = 1;
+        for (int d = 0; d < sm[i].ndim; d++) n *= (size_t)sm[i].shape[d];
+        int64_t shape[2] = {sm[i].ndim >= 2 ? sm[i].shape[0] : (int64_t)n, 0};
+        if (sm[i].ndim >= 2) shape[1] = (int64_t)(n / (size_t)sm[i].shape[0]);
+        int decay = sm[i].ndim >= 2 && !strstr(nm, "position_embedding") && !strstr(nm, "probe");
+        if (tk_params_add(P, nm, sm[i].ndim >= 2 ? 2 : 1, shape, decay, sm[i].data, sg[i].data, *sm[i].data, err))
+            goto done;
+        P->items[P->n - 1].external = external;
+    }
+    rc = 0;
+done:
+    free(sm);
+    free(sg);
+    return rc;
+}

@@ -40,6 +40,7 @@
 #define TK_VISION_VIT_TRAIN_H
 
 #include "common.h"
+#include "model/params.h"
 #include "peft/adapter.h"
 #include "vision/vit.h"
 
@@ -70,6 +71,13 @@ int tk_vit_train_forward(const tk_vit *m, tk_vit_act *a, float *out, const float
 /* The backward of the last tk_vit_train_forward on a. */
 int tk_vit_train_backward(const tk_vit *m, tk_vit_act *a, tk_vit *g, float *dpixels, const float *dout,
                           tk_err *err);
+
+/* Registers every tensor of m in P (a trainable block) as prefix + its name ("vision_model." ->
+ * "vision_model.encoder.layers.0.mlp.fc1.weight"): shape [rows, rest] for matrices and convolutions,
+ * AdamW's weight decay on those but the position embeddings and SigLIP's probe, bound to m's tensor
+ * (its current values are the initial ones) and to g's (gradients: g = tk_vit_zeros(&m->cfg));
+ * external as params.h. After tk_params_alloc(P) m's tensors live in P's block. */
+int tk_vit_register_params(tk_vit *m, tk_vit *g, tk_params *P, const char *prefix, int external, tk_err *err);
 
 /* ---- the kernels, exposed for the finite-difference tests ------------------------------------ */
 /* the forward, tk_vit_attention_forward, is in vit.h */

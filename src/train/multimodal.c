@@ -132,43 +132,13 @@ int tk_mm_set_tower_training(tk_mm *mm, const tk_peft_config *pc, int tune, floa
     return 0;
 }
 
-/* Every tower tensor as "vision_tower.vision_model.<name>", bound to the tower (data) and mm->g
- * (gradients); external: the tuned tower is saved as its own directory (tk_mm_save_tower). */
-static int register_tower(tk_mm *mm, tk_params *P, tk_err *err) {
-    size_t cap = tk_vit_slot_capacity(&mm->vit->cfg);
-    tk_vit_slot *sm = calloc(cap, sizeof *sm), *sg = calloc(cap, sizeof *sg);
-    int rc = -1;
-    if (!sm || !sg) {
-        tk_fail(err, "out of memory");
-        goto done;
-    }
-    size_t ns = tk_vit_slots(mm->vit, sm);
-    tk_vit_slots(mm->g, sg);
-    for (size_t i = 0; i < ns; i++) {
-        char nm[TK_NAME_MAX];
-        snprintf(nm, sizeof nm, "vision_tower.vision_model.%s", sm[i].name);
-        size_t n = 1;
-        for (int d = 0; d < sm[i].ndim; d++) n *= (size_t)sm[i].shape[d];
-        int64_t shape[2] = {sm[i].ndim >= 2 ? sm[i].shape[0] : (int64_t)n, 0};
-        if (sm[i].ndim >= 2) shape[1] = (int64_t)(n / (size_t)sm[i].shape[0]);
-        int decay = sm[i].ndim >= 2 && !strstr(nm, "position_embedding") && !strstr(nm, "probe");
-        if (tk_params_add(P, nm, sm[i].ndim >= 2 ? 2 : 1, shape, decay, sm[i].data, sg[i].data, *sm[i].data, err))
-            goto done;
-        P->items[P->n - 1].external = 1;
-    }
-    rc = 0;
-done:
-    free(sm);
-    free(sg);
-    return rc;
-}
-
 int tk_mm_register(void *ctx, tk_params *P, tk_err *err) {
     tk_mm *mm = ctx;
     if (tk_projector_register(&mm->proj, P, NULL, err)) return -1;
     size_t first = P->n;
-    /* the tower's tensors before its adapters: the adapters take their base weights from the block */
-    if (mm->tune && register_tower(mm, P, err)) return -1;
+    /* the tower's tensors ("vision_tower.vision_model.<name>", external: the tuned tower is saved as its
+     * own directory by tk_mm_save_tower) before its adapters, which take their base weights from the block */
+    if (mm->tune && tk_vit_register_params(mm->vit, mm->g, P, "vision_tower.vision_model.", 1, err)) return -1;
     if (mm->vp && tk_vit_peft_register(mm->vp, P, err)) return -1;
     for (size_t i = first; i < P->n && mm->tower_lr_mult > 0.0f; i++) P->items[i].lr_mult = mm->tower_lr_mult;
     return 0;

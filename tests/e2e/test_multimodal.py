@@ -69,6 +69,22 @@ def one_line_error(p, *needles):
     return 0 < p.returncode < 128 and all(n in last for n in needles), last
 
 
+def resumed_same(B, base, ra, rb, files):
+    """base (a 6-step train command) run whole into ra, and into rb with checkpoints every 3 steps whose
+    run is then resumed from checkpoint-3: (whether rb's files equal ra's byte for byte, the logs)."""
+    p1 = U.run(B, base + ["--out", ra])
+    p2 = U.run(B, base + ["--save-every", "3", "--out", rb])
+    shutil.rmtree(os.path.join(rb, "checkpoint-6"), ignore_errors=True)
+    for f in ("mm_projector.safetensors", "adapter_model.safetensors"):
+        if os.path.exists(os.path.join(rb, f)):
+            os.remove(os.path.join(rb, f))
+    p3 = U.run(B, base + ["--save-every", "3", "--out", rb, "--resume", os.path.join(rb, "checkpoint-3")])
+    same = all(p.returncode == 0 for p in (p1, p2, p3)) and all(
+        os.path.exists(os.path.join(rb, f)) and U.read_bytes(os.path.join(ra, f)) == U.read_bytes(os.path.join(rb, f))
+        for f in files)
+    return same, p1.stderr + p2.stderr + p3.stderr
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tspeft", required=True)
@@ -173,21 +189,11 @@ def main():
         chk.section("exact --resume with a projector (stage 1 and stage 2)")
         for stage, extra in (("1", []), ("2", ["--projector", T("s1", "mm_projector.safetensors"), "--target-modules",
                                                 "all"])):
-            base = ["train"] + common + ["--stage", stage, "--steps", "6"] + extra
-            ra, rb = T("ra%s" % stage), T("rb%s" % stage)
-            p1 = U.run(B, base + ["--out", ra])
-            p2 = U.run(B, base + ["--save-every", "3", "--out", rb])
-            shutil.rmtree(os.path.join(rb, "checkpoint-6"), ignore_errors=True)
-            for f in ("mm_projector.safetensors", "adapter_model.safetensors"):
-                if os.path.exists(os.path.join(rb, f)):
-                    os.remove(os.path.join(rb, f))
-            p3 = U.run(B, base + ["--save-every", "3", "--out", rb, "--resume", os.path.join(rb, "checkpoint-3")])
             files = ["mm_projector.safetensors"] + (["adapter_model.safetensors"] if stage == "2" else [])
-            same = all(p.returncode == 0 for p in (p1, p2, p3)) and all(
-                os.path.exists(os.path.join(rb, f)) and
-                U.read_bytes(os.path.join(ra, f)) == U.read_bytes(os.path.join(rb, f)) for f in files)
+            same, logs = resumed_same(B, ["train"] + common + ["--stage", stage, "--steps", "6"] + extra,
+                                      T("ra%s" % stage), T("rb%s" % stage), files)
             chk.ok(same, "stage %s resumed from checkpoint-3 writes the uninterrupted run's %s bytes" %
-                   (stage, " and ".join(files)), p1.stderr + p2.stderr + p3.stderr)
+                   (stage, " and ".join(files)), logs)
 
         chk.section("eval: results JSON against the per-sample JSONL")
         ev = ["eval", "--model", T("model"), "--adapter", T("s2"), "--tokenizer", tok, "--vision-tower", T("tower"),
@@ -314,21 +320,9 @@ def main():
             chk.ok(ok and not os.path.exists(T("merged", "model.safetensors")),
                    "merge refuses an adapter with tower modules in one line", p.stderr)
         # resumed runs with tower adapters: the thresholds and the dropout stream continue exactly
-        base = ["train"] + common + tw_args[:-1] + ["6", "--dropout", "0.1"]
-        ra, rb = T("twa"), T("twb")
-        p1 = U.run(B, base + ["--out", ra])
-        p2 = U.run(B, base + ["--save-every", "3", "--out", rb])
-        shutil.rmtree(os.path.join(rb, "checkpoint-6"), ignore_errors=True)
-        for f in ("mm_projector.safetensors", "adapter_model.safetensors"):
-            if os.path.exists(os.path.join(rb, f)):
-                os.remove(os.path.join(rb, f))
-        p3 = U.run(B, base + ["--save-every", "3", "--out", rb, "--resume", os.path.join(rb, "checkpoint-3")])
-        same = all(p.returncode == 0 for p in (p1, p2, p3)) and all(
-            os.path.exists(os.path.join(rb, f)) and
-            U.read_bytes(os.path.join(ra, f)) == U.read_bytes(os.path.join(rb, f))
-            for f in ("mm_projector.safetensors", "adapter_model.safetensors"))
-        chk.ok(same, "tower adapters with dropout, resumed from checkpoint-3: the uninterrupted run's bytes",
-               p1.stderr + p2.stderr + p3.stderr)
+        same, logs = resumed_same(B, ["train"] + common + tw_args[:-1] + ["6", "--dropout", "0.1"], T("twa"), T("twb"),
+                                  ["mm_projector.safetensors", "adapter_model.safetensors"])
+        chk.ok(same, "tower adapters with dropout, resumed from checkpoint-3: the uninterrupted run's bytes", logs)
         for args, needles, what in (
                 (["--stage", "1", "--target-modules", "vision_tower.vision_model.q_proj"], ["stage 1", "stage 2"],
                  "stage 1 with tower adapters"),

@@ -636,7 +636,8 @@ int tk_cls_eval(const tk_cls_opts *o, tk_cls_eval_result *res, tk_err *err) {
     if (B > d.n) B = d.n;
     if (model_open(&cm, &oo, d.n_classes, B, 0, err) || load_adapter(&cm, o->adapter_dir, err)) goto done;
     size_t K = (size_t)d.n_classes, nm = cm.vp ? tk_vit_peft_count(cm.vp) : 0, kept = 0, seen = 0;
-    if (!(idx = malloc(B * sizeof *idx))) {
+    size_t T = cm.m->n_tokens;
+    if (!(idx = malloc(B * sizeof *idx)) || !(res->samples = calloc(d.n, sizeof *res->samples))) {
         tk_fail(err, "out of memory");
         goto done;
     }
@@ -649,14 +650,20 @@ int tk_cls_eval(const tk_cls_opts *o, tk_cls_eval_result *res, tk_err *err) {
             for (size_t k = 1; k < K; k++)
                 if (cm.logits[b * K + k] > cm.logits[b * K + best]) best = k;
             res->correct += best == (size_t)d.items[i0 + b].label;
+            res->samples[i0 + b] = (tk_cls_sample){.label = d.items[i0 + b].label, .pred = (int)best, .keep = 1.0f};
         }
-        for (size_t i = 0; i < nm; i++) { /* the gate decisions of this batch */
-            int l = 0, p = 0;
-            const tk_adapted_linear *L = tk_vit_peft_module(cm.vp, i, &l, &p);
-            if (!L->gated) kept += n * cm.m->n_tokens;
-            else
-                for (size_t t = 0; t < n * cm.m->n_tokens; t++) kept += L->S[t];
-            seen += n * cm.m->n_tokens;
+        for (size_t b = 0; b < n && nm; b++) { /* the gate decisions of each image: tokens b*T .. b*T+T-1 */
+            size_t kb = 0;
+            for (size_t i = 0; i < nm; i++) {
+                int l = 0, p = 0;
+                const tk_adapted_linear *L = tk_vit_peft_module(cm.vp, i, &l, &p);
+                if (!L->gated) kb += T;
+                else
+                    for (size_t t = b * T; t < (b + 1) * T; t++) kb += L->S[t];
+            }
+            res->samples[i0 + b].keep = (float)((double)kb / (double)(nm * T));
+            kept += kb;
+            seen += nm * T;
         }
     }
     res->n = d.n;
@@ -666,9 +673,15 @@ int tk_cls_eval(const tk_cls_opts *o, tk_cls_eval_result *res, tk_err *err) {
     res->seconds = tk_time() - t0;
     rc = 0;
 done:
+    if (rc) tk_cls_eval_result_free(res);
     free(idx);
     model_free(&cm);
     data_free(&d);
     tk_peft_config_free(&oo.peft);
     return rc;
+}
+
+void tk_cls_eval_result_free(tk_cls_eval_result *r) {
+    free(r->samples);
+    r->samples = NULL;
 }

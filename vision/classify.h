@@ -5,6 +5,7 @@
  *   if (tk_cls_train(&o, &err)) ...            // OUT/adapter_model.safetensors, adapter_config.json, ...
  *   tk_cls_eval_result r;
  *   if (tk_cls_eval(&o, &r, &err)) ...         // top-1 accuracy of o.adapter_dir on o.data
+ *   ... r.samples[i].pred ...;  tk_cls_eval_result_free(&r);
  *
  * Model: logits = classifier(pooler_output(tower(pixels))), pooler_output as vit_train.h (CLIP: the
  * class token after post_layernorm; SigLIP: the attention-pooling head's output, or the mean of the
@@ -56,11 +57,21 @@ typedef struct {
 void tk_cls_opts_default(tk_cls_opts *o);
 int tk_cls_train(const tk_cls_opts *o, tk_err *err);
 
+/* One evaluated image, in data order: its label, the argmax of its logits (the lowest class index
+ * on a tie) and the share of its tower-token updates (its tokens x the adapted modules) the gates
+ * applied (1 without gates). */
+typedef struct {
+    int label, pred;
+    float keep;
+} tk_cls_sample;
+
 typedef struct {
     size_t n, correct;
     double top1, seconds, keep; /* keep: the tower modules' kept share of image tokens (gated; else 1) */
     int n_classes;
+    tk_cls_sample *samples;     /* [n], owned: tk_cls_eval_result_free */
 } tk_cls_eval_result;
 int tk_cls_eval(const tk_cls_opts *o, tk_cls_eval_result *r, tk_err *err);
+void tk_cls_eval_result_free(tk_cls_eval_result *r);
 
 #endif

@@ -33,27 +33,56 @@ static const char *TRAIN_USAGE =
     "OUT gets the adapter in PEFT's layout (the classifier as modules_to_save), gates.jsonl and\n"
     "train_log.jsonl, and with --tune-vision-tower the tower as OUT/vision_tower.";
 
-/* The tower's short names mean tower modules here (the tower is the whole model). */
+/* The tower's short names mean tower modules here (the tower is the whole model). LIST: names split
+ * at commas and blanks, or @FILE: the names in FILE, split at commas, blanks and newlines, with #
+ * comments (tspeft train's @FILE). */
 static int tower_targets(tk_peft_config *pc, const char *list, tk_err *err) {
-    char buf[8192];
-    if (strlen(list) >= sizeof buf) return tk_fail(err, "--target-modules: list too long");
-    snprintf(buf, sizeof buf, "%s", list);
+    char *buf = NULL;
+    const char *where = "--target-modules";
+    if (list[0] == '@') {
+        size_t len;
+        if (!(buf = tk_read_file(list + 1, &len, err))) return tk_err_prefix(err, "--target-modules");
+        where = list + 1;
+        for (char *c = buf, *hash = NULL; *c; c++) { /* # to the end of the line is a comment */
+            if (*c == '#') hash = c;
+            if (*c == '\n') hash = NULL;
+            if (hash || *c == '\n' || *c == '\r') *c = ' ';
+        }
+    } else if (!(buf = strdup(list))) {
+        return tk_fail(err, "out of memory");
+    }
+    int rc = -1;
     pc->target_mask = 0;
     pc->n_modules = 0;
     for (char *sv = NULL, *tok = strtok_r(buf, ", \t", &sv); tok; tok = strtok_r(NULL, ", \t", &sv)) {
         char name[8300];
+        if (strlen(tok) > 8000) {
+            tk_fail(err, "%s: a module name of %zu characters", where, strlen(tok));
+            goto done;
+        }
         if (!strchr(tok, '.') || strncmp(tok, "encoder.", 8) == 0 || strncmp(tok, "self_attn.", 10) == 0 ||
             strncmp(tok, "mlp.", 4) == 0)
             snprintf(name, sizeof name, "vision_model.%s", tok);
         else
             snprintf(name, sizeof name, "%s", tok);
-        if (tk_peft_add_target(pc, name, err)) return tk_err_prefix(err, "--target-modules");
-        if (pc->target_mask || pc->n_modules)
-            return tk_fail(err, "--target-modules: \"%s\" names a LLaMA module; image classification adapts the "
-                           "vision tower (q_proj, k_proj, v_proj, out_proj, fc1, fc2, all)", tok);
+        if (tk_peft_add_target(pc, name, err)) {
+            tk_err_prefix(err, where);
+            goto done;
+        }
+        if (pc->target_mask || pc->n_modules) {
+            tk_fail(err, "%s: \"%s\" names a LLaMA module; image classification adapts the vision tower (q_proj, "
+                    "k_proj, v_proj, out_proj, fc1, fc2, all)", where, tok);
+            goto done;
+        }
     }
-    if (!tk_peft_has_vit(pc)) return tk_fail(err, "--target-modules: empty list");
-    return 0;
+    if (!tk_peft_has_vit(pc)) {
+        tk_fail(err, "%s: empty list", where);
+        goto done;
+    }
+    rc = 0;
+done:
+    free(buf);
+    return rc;
 }
 
 int tk_cmd_train_image(int argc, char **argv) {
@@ -63,7 +92,7 @@ int tk_cmd_train_image(int argc, char **argv) {
     const char *rule = "prox", *config = NULL;
     const char *data_specs[64];
     int r = 8, rslora = 0;
-    float alpha = 16.0f, dropout = 0.0f, bn_scaling = 1.0f;
+    float alpha = 16.0f, dropout = 0.0f, bn_scaling = 1.0f, keep = 0.0f;
     tk_gate_config g = tk_gate_config_default();
     tk_opt opts[] = {
         {"config", TK_OPT_STR, &config, "FILE", "JSON file of option defaults (keys = option names)", 0},
@@ -92,8 +121,9 @@ int tk_cmd_train_image(int argc, char **argv) {
         {"dropout", TK_OPT_FLOAT, &dropout, "P", "adapter dropout (default 0)", 0},
         {"rslora", TK_OPT_FLAG, &rslora, NULL, "scale alpha/sqrt(r) (rsLoRA)", 0},
         {"bottleneck-scaling", TK_OPT_FLOAT, &bn_scaling, "X", "bottleneck adapter output scaling (default 1)", 0},
-        {"target-modules", TK_OPT_STR, &targets, "LIST", "tower projections: q_proj,k_proj,v_proj,out_proj,fc1,fc2, all, or full names (default q_proj,v_proj)", 0},
-        {"gate", TK_OPT_STR, &gate_s, "on|off", "TS-PEFT token gate on the tower's adapters (default on)", 0},
+        {"target-modules", TK_OPT_STR, &targets, "LIST", "tower projections: q_proj,k_proj,v_proj,out_proj,fc1,fc2, all, full names or @FILE (default q_proj,v_proj)", 0},
+        {"gate", TK_OPT_STR, &gate_s, "on|off|random", "TS-PEFT token gate on the tower's adapters; random: the chance control, each token's update kept with probability --keep (default on)", 0},
+        {"keep", TK_OPT_FLOAT, &keep, "P", "--gate random: probability in (0,1] that a token's update is applied in a module", 0},
         {"ts-rule", TK_OPT_STR, &rule, "R", "threshold rule: prox | surrogate | importance | scaled | energy (default prox)", 0},
         {"ts-lambda", TK_OPT_FLOAT, &g.lambda, "X", "sparsity weight lambda (default 0.05)", 0},
         {"ts-eta-tau", TK_OPT_FLOAT, &g.eta_tau, "X", "threshold step size eta_tau (default 0.05)", 0},
@@ -162,17 +192,29 @@ int tk_cmd_train_image(int argc, char **argv) {
         status = 2;
         goto fail;
     }
-    int gate = strcmp(gate_s, "on") == 0 ? 1 : strcmp(gate_s, "off") == 0 ? 0 : -1;
+    int gate = strcmp(gate_s, "on") == 0 ? 1 : strcmp(gate_s, "off") == 0 ? 0 : strcmp(gate_s, "random") == 0 ? 2 : -1;
     tk_gate_rule rv;
     if (gate < 0 || tk_gate_rule_parse(rule, &rv) || rv == TK_GATE_RANDOM) {
-        tk_fail(&err, gate < 0 ? "--gate: \"%s\" is not on or off" : "--ts-rule: \"%s\" is not prox, surrogate, "
-                "importance, scaled or energy", gate < 0 ? gate_s : rule);
+        tk_fail(&err, gate < 0 ? "--gate: \"%s\" is not on, off or random" : "--ts-rule: \"%s\" is not prox, surrogate, "
+                "importance, scaled or energy (the chance control is --gate random)", gate < 0 ? gate_s : rule);
+        status = 2;
+        goto fail;
+    }
+    if (tk_opt_seen(opts, n, "keep") && !(keep > 0.0f && keep <= 1.0f)) {
+        tk_fail(&err, "--keep: %g is not in (0, 1]", (double)keep);
+        status = 2;
+        goto fail;
+    }
+    if ((gate == 2) != tk_opt_seen(opts, n, "keep")) {
+        tk_fail(&err, gate == 2 ? "--gate random needs --keep P (the probability that a token's update is applied)"
+                                : "--keep is the keep probability of --gate random");
         status = 2;
         goto fail;
     }
     pc->gate = g;
     pc->gate.enabled = gate && pc->kind != TK_ADAPTER_NONE;
-    pc->gate.rule = rv;
+    pc->gate.rule = gate == 2 ? TK_GATE_RANDOM : rv;
+    if (gate == 2) pc->gate.keep = keep;
     if (!(pc->gate.eta_tau > 0.0f) || pc->gate.lambda < 0.0f || pc->gate.tau0 < 0.0f || pc->gate.target_keep < 0.0f ||
         pc->gate.target_keep > 1.0f || pc->gate.warmup_steps < 0 || pc->gate.eta_lambda < 0.0f) {
         tk_fail(&err, "gate options out of range: need eta_tau > 0, lambda >= 0, tau0 >= 0, target keep in (0,1]");
@@ -193,8 +235,9 @@ static const char *EVAL_USAGE =
     "                   [--out results.json] [--batch-size B] [--threads N]\n"
     "Top-1 accuracy of an image classifier trained by `tspeft train --task image-classification` (its\n"
     "adapter directory: classifier, tower adapters, TS gates applied) on image-classification shards.\n"
-    "Prints a table; --out writes the results JSON. With --tune-vision-tower runs, give the trained\n"
-    "tower (OUT/vision_tower) as --model.";
+    "Prints a table; --out R.json writes the results JSON and, beside it, R.samples.jsonl: one line per\n"
+    "image in data order, {index, label, pred, correct, keep}. With --tune-vision-tower runs, give the\n"
+    "trained tower (OUT/vision_tower) as --model.";
 
 int tk_cmd_eval_image(int argc, char **argv) {
     tk_cls_opts o;
@@ -217,7 +260,8 @@ int tk_cmd_eval_image(int argc, char **argv) {
     int n = (int)(sizeof opts / sizeof opts[0]);
     tk_err err = {0};
     int status = 1;
-    char *text = NULL;
+    char *text = NULL, *lines = NULL, samples_path[4200];
+    tk_cls_eval_result res = {0};
     int pr = tk_args_parse(opts, n, argc, argv, EVAL_USAGE, &err);
     if (pr == 1) return 0;
     if (pr < 0) {
@@ -237,7 +281,6 @@ int tk_cmd_eval_image(int argc, char **argv) {
         status = 2;
         goto fail;
     }
-    tk_cls_eval_result res;
     if (tk_cls_eval(&o, &res, &err)) goto fail;
     printf("%-22s %8s %10s %10s\n", "task", "n", "top1_acc", "keep");
     printf("%-22s %8zu %9.2f%% %9.2f%%\n", TK_IMAGE_TASK, res.n, 100.0 * res.top1, 100.0 * res.keep);
@@ -266,8 +309,28 @@ int tk_cmd_eval_image(int argc, char **argv) {
         cJSON_AddNumberToObject(m, "keep", res.keep);
         text = cJSON_Print(root);
         cJSON_Delete(root);
-        if (!text || tk_write_file_atomic(out, text, strlen(text), &err)) {
-            if (!text) tk_fail(&err, "out of memory");
+        /* beside OUT, as tspeft eval names it: OUT without .json + .samples.jsonl; one line per image in
+         * data order. Written first, removed again if OUT cannot be written: both or neither. */
+        size_t L = strlen(out);
+        int base = L >= 5 && strcmp(out + L - 5, ".json") == 0 ? (int)(L - 5) : (int)L;
+        if (!text) {
+            tk_fail(&err, "out of memory");
+            goto fail;
+        }
+        if (tk_pathf(samples_path, sizeof samples_path, &err, "%.*s.samples.jsonl", base, out)) goto fail;
+        if (!(lines = malloc(res.n * 160 + 1))) {
+            tk_fail(&err, "out of memory");
+            goto fail;
+        }
+        size_t len = 0;
+        for (size_t i = 0; i < res.n; i++) {
+            const tk_cls_sample *sm = &res.samples[i];
+            len += (size_t)snprintf(lines + len, 160, "{\"index\": %zu, \"label\": %d, \"pred\": %d, \"correct\": %d, "
+                                    "\"keep\": %.6g}\n", i, sm->label, sm->pred, sm->label == sm->pred, (double)sm->keep);
+        }
+        if (tk_write_file_atomic(samples_path, lines, len, &err)) goto fail;
+        if (tk_write_file_atomic(out, text, strlen(text), &err)) {
+            remove(samples_path);
             goto fail;
         }
     }
@@ -275,6 +338,8 @@ int tk_cmd_eval_image(int argc, char **argv) {
 fail:
     if (status) fprintf(stderr, "tspeft eval: %s\n", err.msg);
     free(text);
+    free(lines);
+    tk_cls_eval_result_free(&res);
     tk_peft_config_free(&o.peft);
     return status;
 }

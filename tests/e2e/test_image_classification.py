@@ -14,10 +14,14 @@ Checks: a TS-gated LoRA on every tower projection trains (loss falls) and the he
 accuracy is well above chance (> 0.5 for 4 classes; chance 0.25); the adapter is in PEFT's layout
 (tower module keys under base_model.model.vision_model., the classifier as modules_to_save, ts_tau
 per module, full tower names in target_modules, task_type null); `tspeft eval` writes its results
-JSON; `tspeft gates` shows the tower modules in their own block; a linear probe (--adapter-type
-none) and --tune-vision-tower with LoRA (the tower written as OUT/vision_tower, its weights changed,
-usable as --model) run; bad input is refused with one line and nothing written: the classifier's class
-count against the data's n_classes, records disagreeing on n_classes, a LLaMA target name.
+JSON and the per-image JSONL beside it (one line per image in data order, correct == (pred ==
+label), their mean the top-1, per-image keep averaging to the results' keep); `tspeft gates` shows
+the tower modules in their own block; the chance control (--gate random --keep 0.3 discards about
+70% in training and evaluation) and --target-modules @FILE; a linear probe (--adapter-type none) and
+--tune-vision-tower with LoRA (the tower written as OUT/vision_tower, its weights changed, usable as
+--model) run; bad input is refused with one line and nothing written: the classifier's class count
+against the data's n_classes, records disagreeing on n_classes, a LLaMA target name, --gate random
+without a valid --keep, --keep without --gate random, a missing @FILE.
 """
 import argparse
 import gzip
@@ -44,6 +48,7 @@ import st  # noqa: E402
 FMNIST = "/usr/share/datasets/fashion-mnist"
 CLASSES = [0, 1, 7, 9]  # T-shirt/top, Trouser, Sneaker, Ankle boot
 NAMES = ["T-shirt/top", "Trouser", "Sneaker", "Ankle boot"]
+LABELS = {}  # shard path -> its records' labels in record order (make_split)
 
 
 def read_idx(split):
@@ -87,8 +92,10 @@ def make_split(tspeft, d, split, per_class, n_classes=4, bad_record=False):
                               "label": lab, "answer": NAMES[lab], "n_classes": nc}})
         if all(v >= per_class for v in count.values()):
             break
-    return U.make_shard(tspeft, os.path.join(d, "%s%s%s.shard" % (split, "_nc%d" % n_classes if n_classes != 4 else "",
+    path = U.make_shard(tspeft, os.path.join(d, "%s%s%s.shard" % (split, "_nc%d" % n_classes if n_classes != 4 else "",
                                                                    "_bad" if bad_record else "")), rows, 1 << 16)
+    LABELS[path] = [r["meta"]["label"] for r in rows]
+    return path
 
 
 def one_line_error(p, words):
@@ -156,6 +163,20 @@ def main():
         print("       held-out top-1 %.3f on %d images, keep %.3f" % (acc, r["tasks"][0]["n"],
                                                                       r["tasks"][0]["metrics"].get("keep", 0)))
         chk.ok(r["tasks"][0]["n"] == 160 and acc > 0.5, "held-out top-1 %.3f > 0.5 (4 classes, chance 0.25)" % acc)
+        sp = os.path.join(tmp, "ts_results.samples.jsonl")
+        rows = [json.loads(x) for x in open(sp)] if os.path.exists(sp) else []
+        labels = LABELS[test]
+        chk.ok(len(rows) == 160 and [x["index"] for x in rows] == list(range(160)) and
+               [x["label"] for x in rows] == labels and
+               all(x["correct"] == int(x["pred"] == x["label"]) and 0 <= x["pred"] < 4 for x in rows) and
+               abs(np.mean([x["correct"] for x in rows]) - acc) < 1e-12,
+               "ts_results.samples.jsonl: one line per image in data order (labels as the shard's), correct == "
+               "(pred == label), mean correct == top1_acc", (len(rows), rows[:2]))
+        kp = [x.get("keep", -1) for x in rows]
+        chk.ok(rows and all(0 <= k <= 1 for k in kp) and
+               abs(np.mean(kp) - r["tasks"][0]["metrics"]["keep"]) < 1e-5 and min(kp) < max(kp),
+               "per-image keep in [0, 1], its mean the results' keep %.4f, varying between images (%.3f .. %.3f)" %
+               (r["tasks"][0]["metrics"].get("keep", -1), min(kp or [0]), max(kp or [0])))
 
         chk.section("gates")
         p = U.run(tsp, ["gates", out], timeout=60)
@@ -189,14 +210,56 @@ def main():
                         "--adapter", full, "--data", test, "--threads", 2], timeout=120)
         chk.ok(p.returncode == 0, "the trained tower evaluates as --model with its adapter", p.stderr)
 
+        chk.section("the chance control and a module list from a file")
+        rnd = os.path.join(tmp, "random")
+        p = U.run(tsp, ["train", "--task", "image-classification", "--model", tower, "--data", train, "--steps", 10,
+                        "--batch-size", 16, "--lr", 3e-3, "--target-modules", "all", "--gate", "random", "--keep", 0.3,
+                        "--out", rnd, "--threads", 2, "--quiet"], timeout=120)
+        g = U.run(tsp, ["gates", rnd, "--format", "json", "--plots", "off"], timeout=60) if p.returncode == 0 else p
+        dis = json.loads(g.stdout)["discarded_fraction_run"] if g.returncode == 0 else -1
+        cfg = json.load(open(os.path.join(rnd, "adapter_config.json"))) if p.returncode == 0 else {}
+        chk.ok(p.returncode == 0 and abs(dis - 0.7) < 0.02 and
+               abs(cfg.get("ts_peft", {}).get("keep", 0) - 0.3) < 1e-6,
+               "--gate random --keep 0.3 trains; tspeft gates: discarded %.3f (about 0.7); ts_peft keep 0.3" % dis,
+               p.stderr + g.stderr)
+        rres = os.path.join(tmp, "random.json")
+        p = U.run(tsp, ["eval", "--task", "image-classification", "--model", tower, "--adapter", rnd, "--data", test,
+                        "--out", rres, "--threads", 2], timeout=120)
+        k = json.load(open(rres))["tasks"][0]["metrics"]["keep"] if p.returncode == 0 else -1
+        chk.ok(p.returncode == 0 and abs(k - 0.3) < 0.02, "its evaluation draws the gate at keep 0.3 too (%.3f)" % k,
+               p.stderr)
+        mfile = os.path.join(tmp, "modules.txt")
+        with open(mfile, "w") as f:
+            f.write("# kept modules\nvision_model.encoder.layers.0.self_attn.q_proj\n"
+                    "vision_model.encoder.layers.1.mlp.fc2  # a comment\n")
+        mo = os.path.join(tmp, "modfile")
+        p = U.run(tsp, ["train", "--task", "image-classification", "--model", tower, "--data", train, "--steps", 3,
+                        "--batch-size", 8, "--target-modules", "@" + mfile, "--gate", "off", "--out", mo, "--threads", 2,
+                        "--quiet"], timeout=120)
+        cfg = json.load(open(os.path.join(mo, "adapter_config.json"))) if p.returncode == 0 else {}
+        chk.ok(cfg.get("target_modules") == ["vision_model.encoder.layers.0.self_attn.q_proj",
+                                             "vision_model.encoder.layers.1.mlp.fc2"],
+               "--target-modules @FILE: the file's names (comments dropped) are the targets", p.stderr)
+
         chk.section("bad input")
         test5 = make_split(tsp, tmp, "test", 5, n_classes=5)
         res5 = os.path.join(tmp, "bad_results.json")
         p = U.run(tsp, ["eval", "--task", "image-classification", "--model", tower, "--adapter", out, "--data", test5,
                         "--out", res5], timeout=60)
-        chk.ok(one_line_error(p, ["adapter_model.safetensors", "4 classes", "5"]) and not os.path.exists(res5),
-               "eval: the classifier's 4 classes against data with n_classes 5: one line, nothing written",
-               p.stderr)
+        chk.ok(one_line_error(p, ["adapter_model.safetensors", "4 classes", "5"]) and not os.path.exists(res5) and
+               not os.path.exists(os.path.join(tmp, "bad_results.samples.jsonl")),
+               "eval: the classifier's 4 classes against data with n_classes 5: one line, nothing written "
+               "(neither the results nor the samples)", p.stderr)
+        for argv, words, what in (
+                (["--gate", "random"], ["--gate random", "--keep"], "--gate random without --keep"),
+                (["--gate", "random", "--keep", "0"], ["--keep", "(0, 1]"], "--keep 0"),
+                (["--keep", "0.5"], ["--keep", "--gate random"], "--keep without --gate random"),
+                (["--target-modules", "@" + os.path.join(tmp, "no_such.txt")], ["no_such.txt"],
+                 "--target-modules @FILE of a missing file")):
+            p = U.run(tsp, ["train", "--task", "image-classification", "--model", tower, "--data", train, "--steps", 2,
+                            "--out", os.path.join(tmp, "bad_out")] + argv, timeout=60)
+            chk.ok(one_line_error(p, words) and not os.path.exists(os.path.join(tmp, "bad_out")),
+                   "train: %s: one line, nothing written" % what, p.stderr)
         bad = make_split(tsp, tmp, "train", 3, bad_record=True)
         bout = os.path.join(tmp, "bad_out")
         p = U.run(tsp, ["train", "--task", "image-classification", "--model", tower, "--data", bad, "--steps", 2,

@@ -17,6 +17,7 @@ projections):
   random      --gate random --keep P, P = the chosen candidate's kept share of the same seed
   module-off  --gate off --target-modules @FILE: the chosen candidate's lowest-keep modules switched off
               until the switched-off share >= its discarded share (= lora when none)
+  (--controls-for NAME matches the controls to another candidate: a further question, in its own --out)
 On --split val, the candidate is chosen by the declared rule (among candidates whose CI lower bound
 against lora is >= -1 point, the one discarding most; else the most accurate), then its controls run.
 On --split test, the validation study's choice is read and probe, lora, the chosen candidate and its
@@ -67,6 +68,9 @@ def parse_args(argv):
     ap.add_argument("--tower-steps", type=int, default=None, help="tower pretraining steps (default 300; --quick 40)")
     ap.add_argument("--per-class", type=int, default=None,
                     help="at most N images per class in each set (default 0: all; --quick 60)")
+    ap.add_argument("--controls-for", default=None, choices=[n for n, _ in CANDIDATES],
+                    help="match random and module-off (and the readings) to this candidate instead of the one the "
+                         "choice rule takes: a further question, reported as such, not the declared study")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples (default 2000)")
     ap.add_argument("--quick", action="store_true",
@@ -415,6 +419,9 @@ def markdown(a, names, methods, comps, choice, read, elapsed, cells_run, cells_r
     if a.quick:
         L += ["", "**--quick: a plumbing check; the numbers mean nothing.**"]
     L += ["", "Chosen candidate: %s" % choice[1], ""]
+    if a.controls_for and a.controls_for != choice[0]:
+        L += ["**Controls and readings for %s (--controls-for), not for the chosen candidate: a further question, "
+              "outside the declared protocol.**" % a.controls_for, ""]
     n = next((methods[m]["n"] for m in names if methods[m]["n"]), None)
     L.append("| method | seeds | top-1 (mean ± sd) | vs lora, pts [95% CI] | discarded | interior | train s | note |")
     L.append("|---|---|---|---|---|---|---|---|")
@@ -521,14 +528,17 @@ def main(argv):
         log("cv_gate_study: the held-out test split, once, with the candidate chosen on validation: %s" % choice[0])
         base = ["probe", "lora"] + ([choice[0]] if choice[0] else [])
         run_all(base)
+    g = a.controls_for or choice[0]
+    if g and g not in base:
+        base.append(g)
+        run_all([g])
     names = list(base)
-    if choice[0]:
-        run_all(list(CONTROLS), controls_for=choice[0])
+    if g:
+        run_all(list(CONTROLS), controls_for=g)
         names += list(CONTROLS)
     methods, pair = summarise(a, names, cells, rng)
     comps, read = {}, []
-    if choice[0]:
-        g = choice[0]
+    if g:
         for m1, m2 in ((g, "random"), (g, "module-off"), ("lora", "probe"), (g, "probe")):
             comps["%s-vs-%s" % (m1, m2)] = pair(m1, m2)
         read = readings(g, methods, comps)
@@ -539,10 +549,12 @@ def main(argv):
     os.makedirs(sdir, exist_ok=True)
     study = {"settings": {"split": a.split, "seeds": list(seeds), "steps": a.steps, "warmup": a.warmup,
                           "tower_steps": a.tower_steps, "per_class": a.per_class, "threads": a.threads,
+                          "controls_for": a.controls_for,
                           "bootstrap_resamples": a.bootstrap, "bootstrap_seed": BOOT_SEED, "quick": a.quick,
                           "interior_range": list(INTERIOR), "candidates": dict(CANDIDATES), "tower": TOWER,
                           "tspeft": a.tspeft, "seconds": round(elapsed, 1)},
-             "chosen": choice[0], "choice_reason": choice[1], "methods": methods, "comparisons": comps,
+             "chosen": choice[0], "choice_reason": choice[1], "controls_for": g, "methods": methods,
+             "comparisons": comps,
              "readings": read,
              "cells": {"%s/seed%d" % k: {"status": c["status"], "error": c["error"],
                                          "path": os.path.join("cells", a.split, k[0], "seed%d" % k[1], "cell.json")}

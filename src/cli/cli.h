@@ -25,6 +25,9 @@ int tk_cli_is_image_task(int argc, char **argv);
 int tk_cmd_train_image(int argc, char **argv);
 int tk_cmd_eval_image(int argc, char **argv);
 int tk_cmd_gates(int argc, char **argv);
+/* --gate on|off|random (on/off also 1/0, true/false) and --keep P (given: keep_seen; only with random, in
+ * (0, 1]) of the train verbs: *gate 1, 0 or 2; -1 with err (a usage error). */
+int tk_cli_gate_mode(const char *gate_s, int keep_seen, float keep, int *gate, tk_err *err);
 int tk_cmd_select(int argc, char **argv);
 
 #endif

@@ -198,22 +198,15 @@ int tk_cmd_train_image(int argc, char **argv) {
         status = 2;
         goto fail;
     }
-    int gate = strcmp(gate_s, "on") == 0 ? 1 : strcmp(gate_s, "off") == 0 ? 0 : strcmp(gate_s, "random") == 0 ? 2 : -1;
+    int gate = 1;
     tk_gate_rule rv;
-    if (gate < 0 || tk_gate_rule_parse(rule, &rv) || rv == TK_GATE_RANDOM) {
-        tk_fail(&err, gate < 0 ? "--gate: \"%s\" is not on, off or random" : "--ts-rule: \"%s\" is not prox, surrogate, "
-                "importance, scaled or energy (the chance control is --gate random)", gate < 0 ? gate_s : rule);
+    if (tk_cli_gate_mode(gate_s, tk_opt_seen(opts, n, "keep"), keep, &gate, &err)) {
         status = 2;
         goto fail;
     }
-    if (tk_opt_seen(opts, n, "keep") && !(keep > 0.0f && keep <= 1.0f)) {
-        tk_fail(&err, "--keep: %g is not in (0, 1]", (double)keep);
-        status = 2;
-        goto fail;
-    }
-    if ((gate == 2) != tk_opt_seen(opts, n, "keep")) {
-        tk_fail(&err, gate == 2 ? "--gate random needs --keep P (the probability that a token's update is applied)"
-                                : "--keep is the keep probability of --gate random");
+    if (tk_gate_rule_parse(rule, &rv) || rv == TK_GATE_RANDOM) {
+        tk_fail(&err, "--ts-rule: \"%s\" is not prox, surrogate, importance, scaled or energy (the chance control is "
+                      "--gate random)", rule);
         status = 2;
         goto fail;
     }

@@ -26,6 +26,18 @@ static const char *USAGE =
     "ConstantLengthDataset; the first label of each packed record is ignored). --resume continues the\n"
     "shard stream exactly from the checkpoint's loader cursor.";
 
+int tk_cli_gate_mode(const char *gate_s, int keep_seen, float keep, int *gate, tk_err *err) {
+    if (strcmp(gate_s, "on") == 0 || strcmp(gate_s, "1") == 0 || strcmp(gate_s, "true") == 0) *gate = 1;
+    else if (strcmp(gate_s, "off") == 0 || strcmp(gate_s, "0") == 0 || strcmp(gate_s, "false") == 0) *gate = 0;
+    else if (strcmp(gate_s, "random") == 0) *gate = 2;
+    else return tk_fail(err, "--gate: \"%s\" is not on, off or random", gate_s);
+    if (keep_seen && !(keep > 0.0f && keep <= 1.0f)) return tk_fail(err, "--keep: %g is not in (0, 1]", (double)keep);
+    if ((*gate == 2) != keep_seen)
+        return tk_fail(err, *gate == 2 ? "--gate random needs --keep P (the probability that a token's update is applied)"
+                                       : "--keep is the keep probability of --gate random");
+    return 0;
+}
+
 int tk_cmd_train(int argc, char **argv) {
     if (tk_cli_is_image_task(argc, argv)) return tk_cmd_train_image(argc, argv);
     return tk_cmd_train_dist(argc, argv, NULL);
@@ -160,11 +172,7 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
         goto fail;
     }
     /* the gate's mode and rule, checked before anything is read or written */
-    if (strcmp(gate_s, "on") == 0 || strcmp(gate_s, "1") == 0 || strcmp(gate_s, "true") == 0) gate = 1;
-    else if (strcmp(gate_s, "off") == 0 || strcmp(gate_s, "0") == 0 || strcmp(gate_s, "false") == 0) gate = 0;
-    else if (strcmp(gate_s, "random") == 0) gate = 2;
-    else {
-        tk_fail(&err, "--gate: \"%s\" is not on, off or random", gate_s);
+    if (tk_cli_gate_mode(gate_s, tk_opt_seen(opts, n, "keep"), keep, &gate, &err)) {
         status = 2;
         goto fail;
     }
@@ -177,17 +185,6 @@ int tk_cmd_train_dist(int argc, char **argv, tk_dist *dist) {
     }
     if (tk_tau_scope_parse(scope, &scope_v)) {
         tk_fail(&err, "--ts-tau-scope: \"%s\" is not module or layer", scope);
-        status = 2;
-        goto fail;
-    }
-    if (tk_opt_seen(opts, n, "keep") && !(keep > 0.0f && keep <= 1.0f)) {
-        tk_fail(&err, "--keep: %g is not in (0, 1]", (double)keep);
-        status = 2;
-        goto fail;
-    }
-    if ((gate == 2) != tk_opt_seen(opts, n, "keep")) {
-        tk_fail(&err, gate == 2 ? "--gate random needs --keep P (the probability that a token's update is applied)"
-                                : "--keep is the keep probability of --gate random");
         status = 2;
         goto fail;
     }

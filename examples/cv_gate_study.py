@@ -32,7 +32,6 @@ Output (OUT = --out):
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -44,7 +43,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from gate_study import (BOOT_SEED, INTERIOR, CellError, ci, finite, fmt, gate_stats, last_line,  # noqa: E402
-                        load_json, log, mean_or_none, modules_to_keep, paired_bootstrap, pts, run_cmd, write_json)
+                        load_json, log, mean_or_none, modules_to_keep, open_study, paired_bootstrap, pts, run_cmd,
+                        write_json)
 
 # Fashion-MNIST class names as `tspeft convert --format fashion-mnist --layout image-folder` writes them
 FM_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -486,13 +486,7 @@ def check(a, out, names, study):
 def main(argv):
     a = parse_args(argv)
     t0 = time.time()
-    out = os.path.abspath(a.out)
-    a.tspeft = os.path.abspath(a.tspeft)
-    if not os.access(a.tspeft, os.X_OK):
-        sys.exit("cv_gate_study: %s is not an executable tspeft" % a.tspeft)
-    if a.fresh and os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+    out = open_study(a, "cv_gate_study")
     prep, tower = prepare(a, out)
     cells = {}
     seeds = range(1, a.seeds + 1)

@@ -714,16 +714,23 @@ def check(a, out):
 
 # ---- main ---------------------------------------------------------------------------------------
 
-def main(argv):
-    a = parse_args(argv)
-    t0 = time.time()
+def open_study(a, prog):
+    """--tspeft made absolute and checked, --out made absolute (emptied first with --fresh) and created;
+    returns it. prog names the script in the error."""
     out = os.path.abspath(a.out)
     a.tspeft = os.path.abspath(a.tspeft)
     if not os.access(a.tspeft, os.X_OK):
-        sys.exit("gate_study: %s is not an executable tspeft" % a.tspeft)
+        sys.exit("%s: %s is not an executable tspeft" % (prog, a.tspeft))
     if a.fresh and os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    return out
+
+
+def main(argv):
+    a = parse_args(argv)
+    t0 = time.time()
+    out = open_study(a, "gate_study")
     if a.split == "test":
         log("gate_study: the held-out test split: report these numbers once, with the settings chosen on val")
     prep = prepare(a, out)

@@ -42,9 +42,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from gate_study import (BOOT_SEED, INTERIOR, CellError, ci, finite, fmt, gate_stats, last_line,  # noqa: E402
-                        load_json, log, mean_or_none, modules_to_keep, open_study, paired_bootstrap, pts, run_cmd,
-                        write_json)
+from gate_study import (BOOT_SEED, INTERIOR, CellError, ci, command_key, finite, fmt, gate_stats,  # noqa: E402
+                        load_json, log, mean_or_none, modules_to_keep, open_study, paired_bootstrap, pts,
+                        reusable_run, run_cmd, save_gates_json, write_json)
 
 # Fashion-MNIST class names as `tspeft convert --format fashion-mnist --layout image-folder` writes them
 FM_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -202,33 +202,19 @@ def train_run(a, prep, tower, out, method, seed, flags, extra):
         cmd += ["--r", "8"]
     cmd += ["--steps", str(a.steps), "--batch-size", "32", "--lr", "3e-3", "--seed", str(seed), "--out", tdir,
             "--quiet", "--threads", str(a.threads)]
-    key = [os.path.basename(c) if i == 0 else c.replace(out, "OUT") for i, c in enumerate(cmd)]
-    rec_path = os.path.join(rdir, "run.json")
-    if os.path.exists(rec_path):
-        rec = load_json(rec_path)
-        if rec.get("command_key") == key:
-            return rdir, rec, True
-        sys.exit("cv_gate_study: %s was trained with another command (settings changed?): use another --out\n"
-                 "  was: %s\n  now: %s" % (rdir, " ".join(rec.get("command_key", [])), " ".join(key)))
-    if os.path.exists(tdir):
-        shutil.rmtree(tdir)
-    os.makedirs(rdir, exist_ok=True)
+    key = command_key(cmd, out)
+    rec = reusable_run(rdir, tdir, key, "cv_gate_study")
+    if rec is not None:
+        return rdir, rec, True
     run_cmd(cmd, os.path.join(rdir, "train.log"))
     steps = [json.loads(x) for x in open(os.path.join(tdir, "train_log.jsonl")) if x.strip()]
-    gates = None
-    if os.path.exists(os.path.join(tdir, "gates.jsonl")):
-        g = subprocess.run([a.tspeft, "gates", tdir, "--format", "json", "--plots", "off"], capture_output=True,
-                           text=True)
-        if g.returncode != 0:
-            raise CellError("tspeft gates exited %d: %s" % (g.returncode, last_line(g.stderr + g.stdout)))
-        json.loads(g.stdout)
-        with open(os.path.join(rdir, "gates.json"), "w") as f:
-            f.write(g.stdout)
-        gates = True
-    rec = dict(extra, method=method, seed=seed, command=cmd, command_key=key, gates=bool(gates),
+    gates = os.path.exists(os.path.join(tdir, "gates.jsonl"))
+    if gates:
+        save_gates_json(a.tspeft, tdir, rdir)
+    rec = dict(extra, method=method, seed=seed, command=cmd, command_key=key, gates=gates,
                train_seconds=sum(s.get("seconds", 0) for s in steps),
                last_loss=float(np.mean([s["loss"] for s in steps[-10:]])) if steps else None)
-    write_json(rec_path, rec)
+    write_json(os.path.join(rdir, "run.json"), rec)
     return rdir, rec, False
 
 

@@ -304,6 +304,38 @@ def modules_to_keep(ts_gates):
 
 # ---- one cell -----------------------------------------------------------------------------------
 
+def command_key(cmd, out):
+    """cmd as compared on resuming: the binary's path and the study's place are left out (another build,
+    a moved study directory: the same run)."""
+    return [os.path.basename(c) if i == 0 else c.replace(out, "OUT") for i, c in enumerate(cmd)]
+
+
+def reusable_run(rdir, tdir, key, prog):
+    """rdir's run record when it finished with the same command key; else None, with an unfinished run's
+    tdir removed and rdir made. A run trained with another command stops the study."""
+    rec_path = os.path.join(rdir, "run.json")
+    if os.path.exists(rec_path):
+        rec = load_json(rec_path)
+        if rec.get("command_key") == key:
+            return rec
+        sys.exit("%s: %s was trained with another command (settings changed?): use another --out or delete it\n"
+                 "  was: %s\n  now: %s" % (prog, rdir, " ".join(rec.get("command_key", [])), " ".join(key)))
+    if os.path.exists(tdir):
+        shutil.rmtree(tdir)  # an unfinished run: start it again
+    os.makedirs(rdir, exist_ok=True)
+    return None
+
+
+def save_gates_json(tspeft, tdir, rdir):
+    """`tspeft gates TDIR --format json` into RDIR/gates.json (CellError when it fails)."""
+    g = subprocess.run([tspeft, "gates", tdir, "--format", "json", "--plots", "off"], capture_output=True, text=True)
+    if g.returncode != 0:
+        raise CellError("tspeft gates exited %d: %s" % (g.returncode, last_line(g.stderr + g.stdout)))
+    json.loads(g.stdout)
+    with open(os.path.join(rdir, "gates.json"), "w") as f:
+        f.write(g.stdout)
+
+
 def train_run(a, prep, out, method, seed, flags, extra_record):
     """The stage-2 training run of (method, seed), reused when it finished with the same command."""
     rdir = os.path.join(out, "runs", method, "seed%d" % seed)
@@ -320,32 +352,17 @@ def train_run(a, prep, out, method, seed, flags, extra_record):
         "--steps", str(a.steps), "--batch-size", "16", "--lr", "2e-3", "--lr-scheduler", "cosine",
         "--warmup-steps", "20", "--shuffle", "--seed", str(seed), "--max-seq-len", "128", "--out", tdir,
         "--log-every", "100", "--threads", str(a.threads)]
-    # compared on resuming: the binary's path and the study's place are left out (another build, a moved
-    # study directory: the same run)
-    key = [os.path.basename(c) if i == 0 else c.replace(out, "OUT") for i, c in enumerate(cmd)]
-    rec_path = os.path.join(rdir, "run.json")
-    if os.path.exists(rec_path):
-        rec = load_json(rec_path)
-        if rec.get("command_key") == key:
-            return rdir, rec, True
-        sys.exit("gate_study: %s was trained with another command (settings changed?): use another --out "
-                 "or delete it\n  was: %s\n  now: %s" % (rdir, " ".join(rec.get("command_key", [])), " ".join(key)))
-    if os.path.exists(tdir):
-        shutil.rmtree(tdir)  # an unfinished run: start it again
-    os.makedirs(rdir, exist_ok=True)
+    key = command_key(cmd, out)
+    rec = reusable_run(rdir, tdir, key, "gate_study")
+    if rec is not None:
+        return rdir, rec, True
     run_cmd(cmd, os.path.join(rdir, "train.log"))
     summ = load_json(os.path.join(tdir, "train_summary.json"))
-    gates = subprocess.run([a.tspeft, "gates", tdir, "--format", "json", "--plots", "off"],
-                           capture_output=True, text=True)
-    if gates.returncode != 0:
-        raise CellError("tspeft gates exited %d: %s" % (gates.returncode, last_line(gates.stderr + gates.stdout)))
-    with open(os.path.join(rdir, "gates.json"), "w") as f:
-        f.write(gates.stdout)
-    json.loads(gates.stdout)
+    save_gates_json(a.tspeft, tdir, rdir)
     rec = dict(extra_record, method=method, seed=seed, command=cmd, command_key=key,
                train_seconds=summ.get("seconds"), tokens_per_second=summ.get("tokens_per_second"),
                last_step_loss=summ.get("last_step_loss"))
-    write_json(rec_path, rec)
+    write_json(os.path.join(rdir, "run.json"), rec)
     return rdir, rec, False
 
 

@@ -76,6 +76,24 @@ static inline double rel_err_d(const float *a, const double *ref, size_t n) {
     return maxd / (maxr > 1e-3 ? maxr : 1e-3);
 }
 
+/* Central differences of loss(ctx) over param[0..n) with step eps, reported against analytic as
+ * rel_err_d under tol. */
+static inline void fd_central(const char *name, const float *analytic, float *param, size_t n, float eps, double tol,
+                              double (*loss)(void *ctx), void *ctx) {
+    double *num = dalloc(n);
+    for (size_t i = 0; i < n; i++) {
+        float o = param[i];
+        param[i] = o + eps;
+        double lp = loss(ctx);
+        param[i] = o - eps;
+        double lm = loss(ctx);
+        param[i] = o;
+        num[i] = (lp - lm) / (2.0 * eps);
+    }
+    report(name, rel_err_d(analytic, num, n), tol);
+    free(num);
+}
+
 static inline double rel_err_f(const float *a, const float *ref, size_t n) {
     double maxd = 0.0, maxr = 0.0;
     for (size_t i = 0; i < n; i++) {

@@ -53,20 +53,10 @@ static double att_loss(att_ctx *c) {
     return s;
 }
 
+static double att_loss_cb(void *c) { return att_loss(c); }
+
 static void fd_att(const char *name, const float *analytic, float *param, att_ctx *c) {
-    size_t n = c->T * c->H * c->D;
-    double *num = dalloc(n);
-    for (size_t i = 0; i < n; i++) {
-        float o = param[i];
-        param[i] = o + FD_EPS;
-        double lp = att_loss(c);
-        param[i] = o - FD_EPS;
-        double lm = att_loss(c);
-        param[i] = o;
-        num[i] = (lp - lm) / (2.0 * FD_EPS);
-    }
-    report(name, rel_err_d(analytic, num, n), FD_TOL);
-    free(num);
+    fd_central(name, analytic, param, c->T * c->H * c->D, FD_EPS, FD_TOL, att_loss_cb, c);
 }
 
 static void test_attention(void) {
@@ -120,19 +110,10 @@ static double vit_loss(vit_ctx *c) {
     return s;
 }
 
+static double vit_loss_cb(void *c) { return vit_loss(c); }
+
 static void fd_vec(const char *name, const float *analytic, float *param, size_t n, vit_ctx *c) {
-    double *num = dalloc(n);
-    for (size_t i = 0; i < n; i++) {
-        float o = param[i];
-        param[i] = o + FD_EPS;
-        double lp = vit_loss(c);
-        param[i] = o - FD_EPS;
-        double lm = vit_loss(c);
-        param[i] = o;
-        num[i] = (lp - lm) / (2.0 * FD_EPS);
-    }
-    report(name, rel_err_d(analytic, num, n), FD_TOL);
-    free(num);
+    fd_central(name, analytic, param, n, FD_EPS, FD_TOL, vit_loss_cb, c);
 }
 
 static size_t numel(const tk_vit_slot *s) {

@@ -352,7 +352,7 @@ tk_vit *tk_vit_zeros(const tk_vit_config *cfg, tk_err *err) {
 
 int tk_vit_save(const tk_vit *m, const char *dir, tk_err *err) {
     const tk_vit_config *c = &m->cfg;
-    char path[4096], cfgtmp[4200];
+    char path[4096];
     size_t cap = tk_vit_slot_capacity(c);
     tk_vit_slot *slots = calloc(cap, sizeof *slots);
     tk_st_entry *e = calloc(cap, sizeof *e);
@@ -394,20 +394,16 @@ int tk_vit_save(const tk_vit *m, const char *dir, tk_err *err) {
     if (tk_mkdir_p(dir, err) || tk_pathf(path, sizeof path, err, "%s/model.safetensors", dir)) goto done;
     const char *meta[] = {"format", "pt", NULL};
     if (tk_st_write(path, e, ns, meta, err)) goto done;
-    if (tk_pathf(path, sizeof path, err, "%s/config.json", dir)) goto done;
-    snprintf(cfgtmp, sizeof cfgtmp, "%s.tmp", path);
-    FILE *fp = fopen(cfgtmp, "wb");
-    if (!fp || fputs(text, fp) < 0 || fputc('\n', fp) < 0 || fclose(fp)) {
-        if (fp) fclose(fp);
-        remove(cfgtmp);
-        tk_fail(err, "%s: cannot write", cfgtmp);
+    size_t len = strlen(text);
+    char *nl = realloc(text, len + 2); /* the file ends with a newline */
+    if (!nl) {
+        tk_fail(err, "%s: out of memory", dir);
         goto done;
     }
-    if (rename(cfgtmp, path)) {
-        remove(cfgtmp);
-        tk_fail(err, "%s: cannot rename to %s", cfgtmp, path);
+    text = nl;
+    memcpy(text + len, "\n", 2);
+    if (tk_pathf(path, sizeof path, err, "%s/config.json", dir) || tk_write_file_atomic(path, text, len + 1, err))
         goto done;
-    }
     rc = 0;
 done:
     free(text);

@@ -145,16 +145,7 @@ void tk_vit_peft_init(tk_vit_peft *vp, uint64_t seed) {
     tk_rng_seed(&rng, seed);
     for (size_t i = 0; i < vp->n_mod; i++) {
         int l = 0, j = 0;
-        tk_adapted_linear *L = tk_vit_peft_module(vp, i, &l, &j);
-        float bound = 1.0f / sqrtf((float)L->in);
-        for (size_t k = 0; k < L->r * L->in; k++) L->A[k] = (2.0f * tk_rng_uniform(&rng) - 1.0f) * bound;
-        memset(L->B, 0, L->out * L->r * sizeof(float));
-        if (L->kind == TK_ADAPTER_DORA)
-            for (size_t o = 0; o < L->out; o++) {
-                double ss = 0.0;
-                for (size_t k = 0; k < L->in; k++) ss += (double)L->w0[o * L->in + k] * L->w0[o * L->in + k];
-                L->mag[o] = (float)sqrt(ss);
-            }
+        tk_peft_module_init_weights(tk_vit_peft_module(vp, i, &l, &j), &rng);
     }
 }
 

@@ -85,15 +85,16 @@ done:
     return rc;
 }
 
-/* tk_args_parse, then the repeatable --data specs into specs[64] (*n_data of them): 1 (--help
- * printed), 0, or -1 with err (a usage error). */
+/* tk_args_parse, then the repeatable --data specs into specs[64], which o->data then points at: 1
+ * (--help printed), 0, or -1 with err (a usage error). */
 static int parse_with_data(tk_opt *opts, int n, int argc, char **argv, const char *usage, const char **specs,
-                           int *n_data, tk_err *err) {
+                           tk_cls_opts *o, tk_err *err) {
     int pr = tk_args_parse(opts, n, argc, argv, usage, err);
     if (pr != 0) return pr;
-    *n_data = tk_args_collect(opts, n, argc, argv, "data", specs, 64, err);
-    if (*n_data < 0) return -1;
-    if (*n_data == 0 && specs[0]) *n_data = 1;
+    int n_data = tk_args_collect(opts, n, argc, argv, "data", specs, 64, err);
+    if (n_data < 0) return -1;
+    o->data = specs;
+    o->n_data = n_data == 0 && specs[0] ? 1 : n_data;
     return 0;
 }
 
@@ -151,15 +152,13 @@ int tk_cmd_train_image(int argc, char **argv) {
     data_specs[0] = NULL;
     for (int i = 0; i + 1 < argc; i++)
         if (strcmp(argv[i], "--config") == 0 && tk_args_apply_config(opts, n, argv[i + 1], &json, &err)) goto fail;
-    int n_data = 0, pr = parse_with_data(opts, n, argc, argv, TRAIN_USAGE, data_specs, &n_data, &err);
+    int pr = parse_with_data(opts, n, argc, argv, TRAIN_USAGE, data_specs, &o, &err);
     if (pr == 1) return 0;
     if (pr < 0) {
         status = 2;
         goto fail;
     }
-    o.data = data_specs;
-    o.n_data = n_data;
-    if (!o.model_dir || n_data == 0) {
+    if (!o.model_dir || o.n_data == 0) {
         tk_fail(&err, "train --task image-classification needs --model TOWER and --data SHARDS (see --help)");
         status = 2;
         goto fail;
@@ -261,15 +260,13 @@ int tk_cmd_eval_image(int argc, char **argv) {
     int status = 1;
     char *text = NULL, *lines = NULL, samples_path[4200];
     tk_cls_eval_result res = {0};
-    int n_data = 0, pr = parse_with_data(opts, n, argc, argv, EVAL_USAGE, data_specs, &n_data, &err);
+    int pr = parse_with_data(opts, n, argc, argv, EVAL_USAGE, data_specs, &o, &err);
     if (pr == 1) return 0;
     if (pr < 0) {
         status = 2;
         goto fail;
     }
-    o.data = data_specs;
-    o.n_data = n_data;
-    if (!o.model_dir || !o.adapter_dir || n_data == 0) {
+    if (!o.model_dir || !o.adapter_dir || o.n_data == 0) {
         tk_fail(&err, "eval --task image-classification needs --model TOWER, --adapter DIR and --data SHARDS");
         status = 2;
         goto fail;

@@ -414,38 +414,14 @@ static int register_saved_tensors(tk_llama *m, tk_llama_slot *slots, size_t ns, 
     return 0;
 }
 
-/* N(0, sd) by Box-Muller. */
-static float normal(tk_rng *rng, float sd) {
-    float u1 = tk_rng_uniform(rng), u2 = tk_rng_uniform(rng);
-    return sd * sqrtf(-2.0f * logf(1.0f - u1)) * cosf(6.28318530718f * u2);
-}
-
-/* HF PEFT's init: A (and adapter_down) Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in),
- * 1/sqrt(in)); B (adapter_up) zero; DoRA magnitude ||W0 + s B A||_row = ||W0||_row. AdaLoRA
- * (AdaLoraLayer.reset_lora_parameters): E zero, A and B N(0, 0.02). */
+/* Every adapted module initialised as PEFT does (tk_peft_module_init_weights), in (layer, projection)
+ * order from one stream. */
 static void init_adapters(tk_llama *m, uint64_t seed) {
     tk_rng rng;
     tk_rng_seed(&rng, seed);
     for (int l = 0; l < m->cfg.n_layers; l++)
-        for (int p = 0; p < TK_NPROJ; p++) {
-            tk_adapted_linear *L = &m->layers[l].proj[p];
-            if (L->kind == TK_ADAPTER_NONE) continue;
-            if (L->kind == TK_ADAPTER_ADALORA) {
-                memset(L->E, 0, L->r * sizeof(float));
-                for (size_t i = 0; i < L->r * L->in; i++) L->A[i] = normal(&rng, 0.02f);
-                for (size_t i = 0; i < L->out * L->r; i++) L->B[i] = normal(&rng, 0.02f);
-                continue;
-            }
-            float bound = 1.0f / sqrtf((float)L->in);
-            for (size_t i = 0; i < L->r * L->in; i++) L->A[i] = (2.0f * tk_rng_uniform(&rng) - 1.0f) * bound;
-            memset(L->B, 0, L->out * L->r * sizeof(float));
-            if (L->kind == TK_ADAPTER_DORA)
-                for (size_t o = 0; o < L->out; o++) {
-                    double ss = 0.0;
-                    for (size_t i = 0; i < L->in; i++) ss += (double)L->w0[o * L->in + i] * L->w0[o * L->in + i];
-                    L->mag[o] = (float)sqrt(ss);
-                }
-        }
+        for (int p = 0; p < TK_NPROJ; p++)
+            if (m->layers[l].proj[p].kind != TK_ADAPTER_NONE) tk_peft_module_init_weights(&m->layers[l].proj[p], &rng);
 }
 
 /* Reads a one-element F32 tensor if present. */

@@ -868,3 +868,27 @@ void tk_peft_module_init(tk_adapted_linear *L, const tk_peft_config *pc, size_t 
     L->straight_through = pc->gate.enabled && pc->gate.straight_through;
     L->rand_seed = rand_seed;
 }
+
+/* N(0, sd) by Box-Muller. */
+static float normal(tk_rng *rng, float sd) {
+    float u1 = tk_rng_uniform(rng), u2 = tk_rng_uniform(rng);
+    return sd * sqrtf(-2.0f * logf(1.0f - u1)) * cosf(6.28318530718f * u2);
+}
+
+void tk_peft_module_init_weights(tk_adapted_linear *L, tk_rng *rng) {
+    if (L->kind == TK_ADAPTER_ADALORA) {
+        memset(L->E, 0, L->r * sizeof(float));
+        for (size_t i = 0; i < L->r * L->in; i++) L->A[i] = normal(rng, 0.02f);
+        for (size_t i = 0; i < L->out * L->r; i++) L->B[i] = normal(rng, 0.02f);
+        return;
+    }
+    float bound = 1.0f / sqrtf((float)L->in);
+    for (size_t i = 0; i < L->r * L->in; i++) L->A[i] = (2.0f * tk_rng_uniform(rng) - 1.0f) * bound;
+    memset(L->B, 0, L->out * L->r * sizeof(float));
+    if (L->kind == TK_ADAPTER_DORA)
+        for (size_t o = 0; o < L->out; o++) {
+            double ss = 0.0;
+            for (size_t i = 0; i < L->in; i++) ss += (double)L->w0[o * L->in + i] * L->w0[o * L->in + i];
+            L->mag[o] = (float)sqrt(ss);
+        }
+}

@@ -137,6 +137,11 @@ int tk_peft_targets(const tk_peft_config *pc, int layer, int proj);
 /* Sets one adapted module's settings from the config: kind, rank r, scale, dropout, activation and
  * the gate's (enabled, tau0, lambda, random keep, straight-through); rand_seed keys its random gate. */
 void tk_peft_module_init(tk_adapted_linear *L, const tk_peft_config *pc, size_t r, float scale, uint64_t rand_seed);
+/* The module's tensors as HF PEFT initialises them, drawing from rng: A (and adapter_down)
+ * Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)); B (adapter_up) zero; DoRA
+ * magnitude ||W0 + s B A||_row = ||W0||_row (needs w0); AdaLoRA (AdaLoraLayer.reset_lora_parameters):
+ * E zero, A and B N(0, 0.02). */
+void tk_peft_module_init_weights(tk_adapted_linear *L, tk_rng *rng);
 /* LoRA scale s = alpha / r (rsLoRA: alpha / sqrt(r)); bottleneck: its scaling; AdaLoRA:
  * alpha / (ranknum + 1e-5) with ranknum = init_r (alpha 0: init_r / (init_r + 1e-5)), as PEFT. */
 float tk_peft_scale(const tk_peft_config *pc);

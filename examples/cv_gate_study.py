@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from gate_study import (BOOT_SEED, INTERIOR, CellError, ci, command_key, finite, fmt, gate_stats,  # noqa: E402
                         load_json, log, mean_or_none, modules_to_keep, open_study, paired_bootstrap, pts,
-                        reusable_run, run_cmd, save_gates_json, write_json)
+                        reusable_cell, reusable_run, run_cmd, save_gates_json, write_json)
 
 # Fashion-MNIST class names as `tspeft convert --format fashion-mnist --layout image-folder` writes them
 FM_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -241,15 +241,9 @@ def run_cell(a, prep, tower, out, method, seed, controls_for, cells):
     want = {"steps": a.steps, "controls_for": controls_for if method in CONTROLS else None}
     if method_flags(method, a) is not None:
         want["flags"] = method_flags(method, a)
-    if os.path.exists(cpath):
-        c = load_json(cpath)
-        diff = [k for k, v in want.items() if c.get(k) != v]
-        if diff:
-            sys.exit("cv_gate_study: %s was made with other settings (%s): use another --out"
-                     % (cpath, ", ".join("%s %r, now %r" % (k, c.get(k), want[k]) for k in diff)))
-        if c.get("status") == "ok":
-            c["reused"] = True
-            return c
+    c = reusable_cell(cpath, want, "cv_gate_study")
+    if c is not None:
+        return c
     os.makedirs(cdir, exist_ok=True)
     t0 = time.time()
     cell = dict(want, method=method, seed=seed, split=a.split, flags=method_flags(method, a), status="failed",

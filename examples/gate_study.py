@@ -397,22 +397,32 @@ def evaluate(a, prep, rdir, cdir, task, split):
             "em_correct": [1 if s["em"] else 0 for s in samples], "gold": [s["gold"] for s in samples]}
 
 
+def reusable_cell(cpath, want, prog):
+    """The cell.json at cpath when it finished (status ok) with the settings in want, marked reused;
+    None when it is absent or failed. A cell made with other settings stops the study."""
+    if not os.path.exists(cpath):
+        return None
+    c = load_json(cpath)
+    diff = [k for k, v in want.items() if c.get(k) != v]
+    if diff:
+        sys.exit("%s: %s was made with other settings (%s): use another --out or delete it"
+                 % (prog, cpath, ", ".join("%s %r, now %r" % (k, c.get(k), want[k]) for k in diff)))
+    if c.get("status") != "ok":
+        return None
+    c["reused"] = True
+    return c
+
+
 def run_cell(a, prep, out, method, seed, cells):
     """Trains (or reuses) and evaluates one cell; returns its cell.json object (status ok or failed)."""
     cdir = os.path.join(out, "cells", a.split, method, "seed%d" % seed)
     cpath = os.path.join(cdir, "cell.json")
-    if os.path.exists(cpath):
-        c = load_json(cpath)
-        want = {"steps": a.steps, "images": a.images, "eval_limit": a.eval_limit}
-        if method_flags(method, a) is not None:
-            want["flags"] = method_flags(method, a)
-        diff = [k for k, v in want.items() if c.get(k) != v]
-        if diff:
-            sys.exit("gate_study: %s was made with other settings (%s): use another --out or delete it"
-                     % (cpath, ", ".join("%s %r, now %r" % (k, c.get(k), want[k]) for k in diff)))
-        if c.get("status") == "ok":
-            c["reused"] = True
-            return c
+    want = {"steps": a.steps, "images": a.images, "eval_limit": a.eval_limit}
+    if method_flags(method, a) is not None:
+        want["flags"] = method_flags(method, a)
+    c = reusable_cell(cpath, want, "gate_study")
+    if c is not None:
+        return c
     os.makedirs(cdir, exist_ok=True)
     t0 = time.time()
     cell = {"method": method, "seed": seed, "split": a.split, "steps": a.steps, "images": a.images,

@@ -207,26 +207,14 @@ size_t tk_vit_peft_gate_entries(tk_vit_peft *vp, tk_st_entry *e) {
     return n;
 }
 
-static int read_scalar(const tk_st_file *f, const char *name, float *out, tk_err *err) {
-    const tk_st_tensor *t = tk_st_find(f, name);
-    if (!t) return 0;
-    if (t->numel != 1) return tk_fail(err, "%s: tensor '%s' must hold one value, found %zu", tk_st_path(f), name, t->numel);
-    if (tk_st_read_f32(f, t, out, 1, err)) return -1;
-    if (!(*out >= 0.0f) || isinf(*out))
-        return tk_fail(err, "%s: tensor '%s' must be a finite value >= 0", tk_st_path(f), name);
-    return 0;
-}
 
 int tk_vit_peft_load_gates(tk_vit_peft *vp, const tk_st_file *f, tk_err *err) {
     for (size_t i = 0; i < vp->n_mod; i++) {
         int l = 0, j = 0;
         tk_adapted_linear *L = tk_vit_peft_module(vp, i, &l, &j);
-        char key[TK_NAME_MAX], nm[TK_NAME_MAX + 16];
+        char key[TK_NAME_MAX];
         tk_vit_peft_key(vp, l, j, key, sizeof key);
-        snprintf(nm, sizeof nm, "%s.ts_tau", key);
-        if (read_scalar(f, nm, &L->tau, err)) return -1;
-        snprintf(nm, sizeof nm, "%s.ts_lambda", key);
-        if (read_scalar(f, nm, &L->lambda, err)) return -1;
+        if (tk_peft_load_gate(L, f, key, err)) return -1;
     }
     return 0;
 }

@@ -424,16 +424,6 @@ static void init_adapters(tk_llama *m, uint64_t seed) {
             if (m->layers[l].proj[p].kind != TK_ADAPTER_NONE) tk_peft_module_init_weights(&m->layers[l].proj[p], &rng);
 }
 
-/* Reads a one-element F32 tensor if present. */
-static int read_scalar(const tk_st_file *f, const char *name, float *out, tk_err *err) {
-    const tk_st_tensor *t = tk_st_find(f, name);
-    if (!t) return 0;
-    if (t->numel != 1) return tk_fail(err, "%s: tensor '%s' must hold one value, found %zu", tk_st_path(f), name, t->numel);
-    if (tk_st_read_f32(f, t, out, 1, err)) return -1;
-    if (!(*out >= 0.0f) || isinf(*out))
-        return tk_fail(err, "%s: tensor '%s' must be a finite value >= 0", tk_st_path(f), name);
-    return 0;
-}
 
 static int load_adapter_tensors(tk_llama *m, const char *dir, tk_err *err) {
     char path[4096];
@@ -468,12 +458,9 @@ static int load_adapter_tensors(tk_llama *m, const char *dir, tk_err *err) {
         for (int pj = 0; pj < TK_NPROJ; pj++) {
             tk_adapted_linear *L = &m->layers[l].proj[pj];
             if (L->kind == TK_ADAPTER_NONE) continue;
-            char key[TK_NAME_MAX], nm[TK_NAME_MAX + 16];
+            char key[TK_NAME_MAX];
             tk_module_key(key, sizeof key, l, pj);
-            snprintf(nm, sizeof nm, "%s.ts_tau", key);
-            if (read_scalar(f, nm, &L->tau, err)) goto done;
-            snprintf(nm, sizeof nm, "%s.ts_lambda", key);
-            if (read_scalar(f, nm, &L->lambda, err)) goto done;
+            if (tk_peft_load_gate(L, f, key, err)) goto done;
         }
     if (m->extra_load && m->extra_load(m->extra_ctx, f, err)) goto done;
     rc = 0;

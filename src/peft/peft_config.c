@@ -1,6 +1,8 @@
 /* peft_config.c: adapter_config.json in Hugging Face PEFT's layout (docs/formats.md). */
 #include "peft_config.h"
 
+#include "../io/safetensors.h"
+
 #include <cJSON.h>
 #include <ctype.h>
 #include <errno.h>
@@ -891,4 +893,23 @@ void tk_peft_module_init_weights(tk_adapted_linear *L, tk_rng *rng) {
             for (size_t i = 0; i < L->in; i++) ss += (double)L->w0[o * L->in + i] * L->w0[o * L->in + i];
             L->mag[o] = (float)sqrt(ss);
         }
+}
+
+/* Reads a one-element F32 tensor if present: a finite value >= 0. */
+static int read_gate_value(const tk_st_file *f, const char *name, float *out, tk_err *err) {
+    const tk_st_tensor *t = tk_st_find(f, name);
+    if (!t) return 0;
+    if (t->numel != 1) return tk_fail(err, "%s: tensor '%s' must hold one value, found %zu", tk_st_path(f), name, t->numel);
+    if (tk_st_read_f32(f, t, out, 1, err)) return -1;
+    if (!(*out >= 0.0f) || isinf(*out))
+        return tk_fail(err, "%s: tensor '%s' must be a finite value >= 0", tk_st_path(f), name);
+    return 0;
+}
+
+int tk_peft_load_gate(tk_adapted_linear *L, const tk_st_file *f, const char *key, tk_err *err) {
+    char nm[512];
+    snprintf(nm, sizeof nm, "%s.ts_tau", key);
+    if (read_gate_value(f, nm, &L->tau, err)) return -1;
+    snprintf(nm, sizeof nm, "%s.ts_lambda", key);
+    return read_gate_value(f, nm, &L->lambda, err);
 }

@@ -142,6 +142,10 @@ void tk_peft_module_init(tk_adapted_linear *L, const tk_peft_config *pc, size_t 
  * magnitude ||W0 + s B A||_row = ||W0||_row (needs w0); AdaLoRA (AdaLoraLayer.reset_lora_parameters):
  * E zero, A and B N(0, 0.02). */
 void tk_peft_module_init_weights(tk_adapted_linear *L, tk_rng *rng);
+/* The module's saved gate state from an adapter file: KEY.ts_tau and KEY.ts_lambda when present (each
+ * one finite value >= 0; absent: unchanged). -1 with err naming the file. */
+struct tk_st_file;
+int tk_peft_load_gate(tk_adapted_linear *L, const struct tk_st_file *f, const char *key, tk_err *err);
 /* LoRA scale s = alpha / r (rsLoRA: alpha / sqrt(r)); bottleneck: its scaling; AdaLoRA:
  * alpha / (ranknum + 1e-5) with ranknum = init_r (alpha 0: init_r / (init_r + 1e-5)), as PEFT. */
 float tk_peft_scale(const tk_peft_config *pc);
